@@ -1,0 +1,52 @@
+# One target per job. `make install` is idempotent; every other target
+# installs first when .venv is missing.
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+TGIS_PROTO := .cache/tgis/generation.proto
+
+.PHONY: install proto run test test-unit test-e2e lint bench clean
+
+install: $(STAMP) proto $(TGIS_PROTO)
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned: the CPU wheel on disk, never a CUDA download
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+proto: $(STAMP)
+	$(PY) proto/build_stubs.py > /dev/null
+
+# The published TGIS proto, used by the compatibility tests as the client's
+# contract (we never compile our own server against it).
+$(TGIS_PROTO): | $(STAMP)
+	mkdir -p .cache/tgis
+	$(PIP) download -q --no-deps vllm-tgis-adapter==0.10.0 -d .cache/tgis
+	$(PY) -c "import zipfile,glob; z=zipfile.ZipFile(glob.glob('.cache/tgis/vllm_tgis_adapter-*.whl')[0]); open('$(TGIS_PROTO)','wb').write(z.read('vllm_tgis_adapter/grpc/pb/generation.proto'))"
+
+run: install
+	$(VENV)/bin/text-generation-launcher $(ARGS)
+
+test: install
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-unit: install
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-e2e: install
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check server router launcher tests benchmarks proto
+
+bench: install
+	$(PY) benchmarks/run.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info server/text_generation_server/pb
