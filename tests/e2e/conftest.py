@@ -1,0 +1,139 @@
+"""Start the real launcher (which starts the shards and the router) for e2e tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCHER = Path(sys.executable).parent / "text-generation-launcher"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def processes_mentioning(needle: str) -> list[int]:
+    """Pids whose command line contains needle (used to prove nothing was left behind)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        if needle in cmdline and "State:\tZ" not in status:
+            pids.append(int(entry.name))
+    return pids
+
+
+class ServerProcess:
+    """One `text-generation-launcher` process and the ports/sockets it was given."""
+
+    def __init__(self, tmp: Path, args: list[str], env: dict[str, str] | None = None):
+        self.grpc_port = free_port()
+        self.http_port = free_port()
+        self.uds_path = str(tmp / "shard")
+        self.log_path = tmp / "launcher.log"
+        self.args = [
+            str(LAUNCHER),
+            *args,
+            "--grpc-port",
+            str(self.grpc_port),
+            "--port",
+            str(self.http_port),
+            "--shard-uds-path",
+            self.uds_path,
+            "--master-port",
+            str(free_port()),
+        ]
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self, timeout: float = 600.0) -> ServerProcess:
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"launcher exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if self.health() == health_pb2.HealthCheckResponse.SERVING:
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise AssertionError(f"server not SERVING after {timeout} s:\n{self.log_tail()}")
+
+    def health(self, service: str = "") -> int | None:
+        try:
+            with grpc.insecure_channel(self.address) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+        except grpc.RpcError:
+            return None
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"launcher ignored signal {sig} for {timeout} s:\n{self.log_tail()}") from None
+        self._log.close()
+        return self.proc.returncode
+
+    def tgis(self, calls: list[dict]) -> list[dict]:
+        """Run calls through a client generated from the published TGIS proto (a subprocess)."""
+        out = subprocess.run(
+            [sys.executable, str(Path(__file__).parent / "tgis_client.py"), self.address],
+            input=json.dumps(calls).encode(),
+            capture_output=True,
+            timeout=600,
+        )
+        if out.returncode != 0:
+            raise AssertionError(f"TGIS client failed:\n{out.stderr.decode()}")
+        return json.loads(out.stdout)
+
+
+@pytest.fixture
+def launch(tmp_path) -> Iterator:
+    """Start a launcher with the given args; everything started is stopped at the end of the test."""
+    started: list[ServerProcess] = []
+
+    def _launch(args: list[str], env: dict[str, str] | None = None, timeout: float = 600.0) -> ServerProcess:
+        server = ServerProcess(tmp_path / f"s{len(started)}", args, env)
+        (tmp_path / f"s{len(started)}").mkdir()
+        started.append(server)
+        return server.start(timeout)
+
+    yield _launch
+    for server in started:
+        if server.proc is not None and server.proc.poll() is None:
+            server.stop()
