@@ -1,0 +1,85 @@
+"""Prometheus metrics of the router, served as text on HTTP /metrics.
+
+Names follow TGI/TGIS (``tgi_`` prefix) so existing dashboards and the
+autoscaler (``tgi_queue_size``) work. Each router owns its registry, so
+several routers in one process (tests) do not collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class RouterMetrics:
+    """Every metric the router records."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request_count = Counter(
+            "tgi_request_count", "Generation requests received, by kind (single, batch, stream)", ["kind"], registry=r
+        )
+        self.request_input_count = Counter(
+            "tgi_request_input_count", "Prompts received (a batch request counts each prompt)", registry=r
+        )
+        self.request_success = Counter(
+            "tgi_request_success", "Prompts completed, by stop reason", ["stop_reason", "kind"], registry=r
+        )
+        self.request_failure = Counter(
+            "tgi_request_failure",
+            "Prompts that failed, by cause (validation, conc_limit, unavailable, generate, cancelled)",
+            ["err"],
+            registry=r,
+        )
+        self.request_input_length = Histogram(
+            "tgi_request_input_length", "Input tokens per prompt", buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.request_generated_tokens = Histogram(
+            "tgi_request_generated_tokens", "Generated tokens per prompt", buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.request_duration = Histogram(
+            "tgi_request_duration", "Seconds from arrival to last token", buckets=_SECONDS_BUCKETS, registry=r
+        )
+        self.request_queue_duration = Histogram(
+            "tgi_request_queue_duration", "Seconds a prompt waited for its prefill", buckets=_SECONDS_BUCKETS, registry=r
+        )
+        self.request_first_token_duration = Histogram(
+            "tgi_request_first_token_duration", "Seconds from arrival to first token", buckets=_SECONDS_BUCKETS, registry=r
+        )
+        self.input_tokens = Counter("tgi_input_tokens", "Prompt tokens prefilled", registry=r)
+        self.generated_tokens = Counter("tgi_generated_tokens", "Tokens generated", registry=r)
+        self.queue_size = Gauge("tgi_queue_size", "Prompts waiting for a prefill", registry=r)
+        self.batch_current_size = Gauge("tgi_batch_current_size", "Requests in the running batch", registry=r)
+        self.batch_current_max_tokens = Gauge(
+            "tgi_batch_current_max_tokens", "Token budget the running batch holds (input + max_new_tokens)", registry=r
+        )
+        self.batch_inference_count = Counter(
+            "tgi_batch_inference_count", "Shard batch calls, by method (prefill, decode)", ["method"], registry=r
+        )
+        self.batch_inference_failure = Counter(
+            "tgi_batch_inference_failure", "Failed shard batch calls, by method", ["method"], registry=r
+        )
+        self.batch_inference_duration = Histogram(
+            "tgi_batch_inference_duration", "Seconds per shard batch call, by method", ["method"],
+            buckets=_SECONDS_BUCKETS, registry=r,
+        )
+        self.batch_inference_batch_size = Histogram(
+            "tgi_batch_inference_batch_size", "Requests per shard batch call, by method", ["method"],
+            buckets=_BATCH_BUCKETS, registry=r,
+        )
+        self.tokenize_request_count = Counter("tgi_tokenize_request_count", "Tokenize calls", registry=r)
+        self.tokenize_request_tokens = Histogram(
+            "tgi_tokenize_request_tokens", "Tokens per Tokenize call", buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.in_flight = Gauge("tgi_requests_in_flight", "Prompts queued or generating", registry=r)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,257 @@
+"""fmaas.GenerationService: the public TGIS API.
+
+Handlers validate, hand prompts to the scheduler and turn its Steps into
+responses. Errors become gRPC statuses in one place (``_status_errors``):
+ValidationError -> INVALID_ARGUMENT, too many requests -> RESOURCE_EXHAUSTED,
+not ready / draining / shards gone -> UNAVAILABLE. A client that goes away
+(stream closed, RPC cancelled, deadline) cancels its requests, whose KV is
+freed at the next step. The single served model answers any model_id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import grpc
+from loguru import logger
+from text_generation_server.pb.fmaas import generation_pb2 as fmaas
+from text_generation_server.pb.fmaas import generation_pb2_grpc
+
+from .config import Limits
+from .entry import Entry
+from .metrics import RouterMetrics
+from .request import Failure, InputTokens
+from .responses import stream_first, stream_step, token_info
+from .scheduler import Scheduler
+from .tokenization import Tokenizer
+from .validation import ValidationError, Validator
+
+
+class ApiError(Exception):
+    """Ends an RPC with ``code`` and ``message``."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class ServingState:
+    """What the handlers need; limits, validator and scheduler exist once the shards are warm."""
+
+    tokenizer: Tokenizer
+    metrics: RouterMetrics
+    limits: Limits | None = None
+    validator: Validator | None = None
+    scheduler: Scheduler | None = None
+    draining: bool = False
+    in_flight: int = 0
+
+    def check_available(self) -> None:
+        if self.draining:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+        if self.scheduler is not None and self.scheduler.failed:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, f"the model shards are unavailable: {self.scheduler.failed}")
+        if self.scheduler is None or self.validator is None or self.limits is None:
+            raise ApiError(
+                grpc.StatusCode.UNAVAILABLE,
+                "the model is still loading or warming up; retry when health reports SERVING",
+            )
+
+
+def _status_errors(handler):
+    """Map router exceptions to gRPC statuses for a unary handler."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: GenerationServicer, request, context: grpc.aio.ServicerContext):
+        try:
+            return await handler(self, request, context)
+        except ApiError as err:
+            await self._abort(context, err)
+        except ValidationError as err:
+            await self._abort(context, self._invalid(err))
+
+    return wrapper
+
+
+def _stream_status_errors(handler):
+    """Map router exceptions to gRPC statuses for a streaming handler."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: GenerationServicer, request, context: grpc.aio.ServicerContext):
+        try:
+            async for message in handler(self, request, context):
+                yield message
+        except ApiError as err:
+            await self._abort(context, err)
+        except ValidationError as err:
+            await self._abort(context, self._invalid(err))
+
+    return wrapper
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
+    """Implements Generate, GenerateStream, Tokenize and ModelInfo."""
+
+    def __init__(self, state: ServingState) -> None:
+        self._state = state
+
+    # ---- helpers ---------------------------------------------------------------------
+
+    def _invalid(self, err: ValidationError) -> ApiError:
+        self._state.metrics.request_failure.labels(err="validation").inc()
+        logger.warning(f"Rejected request: {err}")
+        return ApiError(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+
+    async def _abort(self, context: grpc.aio.ServicerContext, err: ApiError) -> None:
+        if err.code == grpc.StatusCode.UNAVAILABLE:
+            self._state.metrics.request_failure.labels(err="unavailable").inc()
+        await context.abort(err.code, err.message)
+
+    @contextlib.contextmanager
+    def _admit(self, prompts: int) -> Iterator[None]:
+        """Count prompts against --max-concurrent-requests for the life of the RPC."""
+        state = self._state
+        state.check_available()
+        limit = state.limits.max_concurrent_requests
+        if state.in_flight + prompts > limit:
+            state.metrics.request_failure.labels(err="conc_limit").inc()
+            logger.warning(f"Model is overloaded: {state.in_flight} prompts in flight, limit {limit}")
+            raise ApiError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"Model is overloaded: {state.in_flight} prompts in flight and this call adds {prompts}; "
+                f"the limit is {limit} (--max-concurrent-requests)",
+            )
+        state.in_flight += prompts
+        state.metrics.request_input_count.inc(prompts)
+        try:
+            yield
+        finally:
+            state.in_flight -= prompts
+
+    # ---- RPCs ------------------------------------------------------------------------
+
+    @_status_errors
+    async def Generate(self, request: fmaas.BatchedGenerationRequest, context) -> fmaas.BatchedGenerationResponse:
+        state = self._state
+        state.metrics.request_count.labels(kind="single" if len(request.requests) == 1 else "batch").inc()
+        state.check_available()
+        if not request.requests:
+            return fmaas.BatchedGenerationResponse()
+        with self._admit(len(request.requests)):
+            validated = await state.validator.validate(
+                [r.text for r in request.requests], request.params, adapter_id=request.adapter_id or request.prefix_id
+            )
+            entries = state.scheduler.submit(validated)
+            try:
+                responses = await asyncio.gather(*(self._collect(e) for e in entries))
+            finally:
+                for entry in entries:
+                    state.scheduler.cancel(entry)
+        return fmaas.BatchedGenerationResponse(responses=responses)
+
+    async def _collect(self, entry: Entry) -> fmaas.GenerationResponse:
+        """Wait for one prompt to finish and build its unary response."""
+        request = entry.request
+        options = request.response
+        tokenizer = self._state.tokenizer
+        response = fmaas.GenerationResponse(input_token_count=request.input_length, seed=request.seed_reported)
+        parts = [request.text] if options.input_text else []
+        while True:
+            event = await entry.events.get()
+            if isinstance(event, Failure):
+                raise ApiError(event.code, event.message)
+            if isinstance(event, InputTokens):
+                response.input_tokens.extend(token_info(t, options, tokenizer) for t in event.tokens)
+                continue
+            parts.append(event.text)
+            if event.token is not None and options.generated_tokens:
+                response.tokens.append(token_info(event.token, options, tokenizer))
+            if event.finished:
+                response.generated_token_count = event.generated_tokens
+                response.stop_reason = event.stop_reason
+                response.stop_sequence = event.stop_sequence
+                response.text = "".join(parts)
+                return response
+
+    @_stream_status_errors
+    async def GenerateStream(self, request: fmaas.SingleGenerationRequest, context) -> AsyncIterator[fmaas.GenerationResponse]:
+        state = self._state
+        state.metrics.request_count.labels(kind="stream").inc()
+        state.check_available()
+        if not request.HasField("request"):
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "request is missing: set request.text")
+        with self._admit(1):
+            [validated] = await state.validator.validate(
+                [request.request.text], request.params, adapter_id=request.adapter_id or request.prefix_id
+            )
+            [entry] = state.scheduler.submit([validated])
+            try:
+                async for message in self._stream(entry):
+                    yield message
+            finally:
+                state.scheduler.cancel(entry)
+
+    async def _stream(self, entry: Entry) -> AsyncIterator[fmaas.GenerationResponse]:
+        request = entry.request
+        tokenizer = self._state.tokenizer
+        first_sent = False
+        if not request.response.input_tokens:
+            # Without input token details the first message needs nothing from the shards.
+            yield stream_first(request, [])
+            first_sent = True
+        while True:
+            event = await entry.events.get()
+            if isinstance(event, Failure):
+                raise ApiError(event.code, event.message)
+            if isinstance(event, InputTokens):
+                if not first_sent:
+                    infos = [token_info(t, request.response, tokenizer) for t in event.tokens]
+                    yield stream_first(request, infos)
+                    first_sent = True
+                continue
+            if not first_sent:
+                yield stream_first(request, [])
+                first_sent = True
+            yield stream_step(request, event, tokenizer)
+            if event.finished:
+                return
+
+    @_status_errors
+    async def Tokenize(self, request: fmaas.BatchedTokenizeRequest, context) -> fmaas.BatchedTokenizeResponse:
+        state = self._state
+        if state.draining:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+        state.metrics.tokenize_request_count.inc()
+        responses = []
+        total = 0
+        for item in request.requests:
+            encoding = await state.tokenizer.encode_async(
+                item.text, with_tokens=request.return_tokens, with_offsets=request.return_offsets
+            )
+            encoding = encoding.keep_last(request.truncate_input_tokens)
+            total += len(encoding.ids)
+            responses.append(
+                fmaas.TokenizeResponse(
+                    token_count=len(encoding.ids),
+                    tokens=encoding.tokens or [],
+                    offsets=[fmaas.TokenizeResponse.Offset(start=s, end=e) for s, e in encoding.offsets or []],
+                )
+            )
+        state.metrics.tokenize_request_tokens.observe(total)
+        return fmaas.BatchedTokenizeResponse(responses=responses)
+
+    @_status_errors
+    async def ModelInfo(self, request: fmaas.ModelInfoRequest, context) -> fmaas.ModelInfoResponse:
+        state = self._state
+        state.check_available()
+        return fmaas.ModelInfoResponse(
+            model_kind=fmaas.ModelInfoResponse.DECODER_ONLY,
+            max_sequence_length=state.limits.max_total_tokens,
+            max_new_tokens=state.limits.max_new_tokens,
+        )

@@ -1,0 +1,90 @@
+"""The router's tokenizer: text to ids for validation and Tokenize, ids to token strings for responses.
+
+Encoding runs on one dedicated worker thread so long prompts do not stall
+the event loop, and so the fast tokenizer is never used by two encodes at
+once (its Rust state is not safe to share that way).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from loguru import logger
+
+
+class TokenizerLoadError(RuntimeError):
+    """The tokenizer directory could not be loaded; the message names the directory."""
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """Token ids of one text, with token strings and character offsets when asked."""
+
+    ids: list[int]
+    tokens: list[str] | None = None
+    offsets: list[tuple[int, int]] | None = None
+
+    def keep_last(self, n: int) -> Encoding:
+        """The last ``n`` tokens (TGIS truncates inputs from the left)."""
+        if n <= 0 or n >= len(self.ids):
+            return self
+        return Encoding(
+            ids=self.ids[-n:],
+            tokens=None if self.tokens is None else self.tokens[-n:],
+            offsets=None if self.offsets is None else self.offsets[-n:],
+        )
+
+
+class Tokenizer:
+    """Wraps a transformers tokenizer with the few operations the router needs."""
+
+    def __init__(self, hf_tokenizer) -> None:
+        self._tok = hf_tokenizer
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+        self.eos_token_id: int | None = hf_tokenizer.eos_token_id
+        self.vocab_size: int = len(hf_tokenizer)
+
+    @classmethod
+    def load(cls, path: Path | str) -> Tokenizer:
+        """Load with transformers' AutoTokenizer from a local directory (never the network)."""
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        if not path.is_dir():
+            raise TokenizerLoadError(f"tokenizer directory {path} does not exist")
+        try:
+            hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise TokenizerLoadError(f"cannot load a tokenizer from {path}: {err}") from err
+        logger.info(f"Loaded tokenizer from {path} ({type(hf).__name__}, vocab {len(hf)})")
+        return cls(hf)
+
+    def encode(self, text: str, *, with_tokens: bool = False, with_offsets: bool = False) -> Encoding:
+        """Token ids as the model sees them (special tokens such as BOS added as configured)."""
+        enc = self._tok(text, return_offsets_mapping=with_offsets)
+        ids = list(enc["input_ids"])
+        tokens = self._tok.convert_ids_to_tokens(ids) if with_tokens else None
+        offsets = [tuple(o) for o in enc["offset_mapping"]] if with_offsets else None
+        return Encoding(ids=ids, tokens=tokens, offsets=offsets)
+
+    async def encode_async(self, text: str, *, with_tokens: bool = False, with_offsets: bool = False) -> Encoding:
+        """``encode`` on the tokenizer thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, lambda: self.encode(text, with_tokens=with_tokens, with_offsets=with_offsets)
+        )
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of the ids, special tokens skipped (what clients see as generated text)."""
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def id_to_token(self, token_id: int) -> str:
+        """The vocabulary string of one id (TokenInfo.text), '' for an id outside the vocabulary."""
+        token = self._tok.convert_ids_to_tokens(int(token_id))
+        return token if isinstance(token, str) else ""
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
