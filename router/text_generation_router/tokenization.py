@@ -58,7 +58,8 @@ class Tokenizer:
         try:
             hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as err:
-            raise TokenizerLoadError(f"cannot load a tokenizer from {path}: {err}") from err
+            reason = " ".join(str(err).split())
+            raise TokenizerLoadError(f"cannot load a tokenizer from {path}: {reason}") from err
         logger.info(f"Loaded tokenizer from {path} ({type(hf).__name__}, vocab {len(hf)})")
         return cls(hf)
 
