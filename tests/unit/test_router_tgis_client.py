@@ -81,7 +81,8 @@ def test_published_tgis_client_generate_stream_tokenize_and_model_info(server):
 
     assert tokenize["ok"] and tokenize["response"]["responses"][0]["tokenCount"] > 3
     assert len(tokenize["response"]["responses"][0]["offsets"]) == tokenize["response"]["responses"][0]["tokenCount"]
-    assert info["ok"] and info["response"]["modelKind"] == "DECODER_ONLY"
+    # DECODER_ONLY is enum value 0, which protobuf JSON leaves out
+    assert info["ok"] and info["response"].get("modelKind", "DECODER_ONLY") == "DECODER_ONLY"
     assert info["response"]["maxSequenceLength"] == 256 and info["response"]["maxNewTokens"] == 1024
 
     assert not invalid["ok"] and invalid["code"] == "INVALID_ARGUMENT" and "max_new_tokens" in invalid["details"]
