@@ -311,6 +311,22 @@ def test_request_sent_mid_stream_gets_tokens_before_the_first_stream_finishes(ha
     assert 2 in decode_sizes  # the late request was decoded together with the long one
 
 
+def test_waiting_requests_fewer_than_the_served_ratio_wait_for_max_waiting_tokens_steps(harness):
+    """TGI admission: with 4 running and ratio 1.0, one waiting request waits max_waiting_tokens steps."""
+    h = harness(FakeModel(step_delay=0.005), waiting_served_ratio=1.0, max_waiting_tokens=6)
+    stub = h.stub()
+    running = stub.Generate.future(batched(["a", "b", "c", "d"], params(40)), timeout=20)
+    assert wait_for(lambda: h.shard.tokens_held() > 0)
+    late = stub.Generate(batched(["late"], params(3)), timeout=20)
+    assert late.responses[0].generated_token_count == 3
+    running.result()
+    methods = h.shard.methods()
+    first, second = [i for i, m in enumerate(methods) if m == "Prefill"][:2]
+    assert methods[first:second].count("Decode") >= 5
+    sizes = [sum(len(b.request_ids) for b in req.batches) for m, req in h.shard.calls if m == "Decode"]
+    assert 5 in sizes  # admitted while the four were still running
+
+
 def test_batch_token_budget_holds_requests_back_until_others_finish(harness):
     # each request needs 16 + 48 = 64 tokens of budget (block 16); the budget fits two
     h = harness(FakeModel(step_delay=0.005), max_batch_total_tokens=128, max_total_tokens=100, max_input_tokens=50)

@@ -1,0 +1,126 @@
+"""TGIS parameter semantics and limits, checked on the Validator directly."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from fake_shard import make_tokenizer_dir
+from text_generation_router.config import Limits
+from text_generation_router.tokenization import Tokenizer
+from text_generation_router.validation import ValidationError, Validator
+from text_generation_server.pb.fmaas import generation_pb2 as pb
+
+LIMITS = Limits(
+    max_input_tokens=30,
+    max_total_tokens=40,
+    max_new_tokens=100,
+    default_max_new_tokens=20,
+    max_stop_sequences=4,
+    max_top_n_tokens=5,
+    max_concurrent_requests=128,
+    max_batch_prefill_tokens=80,
+    max_batch_total_tokens=1000,
+    max_waiting_tokens=20,
+    waiting_served_ratio=0.3,
+    max_batch_size=None,
+    block_size=16,
+    default_include_stop_sequence=True,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    tok = Tokenizer.load(make_tokenizer_dir(tmp_path_factory.mktemp("tokenizer")))
+    yield tok
+    tok.close()
+
+
+def validate(tokenizer, params: pb.Parameters, texts=("Hello",), limits: Limits = LIMITS, **kw):
+    validator = Validator(limits, tokenizer, rng=random.Random(7))
+    return asyncio.run(validator.validate(list(texts), params, **kw))
+
+
+def test_greedy_ignores_sampling_parameters_even_invalid_ones_as_tgis_does(tokenizer):
+    params = pb.Parameters(method=pb.GREEDY, sampling=pb.SamplingParameters(temperature=-3, top_p=7, seed=5))
+    [req] = validate(tokenizer, params)
+    assert not req.sampling.do_sample and req.seed_reported == 0
+
+
+def test_sample_defaults_follow_the_published_proto(tokenizer):
+    [req] = validate(tokenizer, pb.Parameters(method=pb.SAMPLE))
+    s = req.sampling
+    assert s.do_sample and s.temperature == 1.0 and s.top_k == 0 and s.top_p == 1.0 and s.typical_p == 1.0
+    assert s.repetition_penalty == 1.0
+    assert 1 <= s.seed < 2**32 and req.seed_reported == s.seed
+    explicit = pb.Parameters(
+        method=pb.SAMPLE,
+        sampling=pb.SamplingParameters(temperature=0.5, top_k=3, top_p=0.8, typical_p=0.9, seed=0),
+        decoding=pb.DecodingParameters(repetition_penalty=1.2),
+    )
+    [req] = validate(tokenizer, explicit)
+    s = req.sampling
+    assert (s.top_k, round(s.top_p, 5), round(s.typical_p, 5), round(s.repetition_penalty, 5)) == (3, 0.8, 0.9, 1.2)
+    assert s.seed == 0  # an explicit seed is used as given, even 0
+
+
+def test_each_prompt_of_a_call_gets_its_own_random_seed(tokenizer):
+    reqs = validate(tokenizer, pb.Parameters(method=pb.SAMPLE), texts=["a", "b", "c"])
+    assert len({r.sampling.seed for r in reqs}) == 3
+
+
+def test_sample_with_explicit_zero_temperature_is_greedy(tokenizer):
+    [req] = validate(tokenizer, pb.Parameters(method=pb.SAMPLE, sampling=pb.SamplingParameters(temperature=0.0, seed=9)))
+    assert not req.sampling.do_sample and req.seed_reported == 0
+
+
+def test_max_new_tokens_default_and_token_limit(tokenizer):
+    [req] = validate(tokenizer, pb.Parameters())
+    assert req.max_new_tokens == 20 and not req.max_is_token_limit
+    [req] = validate(tokenizer, pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=100)))
+    assert req.max_new_tokens == 40 - req.input_length and req.max_is_token_limit
+
+
+def test_truncation_keeps_the_last_tokens_and_still_checks_the_limit(tokenizer):
+    text = "word " * 50
+    ids = tokenizer.encode(text).ids
+    [req] = validate(tokenizer, pb.Parameters(truncate_input_tokens=10), texts=[text])
+    assert list(req.input_ids) == ids[-10:]
+    with pytest.raises(ValidationError, match="max_input_tokens is 30"):
+        validate(tokenizer, pb.Parameters(truncate_input_tokens=35), texts=[text])
+
+
+def test_stop_sequence_options(tokenizer):
+    [req] = validate(tokenizer, pb.Parameters(stopping=pb.StoppingCriteria(stop_sequences=["\n\n"])))
+    assert req.stop_sequences == ("\n\n",) and req.include_stop_sequence
+    [req] = validate(tokenizer, pb.Parameters(stopping=pb.StoppingCriteria(stop_sequences=["x"], include_stop_sequence=False)))
+    assert not req.include_stop_sequence
+    with pytest.raises(ValidationError, match="240 UTF-8 bytes"):
+        validate(tokenizer, pb.Parameters(stopping=pb.StoppingCriteria(stop_sequences=["東" * 81])))
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (pb.Parameters(decoding=pb.DecodingParameters(length_penalty=pb.DecodingParameters.LengthPenalty(decay_factor=1.5))), "length_penalty"),
+        (pb.Parameters(decoding=pb.DecodingParameters(json_schema="{}")), "decoding.json_schema"),
+        (pb.Parameters(decoding=pb.DecodingParameters(format=pb.DecodingParameters.JSON)), "decoding.format"),
+        (pb.Parameters(method=7), "method must be GREEDY"),
+        (pb.Parameters(method=pb.SAMPLE, sampling=pb.SamplingParameters(temperature=float("inf"))), "temperature"),
+        (pb.Parameters(decoding=pb.DecodingParameters(repetition_penalty=float("nan"))), "repetition_penalty"),
+    ],
+)
+def test_unsupported_or_invalid_options_are_refused_by_name(tokenizer, params, message):
+    with pytest.raises(ValidationError, match=message):
+        validate(tokenizer, params)
+
+
+def test_plain_text_format_is_accepted(tokenizer):
+    [req] = validate(tokenizer, pb.Parameters(decoding=pb.DecodingParameters(format=pb.DecodingParameters.TEXT)))
+    assert req.input_length > 0
+
+
+def test_adapters_are_refused(tokenizer):
+    with pytest.raises(ValidationError, match="adapter_id/prefix_id 'my-adapter'"):
+        validate(tokenizer, pb.Parameters(), adapter_id="my-adapter")
