@@ -303,8 +303,13 @@ class Scheduler:
             entry = self._running.get(rid)
             if entry is not None:
                 self._fail(entry, grpc.StatusCode.INTERNAL, f"generation failed: {err.details}")
-        await self._client.clear_cache()
         self._update_gauges()
+        try:
+            await self._client.clear_cache()
+        except ShardError as clear_err:
+            if clear_err.fatal:
+                raise
+            logger.error(f"Clearing the shards' cache after a failed batch also failed: {clear_err}")
 
     # ---- bookkeeping -----------------------------------------------------------------
 

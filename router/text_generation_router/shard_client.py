@@ -20,13 +20,13 @@ import grpc
 from loguru import logger
 from text_generation_server.pb.generate.v1 import generate_pb2, generate_pb2_grpc
 
-# Codes that mean the shard process or its socket is gone, not that one request was bad.
+# Codes that mean the shard process or its socket is gone (or speaks another API),
+# not that one batch went wrong.
 _FATAL_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.CANCELLED,
         grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.UNKNOWN,
         grpc.StatusCode.UNIMPLEMENTED,
     }
 )
