@@ -1,0 +1,167 @@
+"""The shard's process group: the only module that calls torch.distributed.
+
+A world of one needs no group at all, so ``init_distributed(0, 1)`` returns a
+no-op :class:`Distributed` without touching torch.distributed; every
+collective then returns its input. Larger worlds rendezvous through a TCP
+store on ``master_addr:master_port`` (rank 0 listens) and use NCCL on CUDA,
+gloo otherwise.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as tdist
+from loguru import logger
+
+
+class DistributedInitError(RuntimeError):
+    """The process group could not be formed (port taken, peers missing, timeout)."""
+
+
+class Distributed:
+    """Rank, world size, device and the collectives the tensor-parallel layers need."""
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        backend: str,
+        group: tdist.ProcessGroup | None = None,
+    ) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self.backend = backend
+        self._group = group
+
+    def __repr__(self) -> str:
+        return (
+            f"Distributed(rank={self.rank}, world_size={self.world_size}, "
+            f"device={self.device}, backend={self.backend})"
+        )
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over all ranks in place and return it."""
+        if self.world_size == 1:
+            return t
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM, group=self._group)
+        return t
+
+    def all_gather(
+        self, t: torch.Tensor, dim: int = -1, sizes: list[int] | None = None
+    ) -> torch.Tensor:
+        """Concatenate every rank's ``t`` along ``dim`` in rank order.
+
+        Ranks may hold different sizes along ``dim`` (uneven vocab or head
+        splits). Pass ``sizes`` (each rank's size along ``dim``) when the caller
+        already knows them; otherwise they are exchanged first.
+        """
+        if self.world_size == 1:
+            return t
+        dim = dim % t.dim()
+        if sizes is None:
+            local = torch.tensor([t.shape[dim]], dtype=torch.int64, device=t.device)
+            counts = [torch.empty_like(local) for _ in range(self.world_size)]
+            tdist.all_gather(counts, local, group=self._group)
+            sizes = [int(c.item()) for c in counts]
+        if len(sizes) != self.world_size or sizes[self.rank] != t.shape[dim]:
+            raise ValueError(
+                f"all_gather sizes {sizes} do not match world size {self.world_size} "
+                f"and this rank's size {t.shape[dim]} along dim {dim}"
+            )
+        longest = max(sizes)
+        t = t.contiguous()
+        if t.shape[dim] < longest:
+            pad_shape = list(t.shape)
+            pad_shape[dim] = longest - t.shape[dim]
+            t = torch.cat([t, t.new_zeros(pad_shape)], dim=dim)
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        tdist.all_gather(parts, t, group=self._group)
+        if all(s == longest for s in sizes):
+            return torch.cat(parts, dim=dim)
+        return torch.cat([p.narrow(dim, 0, s) for p, s in zip(parts, sizes, strict=True)], dim=dim)
+
+    def barrier(self) -> None:
+        """Wait until every rank reaches this point."""
+        if self.world_size == 1:
+            return
+        tdist.barrier(group=self._group)
+
+    def shutdown(self) -> None:
+        """Leave the process group; safe to call more than once."""
+        if self.world_size == 1 or self._group is None:
+            return
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+        self._group = None
+
+
+def _choose_backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(
+    rank: int,
+    world_size: int,
+    master_addr: str = "localhost",
+    master_port: int = 29500,
+    device: torch.device | None = None,
+    timeout_s: float = 120.0,
+) -> Distributed:
+    """Join the shard process group, or return a no-op group for a world of one.
+
+    Raises :class:`DistributedInitError` when rank 0 cannot listen on the
+    master port or the peers do not all arrive within ``timeout_s``.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    device = device if device is not None else torch.device("cpu")
+    if world_size == 1:
+        logger.info(f"Single shard on {device}: no process group needed")
+        return Distributed(rank, 1, device, "none")
+
+    backend = _choose_backend(device)
+    where = f"rank {rank} of world {world_size} at {master_addr}:{master_port}"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        store = tdist.TCPStore(
+            master_addr,
+            master_port,
+            world_size,
+            is_master=rank == 0,
+            timeout=timeout,
+            wait_for_workers=False,
+        )
+    except tdist.DistError as e:
+        text = str(e)
+        if "EADDRINUSE" in text or "address already in use" in text.lower():
+            raise DistributedInitError(
+                f"master port {master_port} on {master_addr} is already in use; "
+                f"pass --master-port with a free port"
+            ) from e
+        raise DistributedInitError(
+            f"{where}: could not reach the rendezvous store within {timeout_s:g}s ({text})"
+        ) from e
+    try:
+        tdist.init_process_group(
+            backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+        )
+        # A barrier proves every peer joined; without it a missing peer would
+        # surface only at the first collective of the first request.
+        tdist.barrier()
+    except tdist.DistError as e:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+        raise DistributedInitError(
+            f"{where}: not all {world_size} ranks joined the {backend} process group "
+            f"within {timeout_s:g}s ({e})"
+        ) from e
+    logger.info(f"Joined {backend} process group as {where} on {device}")
+    return Distributed(rank, world_size, device, backend, tdist.group.WORLD)
