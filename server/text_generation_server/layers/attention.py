@@ -1,0 +1,310 @@
+"""Attention over a paged KV cache.
+
+The engine owns the cache: per layer a pair of tensors
+``[num_blocks, block_size, num_kv_heads, head_dim]``. Each forward first
+writes the new tokens' keys and values at their slots, then every sequence's
+queries attend causally to its whole context (earlier tokens from the cache
+plus the new ones). A sequence's new tokens sit at positions
+``[context_len - query_len, context_len)``.
+
+The arithmetic lives behind :class:`AttentionBackend`, chosen once per model
+by :func:`select_attention_backend`; a fused paged kernel for CUDA can slot
+in there without touching the model code.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from loguru import logger
+
+
+@dataclass
+class AttentionMetadata:
+    """Where one forward's tokens go in the KV cache and what each sequence sees."""
+
+    slot_mapping: torch.Tensor  # [T] int64: block_id * block_size + offset of each new token
+    block_tables: torch.Tensor  # [B, max_blocks] int64 block ids per sequence (padding = 0)
+    context_lens: torch.Tensor  # [B] int64 tokens in KV per sequence after this forward
+    query_lens: list[int]  # [B] new tokens per sequence, in flattened order
+    _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def memo(self, key: Any, build: Callable[[], Any]) -> Any:
+        """Compute ``build()`` once per forward and share it between layers."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def context_lens_list(self) -> list[int]:
+        return self.memo("context_lens_list", lambda: [int(c) for c in self.context_lens.tolist()])
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence adds exactly one token."""
+        return all(q == 1 for q in self.query_lens)
+
+    @property
+    def is_prefill(self) -> bool:
+        """No sequence has context from an earlier forward."""
+        return all(q == c for q, c in zip(self.query_lens, self.context_lens_list, strict=True))
+
+    @property
+    def max_context_len(self) -> int:
+        return max(self.context_lens_list, default=0)
+
+    @property
+    def query_start_loc(self) -> list[int]:
+        """Offsets of each sequence's first new token in the flattened batch (``B + 1`` entries)."""
+
+        def build() -> list[int]:
+            starts = [0]
+            for q in self.query_lens:
+                starts.append(starts[-1] + q)
+            return starts
+
+        return self.memo("query_start_loc", build)
+
+
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store the new tokens' ``k``/``v`` ``[T, kv_heads, head_dim]`` at their slots."""
+    kv_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _context_slots(block_tables: torch.Tensor, block_size: int, length: int) -> torch.Tensor:
+    """``[B, length]`` cache slots of each sequence's first ``length`` tokens."""
+    blocks = -(-length // block_size)
+    table = block_tables[:, :blocks]
+    offsets = torch.arange(block_size, device=table.device)
+    slots = table.unsqueeze(-1) * block_size + offsets
+    return slots.reshape(table.shape[0], blocks * block_size)[:, :length]
+
+
+class AttentionBackend(ABC):
+    """Writes new keys/values to the paged cache and computes attention."""
+
+    name: str
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """``q [T, heads, D]``, new ``k``/``v`` ``[T, kv_heads, D]`` -> ``[T, heads, D]``."""
+
+
+class TorchSDPABackend(AttentionBackend):
+    """``F.scaled_dot_product_attention`` on keys/values gathered from the cache.
+
+    Decode steps are one batched call over all sequences; sequences with
+    several new tokens (prefill, chunks with earlier context) are handled one
+    by one, and a fresh prefill attends to its new keys directly without
+    reading the cache back.
+    """
+
+    name = "torch-sdpa over gathered paged KV"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        write_kv(k, v, k_cache, v_cache, attn.slot_mapping)
+        if attn.is_decode:
+            return self._decode(q, k_cache, v_cache, attn, scale, rows=None)
+        out = torch.empty_like(q)
+        starts = attn.query_start_loc
+        contexts = attn.context_lens_list
+        single = [b for b, n in enumerate(attn.query_lens) if n == 1]
+        if single:
+            rows = attn.memo("single_rows", lambda: torch.tensor(single, device=q.device))
+            tokens = attn.memo(
+                "single_tokens", lambda: torch.tensor([starts[b] for b in single], device=q.device)
+            )
+            out[tokens] = self._decode(q[tokens], k_cache, v_cache, attn, scale, rows=rows)
+        for b, n in enumerate(attn.query_lens):
+            if n == 1:
+                continue
+            s, e = starts[b], starts[b + 1]
+            ctx = contexts[b]
+            if ctx == n:
+                out[s:e] = self._causal(q[s:e], k[s:e], v[s:e], scale)
+            else:
+                out[s:e] = self._with_context(q[s:e], k_cache, v_cache, attn, b, ctx, scale)
+        return out
+
+    @staticmethod
+    def _sdpa(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        """SDPA on ``[B, heads, L, D]`` layouts; grouped KV heads are broadcast by SDPA."""
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            scale=scale,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
+
+    def _causal(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        out = self._sdpa(
+            q.transpose(0, 1).unsqueeze(0),
+            k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0),
+            scale,
+            causal=True,
+        )
+        return out.squeeze(0).transpose(0, 1)
+
+    def _with_context(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        b: int,
+        ctx: int,
+        scale: float,
+    ) -> torch.Tensor:
+        n = q.shape[0]
+        block_size, kv_heads, head_dim = k_cache.shape[1:]
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            slots = _context_slots(attn.block_tables[b : b + 1], block_size, ctx)[0]
+            # Query i sits at position ctx - n + i and sees keys up to that position.
+            key_pos = torch.arange(ctx, device=q.device)
+            query_pos = torch.arange(n, device=q.device) + (ctx - n)
+            return slots, key_pos[None, :] <= query_pos[:, None]
+
+        slots, mask = attn.memo(("context", b, block_size), build)
+        keys = k_cache.view(-1, kv_heads, head_dim)[slots].to(q.dtype)
+        values = v_cache.view(-1, kv_heads, head_dim)[slots].to(q.dtype)
+        out = self._sdpa(
+            q.transpose(0, 1).unsqueeze(0),
+            keys.transpose(0, 1).unsqueeze(0),
+            values.transpose(0, 1).unsqueeze(0),
+            scale,
+            mask=mask,
+        )
+        return out.squeeze(0).transpose(0, 1)
+
+    def _decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        scale: float,
+        rows: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One new token per sequence (``rows`` of the batch, or all): ``q [B, heads, D]``."""
+        block_size, kv_heads, head_dim = k_cache.shape[1:]
+
+        def build() -> tuple[torch.Tensor, torch.Tensor | None]:
+            tables = attn.block_tables if rows is None else attn.block_tables[rows]
+            lens = attn.context_lens if rows is None else attn.context_lens[rows]
+            longest = int(lens.max())
+            slots = _context_slots(tables, block_size, longest)
+            if bool((lens == longest).all()):
+                return slots, None
+            valid = torch.arange(longest, device=lens.device)[None, :] < lens[:, None]
+            return slots, valid[:, None, None, :]
+
+        slots, mask = attn.memo(("decode", rows is None, block_size), build)
+        batch, length = slots.shape
+        flat = slots.reshape(-1)
+        keys = k_cache.view(-1, kv_heads, head_dim)[flat].view(batch, length, kv_heads, head_dim)
+        values = v_cache.view(-1, kv_heads, head_dim)[flat].view(batch, length, kv_heads, head_dim)
+        out = self._sdpa(
+            q.unsqueeze(2),
+            keys.transpose(1, 2).to(q.dtype),
+            values.transpose(1, 2).to(q.dtype),
+            scale,
+            mask=mask,
+        )
+        return out.squeeze(2)
+
+
+def select_attention_backend(device: torch.device) -> AttentionBackend:
+    """The attention implementation for ``device``; called once per model and logged."""
+    backend = TorchSDPABackend()
+    if device.type == "cuda":
+        logger.info(
+            f"Attention backend: {backend.name} on {device} (no fused paged CUDA kernel is built in)"
+        )
+    else:
+        logger.info(f"Attention backend: {backend.name} on {device}")
+    return backend
+
+
+class PagedAttention(torch.nn.Module):
+    """Attention for one layer's local heads over its slice of the paged KV cache."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        scale: float,
+        backend: AttentionBackend,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.backend = backend
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        """``q [T, heads, D]``, ``k``/``v`` ``[T, kv_heads, D]`` -> ``[T, heads * D]``."""
+        k_cache, v_cache = kv_cache
+        out = self.backend.forward(q, k, v, k_cache, v_cache, attn, self.scale)
+        return out.reshape(out.shape[0], self.num_heads * self.head_dim)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, backend={self.backend.name}"

@@ -1,0 +1,29 @@
+"""RMSNorm as Llama-family models define it (statistics in float32)."""
+
+from __future__ import annotations
+
+import torch
+
+from text_generation_server.layers.loading import replicated_weight_loader, set_weight_attrs
+
+
+class RMSNorm(torch.nn.Module):
+    """``weight * x / sqrt(mean(x^2) + eps)``, replicated on every rank."""
+
+    def __init__(
+        self, hidden_size: int, eps: float, *, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.eps = eps
+        weight = torch.empty(hidden_size, dtype=dtype, device=device)
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        set_weight_attrs(self.weight, weight_loader=replicated_weight_loader, shard_ids=(None,))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        variance = x32.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x32 * torch.rsqrt(variance + self.eps)).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"

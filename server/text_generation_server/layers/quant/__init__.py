@@ -1,0 +1,1 @@
+"""Quantization strategies for linear layers, chosen once in :mod:`.registry`."""

@@ -1,0 +1,108 @@
+"""The interface every quantization method implements.
+
+A :class:`QuantConfig` is chosen once per model (see ``registry.py``) and
+hands each linear layer its :class:`QuantMethod`. The method decides which
+parameters the layer has (``create_weights``), may repack them once loaded
+(``process_weights_after_loading``) and multiplies (``apply``). Linear layers
+never ask which method they hold.
+
+Parameters a method creates describe how they are sliced for tensor
+parallelism with attributes (see :func:`linear_param`):
+
+- ``output_dim`` / ``input_dim``: the dims indexed by output / input
+  features, or ``None`` when the tensor is not split along them (e.g. GPTQ
+  ``scales`` kept whole in a row-parallel layer with act-order);
+- ``output_pack`` / ``input_pack``: features per stored element along those
+  dims (8 for int4 packed in int32, the group size for per-group scales).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from text_generation_server.layers.loading import set_weight_attrs
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """The shapes a quantization method needs to create one rank's weights."""
+
+    in_features: int  # input features this rank multiplies
+    out_features: int  # output features this rank produces (all fused parts)
+    full_in_features: int  # input features of the whole, unsplit layer
+    full_out_features: int  # output features of the whole, unsplit layer
+    input_start: int  # first input feature held by this rank (row-parallel split)
+    input_is_sharded: bool  # row-parallel: the input dim is split across ranks
+    dtype: torch.dtype  # serving dtype of activations and float parameters
+    device: torch.device
+
+
+def linear_param(
+    data: torch.Tensor,
+    *,
+    output_dim: int | None,
+    input_dim: int | None,
+    output_pack: int = 1,
+    input_pack: int = 1,
+) -> torch.nn.Parameter:
+    """A frozen parameter tagged with how it splits across ranks."""
+    param = torch.nn.Parameter(data, requires_grad=False)
+    set_weight_attrs(
+        param,
+        output_dim=output_dim,
+        input_dim=input_dim,
+        output_pack=output_pack,
+        input_pack=input_pack,
+    )
+    return param
+
+
+class QuantMethod(ABC):
+    """How one linear layer stores its weights and multiplies."""
+
+    @abstractmethod
+    def create_weights(self, layer: torch.nn.Module, spec: LinearSpec) -> None:
+        """Register this rank's (empty) weight parameters on ``layer`` with :func:`linear_param`."""
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Repack or quantize loaded weights once; default: nothing to do."""
+        return None
+
+    @abstractmethod
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x @ W.T (+ bias)`` for this rank's weights; ``x`` is ``[T, in_features]``."""
+
+    @abstractmethod
+    def kernel_name(self, layer: torch.nn.Module) -> str:
+        """Human-readable kernel name for start-up logs, e.g. ``dense-fp32``."""
+
+
+class QuantConfig(ABC):
+    """A model-wide quantization choice; calling it gives each layer its method."""
+
+    # Value of the --quantize flag that selects this config.
+    name: ClassVar[str]
+    # ``quant_method`` values in a checkpoint's quantization config this loads.
+    checkpoint_methods: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    @abstractmethod
+    def from_checkpoint(cls, checkpoint_quant_config: dict[str, Any] | None) -> QuantConfig:
+        """Build from the checkpoint's own quantization config (``None`` when it has none)."""
+
+    @abstractmethod
+    def get_method(self, prefix: str) -> QuantMethod:
+        """The method for the linear layer named ``prefix`` (e.g. ``model.layers.0.mlp.down_proj``)."""
+
+    def input_alignment(self) -> int:
+        """Row-parallel input splits must be multiples of this (e.g. a GPTQ group size)."""
+        return 1
+
+    def __call__(self, prefix: str) -> QuantMethod:
+        return self.get_method(prefix)

@@ -1,0 +1,60 @@
+"""The one place that maps a quantization name to its implementation.
+
+Adding a method is one new file in this package plus one entry in
+``_QUANT_CONFIGS``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from text_generation_server.layers.quant.base import QuantConfig
+from text_generation_server.layers.quant.unquantized import UnquantizedConfig
+
+# --quantize value -> config class. Unquantized is what no flag means.
+_QUANT_CONFIGS: dict[str, type[QuantConfig]] = {}
+
+
+def supported_quantizations() -> list[str]:
+    """Values accepted by ``--quantize`` (besides none)."""
+    return sorted(_QUANT_CONFIGS)
+
+
+def _supported_text() -> str:
+    names = supported_quantizations()
+    return ", ".join(names) if names else "none yet; serve unquantized weights (no --quantize)"
+
+
+def get_quant_method(
+    quantize: str | None, checkpoint_quant_config: dict[str, Any] | None
+) -> QuantConfig:
+    """The model-wide quantization config, callable as ``config(prefix) -> QuantMethod``.
+
+    ``quantize`` is the user's flag; ``checkpoint_quant_config`` the
+    checkpoint's own quantization config (``config.json``'s
+    ``quantization_config`` or ``quantize_config.json``). Without a flag a
+    quantized checkpoint selects its method itself. Unknown or conflicting
+    values raise ``ValueError`` listing what is supported.
+    """
+    checkpoint_method = None
+    if checkpoint_quant_config:
+        checkpoint_method = checkpoint_quant_config.get("quant_method")
+    if quantize is None:
+        if checkpoint_method is None:
+            return UnquantizedConfig.from_checkpoint(None)
+        for cls in _QUANT_CONFIGS.values():
+            if checkpoint_method in cls.checkpoint_methods:
+                return cls.from_checkpoint(checkpoint_quant_config)
+        raise ValueError(
+            f"the checkpoint is quantized with quant_method '{checkpoint_method}', which this "
+            f"server cannot load; supported quantizations: {_supported_text()}"
+        )
+    cls = _QUANT_CONFIGS.get(quantize)
+    if cls is None:
+        raise ValueError(f"unsupported quantization '{quantize}'; supported: {_supported_text()}")
+    if checkpoint_method is not None and checkpoint_method not in cls.checkpoint_methods:
+        raise ValueError(
+            f"--quantize {quantize} does not match the checkpoint, which is quantized with "
+            f"quant_method '{checkpoint_method}'"
+        )
+    return cls.from_checkpoint(checkpoint_quant_config)
