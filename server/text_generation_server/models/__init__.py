@@ -1,0 +1,130 @@
+"""Model registry and loading: ``load_model(path, dtype=, device=, dist=)``.
+
+The architecture comes from ``config.json``'s ``architectures[0]``;
+transformers supplies the config object only, never the modeling code.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from loguru import logger
+
+from text_generation_server.distributed import Distributed
+from text_generation_server.layers.quant.registry import get_quant_method
+from text_generation_server.models.base import CausalLM, UnsupportedModelError
+from text_generation_server.models.llama import (
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Qwen2ForCausalLM,
+)
+from text_generation_server.models.loader import load_weights
+from text_generation_server.weights import CheckpointError, Weights, checkpoint_files
+
+__all__ = [
+    "CausalLM",
+    "CheckpointError",
+    "UnsupportedModelError",
+    "load_model",
+    "supported_architectures",
+]
+
+# config.json "architectures"[0] -> implementation. SmolLM checkpoints say LlamaForCausalLM.
+_ARCHITECTURES: dict[str, type[CausalLM]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_ARCHITECTURES)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _checkpoint_quant_config(model_dir: Path, raw_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint's own quantization settings, from config.json or quantize_config.json."""
+    if raw_config.get("quantization_config"):
+        return dict(raw_config["quantization_config"])
+    legacy = model_dir / "quantize_config.json"
+    if legacy.is_file():
+        data = _read_json(legacy)
+        # AutoGPTQ wrote this file without naming the method.
+        data.setdefault("quant_method", "gptq")
+        return data
+    return None
+
+
+def _architecture(model_dir: Path, raw_config: dict[str, Any]) -> type[CausalLM]:
+    archs = raw_config.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch not in _ARCHITECTURES:
+        named = f"architecture '{arch}'" if arch else "a config.json without 'architectures'"
+        raise UnsupportedModelError(
+            f"{model_dir} has {named}, which is not supported; "
+            f"supported architectures: {', '.join(supported_architectures())}"
+        )
+    return _ARCHITECTURES[arch]
+
+
+def load_model(
+    model_path: str | Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    dist: Distributed,
+    quantize: str | None = None,
+) -> CausalLM:
+    """Build this rank's shard of the model in ``model_path`` and load its weights.
+
+    Raises :class:`UnsupportedModelError` for an architecture without an
+    implementation, :class:`CheckpointError` for a missing or misshapen
+    tensor or unreadable files, and ``ValueError`` for an unsupported
+    quantization or a head count the world size cannot split.
+    """
+    from transformers import AutoConfig
+
+    started = time.perf_counter()
+    model_dir = Path(model_path)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{model_dir} has no config.json; expected a model directory")
+    raw_config = _read_json(config_path)
+    cls = _architecture(model_dir, raw_config)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (ValueError, KeyError, OSError) as e:
+        raise UnsupportedModelError(f"transformers cannot read {config_path}: {e}") from e
+    quant = get_quant_method(quantize, _checkpoint_quant_config(model_dir, raw_config))
+    weights = Weights(checkpoint_files(model_dir), device=device, dtype=dtype, dist=dist)
+    tie = bool(getattr(config, "tie_word_embeddings", False)) or not weights.has("lm_head.weight")
+    logger.info(
+        f"Building {cls.__name__} for rank {dist.rank}/{dist.world_size}: "
+        f"dtype {str(dtype).removeprefix('torch.')}, device {device}, quantization {quant.name}"
+    )
+    with torch.no_grad():
+        model = cls(
+            config, dist=dist, dtype=dtype, device=device, quant=quant, tie_word_embeddings=tie
+        )
+        load_weights(model, weights)
+    model.eval()
+    count = sum(p.numel() for p in model.parameters())
+    logger.info(
+        f"Loaded {model_dir.name} ({cls.__name__}, {model.num_layers} layers, "
+        f"{count / 1e6:.1f}M parameters on this rank) in {time.perf_counter() - started:.1f}s; "
+        f"kernel {model.kernel}; tp plan: {model.tp_plan}"
+    )
+    return model

@@ -1,0 +1,55 @@
+"""What every served architecture provides to the engine."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from text_generation_server.layers.attention import AttentionMetadata
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture has no implementation here."""
+
+
+class CausalLM(torch.nn.Module):
+    """A decoder-only language model sharded for one rank.
+
+    Attributes the engine relies on: ``config`` (transformers config),
+    ``num_layers``, ``num_kv_heads`` (KV heads held by this rank, for sizing
+    the KV cache), ``head_dim``, ``dtype``, ``device``, ``vocab_size`` (full
+    vocabulary), ``kernel`` (linear kernel in use) and ``tp_plan`` (how heads,
+    MLP and vocabulary are split across ranks).
+    """
+
+    # Checkpoint module name -> (fused module name, part id), e.g. q_proj -> (qkv_proj, "q").
+    packed_modules_mapping: ClassVar[dict[str, tuple[str, Any]]] = {}
+
+    config: Any
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    vocab_size: int
+    kernel: str = "unloaded"
+    tp_plan: str
+
+    def skip_checkpoint_tensor(self, name: str) -> bool:
+        """True for checkpoint tensors the model knowingly does not use."""
+        return False
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Hidden states ``[T, hidden]`` after the final norm for the flattened tokens ``[T]``."""
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[N, hidden]`` -> ``[N, vocab_size]`` float32 logits, full vocabulary on every rank."""
+        raise NotImplementedError
