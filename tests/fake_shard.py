@@ -23,6 +23,7 @@ import socket
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -49,10 +50,14 @@ class FakeModel:
     block_size: int = 16
     # Lowest id the formula may produce (skips special tokens).
     first_plain_id: int = 4
+    # A real model instead of the formula: all token ids so far -> next id.
+    next_token_fn: Callable[[list[int]], int] | None = None
 
     def next_token(self, state: _RequestState) -> int:
         n = len(state.generated)
-        if self.script is not None:
+        if self.next_token_fn is not None:
+            token = self.next_token_fn(state.all_ids)
+        elif self.script is not None:
             token = self.script[n % len(self.script)]
         else:
             last = state.all_ids[-1]

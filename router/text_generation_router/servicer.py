@@ -3,7 +3,8 @@
 Handlers validate, hand prompts to the scheduler and turn its Steps into
 responses. Errors become gRPC statuses in one place (``_status_errors``):
 ValidationError -> INVALID_ARGUMENT, too many requests -> RESOURCE_EXHAUSTED,
-not ready / draining / shards gone -> UNAVAILABLE. A client that goes away
+not ready / draining / shards gone -> UNAVAILABLE, anything unexpected ->
+INTERNAL (logged with its traceback). A client that goes away
 (stream closed, RPC cancelled, deadline) cancels its requests, whose KV is
 freed at the next step. The single served model answers any model_id.
 """
@@ -75,6 +76,8 @@ def _status_errors(handler):
             await self._abort(context, err)
         except ValidationError as err:
             await self._abort(context, self._invalid(err))
+        except Exception as err:
+            await self._abort(context, self._internal(handler.__name__, err))
 
     return wrapper
 
@@ -91,6 +94,8 @@ def _stream_status_errors(handler):
             await self._abort(context, err)
         except ValidationError as err:
             await self._abort(context, self._invalid(err))
+        except Exception as err:
+            await self._abort(context, self._internal(handler.__name__, err))
 
     return wrapper
 
@@ -107,6 +112,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self._state.metrics.request_failure.labels(err="validation").inc()
         logger.warning(f"Rejected request: {err}")
         return ApiError(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+
+    def _internal(self, method: str, err: Exception) -> ApiError:
+        self._state.metrics.request_failure.labels(err="internal").inc()
+        logger.opt(exception=err).error(f"{method} failed unexpectedly: {type(err).__name__}: {err}")
+        return ApiError(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(err).__name__}: {err}")
 
     async def _abort(self, context: grpc.aio.ServicerContext, err: ApiError) -> None:
         if err.code == grpc.StatusCode.UNAVAILABLE:
