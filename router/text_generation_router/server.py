@@ -100,7 +100,7 @@ class Router:
         self.http_port = self._http.port
 
         self.client = await ShardClient.connect(args.shard_uds_path, args.shard_connect_timeout)
-        info = await self.client.info()
+        info = await self.client.info(ready_timeout=max(1.0, args.shard_connect_timeout))
         logger.info(
             f"Model {info.model_id or args.model_id}: {info.architecture}, {info.dtype} on {info.device_type}, "
             f"world size {info.world_size}, max_position_embeddings {info.max_position_embeddings}, "

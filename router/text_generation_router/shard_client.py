@@ -132,11 +132,13 @@ class ShardClient:
         for shard in self._shards:
             await shard.channel.close()
 
-    async def _call_all(self, method: str, request, timeout: float | None = None):
+    async def _call_all(self, method: str, request, timeout: float | None = None, wait_for_ready: bool | None = None):
         """Send ``request`` to every shard concurrently; rank 0's answer, or a ShardError."""
         async with self._lock:
             calls = [
-                asyncio.ensure_future(getattr(shard.stub, method)(request, timeout=timeout))
+                asyncio.ensure_future(
+                    getattr(shard.stub, method)(request, timeout=timeout, wait_for_ready=wait_for_ready)
+                )
                 for shard in self._shards
             ]
             try:
@@ -174,8 +176,11 @@ class ShardClient:
             return call.exception()
         return call.result()
 
-    async def info(self) -> generate_pb2.InfoResponse:
-        return await self._call_all("Info", generate_pb2.InfoRequest())
+    async def info(self, ready_timeout: float | None = None) -> generate_pb2.InfoResponse:
+        """Model facts; with ``ready_timeout``, first wait up to that long for every shard to accept calls."""
+        if ready_timeout is None:
+            return await self._call_all("Info", generate_pb2.InfoRequest())
+        return await self._call_all("Info", generate_pb2.InfoRequest(), timeout=ready_timeout, wait_for_ready=True)
 
     async def health(self, timeout: float | None = None) -> None:
         await self._call_all("Health", generate_pb2.HealthRequest(), timeout=timeout)
