@@ -252,6 +252,21 @@ def test_time_limit_stops_generation_with_time_limit(harness):
     assert wait_for(lambda: h.shard.tokens_held() == 0)
 
 
+def test_time_limit_passing_while_queued_ends_the_request_without_tokens(harness):
+    h = harness(FakeModel(step_delay=0.01), max_batch_size=1)
+    stub = h.stub()
+    running = stub.Generate.future(batched(["first"], params(60)), timeout=20)
+    assert wait_for(lambda: h.shard.tokens_held() > 0)
+    queued = params(5, stopping={"time_limit_millis": 50})
+    resp = stub.Generate(batched(["second"], queued), timeout=20).responses[0]
+    assert resp.stop_reason == pb.TIME_LIMIT and resp.generated_token_count == 0 and resp.text == ""
+    messages = list(stub.GenerateStream(single("third", queued), timeout=20))
+    assert messages[0].input_token_count > 0
+    assert messages[-1].stop_reason == pb.TIME_LIMIT and messages[-1].generated_token_count == 0
+    assert running.result().responses[0].generated_token_count == 60
+    assert len([m for m in h.shard.methods() if m == "Prefill"]) == 1
+
+
 def test_cancelled_stream_is_filtered_out_of_the_running_batch(harness, hf_tokenizer):
     h = harness(FakeModel(step_delay=0.01))
     stub = h.stub()
