@@ -299,10 +299,11 @@ class Scheduler:
     async def _abandon(self, batches: list[generate_pb2.CachedBatch], err: ShardError) -> None:
         """A batch call failed: fail its requests and clear the shards' cache."""
         ids = {rid for batch in batches for rid in batch.request_ids}
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED if err.resource_exhausted else grpc.StatusCode.INTERNAL
         for rid in ids:
             entry = self._running.get(rid)
             if entry is not None:
-                self._fail(entry, grpc.StatusCode.INTERNAL, f"generation failed: {err.details}")
+                self._fail(entry, code, f"generation failed: {err.details}")
         self._update_gauges()
         try:
             await self._client.clear_cache()
