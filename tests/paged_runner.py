@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 
 import torch
-
 from text_generation_server.layers.attention import AttentionMetadata
 
 
