@@ -1,0 +1,287 @@
+"""The Llama-family model on one shard equals transformers' own forward.
+
+Every comparison runs the same checkpoint through transformers
+(AutoModelForCausalLM, float32, whole sequence at once) and through our model
+with a paged KV cache whose blocks are handed out out of order.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from paged_runner import PagedRunner
+from safetensors.torch import load_file, save_file
+from text_generation_server.distributed import init_distributed
+from text_generation_server.models import (
+    CheckpointError,
+    UnsupportedModelError,
+    load_model,
+    supported_architectures,
+)
+
+CPU = torch.device("cpu")
+ATOL = 1e-4
+
+_loaded: dict[tuple[str, torch.dtype], object] = {}
+
+
+def ours(path: Path, dtype: torch.dtype = torch.float32):
+    key = (str(path), dtype)
+    if key not in _loaded:
+        _loaded[key] = load_model(path, dtype=dtype, device=CPU, dist=init_distributed(0, 1))
+    return _loaded[key]
+
+
+def reference_logits(path: Path, ids: list[int]) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def random_ids(n: int, vocab: int, seed: int) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_llama_tied"])
+def checkpoint(request) -> Path:
+    return request.getfixturevalue(request.param)
+
+
+def test_model_reports_its_shape_and_plan(tiny_llama_tied):
+    model = ours(tiny_llama_tied)
+    assert (model.num_layers, model.num_kv_heads, model.head_dim) == (2, 3, 16)
+    assert model.vocab_size == 384 and model.dtype == torch.float32
+    assert model.kernel == "dense-fp32"
+    assert "6 q heads, 3 kv heads" in model.tp_plan
+    # Tied embeddings: the LM head is the embedding table, not a copy.
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_prefill_logits_equal_transformers(checkpoint):
+    ids = random_ids(13, 384, seed=1)
+    logits = PagedRunner(ours(checkpoint)).step([("a", ids)])[0]
+    torch.testing.assert_close(logits, reference_logits(checkpoint, ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_prefill_then_paged_decode_matches_transformers(checkpoint, block_size):
+    ids = random_ids(20, 384, seed=2)
+    expected = reference_logits(checkpoint, ids)
+    runner = PagedRunner(ours(checkpoint), block_size=block_size, seed=block_size)
+    prompt = 6
+    runner.step([("a", ids[:prompt])])
+    for pos in range(prompt, len(ids)):
+        step = runner.step([("a", [ids[pos]])])[0]
+        torch.testing.assert_close(step[0], expected[pos], atol=ATOL, rtol=0)
+    blocks = runner.blocks["a"]
+    assert len(blocks) >= 2 and len(set(blocks)) == len(blocks)
+    assert any(b != a + 1 for a, b in zip(blocks, blocks[1:], strict=False))  # not contiguous
+
+
+def test_batch_of_sequences_equals_each_sequence_alone(checkpoint):
+    model = ours(checkpoint)
+    seqs = {"a": random_ids(3, 384, 3), "b": random_ids(11, 384, 4), "c": random_ids(7, 384, 5)}
+    batched = PagedRunner(model)
+    together = batched.step(list(seqs.items()))
+    for (seq_id, ids), logits in zip(seqs.items(), together, strict=True):
+        alone = PagedRunner(model, seed=7).step([(seq_id, ids)])[0]
+        torch.testing.assert_close(logits, alone, atol=ATOL, rtol=0)
+    # One batched decode step for all three continues each sequence correctly.
+    next_ids = {"a": 17, "b": 250, "c": 3}
+    step = batched.step([(k, [v]) for k, v in next_ids.items()])
+    for (seq_id, ids), logits in zip(seqs.items(), step, strict=True):
+        expected = reference_logits(checkpoint, ids + [next_ids[seq_id]])[-1]
+        torch.testing.assert_close(logits[0], expected, atol=ATOL, rtol=0)
+
+
+def test_chunk_with_existing_context_equals_the_full_run(checkpoint):
+    ids = random_ids(8, 384, seed=6)
+    expected = reference_logits(checkpoint, ids)
+    runner = PagedRunner(ours(checkpoint), block_size=4)
+    first = runner.step([("a", ids[:5])])[0]
+    second = runner.step([("a", ids[5:])])[0]
+    torch.testing.assert_close(torch.cat([first, second]), expected, atol=ATOL, rtol=0)
+
+
+def test_mixed_batch_of_decode_chunk_and_prefill_equals_transformers(tiny_llama_tied):
+    model = ours(tiny_llama_tied)
+    runner = PagedRunner(model, block_size=4)
+    a, b, c = random_ids(9, 384, 7), random_ids(10, 384, 8), random_ids(5, 384, 9)
+    runner.step([("a", a[:8]), ("b", b[:4])])
+    out = runner.step([("a", a[8:]), ("b", b[4:]), ("c", c)])
+    torch.testing.assert_close(out[0], reference_logits(tiny_llama_tied, a)[8:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out[1], reference_logits(tiny_llama_tied, b)[4:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out[2], reference_logits(tiny_llama_tied, c), atol=ATOL, rtol=0)
+
+
+def test_bfloat16_model_stays_close_to_float32(tiny_llama):
+    ids = random_ids(9, 384, seed=10)
+    model = ours(tiny_llama, torch.bfloat16)
+    assert model.kernel == "dense-bf16"
+    logits = PagedRunner(model).step([("a", ids)])[0]
+    assert logits.dtype == torch.float32
+    expected = reference_logits(tiny_llama, ids)
+    # bf16 keeps ~3 significant digits; the greedy choice should almost always agree.
+    agree = (logits.argmax(-1) == expected.argmax(-1)).float().mean()
+    assert agree >= 0.75
+    assert (logits - expected).abs().max() < 0.15 * expected.abs().max()
+
+
+# ---------------------------------------------------------------- other family members
+
+
+def build_random(path: Path, model_cls, config) -> Path:
+    """Save a random checkpoint where biases and norm weights are non-trivial too."""
+    torch.manual_seed(0)
+    model = model_cls(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+SMALL = dict(
+    vocab_size=384,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+)
+
+
+def family_checkpoint(tmp_path: Path, kind: str) -> Path:
+    import transformers as tf
+
+    if kind == "qwen2":
+        return build_random(
+            tmp_path, tf.Qwen2ForCausalLM, tf.Qwen2Config(**SMALL, tie_word_embeddings=False)
+        )
+    if kind == "mistral":
+        return build_random(
+            tmp_path,
+            tf.MistralForCausalLM,
+            tf.MistralConfig(**SMALL, sliding_window=4096, head_dim=16),
+        )
+    if kind == "llama-biases":
+        config = tf.LlamaConfig(**SMALL, attention_bias=True, mlp_bias=True)
+        return build_random(tmp_path, tf.LlamaForCausalLM, config)
+    if kind == "llama3-rope":
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        }
+        return build_random(
+            tmp_path, tf.LlamaForCausalLM, tf.LlamaConfig(**SMALL, rope_parameters=rope)
+        )
+    if kind == "linear-rope":
+        config = tf.LlamaConfig(**SMALL, rope_scaling={"type": "linear", "factor": 2.0})
+        return build_random(tmp_path, tf.LlamaForCausalLM, config)
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "llama-biases", "llama3-rope", "linear-rope"])
+def test_family_members_equal_transformers_through_prefill_and_decode(tmp_path, kind):
+    path = family_checkpoint(tmp_path, kind)
+    ids = random_ids(40, 384, seed=11)
+    expected = reference_logits(path, ids)
+    runner = PagedRunner(ours(path), block_size=4)
+    prefill = runner.step([("a", ids[:30])])[0]
+    torch.testing.assert_close(prefill, expected[:30], atol=ATOL, rtol=0)
+    for pos in range(30, 40):
+        torch.testing.assert_close(
+            runner.step([("a", [ids[pos]])])[0][0], expected[pos], atol=ATOL, rtol=0
+        )
+
+
+def test_multi_file_checkpoint_with_index_loads_the_same_model(tmp_path, tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_llama).save_pretrained(
+        sharded, max_shard_size="100KB"
+    )
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    ids = random_ids(10, 384, seed=12)
+    a = PagedRunner(ours(tiny_llama)).step([("a", ids)])[0]
+    b = PagedRunner(ours(sharded)).step([("a", ids)])[0]
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- errors users see
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_unknown_architecture_is_named_with_the_supported_list(tmp_path, tiny_llama):
+    path = copy_checkpoint(tiny_llama, tmp_path / "gpt2ish")
+    config = json.loads((path / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError) as e:
+        load_model(path, dtype=torch.float32, device=CPU, dist=init_distributed(0, 1))
+    text = str(e.value)
+    assert "GPT2LMHeadModel" in text
+    assert "supported architectures: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM" in text
+    assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"} <= set(
+        supported_architectures()
+    )
+
+
+def test_missing_tensor_names_the_tensor_file_and_expected_shape(tmp_path, tiny_llama):
+    path = copy_checkpoint(tiny_llama, tmp_path / "broken")
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as e:
+        load_model(path, dtype=torch.float32, device=CPU, dist=init_distributed(0, 1))
+    text = str(e.value)
+    assert "'model.layers.1.self_attn.k_proj.weight' (shape [32, 64])" in text
+    assert "model.safetensors" in text
+
+
+def test_wrong_tensor_shape_names_the_tensor_file_and_expected_shape(tmp_path, tiny_llama):
+    path = copy_checkpoint(tiny_llama, tmp_path / "misshapen")
+    tensors = load_file(str(path / "model.safetensors"))
+    down = "model.layers.0.mlp.down_proj.weight"
+    tensors[down] = tensors[down].T.contiguous()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(
+        CheckpointError,
+        match=rf"'{down}' in model.safetensors has shape \[128, 64\], expected \[64, 128\]",
+    ):
+        load_model(path, dtype=torch.float32, device=CPU, dist=init_distributed(0, 1))
+
+
+def test_directory_without_config_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        load_model(tmp_path, dtype=torch.float32, device=CPU, dist=init_distributed(0, 1))
+
+
+def test_unsupported_quantization_flag_is_refused_before_loading(tiny_llama):
+    with pytest.raises(ValueError, match="unsupported quantization 'awq'"):
+        load_model(
+            tiny_llama, dtype=torch.float32, device=CPU, dist=init_distributed(0, 1), quantize="awq"
+        )
