@@ -1,0 +1,176 @@
+"""Real multi-process tensor parallelism (gloo on CPU) against dense references.
+
+One spawn per world size runs every check in tp_worker.py; the tests below
+each pin one behaviour against the saved results.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tp_worker  # noqa: E402
+from tiny_model import build_tiny_llama  # noqa: E402
+
+ATOL = 1e-4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def layer_inputs(path: Path) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "row.weight": torch.randn(6, 11, generator=g),
+        "row.bias": torch.randn(6, generator=g),
+        "row.input": torch.randn(4, 11, generator=g),
+        # 11 rows: uneven for 2 ranks (6 + 5) and 3 ranks (4 + 4 + 3).
+        "vocab.table": torch.randn(11, 5, generator=g),
+        "vocab.ids": torch.tensor([0, 10, 5, 6, 3, 4, 7, 8, 1]),
+        "vocab.hidden": torch.randn(3, 5, generator=g),
+    }
+    save_file(tensors, str(path))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def mqa_llama(tmp_path_factory) -> Path:
+    """4 query heads sharing 1 KV head: two ranks must each hold a replica of it."""
+    return build_tiny_llama(
+        tmp_path_factory.mktemp("tiny-mqa"), num_attention_heads=4, num_key_value_heads=1
+    )
+
+
+def spawn(world_size: int, tmp: Path, models: list[Path]) -> dict:
+    layer_file = tmp / "layers.safetensors"
+    inputs = layer_inputs(layer_file)
+    mp.spawn(
+        tp_worker.run_rank,
+        args=(world_size, free_port(), str(layer_file), [str(m) for m in models], str(tmp)),
+        nprocs=world_size,
+        join=True,
+    )
+    ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    return {"inputs": inputs, "ranks": ranks, "models": [str(m) for m in models]}
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory, tiny_llama, tiny_llama_tied, mqa_llama) -> dict:
+    return spawn(2, tmp_path_factory.mktemp("tp2"), [tiny_llama_tied, tiny_llama, mqa_llama])
+
+
+@pytest.fixture(scope="module")
+def world3(tmp_path_factory, tiny_llama_tied) -> dict:
+    return spawn(3, tmp_path_factory.mktemp("tp3"), [tiny_llama_tied])
+
+
+@pytest.fixture(params=["world2", "world3"])
+def run(request) -> dict:
+    return request.getfixturevalue(request.param)
+
+
+_reference_cache: dict[tuple, torch.Tensor] = {}
+
+
+def reference(model_dir: str, ids: list[int]) -> torch.Tensor:
+    key = (model_dir, tuple(ids))
+    if key not in _reference_cache:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        with torch.no_grad():
+            _reference_cache[key] = model(torch.tensor([ids])).logits[0]
+    return _reference_cache[key]
+
+
+def test_all_reduce_sums_and_all_gather_concatenates_uneven_pieces(run):
+    world = len(run["ranks"])
+    total = sum(range(1, world + 1))
+    expected_gather = torch.cat(
+        [
+            torch.arange(2 * (r + 1), dtype=torch.float32).reshape(2, r + 1) + 100 * r
+            for r in range(world)
+        ],
+        dim=1,
+    )
+    for result in run["ranks"]:
+        c = result["collectives"]
+        torch.testing.assert_close(c["all_reduce"], torch.full((3,), float(total)))
+        torch.testing.assert_close(c["all_reduce_bf16"], torch.full((2,), float(total)))
+        torch.testing.assert_close(c["all_gather"], expected_gather, rtol=0, atol=0)
+        torch.testing.assert_close(c["all_gather_sizes"], expected_gather, rtol=0, atol=0)
+
+
+def test_row_parallel_output_equals_the_dense_matmul_with_bias_added_once(run):
+    t = run["inputs"]
+    expected = F.linear(t["row.input"], t["row.weight"], t["row.bias"])
+    for result in run["ranks"]:
+        torch.testing.assert_close(result["layers"]["row_parallel"], expected, atol=1e-5, rtol=0)
+
+
+def test_embedding_and_lm_head_with_a_vocab_that_does_not_divide_evenly(run):
+    t = run["inputs"]
+    for result in run["ranks"]:
+        layers = result["layers"]
+        torch.testing.assert_close(
+            layers["embedding"], F.embedding(t["vocab.ids"], t["vocab.table"])
+        )
+        torch.testing.assert_close(layers["lm_head"], t["vocab.hidden"] @ t["vocab.table"].T)
+
+
+def check_model(run: dict, model_dir: str) -> None:
+    results = [r[f"model:{model_dir}"] for r in run["ranks"]]
+    ids = tp_worker.PROMPT + tp_worker.DECODE
+    full = reference(model_dir, ids)
+    first = results[0]
+    torch.testing.assert_close(first["prefill"], full[: len(tp_worker.PROMPT)], atol=ATOL, rtol=0)
+    torch.testing.assert_close(first["decode"], full[len(tp_worker.PROMPT) :], atol=ATOL, rtol=0)
+    for i, (seq_id, seq) in enumerate(tp_worker.BATCH.items()):
+        whole = reference(model_dir, seq + [tp_worker.BATCH_NEXT[seq_id]])
+        torch.testing.assert_close(first["batch_prefill"][i], whole[:-1], atol=ATOL, rtol=0)
+        torch.testing.assert_close(first["batch_decode"][i], whole[-1], atol=ATOL, rtol=0)
+    # Logits are all-gathered, so every rank sees exactly the same numbers.
+    for other in results[1:]:
+        torch.testing.assert_close(other["prefill"], first["prefill"], atol=0, rtol=0)
+        torch.testing.assert_close(other["decode"], first["decode"], atol=0, rtol=0)
+
+
+def test_tied_model_with_uneven_gqa_split_equals_transformers_at_world_size_2(
+    world2, tiny_llama_tied
+):
+    results = [r[f"model:{tiny_llama_tied}"] for r in world2["ranks"]]
+    assert [r["num_kv_heads"] for r in results] == [2, 1]
+    assert results[0]["tp_plan"].startswith(
+        "2 shards: q heads 4/2, kv heads 2/1 (uneven GQA split)"
+    )
+    check_model(world2, str(tiny_llama_tied))
+
+
+def test_untied_model_equals_transformers_at_world_size_2(world2, tiny_llama):
+    check_model(world2, str(tiny_llama))
+
+
+def test_replicated_kv_head_model_equals_transformers_at_world_size_2(world2, mqa_llama):
+    results = [r[f"model:{mqa_llama}"] for r in world2["ranks"]]
+    assert [r["num_kv_heads"] for r in results] == [1, 1]
+    assert "KV heads replicated" in results[0]["tp_plan"]
+    check_model(world2, str(mqa_llama))
+
+
+def test_tied_model_equals_transformers_at_world_size_3(world3, tiny_llama_tied):
+    results = [r[f"model:{tiny_llama_tied}"] for r in world3["ranks"]]
+    assert [r["num_kv_heads"] for r in results] == [1, 1, 1]
+    assert "mlp 43/43/42" in results[0]["tp_plan"]
+    check_model(world3, str(tiny_llama_tied))
