@@ -232,13 +232,16 @@ def test_stop_sequence_is_dropped_from_the_shards_with_filter_batch(scripted):
     h = scripted
     h.model.step_delay = 0.01
     stub = h.stub()
-    long_call = stub.Generate.future(batched(["Go"], params(40)), timeout=10)
-    time.sleep(0.05)
-    short = stub.Generate(batched(["Go"], stop_params(["world"])), timeout=10).responses[0]
+    long_call = stub.Generate.future(batched(["Go"], params(150)), timeout=20)
+    assert wait_for(lambda: h.shard.tokens_held() > 0)
+    short = stub.Generate(batched(["Go"], stop_params(["world"])), timeout=20).responses[0]
     assert short.stop_reason == pb.STOP_SEQUENCE
-    assert long_call.result().responses[0].generated_token_count == 40
-    filters = [req for method, req in h.shard.calls if method in ("FilterBatch", "ClearCache")]
-    assert any(m == "FilterBatch" for m, _ in h.shard.calls) or filters
+    h.model.step_delay = 0.0005
+    assert long_call.result().responses[0].generated_token_count == 150
+    prefills = [req.batch.requests for method, req in h.shard.calls if method == "Prefill"]
+    long_id, short_id = prefills[0][0].id, prefills[1][0].id
+    filters = [list(req.request_ids) for method, req in h.shard.calls if method == "FilterBatch"]
+    assert [long_id] in filters and all(short_id not in f for f in filters)
     assert wait_for(lambda: h.shard.tokens_held() == 0)
 
 
@@ -270,14 +273,16 @@ def test_time_limit_passing_while_queued_ends_the_request_without_tokens(harness
 def test_cancelled_stream_is_filtered_out_of_the_running_batch(harness, hf_tokenizer):
     h = harness(FakeModel(step_delay=0.01))
     stub = h.stub()
-    keep = stub.Generate.future(batched(["Keep me"], params(60)), timeout=20)
+    keep = stub.Generate.future(batched(["Keep me"], params(150)), timeout=30)
     stream = stub.GenerateStream(single("Cancel me", params(500)), timeout=20)
     for count, _ in enumerate(stream):
         if count == 3:
             break
     stream.cancel()
+    assert wait_for(lambda: "FilterBatch" in h.shard.methods())
+    h.model.step_delay = 0.0005
     kept = keep.result()
-    assert kept.responses[0].generated_token_count == 60
+    assert kept.responses[0].generated_token_count == 150
     ids = {}
     for method, req in h.shard.calls:
         if method == "Prefill":
@@ -308,13 +313,14 @@ def test_request_sent_mid_stream_gets_tokens_before_the_first_stream_finishes(ha
     stub = h.stub()
     events: list[str] = []
     late_thread = None
-    for msg in stub.GenerateStream(single("A long story", params(60)), timeout=20):
+    for msg in stub.GenerateStream(single("A long story", params(200)), timeout=30):
         if msg.generated_token_count == 3 and late_thread is None:
 
             def late() -> None:
                 for m in stub.GenerateStream(single("Short", params(3)), timeout=20):
                     if m.generated_token_count == 1:
                         events.append("late-first-token")
+                        h.model.step_delay = 0.0005  # the point is made; let the long one finish fast
 
             late_thread = threading.Thread(target=late)
             late_thread.start()
@@ -330,10 +336,11 @@ def test_waiting_requests_fewer_than_the_served_ratio_wait_for_max_waiting_token
     """TGI admission: with 4 running and ratio 1.0, one waiting request waits max_waiting_tokens steps."""
     h = harness(FakeModel(step_delay=0.005), waiting_served_ratio=1.0, max_waiting_tokens=6)
     stub = h.stub()
-    running = stub.Generate.future(batched(["a", "b", "c", "d"], params(40)), timeout=20)
+    running = stub.Generate.future(batched(["a", "b", "c", "d"], params(150)), timeout=30)
     assert wait_for(lambda: h.shard.tokens_held() > 0)
     late = stub.Generate(batched(["late"], params(3)), timeout=20)
     assert late.responses[0].generated_token_count == 3
+    h.model.step_delay = 0.0005
     running.result()
     methods = h.shard.methods()
     first, second = [i for i, m in enumerate(methods) if m == "Prefill"][:2]
@@ -364,15 +371,15 @@ def test_max_batch_size_limits_the_running_batch(harness):
 
 def test_prefill_refused_for_kv_memory_is_retried_after_others_finish_not_dropped(harness, hf_tokenizer):
     # The shard holds 60 tokens but claims 10000: the router over-admits and must recover.
-    model = FakeModel(step_delay=0.01, kv_capacity=60, reported_capacity=10_000)
+    model = FakeModel(step_delay=0.02, kv_capacity=60, reported_capacity=10_000)
     h = harness(model)
     stub = h.stub()
-    first = stub.Generate.future(batched(["Hello"], params(30)), timeout=20)
+    first = stub.Generate.future(batched(["Hello"], params(45)), timeout=20)
     assert wait_for(lambda: h.shard.tokens_held() > 15)
     big_text = "The capital of France is Paris. " * 5
     assert 40 <= len(hf_tokenizer(big_text).input_ids) <= 55
     second = stub.Generate(batched([big_text], params(5)), timeout=20).responses[0]
-    assert first.result().responses[0].generated_token_count == 30
+    assert first.result().responses[0].generated_token_count == 45
     assert second.generated_token_count == 5 and second.stop_reason == pb.MAX_TOKENS
     big_prefills = [m for m, req in h.shard.calls if m == "Prefill" and len(req.batch.requests[0].input_ids) > 30]
     assert len(big_prefills) >= 2  # refused at least once, then admitted
@@ -400,6 +407,7 @@ def test_more_concurrent_requests_than_allowed_is_resource_exhausted(harness):
     with pytest.raises(grpc.RpcError) as err:
         list(stub.GenerateStream(single("d"), timeout=10))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    h.model.step_delay = 0.0005
     assert running.result().responses[0].generated_token_count == 50
     assert stub.Generate(batched(["e"], params(2)), timeout=10).responses[0].generated_token_count == 2
 
