@@ -147,7 +147,8 @@ def init_distributed(
                 f"pass --master-port with a free port"
             ) from e
         raise DistributedInitError(
-            f"{where}: could not reach the rendezvous store within {timeout_s:g}s ({text})"
+            f"{where}: could not reach rank 0's rendezvous store within {timeout_s:g}s; "
+            f"check that rank 0 is running and the master address and port match ({text})"
         ) from e
     try:
         tdist.init_process_group(
