@@ -1,6 +1,7 @@
 """`text-generation-router`: serve the public API in front of running shards.
 
-Exit codes: 0 after a clean drain (SIGTERM/SIGINT), 2 for a flag problem
+Exit codes: 0 after a drain (SIGTERM/SIGINT; a second signal cancels what is
+still running instead of waiting out the grace period), 2 for a flag problem
 (including limits that do not fit the model), 1 when the shards cannot be
 reached, fail, or a port cannot be opened.
 """
@@ -57,12 +58,21 @@ async def serve(args: RouterArgs) -> int:
             logger.error(f"Stopping: {router.fatal_message}")
             await router.stop()
             return 1
-        logger.info("Received stop signal")
+        logger.info("Received stop signal (a second one cancels in-flight requests at once)")
+        stop_requested.clear()
+        hurry = asyncio.ensure_future(_hurry_on_second_signal(stop_requested, router))
         await router.drain(args.graceful_shutdown_timeout)
+        hurry.cancel()
         logger.info("Router stopped")
         return 0
     finally:
         stop_wait.cancel()
+
+
+async def _hurry_on_second_signal(stop_requested: asyncio.Event, router: Router) -> None:
+    await stop_requested.wait()
+    logger.warning("Second stop signal: cancelling in-flight requests now")
+    router.hurry()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -82,6 +82,7 @@ class Router:
         self._grpc_server: grpc.aio.Server | None = None
         self._http: HttpServer | None = None
         self._background: set[asyncio.Task] = set()
+        self._hurry = asyncio.Event()
 
     async def start(self) -> None:
         """Bind ports (NOT_SERVING), connect and warm up the shards, then report SERVING.
@@ -186,15 +187,24 @@ class Router:
         in_flight = self.state.in_flight if self.state is not None else 0
         logger.info(f"Draining: no new requests; {in_flight} in flight get up to {timeout:.0f} s to finish")
         deadline = time.monotonic() + timeout
-        while self.state is not None and self.state.in_flight > 0 and time.monotonic() < deadline:
+        while (
+            self.state is not None
+            and self.state.in_flight > 0
+            and time.monotonic() < deadline
+            and not self._hurry.is_set()
+        ):
             await asyncio.sleep(0.05)
         if self.state is not None and self.state.in_flight > 0 and self.scheduler is not None:
-            logger.warning(f"Grace period over: cancelling {self.state.in_flight} request(s)")
+            logger.warning(f"Cancelling {self.state.in_flight} request(s) still in flight")
             self.scheduler.cancel_all()
             end = time.monotonic() + 2.0
             while self.state.in_flight > 0 and time.monotonic() < end:
                 await asyncio.sleep(0.05)
         await self.stop()
+
+    def hurry(self) -> None:
+        """End a drain now: in-flight requests are cancelled instead of waited for."""
+        self._hurry.set()
 
     async def stop(self) -> None:
         """Close everything this router opened (idempotent)."""

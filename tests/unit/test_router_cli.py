@@ -211,3 +211,25 @@ def test_a_dead_shard_makes_the_router_exit_1(router, shards, tokenizer_dir):
     shards.loop.run(group.kill(0))
     assert proc.wait(30) == 1
     assert "unreachable" in proc.text()
+
+
+def test_a_second_sigterm_cancels_in_flight_requests_at_once(router, shards, tokenizer_dir):
+    group = shards(FakeModel(step_delay=0.02))
+    proc = router(["--tokenizer", str(tokenizer_dir), "--shard-uds-path", group.uds_path, "--graceful-shutdown-timeout", "60"])
+    proc.wait_serving()
+    with grpc.insecure_channel(f"127.0.0.1:{proc.grpc_port}") as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        request = pb.SingleGenerationRequest(
+            request=pb.GenerationRequest(text="Hello"), params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=1000))
+        )
+        stream = stub.GenerateStream(request, timeout=60)
+        next(stream)
+        start = time.monotonic()
+        proc.proc.send_signal(signal.SIGTERM)
+        next(stream)
+        time.sleep(0.3)
+        proc.proc.send_signal(signal.SIGTERM)
+        rest = list(stream)
+    assert rest[-1].stop_reason == pb.CANCELLED
+    assert proc.wait() == 0
+    assert time.monotonic() - start < 15
