@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from text_generation_router.config import (
     ConfigError,
     RouterArgs,
