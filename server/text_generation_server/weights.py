@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -83,20 +83,24 @@ class Weights:
         self.device = device
         self.dtype = dtype
         self.dist = dist
-        self._handles = {}
+        self._handles: dict[Path, Any] = {}
         self._routing: dict[str, Path] = {}
         for f in self.files:
             handle = self._handle(f)
             for name in handle.keys():
                 self._routing.setdefault(name, f)
 
-    def _handle(self, f: Path):
+    def _handle(self, f: Path) -> Any:
         if f not in self._handles:
             try:
                 self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
             except (OSError, RuntimeError) as e:
                 raise CheckpointError(f"cannot read safetensors file {f}: {e}") from e
         return self._handles[f]
+
+    def close(self) -> None:
+        """Release the files' memory maps; the object must not be used afterwards."""
+        self._handles.clear()
 
     def names(self) -> list[str]:
         """All tensor names in the checkpoint, in file order."""

@@ -115,11 +115,14 @@ def load_model(
         f"Building {cls.__name__} for rank {dist.rank}/{dist.world_size}: "
         f"dtype {str(dtype).removeprefix('torch.')}, device {device}, quantization {quant.name}"
     )
-    with torch.no_grad():
-        model = cls(
-            config, dist=dist, dtype=dtype, device=device, quant=quant, tie_word_embeddings=tie
-        )
-        load_weights(model, weights)
+    try:
+        with torch.no_grad():
+            model = cls(
+                config, dist=dist, dtype=dtype, device=device, quant=quant, tie_word_embeddings=tie
+            )
+            load_weights(model, weights)
+    finally:
+        weights.close()
     model.eval()
     count = sum(p.numel() for p in model.parameters())
     logger.info(
