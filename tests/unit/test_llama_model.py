@@ -285,3 +285,15 @@ def test_unsupported_quantization_flag_is_refused_before_loading(tiny_llama):
         load_model(
             tiny_llama, dtype=torch.float32, device=CPU, dist=init_distributed(0, 1), quantize="awq"
         )
+
+
+def test_checkpoint_without_lm_head_reuses_the_embedding_table(tmp_path, tiny_llama):
+    path = copy_checkpoint(tiny_llama, tmp_path / "headless")
+    tensors = load_file(str(path / "model.safetensors"))
+    embed = tensors["model.embed_tokens.weight"]
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    model = load_model(path, dtype=torch.float32, device=CPU, dist=init_distributed(0, 1))
+    assert model.lm_head.tied
+    hidden = torch.randn(2, embed.shape[1])
+    torch.testing.assert_close(model.compute_logits(hidden), hidden @ embed.T)

@@ -110,7 +110,13 @@ def load_model(
         raise UnsupportedModelError(f"transformers cannot read {config_path}: {e}") from e
     quant = get_quant_method(quantize, _checkpoint_quant_config(model_dir, raw_config))
     weights = Weights(checkpoint_files(model_dir), device=device, dtype=dtype, dist=dist)
-    tie = bool(getattr(config, "tie_word_embeddings", False)) or not weights.has("lm_head.weight")
+    tie = bool(getattr(config, "tie_word_embeddings", False))
+    if not tie and not weights.has("lm_head.weight"):
+        logger.warning(
+            "config.json says tie_word_embeddings=false but the checkpoint has no lm_head.weight; "
+            "using the embedding table as the LM head"
+        )
+        tie = True
     logger.info(
         f"Building {cls.__name__} for rank {dist.rank}/{dist.world_size}: "
         f"dtype {str(dtype).removeprefix('torch.')}, device {device}, quantization {quant.name}"
