@@ -7,6 +7,7 @@ except where projections are fused: q/k/v -> ``qkv_proj`` and gate/up ->
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -38,63 +39,58 @@ from text_generation_server.models.base import CausalLM
 from text_generation_server.weights import shard_range
 
 
-def _split_sizes(size: int, world_size: int, align: int = 1) -> list[int]:
-    return [b - a for a, b in (shard_range(size, world_size, r, align) for r in range(world_size))]
+@dataclass(frozen=True)
+class LlamaBuild:
+    """Everything a layer needs to create its rank's shard, decided once per model."""
+
+    config: Any
+    dist: Distributed
+    dtype: torch.dtype
+    device: torch.device
+    quant: QuantConfig
+    backend: AttentionBackend
+    partition: HeadPartition  # this rank's heads
+    num_heads: int  # whole model
+    num_kv_heads: int  # whole model
+    head_dim: int
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+
+    def tensor_args(self) -> dict[str, Any]:
+        return {"dist": self.dist, "dtype": self.dtype, "device": self.device}
 
 
 class LlamaAttention(torch.nn.Module):
-    def __init__(
-        self,
-        config: Any,
-        prefix: str,
-        *,
-        partition: HeadPartition,
-        total_heads: tuple[int, int],
-        head_dim: int,
-        qkv_bias: bool,
-        o_bias: bool,
-        quant: QuantConfig,
-        backend: AttentionBackend,
-        dist: Distributed,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
+    def __init__(self, b: LlamaBuild, prefix: str) -> None:
         super().__init__()
-        hidden = config.hidden_size
-        self.num_heads = partition.num_heads
-        self.num_kv_heads = partition.num_kv_heads
-        self.head_dim = head_dim
-        self.q_size = self.num_heads * head_dim
-        self.kv_size = self.num_kv_heads * head_dim
+        part, hd = b.partition, b.head_dim
+        self.num_heads = part.num_heads
+        self.num_kv_heads = part.num_kv_heads
+        self.head_dim = hd
+        self.q_size = self.num_heads * hd
+        self.kv_size = self.num_kv_heads * hd
         self.qkv_proj = QKVParallelLinear(
-            hidden,
-            head_dim,
-            total_heads[0],
-            total_heads[1],
-            partition,
-            bias=qkv_bias,
-            quant_method=quant(f"{prefix}.qkv_proj"),
-            dist=dist,
-            dtype=dtype,
-            device=device,
+            b.config.hidden_size,
+            hd,
+            b.num_heads,
+            b.num_kv_heads,
+            part,
+            bias=b.qkv_bias,
+            quant_method=b.quant(f"{prefix}.qkv_proj"),
+            **b.tensor_args(),
         )
         # o_proj's input columns are this rank's query heads, in head order.
         self.o_proj = RowParallelLinear(
-            total_heads[0] * head_dim,
-            hidden,
-            input_range=(partition.q_start * head_dim, partition.q_stop * head_dim),
-            bias=o_bias,
-            quant_method=quant(f"{prefix}.o_proj"),
-            dist=dist,
-            dtype=dtype,
-            device=device,
+            b.num_heads * hd,
+            b.config.hidden_size,
+            input_range=(part.q_start * hd, part.q_stop * hd),
+            bias=b.o_bias,
+            quant_method=b.quant(f"{prefix}.o_proj"),
+            **b.tensor_args(),
         )
         self.attn = PagedAttention(
-            self.num_heads,
-            self.num_kv_heads,
-            head_dim,
-            scale=head_dim**-0.5,
-            backend=backend,
+            self.num_heads, self.num_kv_heads, hd, scale=hd**-0.5, backend=b.backend
         )
 
     def forward(
@@ -106,8 +102,7 @@ class LlamaAttention(torch.nn.Module):
         attn: AttentionMetadata,
     ) -> torch.Tensor:
         tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = RotaryEmbedding.apply(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
         k = RotaryEmbedding.apply(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
@@ -115,44 +110,30 @@ class LlamaAttention(torch.nn.Module):
 
 
 class LlamaMLP(torch.nn.Module):
-    def __init__(
-        self,
-        config: Any,
-        prefix: str,
-        *,
-        bias: bool,
-        quant: QuantConfig,
-        dist: Distributed,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
+    def __init__(self, b: LlamaBuild, prefix: str) -> None:
         super().__init__()
-        act = getattr(config, "hidden_act", "silu")
+        act = getattr(b.config, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"unsupported hidden_act '{act}' in the model config; supported: silu")
-        size = config.intermediate_size
-        # Both halves split the same way so a rank's gate and up rows pair up,
-        # and down_proj takes the matching input columns.
-        align = quant.input_alignment()
+        size = b.config.intermediate_size
+        # gate and up are split alike so a rank's rows pair up, and down_proj
+        # takes the matching input columns, in units the quantization allows.
+        align = b.quant.input_alignment()
         self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size,
+            b.config.hidden_size,
             [size, size],
             align=align,
-            bias=bias,
-            quant_method=quant(f"{prefix}.gate_up_proj"),
-            dist=dist,
-            dtype=dtype,
-            device=device,
+            bias=b.mlp_bias,
+            quant_method=b.quant(f"{prefix}.gate_up_proj"),
+            **b.tensor_args(),
         )
         self.down_proj = RowParallelLinear(
             size,
-            config.hidden_size,
-            input_range=shard_range(size, dist.world_size, dist.rank, align),
-            bias=bias,
-            quant_method=quant(f"{prefix}.down_proj"),
-            dist=dist,
-            dtype=dtype,
-            device=device,
+            b.config.hidden_size,
+            input_range=shard_range(size, b.dist.world_size, b.dist.rank, align),
+            bias=b.mlp_bias,
+            quant_method=b.quant(f"{prefix}.down_proj"),
+            **b.tensor_args(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,35 +142,13 @@ class LlamaMLP(torch.nn.Module):
 
 
 class LlamaDecoderLayer(torch.nn.Module):
-    def __init__(self, config: Any, prefix: str, **kwargs: Any) -> None:
+    def __init__(self, b: LlamaBuild, prefix: str) -> None:
         super().__init__()
-        dtype, device = kwargs["dtype"], kwargs["device"]
-        self.self_attn = LlamaAttention(
-            config,
-            f"{prefix}.self_attn",
-            partition=kwargs["partition"],
-            total_heads=kwargs["total_heads"],
-            head_dim=kwargs["head_dim"],
-            qkv_bias=kwargs["qkv_bias"],
-            o_bias=kwargs["o_bias"],
-            quant=kwargs["quant"],
-            backend=kwargs["backend"],
-            dist=kwargs["dist"],
-            dtype=dtype,
-            device=device,
-        )
-        self.mlp = LlamaMLP(
-            config,
-            f"{prefix}.mlp",
-            bias=kwargs["mlp_bias"],
-            quant=kwargs["quant"],
-            dist=kwargs["dist"],
-            dtype=dtype,
-            device=device,
-        )
-        eps = config.rms_norm_eps
-        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype=dtype, device=device)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype=dtype, device=device)
+        hidden, eps = b.config.hidden_size, b.config.rms_norm_eps
+        self.self_attn = LlamaAttention(b, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(b, f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(hidden, eps, dtype=b.dtype, device=b.device)
+        self.post_attention_layernorm = RMSNorm(hidden, eps, dtype=b.dtype, device=b.device)
 
     def forward(
         self,
@@ -204,26 +163,20 @@ class LlamaDecoderLayer(torch.nn.Module):
 
 
 class LlamaModel(torch.nn.Module):
-    def __init__(
-        self,
-        config: Any,
-        *,
-        dist: Distributed,
-        dtype: torch.dtype,
-        device: torch.device,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, b: LlamaBuild) -> None:
         super().__init__()
+        config = b.config
         self.embed_tokens = VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, dist=dist, dtype=dtype, device=device
+            config.vocab_size, config.hidden_size, **b.tensor_args()
         )
         self.layers = torch.nn.ModuleList(
-            LlamaDecoderLayer(
-                config, f"model.layers.{i}", dist=dist, dtype=dtype, device=device, **kwargs
-            )
-            for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(b, f"model.layers.{i}") for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=b.dtype, device=b.device)
+
+
+def _split_sizes(size: int, world_size: int, align: int = 1) -> list[int]:
+    return [b - a for a, b in (shard_range(size, world_size, r, align) for r in range(world_size))]
 
 
 class LlamaForCausalLM(CausalLM):
@@ -258,31 +211,30 @@ class LlamaForCausalLM(CausalLM):
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
         partitions = partition_heads(num_heads, num_kv_heads, dist.world_size)
-        partition = partitions[dist.rank]
-        self.num_kv_heads = partition.num_kv_heads
+        self.num_kv_heads = partitions[dist.rank].num_kv_heads
         self._warn_unsupported_features(config)
         self.rotary = RotaryEmbedding.from_config(config, self.head_dim, device)
-        self.model = LlamaModel(
-            config,
+        build = LlamaBuild(
+            config=config,
             dist=dist,
             dtype=dtype,
             device=device,
-            partition=partition,
-            total_heads=(num_heads, num_kv_heads),
-            head_dim=self.head_dim,
             quant=quant,
             backend=select_attention_backend(device),
+            partition=partitions[dist.rank],
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=self.head_dim,
             **self._biases(config),
         )
+        self.model = LlamaModel(build)
         self.lm_head = ParallelLMHead(
             config.vocab_size,
             config.hidden_size,
-            dist=dist,
-            dtype=dtype,
-            device=device,
+            **build.tensor_args(),
             tied_to=self.model.embed_tokens if tie_word_embeddings else None,
         )
-        self.tp_plan = self._describe_plan(partitions, num_kv_heads, quant.input_alignment())
+        self.tp_plan = self._describe_plan(build, partitions)
 
     @classmethod
     def _biases(cls, config: Any) -> dict[str, bool]:
@@ -301,13 +253,11 @@ class LlamaForCausalLM(CausalLM):
                 f"which differs from the reference only for sequences longer than {window} tokens"
             )
 
-    def _describe_plan(self, partitions: list[HeadPartition], num_kv_heads: int, align: int) -> str:
+    def _describe_plan(self, b: LlamaBuild, partitions: list[HeadPartition]) -> str:
         world = self.dist.world_size
         if world == 1:
-            return (
-                f"single shard: {self.config.num_attention_heads} q heads, "
-                f"{num_kv_heads} kv heads, no split"
-            )
+            return f"single shard: {b.num_heads} q heads, {b.num_kv_heads} kv heads, no split"
+        align = b.quant.input_alignment()
         mlp = "/".join(map(str, _split_sizes(self.config.intermediate_size, world, align)))
         vocab = "/".join(map(str, _split_sizes(self.vocab_size, world)))
         return f"{world} shards: {describe_partition(partitions)}, mlp {mlp}, vocab {vocab}"
