@@ -297,3 +297,33 @@ def test_checkpoint_without_lm_head_reuses_the_embedding_table(tmp_path, tiny_ll
     assert model.lm_head.tied
     hidden = torch.randn(2, embed.shape[1])
     torch.testing.assert_close(model.compute_logits(hidden), hidden @ embed.T)
+
+
+def test_each_rank_reads_and_holds_only_its_shard(tiny_llama_tied, monkeypatch):
+    from text_generation_server.distributed import Distributed
+    from text_generation_server.weights import Weights
+
+    whole_reads: list[str] = []
+    original = Weights.get_tensor
+
+    def recording_get_tensor(self, name, **kwargs):
+        whole_reads.append(name)
+        return original(self, name, **kwargs)
+
+    monkeypatch.setattr(Weights, "get_tensor", recording_get_tensor)
+    full = dict(load_file(str(tiny_llama_tied / "model.safetensors")))
+    held = {}
+    for rank in range(2):
+        # Loading needs no collectives, so a rank of a 2-world can be built in-process.
+        dist = Distributed(rank, 2, CPU, "none")
+        model = load_model(tiny_llama_tied, dtype=torch.float32, device=CPU, dist=dist)
+        held[rank] = {n: p.shape for n, p in model.named_parameters()}
+    # Only replicated tensors (the RMSNorm weights) are read whole.
+    assert whole_reads and all(n.endswith("norm.weight") for n in whole_reads)
+    qkv = "model.layers.0.self_attn.qkv_proj.weight"
+    assert held[0][qkv] == (8 * 16, 96) and held[1][qkv] == (4 * 16, 96)  # heads 4+2+2 / 2+1+1
+    assert held[0]["model.layers.0.self_attn.o_proj.weight"] == (96, 64)
+    assert held[1]["model.layers.0.self_attn.o_proj.weight"] == (96, 32)
+    assert held[0]["model.embed_tokens.weight"] == (192, 96) == held[1]["model.embed_tokens.weight"]
+    mlp = "model.layers.1.mlp.down_proj.weight"
+    assert held[0][mlp][1] + held[1][mlp][1] == full[mlp].shape[1]
