@@ -483,3 +483,79 @@ def test_unknown_quantization_flag_lists_supported_methods():
 def test_checkpoint_with_unsupported_quant_method_is_refused():
     with pytest.raises(ValueError, match="quant_method 'fp8'"):
         get_quant_method(None, {"quant_method": "fp8"})
+
+
+# ---------------------------------------------------------------- a packed quantization method
+
+
+class ToyInt4Method(UnquantizedLinearMethod):
+    """Int4 codes packed 8 per int32 along the input dim (as GPTQ's qweight) with per-output
+    scales: exercises packed input slicing and integer tensors through the generic loader."""
+
+    def create_weights(self, layer, spec):
+        from text_generation_server.layers.quant.base import linear_param
+
+        qweight = torch.empty(spec.in_features // 8, spec.out_features, dtype=torch.int32)
+        layer.register_parameter(
+            "qweight", linear_param(qweight, output_dim=1, input_dim=0, input_pack=8)
+        )
+        scales = torch.empty(spec.out_features, dtype=spec.dtype)
+        layer.register_parameter("scales", linear_param(scales, output_dim=0, input_dim=None))
+
+    def apply(self, layer, x, bias=None):
+        shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+        codes = (layer.qweight.unsqueeze(1) >> shifts[None, :, None]) & 0xF
+        weight = (codes.reshape(-1, codes.shape[-1]).float() - 8) * layer.scales
+        out = x @ weight
+        return out if bias is None else out + bias
+
+    def kernel_name(self, layer):
+        return "toy-int4"
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """codes [in, out] in [0, 16) -> int32 [in / 8, out], lowest bits first."""
+    grouped = codes.long().view(codes.shape[0] // 8, 8, codes.shape[1])
+    words = sum(grouped[:, j, :] << (4 * j) for j in range(8))
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_packed_quantized_weights_load_through_the_same_parallel_layers(tmp_path, world):
+    g = torch.Generator().manual_seed(11)
+    in_features, out_features = 48, 10
+    codes = torch.randint(0, 16, (in_features, out_features), generator=g)
+    scales = torch.rand(out_features, generator=g) + 0.5
+    dense_weight = (codes.float() - 8) * scales  # [in, out]
+    x = torch.randn(3, in_features, generator=g)
+    tensors = {"p.qweight": pack_int4(codes), "p.scales": scales}
+    columns, row_total = [], torch.zeros(3, out_features)
+    for rank in range(world):
+        dist = NoCommDistributed(rank, world)
+        weights = make_weights(tmp_path, tensors, dist)
+        col = ColumnParallelLinear(
+            in_features,
+            out_features,
+            bias=False,
+            quant_method=ToyInt4Method(),
+            dist=dist,
+            dtype=torch.float32,
+            device=CPU,
+        )
+        row = RowParallelLinear(
+            in_features,
+            out_features,
+            bias=False,
+            quant_method=ToyInt4Method(),
+            dist=dist,
+            dtype=torch.float32,
+            device=CPU,
+        )
+        load(col, weights, "p")
+        load(row, weights, "p")
+        assert col.qweight.dtype == torch.int32
+        columns.append(col(x))
+        start, stop = row.input_range or (0, in_features)
+        row_total += row(x[:, start:stop])
+    torch.testing.assert_close(torch.cat(columns, -1), x @ dense_weight)
+    torch.testing.assert_close(row_total, x @ dense_weight)
