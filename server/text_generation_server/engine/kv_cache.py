@@ -1,0 +1,234 @@
+"""The paged KV cache: fixed-size blocks of token slots, handed out per sequence.
+
+Block 0 is never handed out: block tables are padded with 0, so its slots are
+only ever read under an attention mask and must stay finite (the cache is
+zero-initialised for that reason).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from loguru import logger
+
+DEFAULT_BLOCK_SIZE = 16
+PADDING_BLOCK = 0
+
+# Share of the host's available memory a CPU shard may give its KV cache (all
+# shards of a CPU host share it, so it is divided by the world size).
+CPU_MEMORY_FRACTION = 0.3
+# Share of the free device memory a CUDA shard gives its KV cache; the rest is
+# headroom for activations and the allocator.
+CUDA_MEMORY_FRACTION = 0.85
+# On CPU more concurrent sequences than this only queue up behind the same two
+# cores, so the cache is not sized beyond this many full-length sequences.
+CPU_MAX_FULL_SEQUENCES = 64
+
+
+class CacheFullError(RuntimeError):
+    """Not enough free KV blocks (or memory) for what was asked; nothing was changed."""
+
+
+class BlockAllocator:
+    """Hands out block ids ``1 .. num_blocks - 1``; block 0 is the padding block."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 2:
+            raise ValueError(
+                f"a KV cache needs at least 2 blocks (one is padding), got {num_blocks}"
+            )
+        self.num_blocks = num_blocks
+        # Pop from the end: low ids first, which keeps a lightly used cache compact.
+        self._free: list[int] = list(range(num_blocks - 1, PADDING_BLOCK, -1))
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_usable(self) -> int:
+        """Blocks that can hold tokens (all but the padding block)."""
+        return self.num_blocks - 1
+
+    def allocate(self, n: int) -> list[int]:
+        """``n`` distinct free block ids; raises :class:`CacheFullError` (allocating none) if short."""
+        if n < 0:
+            raise ValueError(f"cannot allocate {n} blocks")
+        if n > len(self._free):
+            raise CacheFullError(
+                f"KV cache full: {n} blocks needed, {len(self._free)} of {self.num_usable} free"
+            )
+        blocks = [self._free.pop() for _ in range(n)]
+        self._used.update(blocks)
+        return blocks
+
+    def free(self, blocks: list[int]) -> None:
+        """Return blocks to the pool; freeing a block that is not in use is a bug and raises."""
+        unknown = [b for b in blocks if b not in self._used]
+        if unknown or len(set(blocks)) != len(blocks):
+            raise ValueError(f"freeing blocks that are not allocated (or twice): {sorted(blocks)}")
+        self._used.difference_update(blocks)
+        self._free.extend(reversed(blocks))
+
+
+def blocks_for_tokens(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size)
+
+
+class KVCache:
+    """Per layer a ``(k, v)`` pair of ``[num_blocks, block_size, num_kv_heads, head_dim]`` tensors."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = device
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
+            (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
+            for _ in range(num_layers)
+        ]
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens the usable blocks hold (the padding block excluded)."""
+        return (self.num_blocks - 1) * self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+
+def bytes_per_block(
+    num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> int:
+    """Memory one block takes over all layers, keys and values."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * element
+
+
+def host_available_bytes(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """``MemAvailable`` of the host (or the cgroup limit left, when lower)."""
+    available = None
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError) as e:
+        raise CacheFullError(f"cannot read available memory from {meminfo}: {e}") from e
+    if available is None:
+        raise CacheFullError(f"{meminfo} has no MemAvailable line; pass --max-batch-total-tokens")
+    limit = _cgroup_room()
+    return min(available, limit) if limit is not None else available
+
+
+def _cgroup_room() -> int | None:
+    """Bytes left under a cgroup v2 memory limit, if one is set (containers)."""
+    root = Path("/sys/fs/cgroup")
+    try:
+        raw = (root / "memory.max").read_text().strip()
+        if raw == "max":
+            return None
+        return max(0, int(raw) - int((root / "memory.current").read_text().strip()))
+    except (OSError, ValueError):
+        return None
+
+
+def device_available_bytes(device: torch.device) -> int:
+    """Free memory on a CUDA device."""
+    torch.cuda.empty_cache()
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def blocks_for_memory(
+    *,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    max_batch_total_tokens: int = 0,
+    max_total_tokens: int = 0,
+    min_tokens: int = 0,
+    world_size: int = 1,
+    available_bytes: int | None = None,
+) -> int:
+    """Total blocks (padding block included) for the KV cache.
+
+    With ``max_batch_total_tokens`` > 0 the cache holds that many tokens. With
+    0 it takes a share of the memory available (CPU: ``MemAvailable`` split
+    between the ``world_size`` shards of the host; CUDA: free device memory),
+    on CPU capped at :data:`CPU_MAX_FULL_SEQUENCES` sequences of
+    ``max_total_tokens``. Either way it holds at least ``min_tokens`` (what a
+    maximal prefill needs). Raises :class:`CacheFullError` naming the numbers
+    when that does not fit in memory.
+    """
+    per_block = bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
+    if available_bytes is None:
+        if device.type == "cuda":
+            available_bytes = device_available_bytes(device)
+        else:
+            available_bytes = host_available_bytes() // max(1, world_size)
+    fraction = CUDA_MEMORY_FRACTION if device.type == "cuda" else CPU_MEMORY_FRACTION
+    needed_blocks = blocks_for_tokens(max(min_tokens, 0), block_size)
+    if max_batch_total_tokens > 0:
+        usable = max(blocks_for_tokens(max_batch_total_tokens, block_size), needed_blocks)
+        # An explicit size may use more than the default share, but not more than exists.
+        budget = int(available_bytes * 0.9)
+        if (usable + 1) * per_block > budget:
+            raise CacheFullError(
+                f"a KV cache of {usable * block_size} tokens needs "
+                f"{_gib((usable + 1) * per_block)} but only {_gib(budget)} can be used on {device}; "
+                f"lower --max-batch-total-tokens"
+            )
+        return usable + 1
+    usable = int(available_bytes * fraction) // per_block - 1
+    if device.type != "cuda" and max_total_tokens > 0:
+        usable = min(
+            usable, blocks_for_tokens(max_total_tokens * CPU_MAX_FULL_SEQUENCES, block_size)
+        )
+    if usable < max(needed_blocks, 1):
+        raise CacheFullError(
+            f"not enough memory for the KV cache on {device}: {_gib(available_bytes)} available, "
+            f"{fraction:.0%} of it holds {max(usable, 0) * block_size} tokens but a maximal prefill "
+            f"needs {needed_blocks * block_size}; lower --max-batch-prefill-tokens or free memory"
+        )
+    usable = max(usable, needed_blocks)
+    logger.debug(
+        f"KV cache sizing: {_gib(available_bytes)} available, {per_block} bytes per block, "
+        f"{usable} usable blocks"
+    )
+    return usable + 1
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def default_num_blocks(max_position_embeddings: int, block_size: int) -> int:
+    """A small cache for before Warmup: one sequence of up to 4096 tokens."""
+    tokens = min(max(max_position_embeddings, 1), 4096)
+    return math.ceil(tokens / block_size) + 1
