@@ -1,0 +1,391 @@
+"""The shard's engine: runs the router's Prefill / Decode / FilterBatch / ClearCache.
+
+Every rank executes the same calls in the same order; everything here that
+decides anything (block allocation, cache size, sampling) is deterministic
+given the calls, so all ranks stay in lockstep and the collectives inside the
+model line up. Cached batches live in :attr:`Generator.batches` between calls.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from loguru import logger
+
+from text_generation_server.distributed import Distributed
+from text_generation_server.engine.batch import Batch, RequestState, StepInputs
+from text_generation_server.engine.kv_cache import (
+    DEFAULT_BLOCK_SIZE,
+    BlockAllocator,
+    CacheFullError,
+    KVCache,
+    blocks_for_memory,
+    blocks_for_tokens,
+    default_num_blocks,
+)
+from text_generation_server.engine.sampler import SampledToken, sample, token_stats
+from text_generation_server.engine.stopping import NOT_FINISHED
+from text_generation_server.engine.stopping import eos_token_ids as config_eos_token_ids
+from text_generation_server.layers.attention import AttentionMetadata
+from text_generation_server.pb.generate.v1 import generate_pb2
+
+StepResult = tuple[
+    list[generate_pb2.Generation], generate_pb2.CachedBatch | None, generate_pb2.Timings
+]
+
+
+class BatchNotFoundError(LookupError):
+    """The router named a batch this shard does not hold."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "batch not found"
+
+
+class Generator:
+    """One rank's model plus its KV cache and cached batches."""
+
+    def __init__(
+        self,
+        model: Any,
+        dist: Distributed,
+        *,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        model_id: str = "",
+        quantize: str | None = None,
+        eos_token_ids: Iterable[int] | None = None,
+        num_blocks: int | None = None,
+        logits_chunk_rows: int = 512,
+    ) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.model = model
+        self.dist = dist
+        self.block_size = block_size
+        self.model_id = model_id
+        self.quantize = quantize or ""
+        config = model.config
+        self.eos_token_ids = (
+            list(eos_token_ids) if eos_token_ids is not None else config_eos_token_ids(config)
+        )
+        self.max_position_embeddings = int(getattr(config, "max_position_embeddings", 0) or 0)
+        self.logits_chunk_rows = max(1, logits_chunk_rows)
+        self.batches: dict[int, Batch] = {}
+        self.cache: KVCache | None = None
+        self.allocator: BlockAllocator | None = None
+        self._allocate_cache(
+            num_blocks or default_num_blocks(self.max_position_embeddings or 4096, block_size)
+        )
+
+    # ---- cache ----------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.model.device)
+
+    def _allocate_cache(self, num_blocks: int) -> None:
+        m = self.model
+        self.cache = KVCache(
+            m.num_layers,
+            num_blocks,
+            self.block_size,
+            m.num_kv_heads,
+            m.head_dim,
+            m.dtype,
+            self.device,
+        )
+        self.allocator = BlockAllocator(num_blocks)
+        logger.info(
+            f"KV cache: {num_blocks - 1} blocks of {self.block_size} tokens "
+            f"({self.cache.capacity_tokens} tokens, {self.cache.nbytes / 2**20:.1f} MiB) on {self.device}"
+        )
+
+    def _release_cache(self) -> None:
+        self.cache = None
+        self.allocator = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _agree_min(self, value: int) -> int:
+        """The smallest ``value`` over all ranks, so every rank sizes its cache the same."""
+        if self.dist.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        return int(self.dist.all_gather(t, dim=0).min())
+
+    # ---- RPCs -----------------------------------------------------------------------
+
+    def info(self) -> generate_pb2.InfoResponse:
+        config = self.model.config
+        archs = getattr(config, "architectures", None) or [type(self.model).__name__]
+        return generate_pb2.InfoResponse(
+            model_id=self.model_id,
+            architecture=archs[0],
+            dtype=str(self.model.dtype).removeprefix("torch."),
+            device_type=self.device.type,
+            quantize=self.quantize,
+            world_size=self.dist.world_size,
+            max_position_embeddings=self.max_position_embeddings,
+            vocab_size=int(self.model.vocab_size),
+            eos_token_ids=self.eos_token_ids,
+            block_size=self.block_size,
+            kernel=str(getattr(self.model, "kernel", "")),
+        )
+
+    def health(self) -> None:
+        """Raise if the model cannot run a forward.
+
+        Only a single shard with nothing cached runs the tiny forward: with
+        several ranks a forward is a collective, and health probes do not
+        arrive in lockstep.
+        """
+        if self.dist.world_size > 1 or self.batches:
+            return
+        assert self.allocator is not None and self.cache is not None
+        blocks = self.allocator.allocate(1)
+        try:
+            attn = AttentionMetadata(
+                slot_mapping=torch.tensor([blocks[0] * self.block_size], device=self.device),
+                block_tables=torch.tensor([blocks], dtype=torch.int64, device=self.device),
+                context_lens=torch.tensor([1], dtype=torch.int64, device=self.device),
+                query_lens=[1],
+            )
+            with torch.inference_mode():
+                ids = torch.zeros(1, dtype=torch.int64, device=self.device)
+                hidden = self.model(ids, torch.zeros_like(ids), self.cache.layers, attn)
+                logits = self.model.compute_logits(hidden)
+            if not bool(torch.isfinite(logits).all()):
+                raise RuntimeError("the model produced non-finite logits in the health check")
+        finally:
+            self.allocator.free(blocks)
+
+    def clear_cache(self, batch_id: int | None = None) -> None:
+        """Drop one cached batch (unknown ids are ignored) or all of them."""
+        assert self.allocator is not None
+        ids = list(self.batches) if batch_id is None else [batch_id]
+        for i in ids:
+            batch = self.batches.pop(i, None)
+            if batch is not None:
+                batch.free(self.allocator)
+        logger.debug(f"Cleared batches {ids}; {self.allocator.num_free} blocks free")
+
+    def filter_batch(self, batch_id: int, keep_ids: Iterable[int]) -> generate_pb2.CachedBatch:
+        """Keep only ``keep_ids`` of batch ``batch_id``, freeing the others' KV blocks."""
+        assert self.allocator is not None
+        batch = self._get(batch_id)
+        keep = set(int(i) for i in keep_ids)
+        unknown = keep.difference(batch.request_ids)
+        if unknown:
+            logger.warning(
+                f"FilterBatch {batch_id}: requests {sorted(unknown)} are not in the batch "
+                f"(already finished?); keeping the others"
+            )
+        dropped = batch.filter(keep)
+        batch.free(self.allocator, dropped)
+        if not batch.requests:
+            del self.batches[batch_id]
+        return batch.to_pb()
+
+    def prefill(self, pb_batch: generate_pb2.Batch) -> StepResult:
+        """Run the prompts of a new batch and choose each request's first token."""
+        start = time.perf_counter_ns()
+        assert self.allocator is not None
+        if pb_batch.id in self.batches:
+            raise ValueError(f"batch {pb_batch.id} already exists; clear it or use a new id")
+        batch = Batch.from_pb(pb_batch, self.eos_token_ids, int(self.model.vocab_size), self.device)
+        held = {rid for b in self.batches.values() for rid in b.request_ids}
+        clash = held.intersection(batch.request_ids)
+        if clash:
+            raise ValueError(f"requests {sorted(clash)} are already in a cached batch")
+        try:
+            inputs = batch.prepare_prefill(self.allocator, self.block_size, self.device)
+            return self._step(batch, inputs, start, prefill=True)
+        except BaseException:
+            if batch.id not in self.batches:
+                batch.free(self.allocator)
+            raise
+
+    def decode(self, cached: Iterable[generate_pb2.CachedBatch]) -> StepResult:
+        """Merge the named batches into the first one's id and advance every request one token."""
+        start = time.perf_counter_ns()
+        assert self.allocator is not None
+        ids = [int(b.id) for b in cached]
+        if not ids:
+            raise ValueError("Decode needs at least one batch")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"Decode lists a batch twice: {ids}")
+        batches = [self._get(i) for i in ids]
+        merged = Batch.concatenate(batches)
+        inputs = merged.prepare_decode(self.allocator, self.block_size, self.device)
+        for i in ids:
+            del self.batches[i]
+        self.batches[merged.id] = merged
+        return self._step(merged, inputs, start, prefill=False)
+
+    def warmup(self, request: generate_pb2.WarmupRequest) -> generate_pb2.WarmupResponse:
+        """Size the KV cache, then run (and drop) a maximal prefill and one decode step."""
+        if self.batches:
+            logger.info(f"Warmup drops {len(self.batches)} cached batches")
+        self.clear_cache(None)
+        bs = self.block_size
+        warm = request.batch
+        # The warmup batch must fit: its prompts plus one decode token each.
+        min_tokens = sum(blocks_for_tokens(len(r.input_ids) + 1, bs) for r in warm.requests) * bs
+        max_total = int(request.max_total_tokens) or self.max_position_embeddings or 4096
+        min_tokens = max(min_tokens, max_total)
+        previous_blocks = self.cache.num_blocks if self.cache is not None else None
+        self._release_cache()
+        m = self.model
+        error: CacheFullError | None = None
+        try:
+            num_blocks = blocks_for_memory(
+                num_layers=m.num_layers,
+                num_kv_heads=m.num_kv_heads,
+                head_dim=m.head_dim,
+                dtype=m.dtype,
+                device=self.device,
+                block_size=bs,
+                max_batch_total_tokens=int(request.max_batch_total_tokens),
+                max_total_tokens=max_total,
+                min_tokens=min_tokens,
+                world_size=self.dist.world_size,
+            )
+        except CacheFullError as e:
+            error, num_blocks = e, 0
+        # Every rank must agree (and fail together), or the next collective would hang.
+        num_blocks = self._agree_min(num_blocks)
+        if num_blocks == 0:
+            # Keep serving with the cache we had rather than with none.
+            self._allocate_cache(previous_blocks or default_num_blocks(max_total, bs))
+            raise error or CacheFullError(
+                "another shard has no memory for its KV cache; see its log"
+            )
+        self._allocate_cache(num_blocks)
+        if warm.requests:
+            started = time.perf_counter()
+            try:
+                _, cached, _ = self.prefill(warm)
+                if cached is not None:
+                    self.decode([cached])
+            finally:
+                self.clear_cache(None)
+            logger.info(
+                f"Warmup prefill of {len(warm.requests)} requests "
+                f"({sum(len(r.input_ids) for r in warm.requests)} tokens) and one decode step "
+                f"took {time.perf_counter() - started:.2f}s"
+            )
+        usable = num_blocks - 1
+        return generate_pb2.WarmupResponse(
+            max_supported_total_tokens=usable * bs, num_blocks=usable, block_size=bs
+        )
+
+    # ---- internals ------------------------------------------------------------------
+
+    def _get(self, batch_id: int) -> Batch:
+        batch = self.batches.get(int(batch_id))
+        if batch is None:
+            held = sorted(self.batches)
+            raise BatchNotFoundError(f"batch {batch_id} not found; cached batches: {held}")
+        return batch
+
+    def _step(
+        self, batch: Batch, inputs: StepInputs, start_ns: int, *, prefill: bool
+    ) -> StepResult:
+        assert self.cache is not None and self.allocator is not None
+        with torch.inference_mode():
+            forward_start = time.perf_counter_ns()
+            hidden = self.model(inputs.input_ids, inputs.positions, self.cache.layers, inputs.attn)
+            last = torch.tensor(inputs.last_indices, device=hidden.device)
+            logits = self.model.compute_logits(hidden[last])
+            prompt_stats = self._prompt_logprobs(batch, inputs, hidden) if prefill else {}
+            forward_ns = time.perf_counter_ns() - forward_start
+            chosen = sample(logits, [r.sample_row() for r in batch.requests])
+        generations = []
+        finished: list[RequestState] = []
+        for r, token, context_len in zip(
+            batch.requests, chosen, inputs.attn.context_lens_list, strict=True
+        ):
+            r.kv_len = context_len
+            r.generated.append(token.id)
+            reason = r.stopping.check(token.id, len(r.generated))
+            generations.append(self._generation(r, token, reason, prompt_stats.get(r.id)))
+            if reason != NOT_FINISHED:
+                finished.append(r)
+        if finished:
+            batch.free(self.allocator, finished)
+            batch.filter({r.id for r in batch.requests} - {r.id for r in finished})
+        cached = None
+        if batch.requests:
+            self.batches[batch.id] = batch
+            cached = batch.to_pb()
+        else:
+            self.batches.pop(batch.id, None)
+        timings = generate_pb2.Timings(
+            forward_ns=forward_ns, total_ns=time.perf_counter_ns() - start_ns
+        )
+        logger.debug(
+            f"{'Prefill' if prefill else 'Decode'} batch {batch.id}: {len(generations)} requests, "
+            f"{inputs.input_ids.numel()} tokens, {len(finished)} finished, "
+            f"{forward_ns / 1e6:.1f} ms forward, {self.allocator.num_free} blocks free"
+        )
+        return generations, cached, timings
+
+    def _prompt_logprobs(
+        self, batch: Batch, inputs: StepInputs, hidden: torch.Tensor
+    ) -> dict[int, list[generate_pb2.Token]]:
+        """Logprob and rank of every prompt token after the first, for requests that asked."""
+        asked = [(i, r) for i, r in enumerate(batch.requests) if r.prefill_logprobs]
+        if not asked:
+            return {}
+        rows: list[int] = []
+        targets: list[int] = []
+        for i, r in asked:
+            s = inputs.query_starts[i]
+            n = len(r.input_ids)
+            rows.extend(range(s, s + n - 1))
+            targets.extend(r.input_ids[1:])
+        logprobs: list[float] = []
+        ranks: list[int] = []
+        # Chunked so a long prompt never materialises [prompt_len, vocab] logits at once.
+        for c in range(0, len(rows), self.logits_chunk_rows):
+            idx = torch.tensor(rows[c : c + self.logits_chunk_rows], device=hidden.device)
+            tgt = torch.tensor(targets[c : c + self.logits_chunk_rows], device=hidden.device)
+            lp = torch.log_softmax(self.model.compute_logits(hidden[idx]).float(), dim=-1)
+            values, rank, _, _ = token_stats(lp, tgt)
+            logprobs.extend(values.tolist())
+            ranks.extend(rank.tolist())
+        out: dict[int, list[generate_pb2.Token]] = {}
+        k = 0
+        for _, r in asked:
+            tokens = [generate_pb2.Token(id=r.input_ids[0], logprob=math.nan, rank=0)]
+            for t in r.input_ids[1:]:
+                tokens.append(generate_pb2.Token(id=t, logprob=logprobs[k], rank=ranks[k]))
+                k += 1
+            out[r.id] = tokens
+        return out
+
+    @staticmethod
+    def _generation(
+        r: RequestState,
+        token: SampledToken,
+        reason: int,
+        prefill_tokens: list[generate_pb2.Token] | None,
+    ) -> generate_pb2.Generation:
+        return generate_pb2.Generation(
+            request_id=r.id,
+            prefill_tokens=prefill_tokens or [],
+            token=generate_pb2.Token(
+                id=token.id,
+                logprob=token.logprob,
+                rank=token.rank,
+                top_tokens=[generate_pb2.TopToken(id=i, logprob=lp) for i, lp in token.top_tokens],
+            ),
+            finish_reason=reason,
+            generated_tokens=len(r.generated),
+            seed=r.sampling.seed,
+        )
