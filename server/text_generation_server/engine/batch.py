@@ -165,7 +165,7 @@ class Batch:
         total = sum(needs)
         if total > allocator.num_free:
             raise CacheFullError(
-                f"KV cache full: this {what} of {len(self.requests)} requests needs {total} more "
+                f"KV cache full: this {what} ({len(self.requests)} requests) needs {total} more "
                 f"blocks ({total * block_size} tokens, {sum(new_tokens)} new) but only "
                 f"{allocator.num_free} of {allocator.num_usable} blocks "
                 f"({allocator.num_free * block_size} of {allocator.num_usable * block_size} tokens) "

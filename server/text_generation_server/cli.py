@@ -1,0 +1,332 @@
+"""``text-generation-server``: the shard worker (``serve``) and model download.
+
+Rank and world come from the environment the launcher sets (``RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``). Every user error ends in
+one log line naming what was wrong and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from loguru import logger
+
+from text_generation_server.utils.log import setup_logging
+
+DEFAULT_UDS_PATH = "/tmp/text-generation-server"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Optional subcommand modules exposing ``register(subparsers)``.
+EXTRA_COMMANDS = ("text_generation_server.quantize.cli",)
+
+
+class ShardStartError(RuntimeError):
+    """The shard cannot start as configured; the message says why."""
+
+
+@dataclass(frozen=True)
+class ShardEnv:
+    rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+
+    @classmethod
+    def from_environ(cls, environ: dict[str, str] | None = None) -> ShardEnv:
+        env = os.environ if environ is None else environ
+
+        def integer(name: str, default: int, lowest: int) -> int:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ShardStartError(f"{name}={raw!r} is not an integer") from None
+            if value < lowest:
+                raise ShardStartError(f"{name}={value} must be >= {lowest}")
+            return value
+
+        rank = integer("RANK", 0, 0)
+        world_size = integer("WORLD_SIZE", 1, 1)
+        if rank >= world_size:
+            raise ShardStartError(f"RANK={rank} must be below WORLD_SIZE={world_size}")
+        port = integer("MASTER_PORT", 29500, 1)
+        if port > 65535:
+            raise ShardStartError(f"MASTER_PORT={port} is not a TCP port (1-65535)")
+        addr = env.get("MASTER_ADDR", "").strip() or "localhost"
+        return cls(rank, world_size, addr, port)
+
+
+# ---- start-up choices, each logged once -------------------------------------------
+
+
+def choose_device(env: ShardEnv):
+    import torch
+
+    if torch.cuda.is_available():
+        local = os.environ.get("LOCAL_RANK", "").strip()
+        index = int(local) if local.isdigit() else env.rank % torch.cuda.device_count()
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def cpu_has_bf16_instructions(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True when the CPU advertises AVX-512 bf16 or AMX bf16."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[-1].split())
+            return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def resolve_dtype(name: str, device):
+    """The compute dtype for ``--dtype`` on ``device`` (``auto``: float16 on CUDA, float32 on CPU)."""
+    import torch
+
+    if device.type == "cpu":
+        capability = torch.backends.cpu.get_cpu_capability()
+        bf16 = cpu_has_bf16_instructions()
+        found = f"capability {capability}, bf16 instructions {'present' if bf16 else 'absent'}"
+        if name == "auto":
+            logger.info(
+                f"dtype float32 on CPU ({found}): bfloat16 only pays off with AVX-512 bf16 "
+                f"instructions, and then only for prefill; pass --dtype bfloat16 to use it"
+            )
+            return torch.float32
+        if name == "float16":
+            logger.warning(f"float16 on CPU ({found}) is several times slower than float32")
+        elif name == "bfloat16" and not bf16:
+            logger.warning(f"bfloat16 on this CPU ({found}) is much slower than float32")
+        else:
+            logger.info(f"dtype {name} on CPU ({found})")
+        return getattr(torch, name)
+    if name == "auto":
+        logger.info(f"dtype float16 on {device}")
+        return torch.float16
+    return getattr(torch, name)
+
+
+def configure_threads(world_size: int) -> int:
+    """Split the cores between the shards of this host unless OMP_NUM_THREADS says otherwise."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        threads = torch.get_num_threads()
+        logger.info(f"{threads} torch threads (from OMP_NUM_THREADS)")
+        return threads
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    threads = max(1, cores // world_size)
+    torch.set_num_threads(threads)
+    logger.info(f"{threads} torch threads ({cores} cores / {world_size} shards)")
+    return threads
+
+
+def resolve_model_dir(model: str | None, revision: str | None) -> Path:
+    from text_generation_server.model_source import resolve_model
+
+    return resolve_model(model, revision)
+
+
+# ---- serve ------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace, env: ShardEnv) -> None:
+    from text_generation_server.distributed import init_distributed
+    from text_generation_server.engine import Generator
+    from text_generation_server.engine.stopping import eos_token_ids
+    from text_generation_server.model_source import DEFAULT_MODEL_ID
+    from text_generation_server.models import load_model
+    from text_generation_server.server import serve
+
+    if args.sharded and env.world_size == 1:
+        logger.warning("--sharded with WORLD_SIZE=1: serving the whole model from this one shard")
+    if args.trust_remote_code:
+        logger.info("--trust-remote-code has no effect: supported architectures are built in")
+    model_dir = resolve_model_dir(args.model, args.revision)
+    logger.info(f"Loading model {model_dir} (rank {env.rank}/{env.world_size})")
+    device = choose_device(env)
+    dtype = resolve_dtype(args.dtype, device)
+    configure_threads(env.world_size)
+    dist = init_distributed(
+        env.rank,
+        env.world_size,
+        master_addr=env.master_addr,
+        master_port=env.master_port,
+        device=device,
+    )
+    try:
+        model = load_model(model_dir, dtype=dtype, device=device, dist=dist, quantize=args.quantize)
+        logger.info(
+            f"Model ready: dtype {str(model.dtype).removeprefix('torch.')}, device {device}, "
+            f"kernel {model.kernel}, tp plan: {model.tp_plan}"
+        )
+        generator = Generator(
+            model,
+            dist,
+            model_id=args.model or DEFAULT_MODEL_ID,
+            quantize=args.quantize,
+            eos_token_ids=eos_token_ids(model.config, model_dir),
+        )
+        asyncio.run(
+            serve(generator, uds_path=args.uds_path, rank=env.rank, world_size=env.world_size)
+        )
+    finally:
+        dist.shutdown()
+    logger.info("Shard stopped")
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    setup_logging("shard", json_output=args.json_output)
+    try:
+        env = ShardEnv.from_environ()
+        logger.configure(extra={"component": f"shard-{env.rank}"})
+        _serve(args, env)
+    except Exception as error:  # start-up failures end in one line, not a traceback
+        return _startup_failure(error)
+    return 0
+
+
+def _startup_failure(error: Exception) -> int:
+    from text_generation_server.distributed import DistributedInitError
+    from text_generation_server.engine.kv_cache import CacheFullError
+    from text_generation_server.model_source import ModelNotFoundError
+    from text_generation_server.models import CheckpointError, UnsupportedModelError
+
+    known = (
+        ShardStartError,
+        ModelNotFoundError,
+        UnsupportedModelError,
+        CheckpointError,
+        DistributedInitError,
+        CacheFullError,
+        ValueError,
+        OSError,
+    )
+    if isinstance(error, known):
+        logger.error(f"Cannot serve: {error}")
+        logger.opt(exception=error).debug("start-up failure details")
+    else:
+        logger.opt(exception=error).error(f"Shard failed: {type(error).__name__}: {error}")
+    return 1
+
+
+# ---- download-weights -------------------------------------------------------------
+
+
+def download_command(args: argparse.Namespace) -> int:
+    setup_logging("download", json_output=args.json_output)
+    from text_generation_server.model_source import download_weights
+
+    try:
+        path = download_weights(args.model, args.revision)
+    except (OSError, ValueError) as error:
+        logger.error(f"Cannot download {args.model or 'the default model'}: {error}")
+        return 1
+    print(path)
+    return 0
+
+
+# ---- parser -----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="text-generation-server",
+        description="Shard worker of the text-generation backend, and model tools.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve one shard of a model over the internal gRPC API",
+        description="Serve one shard (RANK of WORLD_SIZE, from the environment) on "
+        "unix://{uds-path}-{rank}.",
+    )
+    serve.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL",
+        help="a local directory (config.json + safetensors) or a Hugging Face model id already "
+        "downloaded; omitted: the built-in default model",
+    )
+    serve.add_argument("--revision", help="hub revision of MODEL")
+    serve.add_argument(
+        "--uds-path",
+        default=DEFAULT_UDS_PATH,
+        help=f"socket path prefix; the shard listens on PATH-RANK (default {DEFAULT_UDS_PATH})",
+    )
+    serve.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="compute dtype (default auto: float16 on CUDA, float32 on CPU)",
+    )
+    serve.add_argument(
+        "--quantize",
+        help="quantization: gptq, bitsandbytes, bitsandbytes-nf4, bitsandbytes-fp4 (as this build "
+        "supports); a quantized checkpoint selects its own method without it",
+    )
+    serve.add_argument(
+        "--sharded", action="store_true", help="this shard is one of WORLD_SIZE > 1 ranks"
+    )
+    serve.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="accepted for TGI compatibility; no remote code is ever run",
+    )
+    serve.add_argument("--json-output", action="store_true", help="log one JSON object per line")
+    serve.set_defaults(func=serve_command)
+
+    download = commands.add_parser(
+        "download-weights",
+        help="download a model's config, tokenizer and safetensors weights into the cache",
+    )
+    download.add_argument(
+        "model", nargs="?", metavar="MODEL", help="Hugging Face model id (omitted: default model)"
+    )
+    download.add_argument("--revision", help="hub revision")
+    download.add_argument("--json-output", action="store_true", help="log one JSON object per line")
+    download.set_defaults(func=download_command)
+
+    for module_name in EXTRA_COMMANDS:
+        _register_extra(module_name, commands)
+    return parser
+
+
+def _register_extra(module_name: str, commands: argparse._SubParsersAction) -> None:
+    """Add a tool module's subcommands; a broken tool must not take ``serve`` down with it."""
+    if importlib.util.find_spec(module_name) is None:
+        return
+    try:
+        importlib.import_module(module_name).register(commands)
+    except Exception as error:  # reported, and every other command keeps working
+        logger.warning(
+            f"subcommands of {module_name} are unavailable: {type(error).__name__}: {error}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        logger.info("Interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

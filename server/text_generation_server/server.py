@@ -1,0 +1,209 @@
+"""The shard's gRPC server: generate.v1.TextGenerationService on ``unix://{uds_path}-{rank}``.
+
+Model work runs on one worker thread, in the order the RPCs arrive, which is
+what keeps the ranks in lockstep; the event loop stays free to answer Health
+and Info while a long prefill runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import queue
+import signal
+import socket
+import stat
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from loguru import logger
+
+from text_generation_server.engine.generator import Generator
+from text_generation_server.interceptor import ExceptionInterceptor
+from text_generation_server.pb.generate.v1 import generate_pb2, generate_pb2_grpc
+
+T = TypeVar("T")
+
+# Seconds in-flight RPCs get to finish once the shard is asked to stop.
+STOP_GRACE_S = 3.0
+
+
+def shard_url(uds_path: str, rank: int) -> str:
+    return f"unix://{uds_path}-{rank}"
+
+
+class ModelWorker:
+    """One daemon thread running model calls in submission order.
+
+    A daemon thread, so a shard told to stop can exit even while a forward
+    waits on a peer that is gone.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[concurrent.futures.Future, Callable, tuple] | None]
+        self._queue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="model-worker", daemon=True)
+        self._thread.start()
+        self.pending = 0
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as error:  # handed to the awaiting RPC
+                future.set_exception(error)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.pending += 1
+        try:
+            self._queue.put((future, fn, args))
+            return await asyncio.wrap_future(future)
+        finally:
+            self.pending -= 1
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def shutdown(self) -> None:
+        self._queue.put(None)
+
+
+class ShardServicer(generate_pb2_grpc.TextGenerationServiceServicer):
+    """The internal API over one rank's :class:`Generator`; errors map in the interceptor."""
+
+    def __init__(self, generator: Generator, urls: list[str], worker: ModelWorker) -> None:
+        self.generator = generator
+        self.urls = urls
+        self.worker = worker
+
+    async def Info(self, request, context):
+        return self.generator.info()
+
+    async def Health(self, request, context):
+        if not self.worker.alive:
+            raise RuntimeError("the model worker thread has stopped")
+        # A busy worker is a live one; an idle one proves the model still runs.
+        if self.worker.pending == 0:
+            await self.worker.run(self.generator.health)
+        return generate_pb2.HealthResponse()
+
+    async def ServiceDiscovery(self, request, context):
+        return generate_pb2.ServiceDiscoveryResponse(urls=self.urls)
+
+    async def ClearCache(self, request, context):
+        batch_id = request.id if request.HasField("id") else None
+        await self.worker.run(self.generator.clear_cache, batch_id)
+        return generate_pb2.ClearCacheResponse()
+
+    async def FilterBatch(self, request, context):
+        batch = await self.worker.run(
+            self.generator.filter_batch, request.batch_id, list(request.request_ids)
+        )
+        return generate_pb2.FilterBatchResponse(batch=batch)
+
+    async def Warmup(self, request, context):
+        return await self.worker.run(self.generator.warmup, request)
+
+    async def Prefill(self, request, context):
+        generations, batch, timings = await self.worker.run(self.generator.prefill, request.batch)
+        response = generate_pb2.PrefillResponse(generations=generations, timings=timings)
+        if batch is not None:
+            response.batch.CopyFrom(batch)
+        return response
+
+    async def Decode(self, request, context):
+        generations, batch, timings = await self.worker.run(
+            self.generator.decode, list(request.batches)
+        )
+        response = generate_pb2.DecodeResponse(generations=generations, timings=timings)
+        if batch is not None:
+            response.batch.CopyFrom(batch)
+        return response
+
+
+def prepare_socket_path(path: Path) -> None:
+    """Remove a socket file a dead shard left behind; refuse a live one or a non-socket."""
+    if not path.exists() and not path.is_symlink():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise OSError(
+            errno.EEXIST, f"{path} exists and is not a socket; remove it or pick another --uds-path"
+        )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            logger.info(f"Removing stale socket {path}")
+            path.unlink(missing_ok=True)
+            return
+    raise OSError(errno.EADDRINUSE, f"{path} is in use by another running server")
+
+
+class ShardServer:
+    """The gRPC server of one rank; ``start`` / ``stop`` are safe to call from tests."""
+
+    def __init__(self, generator: Generator, *, uds_path: str, rank: int, world_size: int) -> None:
+        self.generator = generator
+        self.rank = rank
+        self.url = shard_url(uds_path, rank)
+        self.socket_path = Path(f"{uds_path}-{rank}")
+        self.urls = [shard_url(uds_path, r) for r in range(world_size)]
+        self.worker = ModelWorker()
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        """Bind the socket and serve; raises ``OSError`` naming the path when it cannot bind."""
+        prepare_socket_path(self.socket_path)
+        server = grpc.aio.server(interceptors=[ExceptionInterceptor()])
+        generate_pb2_grpc.add_TextGenerationServiceServicer_to_server(
+            ShardServicer(self.generator, self.urls, self.worker), server
+        )
+        if server.add_insecure_port(self.url) == 0:
+            raise OSError(errno.EADDRNOTAVAIL, f"cannot listen on {self.url}")
+        await server.start()
+        self._server = server
+        logger.info(f"Serving on {self.url}")
+
+    async def stop(self, grace: float = STOP_GRACE_S) -> None:
+        """Finish (or after ``grace`` cancel) in-flight RPCs, remove the socket, stop the worker."""
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        self.socket_path.unlink(missing_ok=True)
+        self.worker.shutdown()
+
+
+async def serve(generator: Generator, *, uds_path: str, rank: int, world_size: int) -> None:
+    """Serve until SIGTERM or SIGINT, then stop cleanly."""
+    server = ShardServer(generator, uds_path=uds_path, rank=rank, world_size=world_size)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await server.start()
+        await stop.wait()
+        logger.info(f"Received {received[0]}; stopping the shard")
+    finally:
+        await server.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,199 @@
+"""``text-generation-server``: flags, environment, clear start-up errors, clean shutdown."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from text_generation_server import cli
+from text_generation_server.pb.generate.v1 import generate_pb2 as pb
+from text_generation_server.pb.generate.v1 import generate_pb2_grpc
+
+SERVER = Path(sys.executable).parent / "text-generation-server"
+
+
+def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 120):
+    return subprocess.run(
+        [str(SERVER), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def assert_clean_failure(result, *needles: str) -> None:
+    assert result.returncode == 1, result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def short_dir():
+    path = Path(tempfile.mkdtemp(prefix="tgs-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_serve_a_missing_model_directory_exits_1_naming_the_path():
+    result = run(["serve", "/nonexistent", "--uds-path", "/tmp/tgs-never"])
+    assert_clean_failure(result, "/nonexistent")
+    assert not Path("/tmp/tgs-never-0").exists()
+
+
+def test_serve_an_unsupported_architecture_exits_1_naming_it(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    )
+    save_file({"wte.weight": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
+    result = run(["serve", str(tmp_path), "--uds-path", str(tmp_path / "s")])
+    assert_clean_failure(result, "GPT2LMHeadModel", "LlamaForCausalLM")
+
+
+@pytest.mark.parametrize(
+    "env,needle",
+    [
+        ({"RANK": "abc"}, "RANK='abc' is not an integer"),
+        ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 must be below WORLD_SIZE=2"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 must be >= 1"),
+        ({"MASTER_PORT": "70000"}, "MASTER_PORT=70000"),
+    ],
+)
+def test_bad_shard_environment_is_named(env, needle):
+    with pytest.raises(cli.ShardStartError, match=needle.replace("(", r"\(")):
+        cli.ShardEnv.from_environ(env)
+
+
+def test_shard_environment_defaults():
+    assert cli.ShardEnv.from_environ({}) == cli.ShardEnv(0, 1, "localhost", 29500)
+    env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"}
+    assert cli.ShardEnv.from_environ(env) == cli.ShardEnv(1, 2, "10.0.0.1", 1234)
+
+
+def test_bad_environment_fails_the_process_cleanly():
+    result = run(["serve", "/nonexistent"], env={"RANK": "abc"})
+    assert_clean_failure(result, "RANK='abc'")
+
+
+def test_unknown_dtype_is_an_argparse_error_listing_the_choices():
+    result = run(["serve", "/x", "--dtype", "int8"])
+    assert result.returncode == 2
+    assert "auto" in result.stderr and "bfloat16" in result.stderr
+
+
+def test_download_weights_of_a_missing_directory_exits_1():
+    result = run(["download-weights", "/nonexistent/model"])
+    assert_clean_failure(result, "/nonexistent/model")
+
+
+def test_auto_dtype_is_float32_on_cpu_and_explicit_choices_are_kept():
+    cpu = torch.device("cpu")
+    assert cli.resolve_dtype("auto", cpu) == torch.float32
+    assert cli.resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    assert cli.resolve_dtype("auto", torch.device("cuda", 0)) == torch.float16
+
+
+def test_threads_are_split_between_shards_unless_omp_num_threads_is_set(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        cores = len(os.sched_getaffinity(0))
+        assert cli.configure_threads(2) == max(1, cores // 2)
+        assert torch.get_num_threads() == max(1, cores // 2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert cli.configure_threads(2) == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_extra_command_modules_register_their_subcommands(tmp_path, monkeypatch):
+    (tmp_path / "fake_quantize_cli.py").write_text(
+        "def register(commands):\n"
+        "    p = commands.add_parser('quantize')\n"
+        "    p.add_argument('model')\n"
+        "    p.set_defaults(func=lambda args: 7)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "broken_tool_cli.py").write_text("raise RuntimeError('tool is broken')\n")
+    monkeypatch.setattr(
+        cli, "EXTRA_COMMANDS", ("fake_quantize_cli", "no_such_module_here", "broken_tool_cli")
+    )
+    assert cli.main(["quantize", "m"]) == 7
+
+
+def test_the_quantize_tool_is_wired_in_when_installed():
+    help_text = cli.build_parser().format_help()
+    assert "serve" in help_text and "download-weights" in help_text
+    if importlib.util.find_spec("text_generation_server.quantize.cli") is not None:
+        assert "quantize" in help_text
+
+
+def wait_for_health(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1]
+        if Path(url.removeprefix("unix://")).exists():
+            with grpc.insecure_channel(url) as channel:
+                try:
+                    generate_pb2_grpc.TextGenerationServiceStub(channel).Health(
+                        pb.HealthRequest(), timeout=5
+                    )
+                    return
+                except grpc.RpcError:
+                    pass
+        time.sleep(0.2)
+    raise AssertionError("shard did not become healthy")
+
+
+def test_serve_logs_its_stages_refuses_a_taken_socket_and_stops_cleanly_on_sigterm(
+    tiny_llama, short_dir
+):
+    uds = str(short_dir / "shard")
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1"}
+    proc = subprocess.Popen(
+        [str(SERVER), "serve", str(tiny_llama), "--uds-path", uds],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        wait_for_health(f"unix://{uds}-0", proc)
+        with grpc.insecure_channel(f"unix://{uds}-0") as channel:
+            info = generate_pb2_grpc.TextGenerationServiceStub(channel).Info(pb.InfoRequest())
+        assert info.architecture == "LlamaForCausalLM"
+
+        second = run(["serve", str(tiny_llama), "--uds-path", uds])
+        assert_clean_failure(second, f"{uds}-0", "in use")
+
+        proc.send_signal(signal.SIGTERM)
+        _, log = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log
+    assert not Path(f"{uds}-0").exists()
+    for stage in (
+        "Loading model",
+        "dtype float32",
+        "kernel",
+        "tp plan",
+        f"Serving on unix://{uds}-0",
+    ):
+        assert stage in log, log
+    assert "Received SIGTERM" in log and "Traceback" not in log
