@@ -163,6 +163,7 @@ class ShardServer:
         self.urls = [shard_url(uds_path, r) for r in range(world_size)]
         self.worker = ModelWorker()
         self._server: grpc.aio.Server | None = None
+        self._owns_socket = False
 
     async def start(self) -> None:
         """Bind the socket and serve; raises ``OSError`` naming the path when it cannot bind."""
@@ -173,6 +174,7 @@ class ShardServer:
         )
         if server.add_insecure_port(self.url) == 0:
             raise OSError(errno.EADDRNOTAVAIL, f"cannot listen on {self.url}")
+        self._owns_socket = True
         await server.start()
         self._server = server
         logger.info(f"Serving on {self.url}")
@@ -182,7 +184,10 @@ class ShardServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
-        self.socket_path.unlink(missing_ok=True)
+        # Only our own socket: after a failed start the path may belong to a live server.
+        if self._owns_socket:
+            self.socket_path.unlink(missing_ok=True)
+            self._owns_socket = False
         self.worker.shutdown()
 
 

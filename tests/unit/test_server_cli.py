@@ -179,6 +179,7 @@ def test_serve_logs_its_stages_refuses_a_taken_socket_and_stops_cleanly_on_sigte
 
         second = run(["serve", str(tiny_llama), "--uds-path", uds])
         assert_clean_failure(second, f"{uds}-0", "in use")
+        wait_for_health(f"unix://{uds}-0", proc, timeout=10)  # the refused one left it alone
 
         proc.send_signal(signal.SIGTERM)
         _, log = proc.communicate(timeout=60)

@@ -24,7 +24,7 @@ CPU_MEMORY_FRACTION = 0.3
 CUDA_MEMORY_FRACTION = 0.85
 # On CPU more concurrent sequences than this only queue up behind the same two
 # cores, so the cache is not sized beyond this many full-length sequences.
-CPU_MAX_FULL_SEQUENCES = 64
+CPU_MAX_FULL_SEQUENCES = 16
 
 
 class CacheFullError(RuntimeError):
