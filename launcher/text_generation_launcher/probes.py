@@ -1,0 +1,110 @@
+"""Readiness probes and port checks the launcher runs against its children and the host."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+
+
+def shard_socket(uds_path: str, rank: int) -> str:
+    """The unix socket path of shard ``rank``."""
+    return f"{uds_path}-{rank}"
+
+
+def shard_answers_health(socket_path: str, timeout: float = 2.0) -> bool:
+    """True when the shard's socket exists and its generate.v1 Health RPC answers."""
+    if not os.path.exists(socket_path):
+        return False
+    import grpc
+    from text_generation_server.pb.generate.v1 import generate_pb2, generate_pb2_grpc
+
+    with grpc.insecure_channel(f"unix://{socket_path}") as channel:
+        try:
+            generate_pb2_grpc.TextGenerationServiceStub(channel).Health(generate_pb2.HealthRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return True
+
+
+def router_serving(address: str, timeout: float = 2.0) -> bool:
+    """True when grpc.health.v1 at ``address`` reports SERVING for the whole server."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def local_address(hostname: str, port: int) -> str:
+    """Where the launcher reaches a server listening on ``hostname``: loopback for wildcard addresses."""
+    if hostname in ("0.0.0.0", ""):
+        return f"127.0.0.1:{port}"
+    if hostname in ("::", "[::]"):
+        return f"[::1]:{port}"
+    if ":" in hostname and not hostname.startswith("["):
+        return f"[{hostname}]:{port}"
+    return f"{hostname}:{port}"
+
+
+class PortInUseError(RuntimeError):
+    """A port the launch needs is taken or cannot be bound; the message names the flag."""
+
+
+def check_port_free(host: str, port: int, flag: str, *, only_if_local: bool = False) -> None:
+    """Raise PortInUseError unless something could listen on ``host:port`` now.
+
+    ``only_if_local`` skips the check when ``host`` is not an address of this
+    machine (a remote torch.distributed master).
+    """
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise PortInUseError(f"{flag}: cannot resolve host {host!r} ({err.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # SO_REUSEADDR ignores connections lingering in TIME_WAIT but still fails on a listener.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise PortInUseError(
+                    f"port {port} on {host} is already in use (another server?); pass a free port with {flag}"
+                ) from None
+            if err.errno == errno.EADDRNOTAVAIL and only_if_local:
+                return
+            raise PortInUseError(f"{flag}: cannot listen on {host}:{port} ({err.strerror})") from None
+
+
+class SocketInUseError(RuntimeError):
+    """A shard socket path is served by a running process."""
+
+
+def clear_stale_socket(path: str) -> bool:
+    """Remove a socket file nobody listens on (left by a killed shard); True if one was removed.
+
+    Raises SocketInUseError if a process answers on it, and for a path that
+    exists but is not a socket (the launcher never deletes other files).
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(mode):
+        raise SocketInUseError(f"{path} exists and is not a socket; choose another --shard-uds-path")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)
+            return True
+    raise SocketInUseError(
+        f"{path} is in use by another running server; stop it or choose another --shard-uds-path"
+    )
