@@ -100,7 +100,7 @@ def find_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     empty = (xmin == 0) & (xmax == 0)
     xmin = torch.where(empty, torch.full_like(xmin, -1.0), xmin)
     xmax = torch.where(empty, torch.ones_like(xmax), xmax)
-    scale = (xmax - xmin) / maxq
+    scale = _storable((xmax - xmin) / maxq)
     if spec.sym:
         zero = torch.full_like(scale, float((maxq + 1) // 2))
     else:
@@ -110,9 +110,16 @@ def find_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
             # Fit the grid with the smallest storable zero point instead: keep
             # the top of the range, give up the unused negative steps.
             shifted = xmax / (maxq - spec.min_zero)
-            scale = torch.where(low, torch.maximum(shifted, -xmin / spec.min_zero), scale)
+            scale = _storable(torch.where(low, torch.maximum(shifted, -xmin / spec.min_zero), scale))
             zero = torch.where(low, torch.full_like(zero, float(spec.min_zero)), zero)
     return scale, zero
+
+
+def _storable(scale: torch.Tensor) -> torch.Tensor:
+    """Round scales to what the checkpoint stores (float16), so the solver
+    propagates exactly the error the saved weights will have."""
+    tiny = 2.0**-24  # smallest positive float16
+    return scale.clamp(tiny, torch.finfo(torch.float16).max).to(torch.float16).to(torch.float32)
 
 
 def _quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:

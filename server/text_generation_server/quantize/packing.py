@@ -193,8 +193,9 @@ def pack_gptq(
     return {
         "qweight": pack_rows(codes.t(), bits),
         "qzeros": pack_zeros(zeros, bits, checkpoint_format),
-        "scales": scales.to(torch.float16).contiguous(),
-        "g_idx": g_idx.to(torch.int32).contiguous(),
+        # copies: tensors that share storage cannot be saved side by side
+        "scales": scales.to(torch.float16, copy=True).contiguous(),
+        "g_idx": g_idx.to(torch.int32, copy=True).contiguous(),
     }
 
 

@@ -1,0 +1,140 @@
+"""Reading a source checkpoint one module at a time.
+
+The quantizer and the perplexity tool build the transformers model skeleton on
+the meta device (no memory) and fill in only the modules they are about to
+run, straight from the safetensors files, so memory stays near one decoder
+layer plus activations whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's architecture has no quantization recipe."""
+
+
+class CheckpointReadError(ValueError):
+    """The checkpoint lacks a tensor the model needs, or is not a safetensors checkpoint."""
+
+
+class SafetensorsCheckpoint:
+    """Name -> tensor access over a directory of safetensors files (single or indexed)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointReadError(f"no *.safetensors files in {self.path}")
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({self.path / f for f in weight_map.values()})
+        self._where: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    self._where[key] = f
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise CheckpointReadError(f"tensor {name!r} is missing from the checkpoint in {self.path}")
+        with safe_open(str(self._where[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in set(self._where.values()))
+
+
+def read_config_json(path: Path) -> dict:
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise CheckpointReadError(f"{path} has no config.json")
+    return json.loads(config_file.read_text())
+
+
+def load_config(path: Path, trust_remote_code: bool = False):
+    """The transformers config of the checkpoint, checked against the supported architectures."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    archs = list(getattr(config, "architectures", None) or [])
+    arch = archs[0] if archs else f"model_type={config.model_type!r}"
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"architecture {arch} has no quantization recipe; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return config
+
+
+def meta_model(config, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The float32 transformers model for ``config`` with every parameter on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    config = _plain_config(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, trust_remote_code=trust_remote_code, dtype=torch.float32, attn_implementation="sdpa"
+        )
+    model.eval()
+    # Rotary tables are computed at construction, not loaded: build them on CPU.
+    inner = model.model
+    if hasattr(inner, "rotary_emb"):
+        inner.rotary_emb = type(inner.rotary_emb)(config=inner.config)
+    return model
+
+
+def _plain_config(config):
+    """A copy of ``config`` without quantization settings, so transformers builds plain Linear layers."""
+    config = type(config).from_dict(config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+def materialize(module: torch.nn.Module, prefix: str, state: dict[str, torch.Tensor]) -> None:
+    """Move ``module`` from meta to CPU float32 and fill it from ``state`` (names without ``prefix``).
+
+    Every parameter and persistent buffer must be present; a missing one raises
+    :class:`CheckpointReadError` naming the full tensor name.
+    """
+    module.to_empty(device="cpu")
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise CheckpointReadError(
+            f"checkpoint lacks {', '.join(prefix + k for k in missing[:4])}"
+            + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        )
+    for key, target in expected.items():
+        value = state[key]
+        if value.shape != target.shape:
+            raise CheckpointReadError(
+                f"tensor {prefix + key} has shape {tuple(value.shape)}, the config implies {tuple(target.shape)}"
+            )
+    module.load_state_dict({k: state[k].to(torch.float32) for k in expected}, strict=True)
+
+
+def load_module(module: torch.nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint) -> None:
+    """Materialize ``module`` (qualified name ``prefix``) from a plain checkpoint."""
+    names = module.state_dict().keys()
+    state = {k: checkpoint.get(prefix + k) for k in names if prefix + k in checkpoint}
+    materialize(module, prefix, state)
+
+
+def release(module: torch.nn.Module) -> None:
+    """Drop a module's weights (back to the meta device)."""
+    module.to("meta")

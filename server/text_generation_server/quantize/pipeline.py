@@ -1,0 +1,198 @@
+"""`quantize MODEL OUTPUT_DIR` end to end: checks, calibration data, GPTQ,
+checkpoint writing and the optional upload.
+
+Every check that can fail on user input runs before the long computation.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from loguru import logger
+
+from text_generation_server.quantize.checkpoint import load_config, read_config_json
+from text_generation_server.quantize.data import (
+    BUILTIN_DATASET,
+    calibration_windows,
+    load_text,
+    tokenize,
+)
+from text_generation_server.quantize.gptq import QuantSpec
+from text_generation_server.quantize.runner import (
+    LINEAR_GROUPS,
+    LinearReport,
+    check_shapes,
+    quantize_model,
+)
+from text_generation_server.quantize.writer import (
+    atomic_output_dir,
+    check_output_dir,
+    quantization_config,
+    write_checkpoint,
+)
+
+
+class UploadError(RuntimeError):
+    """The local checkpoint is complete but pushing it to the hub failed."""
+
+
+class AlreadyQuantizedError(ValueError):
+    """The source checkpoint is already quantized."""
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    dataset: str = BUILTIN_DATASET
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def set_threads() -> int:
+    """Use every core unless OMP_NUM_THREADS says otherwise; returns the count."""
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    return torch.get_num_threads()
+
+
+def resolve(model_id: str | None, revision: str | None) -> Path:
+    from text_generation_server.model_source import resolve_model
+
+    if model_id in (None, "", "default"):
+        model_id = None
+    return resolve_model(model_id, revision)
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load the tokenizer of {path}: {err}") from err
+
+
+def quantize_checkpoint(
+    model_id: str | None,
+    output_dir: Path,
+    spec: QuantSpec,
+    calibration: CalibrationSettings = CalibrationSettings(),
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    true_sequential: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Quantize ``model_id`` into a v1 GPTQ checkpoint at ``output_dir``; returns its path."""
+    t_start = time.perf_counter()
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, overwrite)
+    model_path = resolve(model_id, revision)
+    check_output_dir(output_dir, overwrite, model_path)
+    raw_config = read_config_json(model_path)
+    if raw_config.get("quantization_config"):
+        method = raw_config["quantization_config"].get("quant_method", "unknown")
+        raise AlreadyQuantizedError(
+            f"{model_path} is already quantized ({method}); quantize the unquantized checkpoint instead"
+        )
+    config = load_config(model_path, trust_remote_code)
+    check_shapes(config, spec)
+
+    seqlen = calibration.seqlen
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos and seqlen > max_pos:
+        logger.info(f"--seqlen {seqlen} exceeds the model's {max_pos} positions; using {max_pos}")
+        seqlen = max_pos
+
+    tokenizer = load_tokenizer(model_path, trust_remote_code)
+    text = load_text(calibration.dataset, "train")
+    tokens = tokenize(tokenizer, text)
+    windows = calibration_windows(tokens, calibration.nsamples, seqlen, calibration.seed, text.source)
+    logger.info(
+        f"Calibration: {windows.shape[0]} random windows of {seqlen} tokens (seed {calibration.seed}) "
+        f"from {text.source}, {tokens.numel()} tokens in total"
+    )
+    threads = set_threads()
+    logger.info(
+        f"Quantizing {model_path} ({config.architectures[0]}, {config.num_hidden_layers} layers) to "
+        f"{spec.bits}-bit, group size {spec.group_size}, {'sym' if spec.sym else 'asym'}, "
+        f"act-order {spec.act_order}, static groups {spec.static_groups}, true-sequential {true_sequential}, "
+        f"percdamp {spec.percdamp}, {threads} threads"
+    )
+
+    t_quant = time.perf_counter()
+    result = quantize_model(
+        model_path, config, windows, spec, true_sequential=true_sequential, trust_remote_code=trust_remote_code
+    )
+    log_error_table(result.reports)
+    t_quant = time.perf_counter() - t_quant
+
+    calib_meta = {
+        "dataset": text.source,
+        "nsamples": int(windows.shape[0]),
+        "seqlen": int(seqlen),
+        "seed": calibration.seed,
+    }
+    qconfig = quantization_config(spec, true_sequential, calib_meta)
+    with atomic_output_dir(output_dir) as tmp:
+        write_checkpoint(tmp, model_path, result.tensors, result.replaced, qconfig)
+    size = sum(f.stat().st_size for f in output_dir.iterdir() if f.is_file())
+    logger.info(
+        f"Wrote {output_dir} ({size / 2**20:.1f} MiB) in {time.perf_counter() - t_start:.1f} s "
+        f"(GPTQ {t_quant:.1f} s); peak RSS {peak_rss_mib():.0f} MiB"
+    )
+    return output_dir
+
+
+def log_error_table(reports: list[LinearReport]) -> None:
+    """One line per layer: each linear's relative output error on the calibration inputs."""
+    columns = [name.rsplit(".", 1)[-1].removesuffix("_proj") for group in LINEAR_GROUPS for name in group]
+    rows: dict[str, dict[str, LinearReport]] = {}
+    for r in reports:
+        layer, linear = r.name.rsplit(".", 2)[0], r.name.rsplit(".", 1)[-1].removesuffix("_proj")
+        rows.setdefault(layer, {})[linear] = r
+    logger.info("Relative output error ||WX-QX||/||WX|| per linear on the calibration inputs:")
+    logger.info(f"{'layer':<20}" + "".join(f"{c:>8}" for c in columns))
+    for layer, cells in rows.items():
+        logger.info(f"{layer:<20}" + "".join(f"{cells[c].rel_error:>8.4f}" if c in cells else f"{'-':>8}" for c in columns))
+    if reports:
+        worst = max(reports, key=lambda r: r.rel_error)
+        mean = sum(r.rel_error for r in reports) / len(reports)
+        raised = sorted({r.percdamp for r in reports})
+        logger.info(
+            f"mean {mean:.4f}, worst {worst.rel_error:.4f} ({worst.name}); dampening used: "
+            + ", ".join(f"{p:g}" for p in raised)
+        )
+
+
+def upload(output_dir: Path, repo_id: str) -> None:
+    """Push a finished checkpoint to the Hugging Face hub (the local copy stays either way)."""
+    try:
+        from huggingface_hub import HfApi
+        from huggingface_hub.constants import HF_HUB_OFFLINE
+    except ModuleNotFoundError as err:
+        raise UploadError("uploading needs the huggingface_hub package, which is not installed") from err
+    if HF_HUB_OFFLINE:
+        raise UploadError(
+            f"cannot upload to {repo_id}: the hub is in offline mode (HF_HUB_OFFLINE is set); "
+            f"the checkpoint is kept at {output_dir}"
+        )
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(folder_path=str(output_dir), repo_id=repo_id, commit_message="Add GPTQ checkpoint")
+    except Exception as err:  # noqa: BLE001 - network, auth and hub errors all end the same way
+        raise UploadError(
+            f"upload to {repo_id} failed ({type(err).__name__}: {err}); the checkpoint is kept at {output_dir}"
+        ) from err
+    logger.info(f"Uploaded {output_dir} to https://huggingface.co/{repo_id}")

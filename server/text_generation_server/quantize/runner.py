@@ -1,0 +1,383 @@
+"""Layer-by-layer GPTQ over a Llama-family model.
+
+Only one decoder layer's weights are in memory at a time (read from the
+safetensors files into a meta-device transformers skeleton), plus the
+calibration activations entering and leaving that layer. Each layer is
+calibrated on the outputs of the already *quantized* previous layers.
+
+Within a layer the linears are solved in four groups that share an input:
+q/k/v, o, gate/up, down. With ``true_sequential`` each group sees inputs
+produced by the already-quantized groups before it; the layer is advanced
+stage by stage (attention input, attention output, MLP input, MLP hidden),
+keeping each stage's activations, so every matmul runs once per stage rather
+than re-running the whole layer per group. Without it, all four Hessians come
+from one forward of the unquantized layer (AutoGPTQ's non-sequential mode).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from loguru import logger
+from tqdm import tqdm
+
+from text_generation_server.quantize.checkpoint import (
+    SafetensorsCheckpoint,
+    UnsupportedArchitectureError,
+    load_module,
+    meta_model,
+    release,
+)
+from text_generation_server.quantize.gptq import (
+    HessianAccumulator,
+    QuantSpec,
+    gptq_quantize,
+    relative_output_error,
+)
+from text_generation_server.quantize.packing import pack_gptq, packed_length
+
+# Linears that read the same input, in the order the layer computes them.
+LINEAR_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+QUANTIZED_LINEARS = tuple(name for group in LINEAR_GROUPS for name in group)
+# Keep the MLP hidden activations between stages only under this size;
+# above it they are recomputed (one extra gate/up matmul) to save memory.
+MLP_CACHE_BYTES = 2 << 30
+
+
+class QuantizationConfigError(ValueError):
+    """The requested settings do not fit the model's shapes."""
+
+
+@dataclass
+class LinearReport:
+    name: str
+    shape: tuple[int, int]
+    rel_error: float
+    percdamp: float
+
+
+@dataclass
+class QuantizedModel:
+    """Packed tensors of every quantized linear (checkpoint names) and their error reports."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    reports: list[LinearReport] = field(default_factory=list)
+    replaced: set[str] = field(default_factory=set)  # source weight names now stored packed
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the wanted input is captured."""
+
+
+def _submodule(root: torch.nn.Module, dotted: str) -> torch.nn.Module:
+    return root.get_submodule(dotted)
+
+
+def check_shapes(config, spec: QuantSpec) -> None:
+    """Refuse settings the checkpoint layout cannot hold, naming the layer and sizes."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    inter = config.intermediate_size
+    shapes = {
+        "self_attn.q_proj": (heads * head_dim, hidden),
+        "self_attn.k_proj": (kv * head_dim, hidden),
+        "self_attn.v_proj": (kv * head_dim, hidden),
+        "self_attn.o_proj": (hidden, heads * head_dim),
+        "mlp.gate_proj": (inter, hidden),
+        "mlp.up_proj": (inter, hidden),
+        "mlp.down_proj": (hidden, inter),
+    }
+    for name, (out_f, in_f) in shapes.items():
+        if spec.group_size != -1 and in_f % spec.group_size:
+            raise QuantizationConfigError(
+                f"--groupsize {spec.group_size} does not divide the {in_f} input features of {name} "
+                f"(weight {out_f}x{in_f}); use a divisor of {in_f} or -1"
+            )
+        try:
+            packed_length(in_f, spec.bits)
+            packed_length(out_f, spec.bits)
+        except ValueError as err:
+            raise QuantizationConfigError(
+                f"{spec.bits}-bit packing cannot hold {name} (weight {out_f}x{in_f}): {err}"
+            ) from err
+
+
+class _LayerInputs:
+    """Calibration activations entering the current layer, with the keyword
+    arguments the model passes to each layer (mask, rotary tables, ...)."""
+
+    def __init__(self) -> None:
+        self.hidden: list[torch.Tensor] = []
+        self.kwargs: list[list[dict]] = []  # [batch][layer]
+
+
+def capture_layer_inputs(model, checkpoint: SafetensorsCheckpoint, windows: torch.Tensor, batch_size: int) -> _LayerInputs:
+    """Run the embeddings and record what every decoder layer would receive.
+
+    Each decoder layer is swapped for a recorder that passes hidden states
+    through unchanged, so per-layer arguments (e.g. sliding-window masks) are
+    captured as the model itself builds them; the last recorder stops the pass.
+    """
+    inner = model.model
+    load_module(inner.embed_tokens, "model.embed_tokens.", checkpoint)
+    layers = inner.layers
+    originals = list(layers)
+    record: dict[int, dict] = {}
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, index: int) -> None:
+            super().__init__()
+            self.index = index
+            self.attention_type = getattr(originals[index], "attention_type", None)
+
+        def forward(self, hidden_states, *args, **kwargs):
+            if args:
+                raise UnsupportedArchitectureError("decoder layers called with positional arguments are not supported")
+            record[self.index] = dict(kwargs)
+            if self.index == 0:
+                record["input"] = hidden_states
+            if self.index == len(originals) - 1:
+                raise _StopForward
+            return hidden_states
+
+    captured = _LayerInputs()
+    for i in range(len(originals)):
+        layers[i] = Recorder(i)
+    try:
+        with torch.no_grad():
+            for batch in windows.split(batch_size):
+                record.clear()
+                try:
+                    inner(input_ids=batch, use_cache=False)
+                except _StopForward:
+                    pass
+                captured.hidden.append(record["input"].detach())
+                captured.kwargs.append([record[i] for i in range(len(originals))])
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+        release(inner.embed_tokens)
+    return captured
+
+
+def _layer_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _capture_input(module: torch.nn.Module, fn: Callable[[], object]) -> torch.Tensor:
+    """Run ``fn`` until ``module`` is called and return ``module``'s input (the call is skipped)."""
+    box: list[torch.Tensor] = []
+
+    def hook(_mod, args):
+        box.append(args[0])
+        raise _StopForward
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        fn()
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not box:
+        raise UnsupportedArchitectureError(f"{type(module).__name__} was never called in the layer forward")
+    return box[0]
+
+
+class LayerQuantizer:
+    """Quantizes one decoder layer in place and collects its packed tensors."""
+
+    def __init__(self, layer: torch.nn.Module, prefix: str, spec: QuantSpec, result: QuantizedModel) -> None:
+        self.layer = layer
+        self.prefix = prefix
+        self.spec = spec
+        self.result = result
+
+    def solve(self, group: tuple[str, ...], acc: HessianAccumulator) -> None:
+        h = acc.hessian()
+        linears = [_submodule(self.layer, n) for n in group]
+        weights = [lin.weight.data for lin in linears]
+        stacked = torch.cat(weights, 0) if len(weights) > 1 else weights[0]
+        name = self.prefix + "+".join(n.rsplit(".", 1)[-1] for n in group)
+        solved = gptq_quantize(stacked, h, self.spec, name=name)
+        parts = solved.split_rows([w.shape[0] for w in weights]) if len(weights) > 1 else [solved]
+        for lin_name, lin, w, part in zip(group, linears, weights, parts, strict=True):
+            full = self.prefix + lin_name
+            rel = relative_output_error(w, part.dequant, h)
+            packed = pack_gptq(part.codes, part.scales, part.zeros, part.g_idx, self.spec.bits)
+            for key, tensor in packed.items():
+                self.result.tensors[f"{full}.{key}"] = tensor
+            if lin.bias is not None:
+                self.result.tensors[f"{full}.bias"] = lin.bias.data.to(torch.float16).clone()
+            self.result.replaced.add(f"{full}.weight")
+            self.result.replaced.add(f"{full}.bias")
+            self.result.reports.append(LinearReport(full, tuple(w.shape), rel, part.percdamp))
+            # later stages and layers see what the checkpoint will hold
+            lin.weight.data = part.dequant.to(lin.weight.dtype)
+
+
+def _check_layer_structure(layer, x: torch.Tensor, kwargs: dict) -> None:
+    """The staged forward must reproduce the layer's own forward (pre-norm residual blocks)."""
+    with torch.no_grad():
+        ref = _layer_output(layer(x, **kwargs))
+        h = x + _layer_output(layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs))
+        out = h + layer.mlp(layer.post_attention_layernorm(h))
+    if not torch.allclose(ref, out, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-6):
+        raise UnsupportedArchitectureError(
+            f"{type(layer).__name__} does not follow the pre-norm residual layout of the Llama recipe"
+        )
+
+
+def _quantize_layer_sequential(layer, q: LayerQuantizer, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    qkv, o, gate_up, down = LINEAR_GROUPS
+    attn, mlp = layer.self_attn, layer.mlp
+    o_proj, down_proj = _submodule(layer, o[0]), _submodule(layer, down[0])
+    with torch.no_grad():
+        acc = HessianAccumulator(hidden[0].shape[-1])
+        for x in hidden:
+            acc.add(layer.input_layernorm(x))
+        q.solve(qkv, acc)
+
+        acc = HessianAccumulator(o_proj.in_features)
+        attn_out = []
+        for x, kw in zip(hidden, kwargs, strict=True):
+            normed = layer.input_layernorm(x)
+            a = _capture_input(o_proj, lambda normed=normed, kw=kw: attn(hidden_states=normed, **kw))
+            acc.add(a)
+            attn_out.append(a)
+        q.solve(o, acc)
+
+        residual = []
+        acc = HessianAccumulator(hidden[0].shape[-1])
+        for i, x in enumerate(hidden):
+            h = x + o_proj(attn_out[i])
+            attn_out[i] = hidden[i] = None
+            residual.append(h)
+            acc.add(layer.post_attention_layernorm(h))
+        del attn_out
+        q.solve(gate_up, acc)
+
+        total = sum(h.numel() for h in residual) // residual[0].shape[-1] * down_proj.in_features * 4
+        keep = total <= MLP_CACHE_BYTES
+        acc = HessianAccumulator(down_proj.in_features)
+        mlp_hidden = []
+        for h in residual:
+            normed = layer.post_attention_layernorm(h)
+            m = _capture_input(down_proj, lambda normed=normed: mlp(normed))
+            acc.add(m)
+            mlp_hidden.append(m if keep else None)
+        q.solve(down, acc)
+
+        outputs = []
+        for i, h in enumerate(residual):
+            if keep:
+                outputs.append(h + down_proj(mlp_hidden[i]))
+                mlp_hidden[i] = None
+            else:
+                outputs.append(h + mlp(layer.post_attention_layernorm(h)))
+            residual[i] = None
+    return outputs
+
+
+def _quantize_layer_parallel(layer, q: LayerQuantizer, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    accs = {}
+    handles = []
+    for group in LINEAR_GROUPS:
+        first = _submodule(layer, group[0])
+        acc = accs[group] = HessianAccumulator(first.in_features)
+        handles.append(first.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
+    try:
+        with torch.no_grad():
+            for x, kw in zip(hidden, kwargs, strict=True):
+                layer(x, **kw)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for group in LINEAR_GROUPS:
+        q.solve(group, accs[group])
+    with torch.no_grad():
+        return [_layer_output(layer(x, **kw)) for x, kw in zip(hidden, kwargs, strict=True)]
+
+
+def quantize_model(
+    model_path,
+    config,
+    windows: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    true_sequential: bool = True,
+    trust_remote_code: bool = False,
+    batch_tokens: int = 4096,
+) -> QuantizedModel:
+    """GPTQ-quantize every decoder layer's linears of the checkpoint at ``model_path``.
+
+    ``windows`` are the calibration token ids ``[nsamples, seqlen]``. Returns the
+    packed tensors (checkpoint names) and a per-linear error report; the
+    caller writes the checkpoint.
+    """
+    checkpoint = SafetensorsCheckpoint(model_path)
+    model = meta_model(config, trust_remote_code)
+    batch_size = max(1, batch_tokens // windows.shape[1])
+    t0 = time.perf_counter()
+    inputs = capture_layer_inputs(model, checkpoint, windows, batch_size)
+    logger.info(
+        f"Captured layer inputs for {windows.shape[0]} windows of {windows.shape[1]} tokens "
+        f"in {len(inputs.hidden)} batches ({time.perf_counter() - t0:.1f} s)"
+    )
+    result = QuantizedModel()
+    layers = model.model.layers
+    hidden, inputs.hidden = inputs.hidden, []
+    mode = "true-sequential" if true_sequential else "one pass per layer"
+    bar = tqdm(total=len(layers), desc="GPTQ layers", unit="layer", dynamic_ncols=True)
+    try:
+        for index, layer in enumerate(layers):
+            t_layer = time.perf_counter()
+            prefix = f"model.layers.{index}."
+            load_module(layer, prefix, checkpoint)
+            kwargs = [batch_kwargs[index] for batch_kwargs in inputs.kwargs]
+            if index == 0:
+                _check_layer_structure(layer, hidden[0][:1], _slice_kwargs(kwargs[0], 1))
+            quantizer = LayerQuantizer(layer, prefix, spec, result)
+            run = _quantize_layer_sequential if true_sequential else _quantize_layer_parallel
+            hidden = run(layer, quantizer, hidden, kwargs)
+            release(layer)
+            errors = " ".join(
+                f"{r.name.rsplit('.', 1)[-1].removesuffix('_proj')}={r.rel_error:.4f}"
+                for r in result.reports[-len(QUANTIZED_LINEARS):]
+            )
+            logger.info(f"layer {index + 1}/{len(layers)} ({mode}) {time.perf_counter() - t_layer:.1f} s: rel. output error {errors}")
+            bar.update(1)
+    finally:
+        bar.close()
+    return result
+
+
+def _slice_kwargs(kwargs: dict, n: int) -> dict:
+    """Keyword arguments for the first ``n`` rows of a batch (tensors with a batch dim are cut)."""
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > n:
+            return v[:n]
+        if isinstance(v, tuple):
+            return tuple(cut(t) for t in v)
+        return v
+    return {k: cut(v) for k, v in kwargs.items()}
+
+
+__all__ = [
+    "LINEAR_GROUPS",
+    "LinearReport",
+    "QuantizationConfigError",
+    "QuantizedModel",
+    "check_shapes",
+    "quantize_model",
+]
