@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -250,6 +251,18 @@ _FLAGS: list[_Flag] = [
 ]
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Wraps help at spaces only, so names like bitsandbytes-nf4 stay whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(
+            " ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False
+        )
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         # Malformed flags exit 2 with the usage line, as every argparse tool does.
@@ -265,6 +278,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     env = os.environ if env is None else env
     parser = _Parser(
         prog="text-generation-launcher",
+        formatter_class=_Formatter,
         description=(
             "Start and supervise the shards (text-generation-server) and the router (text-generation-router) "
             "that serve a language model over the TGIS fmaas.GenerationService gRPC API. Every flag can also "
