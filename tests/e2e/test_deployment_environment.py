@@ -32,12 +32,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _non_loopback_address() -> str | None:
-    try:
-        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
-    except OSError:
-        return None
-    addresses = [info[4][0] for info in infos if not info[4][0].startswith("127.")]
-    return addresses[0] if addresses else None
+    """An address of this host other than loopback (a pod's probes come from outside it), if any."""
+    # Connecting a UDP socket sends nothing; it only picks the route's source address.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("203.0.113.1", 9))
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
 
 
 def test_pod_environment_serves_probes_and_stops_within_the_grace_period(launch, tiny_llama, tmp_path):
