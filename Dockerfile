@@ -69,7 +69,8 @@ FROM python:3.11-slim-bookworm AS cpu
 
 # uid 1000 owns the writable places; group 0 may write them too, for
 # platforms that run containers under an arbitrary uid in group 0.
-RUN useradd --uid 1000 --user-group --create-home --home-dir /home/tgi --shell /usr/sbin/nologin tgi \
+RUN groupadd --gid 1000 tgi \
+    && useradd --uid 1000 --gid 1000 --create-home --home-dir /home/tgi --shell /usr/sbin/nologin tgi \
     && mkdir -p /data \
     && chown 1000:0 /data /home/tgi \
     && chmod 2775 /data /home/tgi
@@ -103,7 +104,7 @@ ENTRYPOINT ["text-generation-launcher"]
 
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu${UBUNTU_VERSION} AS cuda-base
 
-ENV DEBIAN_FRONTEND=noninteractive
+ARG DEBIAN_FRONTEND=noninteractive
 
 # Python 3.11 (the project's version) from Ubuntu 22.04. Triton compiles
 # small C launchers at run time, so gcc and the Python headers stay in the
@@ -117,6 +118,7 @@ RUN apt-get update \
 
 FROM cuda-base AS cuda-builder
 
+ARG DEBIAN_FRONTEND=noninteractive
 ARG TORCH_CUDA_INDEX
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -153,7 +155,8 @@ RUN pip install "grpcio-tools>=1.62" \
 
 FROM cuda-base AS cuda
 
-RUN useradd --uid 1000 --user-group --create-home --home-dir /home/tgi --shell /usr/sbin/nologin tgi \
+RUN groupadd --gid 1000 tgi \
+    && useradd --uid 1000 --gid 1000 --create-home --home-dir /home/tgi --shell /usr/sbin/nologin tgi \
     && mkdir -p /data \
     && chown 1000:0 /data /home/tgi \
     && chmod 2775 /data /home/tgi

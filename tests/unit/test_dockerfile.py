@@ -186,7 +186,9 @@ def test_image_runs_as_a_numeric_non_root_user_it_creates(dockerfile, target):
     assert uid.isdigit() and int(uid) != 0, user
     assert not gid or (gid.isdigit() and int(gid) != 0), user
     creates = [c for c in build_commands(stage) if "useradd" in c]
-    assert creates and re.search(rf"--uid {uid}\b", creates[0]), creates
+    assert creates and re.search(rf"useradd [^&]*--uid {uid}\b", creates[0]), creates
+    if gid:
+        assert re.search(rf"groupadd --gid {gid}\b", creates[0]) and re.search(rf"--gid {gid}\b", creates[0])
     # USER comes last among build steps, so nothing after it runs as root by surprise.
     keywords = [i.keyword for i in stage.instructions]
     assert "RUN" not in keywords[keywords.index("USER"):]
