@@ -365,3 +365,68 @@ def test_default_model_conversion_is_smollm2_and_answers_paris(tmp_path, monkeyp
     out = model.generate(ids, max_new_tokens=10, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
     assert no_network == []
+
+
+# ---- download-weights against a stand-in hub ---------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch, hub_cache):
+    """snapshot_download replaced by a copy from local "remote" repositories, honouring allow_patterns."""
+    import fnmatch
+
+    import huggingface_hub
+
+    remotes: dict[str, Path] = {}
+    calls: list[list[str]] = []
+
+    def snapshot_download(repo_id, *, revision=None, cache_dir=None, allow_patterns=None, **kwargs):
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        if repo_id not in remotes:
+            from types import SimpleNamespace
+
+            raise RepositoryNotFoundError(f"404 {repo_id}", response=SimpleNamespace(headers={}, request=None))
+        calls.append(list(allow_patterns or []))
+        snapshot = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / ("0" * 40)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for f in remotes[repo_id].iterdir():
+            if allow_patterns is None or any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy(f, snapshot / f.name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return remotes, calls
+
+
+def test_download_weights_fetches_config_tokenizer_and_safetensors_only(fake_hub, tiny_llama, tmp_path):
+    remotes, calls = fake_hub
+    remote = copy_checkpoint(tiny_llama, tmp_path / "remote")
+    torch.save({}, remote / "pytorch_model.bin")  # present upstream, not needed
+    (remote / "training_args.bin").write_bytes(b"x")
+    remotes["org/tiny"] = remote
+
+    path = download_weights("org/tiny")
+    assert sorted(p.name for p in path.iterdir()) == sorted(p.name for p in tiny_llama.iterdir())
+    assert len(calls) == 1
+    assert resolve_model("org/tiny") == path
+
+
+def test_download_weights_converts_a_bin_only_repository(fake_hub, tiny_llama, tmp_path):
+    remotes, calls = fake_hub
+    remote = copy_checkpoint(tiny_llama, tmp_path / "remote-bin")
+    state = load_file(str(remote / "model.safetensors"))
+    torch.save(state, remote / "pytorch_model.bin")
+    (remote / "model.safetensors").unlink()
+    remotes["org/binonly"] = remote
+
+    path = download_weights("org/binonly")
+    assert len(calls) == 2 and "pytorch_model*.bin" in calls[1]
+    converted = load_file(str(path / "model.safetensors"))
+    assert all(torch.equal(converted[k], v) for k, v in state.items())
+    assert resolve_model("org/binonly") == path
+
+
+def test_download_weights_of_a_missing_repository_names_it(fake_hub):
+    with pytest.raises(ModelNotFoundError, match="model org/missing does not exist on the Hugging Face hub"):
+        download_weights("org/missing")
