@@ -292,3 +292,46 @@ def test_real_router_in_front_of_stand_in_shards_serves_and_drains(launch):
     run.proc.send_signal(signal.SIGTERM)
     assert run.wait_exit() == 0, run.text()
     run.assert_nothing_left()
+
+
+# ---- command lines and addresses (no processes) ----------------------------------------------------------------
+
+
+def test_shard_command_carries_quantize_dtype_and_switches():
+    from text_generation_launcher.args import parse_args
+    from text_generation_launcher.launch import Commands, shard_argv
+
+    args = parse_args(["--quantize", "bitsandbytes-nf4", "--dtype", "bfloat16", "--trust-remote-code"], env={},
+                      cuda_device_count=lambda: 0)
+    argv = shard_argv(args, Path("/models/m"), Commands(server=("tgs",), router=("tgr",)))
+    assert argv == ["tgs", "serve", "/models/m", "--uds-path", "/tmp/text-generation-server", "--dtype", "bfloat16",
+                    "--quantize", "bitsandbytes-nf4", "--trust-remote-code"]
+
+
+def test_console_scripts_beside_the_interpreter_are_used():
+    from text_generation_launcher.launch import default_commands
+
+    commands = default_commands()
+    bindir = Path(sys.executable).parent
+    assert commands.server == (str(bindir / "text-generation-server"),)
+    assert commands.router == (str(bindir / "text-generation-router"),)
+
+
+def test_python_module_fallback_when_console_scripts_are_missing(monkeypatch, tmp_path):
+    from text_generation_launcher import launch as launch_module
+
+    monkeypatch.setattr(launch_module.sys, "executable", str(tmp_path / "python"))
+    commands = launch_module.default_commands()
+    assert commands.server == (str(tmp_path / "python"), "-m", "text_generation_server.cli")
+    assert commands.router == (str(tmp_path / "python"), "-m", "text_generation_router.cli")
+
+
+@pytest.mark.parametrize(
+    "hostname, expected",
+    [("0.0.0.0", "127.0.0.1:8033"), ("::", "[::1]:8033"), ("10.1.2.3", "10.1.2.3:8033"), ("fd00::1", "[fd00::1]:8033"),
+     ("pod-name", "pod-name:8033")],
+)
+def test_readiness_is_checked_where_the_router_listens(hostname, expected):
+    from text_generation_launcher.probes import local_address
+
+    assert local_address(hostname, 8033) == expected
