@@ -251,11 +251,11 @@ def _download(model_id: str, revision: str | None, patterns: list[str]) -> Path:
         raise ModelNotFoundError(f"model {model_id} has no revision {revision!r}") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
         raise ModelNotFoundError(
-            f"cannot download {model_id}: the Hugging Face hub is unreachable (offline, or HF_HUB_OFFLINE is set) "
-            f"and it is not in the cache {cache}"
+            f"the Hugging Face hub is unreachable (offline, or HF_HUB_OFFLINE is set) and model {model_id} "
+            f"is not in the cache {cache}"
         ) from None
     except (HfHubHTTPError, HFValidationError, OSError) as err:
-        raise ModelNotFoundError(f"cannot download {model_id}: {err}") from None
+        raise ModelNotFoundError(f"downloading model {model_id} failed: {err}") from None
 
 
 def _convert_bins(directory: Path, name: str) -> None:
