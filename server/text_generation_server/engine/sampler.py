@@ -4,9 +4,9 @@ Semantics follow transformers' own processors, in the order ``generate`` applies
 them: repetition penalty and the min-new-tokens mask (processors, also for
 greedy), then temperature, top-k, top-p, typical-p (warpers, sampling only).
 Each step works on the whole ``[N, vocab]`` batch with per-row parameters;
-only the draw itself loops over the sampling rows, because every request owns
-its random generator (seeded once by the router, advanced per step), which is
-what makes all shards draw the same token.
+only the uniform for the draw is taken per sampling row, because every
+request owns its random generator (seeded once by the router, advanced one
+draw per step), which is what makes all shards draw the same token.
 
 The reported logprob, rank and top-n tokens come from the model's own
 distribution (log-softmax of the raw logits), not from the processed one, so
@@ -140,16 +140,56 @@ def apply_top_k(scores: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(remove, NEG_INF)
 
 
+# Candidate counts tried before sorting the whole vocabulary for top-p: with a
+# peaked distribution the nucleus lies in the first few hundred tokens, and a
+# partial top-k is far cheaper than a full sort of every row.
+_TOP_P_CANDIDATES = (256, 4096)
+
+
+def _top_p_remove(
+    scores: torch.Tensor, top_p: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Removal mask from the ``k`` best tokens of each row, and which rows it is exact for.
+
+    transformers removes a token when the probability mass of it and every
+    token below it (ascending cumulative sum) is <= 1 - p. Tokens outside the
+    ``k`` candidates all sit below the candidates; when their total mass is
+    itself <= 1 - p they are all removed, and the candidates' ascending sums
+    start from that mass.
+    """
+    probs = scores.softmax(dim=-1)
+    values, index = torch.topk(probs, k, dim=-1)  # descending
+    tail = (probs.sum(dim=-1) - values.sum(dim=-1)).clamp_(min=0.0)
+    limit = (1 - top_p).unsqueeze(1)
+    ascending = values.flip(-1).cumsum(dim=-1) + tail.unsqueeze(1)
+    remove_ascending = ascending <= limit
+    remove_ascending[:, -1] = False  # the best token always stays
+    remove = torch.ones_like(scores, dtype=torch.bool)
+    remove.scatter_(1, index, remove_ascending.flip(-1))
+    exact = tail.unsqueeze(1) <= limit
+    return remove, exact.squeeze(1)
+
+
 def apply_top_p(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Keep the smallest set of best tokens whose probability reaches ``p`` (1.0 keeps all)."""
-    enabled = (top_p < 1.0).to(scores.device)
-    if not bool(enabled.any()):
+    top_p = top_p.to(scores.device, scores.dtype)
+    rows = torch.nonzero(top_p < 1.0).flatten()
+    if rows.numel() == 0:
         return scores
-    sorted_scores, order = torch.sort(scores, descending=False)
+    vocab = scores.shape[-1]
+    remove = torch.zeros_like(scores, dtype=torch.bool)
+    for k in (c for c in _TOP_P_CANDIDATES if c < vocab):
+        part, exact = _top_p_remove(scores[rows], top_p[rows], k)
+        remove[rows[exact]] = part[exact]
+        rows = rows[~exact]
+        if rows.numel() == 0:
+            return scores.masked_fill(remove, NEG_INF)
+    # Flat distributions: sort the whole vocabulary, exactly as transformers does.
+    sorted_scores, order = torch.sort(scores[rows], descending=False)
     cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    remove_sorted = cumulative <= (1 - top_p.to(scores.device, scores.dtype)).unsqueeze(1)
+    remove_sorted = cumulative <= (1 - top_p[rows]).unsqueeze(1)
     remove_sorted[:, -1] = False
-    remove = remove_sorted.scatter(1, order, remove_sorted) & enabled.unsqueeze(1)
+    remove[rows] = remove_sorted.scatter(1, order, remove_sorted)
     return scores.masked_fill(remove, NEG_INF)
 
 
@@ -219,10 +259,25 @@ def choose(scores: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         return chosen
     index = torch.tensor(sampling, device=scores.device)
     warped = warp(scores[index], [rows[i].params for i in sampling])
-    probs = warped.softmax(dim=-1)
-    for j, i in enumerate(sampling):
-        chosen[i] = torch.multinomial(probs[j], 1, generator=rows[i].generator)[0]
+    chosen[index] = draw(warped.softmax(dim=-1), [rows[i].generator for i in sampling])
     return chosen
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of ``probs`` ``[S, V]``, by inverse CDF on one uniform per row.
+
+    Each row's uniform comes from its own generator, so a request's draws
+    depend on its seed and step only, never on its neighbours in the batch.
+    """
+    uniforms = torch.stack(
+        [torch.rand((), generator=g, device=probs.device) for g in generators]
+    ).to(probs.dtype)
+    cumulative = probs.cumsum(dim=-1)
+    targets = (uniforms * cumulative[:, -1]).unsqueeze(1)
+    # right=True: the first token whose cumulative mass exceeds the target, so
+    # zero-probability tokens (filtered out by the warpers) are never chosen.
+    picked = torch.searchsorted(cumulative, targets, right=True).squeeze(1)
+    return picked.clamp_(max=probs.shape[-1] - 1)
 
 
 def token_stats(
