@@ -12,7 +12,6 @@ import gc
 import math
 import time
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 from loguru import logger
@@ -32,6 +31,7 @@ from text_generation_server.engine.sampler import SampledToken, sample, token_st
 from text_generation_server.engine.stopping import NOT_FINISHED
 from text_generation_server.engine.stopping import eos_token_ids as config_eos_token_ids
 from text_generation_server.layers.attention import AttentionMetadata
+from text_generation_server.models.base import CausalLM
 from text_generation_server.pb.generate.v1 import generate_pb2
 
 StepResult = tuple[
@@ -51,7 +51,7 @@ class Generator:
 
     def __init__(
         self,
-        model: Any,
+        model: CausalLM,
         dist: Distributed,
         *,
         block_size: int = DEFAULT_BLOCK_SIZE,

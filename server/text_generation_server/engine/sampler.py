@@ -119,13 +119,13 @@ def apply_repetition_penalty(
     padded = padded.clamp_(max=vocab).to(scores.device)
     wide = torch.nn.functional.pad(scores, (0, 1))
     seen = wide.gather(1, padded)
-    penalty = penalties.to(scores.dtype).unsqueeze(1)
+    penalty = penalties.to(scores.device, scores.dtype).unsqueeze(1)
     seen = torch.where(seen < 0, seen * penalty, seen / penalty)
     return wide.scatter(1, padded, seen)[:, :vocab]
 
 
 def apply_temperature(scores: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-    return scores / temperatures.to(scores.dtype).unsqueeze(1)
+    return scores / temperatures.to(scores.device, scores.dtype).unsqueeze(1)
 
 
 def apply_top_k(scores: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
