@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -198,3 +199,24 @@ def test_serve_logs_its_stages_refuses_a_taken_socket_and_stops_cleanly_on_sigte
     ):
         assert stage in log, log
     assert "Received SIGTERM" in log and "Traceback" not in log
+
+
+def test_master_port_in_use_exits_1_naming_the_port(tiny_llama, short_dir):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        result = run(
+            ["serve", str(tiny_llama), "--uds-path", str(short_dir / "s"), "--sharded"],
+            env={
+                "RANK": "0",
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            },
+        )
+    finally:
+        taken.close()
+    assert_clean_failure(result, f"master port {port}", "already in use")
+    assert not (short_dir / "s-0").exists()
