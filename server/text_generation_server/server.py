@@ -44,8 +44,8 @@ class ModelWorker:
     """
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[concurrent.futures.Future, Callable, tuple] | None]
-        self._queue = queue.SimpleQueue()
+        # (future, function, args) per call; None stops the thread.
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="model-worker", daemon=True)
         self._thread.start()
         self.pending = 0
@@ -64,11 +64,16 @@ class ModelWorker:
                 future.set_exception(error)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Queue ``fn(*args)`` and await its result.
+
+        A call runs even if its RPC is cancelled meanwhile: the other ranks
+        run theirs, and skipping one would break the lockstep.
+        """
         future: concurrent.futures.Future = concurrent.futures.Future()
         self.pending += 1
         try:
             self._queue.put((future, fn, args))
-            return await asyncio.wrap_future(future)
+            return await asyncio.shield(asyncio.wrap_future(future))
         finally:
             self.pending -= 1
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import shutil
 import socket
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -233,3 +235,21 @@ def test_stale_socket_file_is_replaced_and_a_live_one_refused(short_dir):
     plain.write_text("not a socket")
     with pytest.raises(OSError, match="not a socket"):
         prepare_socket_path(plain)
+
+
+def test_a_call_whose_rpc_is_cancelled_still_runs_so_ranks_stay_in_lockstep(stub, shard):
+    _, server, generator = shard
+    release = threading.Event()
+    # Hold the worker so the Prefill waits in its queue while it is cancelled.
+    server.worker._queue.put((concurrent.futures.Future(), release.wait, (30,)))
+    pending = stub.Prefill.future(
+        pb.PrefillRequest(batch=pb.Batch(id=21, requests=[request(1, [4, 5, 6])]))
+    )
+    time.sleep(0.5)
+    pending.cancel()
+    time.sleep(0.5)
+    release.set()
+    deadline = time.monotonic() + 30
+    while 21 not in generator.batches and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert 21 in generator.batches
