@@ -12,6 +12,8 @@ Python loop runs once instead of three times.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -196,6 +198,18 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, name: str = "
         pct = nxt
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """The column loop is thousands of tiny ops: intra-op threads only add
+    synchronisation (and stall badly on a busy host), so run it on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, name: str = "layer") -> QuantResult:
     """Quantize ``weight [out, in]`` with GPTQ given the input Hessian ``[in, in]``.
 
@@ -206,6 +220,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     grids are fitted on the original weight in natural column order, so
     ``g_idx`` stays monotonic even with ``act_order``.
     """
+    with _one_thread():
+        return _gptq_quantize(weight, hessian, spec, name)
+
+
+def _gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, name: str) -> QuantResult:
     w = weight.detach().to(torch.float32).clone()
     out_f, in_f = w.shape
     if hessian.shape != (in_f, in_f):

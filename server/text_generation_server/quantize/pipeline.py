@@ -95,6 +95,7 @@ def quantize_checkpoint(
 ) -> Path:
     """Quantize ``model_id`` into a v1 GPTQ checkpoint at ``output_dir``; returns its path."""
     t_start = time.perf_counter()
+    cpu_start = time.process_time()
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite)
     model_path = resolve(model_id, revision)
@@ -149,7 +150,7 @@ def quantize_checkpoint(
     size = sum(f.stat().st_size for f in output_dir.iterdir() if f.is_file())
     logger.info(
         f"Wrote {output_dir} ({size / 2**20:.1f} MiB) in {time.perf_counter() - t_start:.1f} s "
-        f"(GPTQ {t_quant:.1f} s); peak RSS {peak_rss_mib():.0f} MiB"
+        f"(GPTQ {t_quant:.1f} s; CPU time {time.process_time() - cpu_start:.0f} s); peak RSS {peak_rss_mib():.0f} MiB"
     )
     return output_dir
 
