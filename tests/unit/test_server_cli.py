@@ -160,6 +160,7 @@ def wait_for_health(url: str, proc: subprocess.Popen, timeout: float = 120) -> N
     raise AssertionError("shard did not become healthy")
 
 
+@pytest.mark.slow  # two shard processes load torch and the model
 def test_serve_logs_its_stages_refuses_a_taken_socket_and_stops_cleanly_on_sigterm(
     tiny_llama, short_dir
 ):
