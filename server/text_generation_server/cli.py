@@ -15,10 +15,14 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
 from text_generation_server.utils.log import setup_logging
+
+if TYPE_CHECKING:  # torch loads only when a command needs it
+    import torch
 
 DEFAULT_UDS_PATH = "/tmp/text-generation-server"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -67,7 +71,7 @@ class ShardEnv:
 # ---- start-up choices, each logged once -------------------------------------------
 
 
-def choose_device(env: ShardEnv):
+def choose_device(env: ShardEnv) -> torch.device:
     import torch
 
     if torch.cuda.is_available():
@@ -90,7 +94,7 @@ def cpu_has_bf16_instructions(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return False
 
 
-def resolve_dtype(name: str, device):
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The compute dtype for ``--dtype`` on ``device`` (``auto``: float16 on CUDA, float32 on CPU)."""
     import torch
 
