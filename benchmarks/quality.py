@@ -91,7 +91,8 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=128)
     parser.add_argument("--variants", default="default,act-order",
-                        help="our quantizer runs: comma list of default, act-order, no-true-sequential")
+                        help="our quantizer runs: comma list of default, plain, group-aware, act-order, static-groups, "
+                             "no-true-sequential")
     parser.add_argument("--skip-fp32", action="store_true")
     parser.add_argument("--skip-rtn", action="store_true")
     parser.add_argument("--workdir", type=Path, default=ROOT / ".cache" / "quality")
@@ -117,7 +118,8 @@ def main() -> None:
         spec = QuantSpec(bits=args.bits, group_size=args.groupsize)
         results["runs"].append(ppl_line(f"RTN {args.bits}-bit g{args.groupsize}", perplexity(rtn_model(path, spec), windows)))
     flags = {"default": [], "act-order": ["--act-order"], "no-true-sequential": ["--no-true-sequential"],
-             "static-groups": ["--act-order", "--static-groups"]}
+             "static-groups": ["--act-order", "--static-groups"], "group-aware": ["--group-aware-order"],
+             "plain": ["--no-group-aware-order"]}
     for variant in filter(None, args.variants.split(",")):
         out = args.workdir / f"gptq-{args.bits}b-g{args.groupsize}-{variant}"
         run = run_quantizer(args.model, out, ot, args, flags[variant])

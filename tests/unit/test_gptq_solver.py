@@ -191,3 +191,29 @@ def test_spec_rejects_unsupported_settings():
         QuantSpec(group_size=0)
     with pytest.raises(ValueError, match="percdamp"):
         QuantSpec(percdamp=2.0)
+
+
+def test_group_aware_order_keeps_g_idx_monotonic_and_beats_plain_order():
+    """Visiting whole groups by activity keeps the plain layout; on inputs with
+    uneven column energy it lowers the error of the natural order."""
+    wins = 0
+    for seed in range(4):
+        w, x = make_layer(seed)
+        h = hessian_of(x)
+        plain = gptq_quantize(w, h, QuantSpec(bits=4, group_size=32))
+        aware = gptq_quantize(w, h, QuantSpec(bits=4, group_size=32, group_aware_order=True))
+        assert torch.equal(aware.g_idx, torch.arange(128, dtype=torch.int32) // 32)
+        t = pack_gptq(aware.codes, aware.scales.half(), aware.zeros, aware.g_idx, 4)
+        dense = dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4)
+        torch.testing.assert_close(dense, aware.dequant, rtol=0, atol=0)
+        wins += output_error(w, aware.dequant, x) < output_error(w, plain.dequant, x)
+    assert wins >= 3
+
+
+def test_group_aware_permutation_keeps_groups_contiguous():
+    from text_generation_server.quantize.gptq import group_aware_permutation
+
+    diag = torch.tensor([1.0, 5.0, 2.0, 0.5, 9.0, 0.1, 3.0, 4.0])
+    perm = group_aware_permutation(diag, 4)
+    # group 1 holds the largest value (9) and goes first, each group sorted inside
+    assert perm.tolist() == [4, 7, 6, 5, 1, 2, 0, 3]

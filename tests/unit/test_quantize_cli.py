@@ -360,7 +360,8 @@ def test_help_lists_every_flag_with_its_default(capsys):
     for flag, default in [("--revision", "None"), ("--trust-remote-code", "False"), ("--upload-to-model-id", "None"),
                           ("--percdamp", "0.01"), ("--act-order", "False"), ("--groupsize", "128"), ("--bits", "4"),
                           ("--no-sym", "True"), ("--dataset", "python-docs"), ("--nsamples", "128"),
-                          ("--seqlen", "2048"), ("--seed", "0"), ("--true-sequential", "True"), ("--overwrite", "False")]:
+                          ("--seqlen", "2048"), ("--seed", "0"), ("--true-sequential", "True"), ("--overwrite", "False"),
+                          ("--static-groups", "False"), ("--group-aware-order", "False")]:
         assert flag in text
         after = text.split(flag, 1)[1]
         assert f"(default: {default})" in after, flag

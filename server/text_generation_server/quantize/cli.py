@@ -77,6 +77,9 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=_bits, default=4, help=f"bits per weight, one of {', '.join(map(str, SUPPORTED_BITS))}")
     p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True,
                    help="symmetric quantization grid (--no-sym: asymmetric with a per-group zero point)")
+    p.add_argument("--group-aware-order", action=argparse.BooleanOptionalAction, default=False,
+                   help="without --act-order: visit whole groups by activity (and columns within them), "
+                        "keeping the plain monotonic g_idx")
     p.add_argument("--static-groups", action="store_true",
                    help="fit group grids before act-order reordering, keeping g_idx monotonic")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
@@ -149,7 +152,8 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     try:
         spec = QuantSpec(bits=args.bits, group_size=args.groupsize, sym=args.sym, act_order=args.act_order,
-                         static_groups=args.static_groups, percdamp=args.percdamp)
+                         static_groups=args.static_groups, group_aware_order=args.group_aware_order,
+                         percdamp=args.percdamp)
         calibration = CalibrationSettings(args.dataset, args.nsamples, args.seqlen, args.seed)
         out = quantize_checkpoint(
             args.model_id, args.output_dir, spec, calibration, revision=args.revision,

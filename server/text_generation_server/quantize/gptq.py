@@ -32,6 +32,10 @@ class CholeskyError(RuntimeError):
 class QuantSpec:
     """How to quantize: bits, grouping and the GPTQ options of the checkpoint.
 
+    ``group_aware_order`` (without ``act_order``) visits whole groups in
+    order of their most active column, and the columns inside each group by
+    activity: most of act-order's benefit while every group stays a natural
+    column range, so ``g_idx`` is the plain monotonic one.
     ``min_zero=1`` keeps every zero point representable in the v1 "gptq"
     format, which stores ``zero - 1`` (asymmetric groups that would get a zero
     point of 0 are re-fitted with zero 1 instead).
@@ -42,6 +46,7 @@ class QuantSpec:
     sym: bool = True
     act_order: bool = False
     static_groups: bool = False
+    group_aware_order: bool = False
     percdamp: float = 0.01
     block_size: int = 128
     min_zero: int = 1
@@ -198,6 +203,18 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, name: str = "
         pct = nxt
 
 
+def group_aware_permutation(diag: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Processing order that keeps each group of ``group_size`` columns contiguous:
+    groups by descending largest Hessian diagonal, columns within a group by
+    descending diagonal."""
+    groups = diag.numel() // group_size
+    d = diag.view(groups, group_size)
+    local = torch.argsort(d, dim=1, descending=True, stable=True)
+    order = torch.argsort(d.max(dim=1).values, descending=True, stable=True)
+    starts = (order * group_size).unsqueeze(1)
+    return (starts + local[order]).reshape(-1)
+
+
 @contextmanager
 def _one_thread() -> Iterator[None]:
     """The column loop is thousands of tiny ops: intra-op threads only add
@@ -249,11 +266,16 @@ def _gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     perm = None
     if spec.act_order:
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+    elif spec.group_aware_order and grouped and not spec.static_groups and in_f % size == 0:
+        perm = group_aware_permutation(h.diagonal(), size)
+    if perm is not None:
         w = w[:, perm]
         h = h[perm][:, perm]
 
-    # group of each processed column (processing order)
-    if grouped and not spec.static_groups:
+    # Group of each processed column. Full act-order forms groups in
+    # processing order (g_idx becomes non-monotonic); otherwise groups are
+    # the natural column ranges, whichever order their columns are visited in.
+    if spec.act_order and grouped and not spec.static_groups:
         col_group = torch.arange(in_f) // size
     else:
         natural = torch.arange(in_f) if perm is None else perm

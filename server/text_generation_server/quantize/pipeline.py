@@ -127,7 +127,8 @@ def quantize_checkpoint(
     logger.info(
         f"Quantizing {model_path} ({config.architectures[0]}, {config.num_hidden_layers} layers) to "
         f"{spec.bits}-bit, group size {spec.group_size}, {'sym' if spec.sym else 'asym'}, "
-        f"act-order {spec.act_order}, static groups {spec.static_groups}, true-sequential {true_sequential}, "
+        f"act-order {spec.act_order}, group-aware order {spec.group_aware_order}, static groups {spec.static_groups}, "
+        f"true-sequential {true_sequential}, "
         f"percdamp {spec.percdamp}, {threads} threads"
     )
 

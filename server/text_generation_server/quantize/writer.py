@@ -49,6 +49,7 @@ def quantization_config(spec: QuantSpec, true_sequential: bool, calibration: dic
         "static_groups": spec.static_groups,
         "sym": spec.sym,
         "true_sequential": true_sequential,
+        "act_group_aware": spec.group_aware_order and not spec.act_order,
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
     }
