@@ -97,6 +97,10 @@ def main() -> None:
     parser.add_argument("--skip-rtn", action="store_true")
     parser.add_argument("--workdir", type=Path, default=ROOT / ".cache" / "quality")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON summary here")
+    parser.add_argument("--save-windows", type=Path, default=None,
+                        help="write the calibration windows (the quantizer's own choice) as a tensor file for peers")
+    parser.add_argument("--extra-checkpoint", action="append", default=[], metavar="NAME=DIR",
+                        help="also score an existing checkpoint (e.g. a peer's)")
     args = parser.parse_args()
 
     from text_generation_server.model_source import resolve_model
@@ -112,6 +116,14 @@ def main() -> None:
           f"cpu {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads", flush=True)
     results: dict = {"model": str(path), "bits": args.bits, "groupsize": args.groupsize, "runs": []}
 
+    if args.save_windows:
+        from text_generation_server.quantize.data import calibration_windows
+
+        calib = tokenize(tokenizer, Text(ot.read_text(), str(ot)))
+        torch.save(calibration_windows(calib, args.nsamples, args.seqlen, 0), args.save_windows)
+    for item in args.extra_checkpoint:
+        name, _, directory = item.partition("=")
+        results["runs"].append(ppl_line(name, perplexity(load_float_model(Path(directory)), windows)))
     if not args.skip_fp32:
         results["runs"].append(ppl_line("float32", perplexity(load_float_model(path), windows)))
     if not args.skip_rtn:

@@ -16,6 +16,7 @@ from one forward of the unquantized layer (AutoGPTQ's non-sequential mode).
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -355,11 +356,18 @@ def quantize_model(
                 f"{r.name.rsplit('.', 1)[-1].removesuffix('_proj')}={r.rel_error:.4f}"
                 for r in result.reports[-len(QUANTIZED_LINEARS):]
             )
-            logger.info(f"layer {index + 1}/{len(layers)} ({mode}) {time.perf_counter() - t_layer:.1f} s: rel. output error {errors}")
+            logger.info(
+                f"layer {index + 1}/{len(layers)} ({mode}) {time.perf_counter() - t_layer:.1f} s, "
+                f"peak RSS {_peak_rss_mib():.0f} MiB: rel. output error {errors}"
+            )
             bar.update(1)
     finally:
         bar.close()
     return result
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _slice_kwargs(kwargs: dict, n: int) -> dict:
