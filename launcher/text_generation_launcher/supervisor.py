@@ -5,7 +5,8 @@ readiness is any callable. Guarantees a caller may rely on:
 
 - every child runs in its own process group (a terminal's Ctrl-C reaches only
   the launcher, which then stops children in the right order) and, on Linux,
-  receives SIGTERM if the launcher dies, so nothing is orphaned;
+  receives SIGTERM if the launcher dies, so nothing is orphaned; no Python code
+  runs between fork and exec;
 - while waiting or watching, a child that exits raises :class:`ChildExited`
   at once, and a stop request (:meth:`Supervisor.request_stop`, meant for a
   signal handler) raises :class:`StopRequested`;
@@ -15,8 +16,8 @@ readiness is any callable. Guarantees a caller may rely on:
 
 from __future__ import annotations
 
-import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,20 +27,34 @@ from dataclasses import dataclass, field
 
 from loguru import logger
 
-_PR_SET_PDEATHSIG = 1
+# Run in the child instead of the real command: ask the kernel for SIGTERM when the
+# launcher dies (PR_SET_PDEATHSIG survives exec), then exec the real command. Doing
+# this in a tiny exec'd interpreter rather than a preexec_fn keeps Python code out of
+# the forked child: the launcher holds gRPC threads (readiness probes), and running
+# fork handlers in a child of a threaded gRPC process can abort it.
+_DEATH_SIGNAL_SHIM = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)  # the launcher died before prctl: nobody would stop this child
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as err:
+    print(f"cannot start {sys.argv[2]}: {err.strerror}", file=sys.stderr)
+    os._exit(127)
+"""
 
 
-def _load_prctl() -> Callable[..., int] | None:
+def _with_death_signal(argv: list[str]) -> list[str]:
     if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
+        return argv
+    return [sys.executable, "-I", "-S", "-c", _DEATH_SIGNAL_SHIM, str(os.getpid()), *argv]
 
 
-# Resolved once in the parent: a forked child should do as little as possible before exec.
-_prctl = _load_prctl()
+def _check_executable(name: str, program: str) -> None:
+    found = shutil.which(program) if os.sep not in program else (program if os.access(program, os.X_OK) else None)
+    if found is None or not os.path.isfile(found):
+        raise ChildStartError(f"cannot start {name} ({program}): no such executable")
 
 
 class ChildExited(RuntimeError):
@@ -97,17 +112,6 @@ class Child:
             self.process.send_signal(sig)
 
 
-def _child_setup(parent_pid: int) -> Callable[[], None]:
-    def setup() -> None:
-        if _prctl is not None:
-            _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-            if os.getppid() != parent_pid:
-                # The launcher died between fork and prctl: nobody would stop this child.
-                os._exit(1)
-
-    return setup
-
-
 class Supervisor:
     """The set of children of one launch."""
 
@@ -131,13 +135,13 @@ class Supervisor:
     def spawn(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> Child:
         """Start ``argv`` as a supervised child; its stdout/stderr are the launcher's."""
         logger.debug(f"Spawning {name}: {' '.join(argv)}")
+        _check_executable(name, argv[0])
         try:
             process = subprocess.Popen(
-                list(argv),
+                _with_death_signal(list(argv)),
                 env=dict(env) if env is not None else None,
                 stdin=subprocess.DEVNULL,
                 process_group=0,
-                preexec_fn=_child_setup(os.getpid()),
             )
         except OSError as err:
             raise ChildStartError(f"cannot start {name} ({argv[0]}): {err.strerror or err}") from None
