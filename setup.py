@@ -1,20 +1,26 @@
-"""Build hook: generate the gRPC stubs from proto/ into the package."""
+"""Build hook: generate the gRPC stubs from proto/ into the package.
+
+The stubs are generated before setup() runs, so the package discovery in
+pyproject.toml sees `text_generation_server.pb` and every build (wheel,
+sdist, editable) ships them.
+"""
 
 import importlib.util
 from pathlib import Path
 
 from setuptools import setup
-from setuptools.command.build_py import build_py
 
 
-class BuildWithStubs(build_py):
-    def run(self):
-        here = Path(__file__).resolve().parent
-        spec = importlib.util.spec_from_file_location("build_stubs", here / "proto" / "build_stubs.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.build()
-        super().run()
+def build_stubs() -> None:
+    here = Path(__file__).resolve().parent
+    script = here / "proto" / "build_stubs.py"
+    if not script.exists():  # building from an sdist that already carries the stubs
+        return
+    spec = importlib.util.spec_from_file_location("build_stubs", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.build()
 
 
-setup(cmdclass={"build_py": BuildWithStubs})
+build_stubs()
+setup()
