@@ -218,3 +218,22 @@ def test_a_dead_shard_stops_the_launch_with_nonzero_exit(tiny_llama, tmp_path):
     assert rc != 0, srv.log_tail()
     time.sleep(0.5)
     assert processes_mentioning(srv.uds_path) == []
+
+
+def test_two_shards_give_the_same_greedy_text_as_transformers(tiny_llama_tied, tmp_path):
+    """--sharded true --num-shard 2 on a 6-head / 3-KV-head model (an uneven GQA split)."""
+    tok = AutoTokenizer.from_pretrained(tiny_llama_tied)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_tied, dtype=torch.float32)
+    srv = ServerProcess(tmp_path, ["--model-id", str(tiny_llama_tied), "--sharded", "true", "--num-shard", "2"]).start()
+    try:
+        [result] = srv.tgis(
+            [{"method": "Generate", "request": {"requests": [{"text": p} for p in PROMPTS], "params": greedy(16)}}]
+        )
+    finally:
+        assert srv.stop() == 0, srv.log_tail()
+    assert result["ok"], result
+    for prompt, resp in zip(PROMPTS, result["response"]["responses"], strict=True):
+        ids = tok(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:].tolist()
+        assert resp.get("text", "") == tok.decode(out, skip_special_tokens=True)
+    assert not list(tmp_path.glob("shard-*"))
