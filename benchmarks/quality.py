@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=128)
-    parser.add_argument("--variants", default="default,act-order",
+    parser.add_argument("--variants", default="default,plain,act-order",
                         help="our quantizer runs: comma list of default, plain, group-aware, act-order, static-groups, "
                              "no-true-sequential")
     parser.add_argument("--skip-fp32", action="store_true")

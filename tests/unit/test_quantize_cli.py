@@ -164,7 +164,7 @@ def test_both_config_files_describe_the_quantization(quantized, tiny_llama):
     assert EXPECTED_QCONFIG_KEYS <= set(qc)
     assert qc["bits"] == 4 and qc["group_size"] == 32 and qc["damp_percent"] == 0.01
     assert qc["desc_act"] is False and qc["static_groups"] is False and qc["sym"] is True
-    assert qc["true_sequential"] is True
+    assert qc["true_sequential"] is True and qc["act_group_aware"] is True
     assert qc["quant_method"] == "gptq" and qc["checkpoint_format"] == "gptq"
     assert json.loads((quantized / "quantize_config.json").read_text()) == qc
     source = json.loads((tiny_llama / "config.json").read_text())
@@ -211,8 +211,9 @@ def test_gptq_checkpoint_beats_round_to_nearest_on_the_same_model(quantized, tin
         (["--bits", "8", "--no-true-sequential"], 8, 4),
         (["--bits", "2", "--groupsize", "64"], 2, 2),
         (["--act-order", "--static-groups", "--no-sym"], 4, 4),
+        (["--no-group-aware-order"], 4, 4),
     ],
-    ids=["act-order", "g-1", "8bit-parallel", "2bit", "static-asym"],
+    ids=["act-order", "g-1", "8bit-parallel", "2bit", "static-asym", "natural-order"],
 )
 def test_variants_write_consistent_checkpoints(tiny_llama, corpus, tmp_path, extra, bits, groups):
     out = tmp_path / "q"
@@ -221,6 +222,7 @@ def test_variants_write_consistent_checkpoints(tiny_llama, corpus, tmp_path, ext
     t = read_tensors(out)
     qc = json.loads((out / "quantize_config.json").read_text())
     assert qc["bits"] == bits and qc["desc_act"] == ("--act-order" in extra)
+    assert qc["act_group_aware"] == ("--act-order" not in extra and "--no-group-aware-order" not in extra)
     stem = "model.layers.1.mlp.down_proj"  # 128 input features
     assert tuple(t[f"{stem}.qweight"].shape) == (128 * bits // 32, 64)
     assert tuple(t[f"{stem}.scales"].shape) == (groups, 64)
@@ -361,7 +363,7 @@ def test_help_lists_every_flag_with_its_default(capsys):
                           ("--percdamp", "0.01"), ("--act-order", "False"), ("--groupsize", "128"), ("--bits", "4"),
                           ("--no-sym", "True"), ("--dataset", "python-docs"), ("--nsamples", "128"),
                           ("--seqlen", "2048"), ("--seed", "0"), ("--true-sequential", "True"), ("--overwrite", "False"),
-                          ("--static-groups", "False"), ("--group-aware-order", "False")]:
+                          ("--static-groups", "False"), ("--group-aware-order", "True")]:
         assert flag in text
         after = text.split(flag, 1)[1]
         assert f"(default: {default})" in after, flag

@@ -77,9 +77,10 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=_bits, default=4, help=f"bits per weight, one of {', '.join(map(str, SUPPORTED_BITS))}")
     p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True,
                    help="symmetric quantization grid (--no-sym: asymmetric with a per-group zero point)")
-    p.add_argument("--group-aware-order", action=argparse.BooleanOptionalAction, default=False,
-                   help="without --act-order: visit whole groups by activity (and columns within them), "
-                        "keeping the plain monotonic g_idx")
+    p.add_argument("--group-aware-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="without --act-order: visit whole groups in order of activity (and the columns inside "
+                        "each group too); the checkpoint keeps the plain layout (desc_act false, monotonic g_idx). "
+                        "--no-group-aware-order gives the original column order")
     p.add_argument("--static-groups", action="store_true",
                    help="fit group grids before act-order reordering, keeping g_idx monotonic")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,

@@ -16,6 +16,7 @@ Other sources: a local ``.txt`` file (read whole) or ``.jsonl`` file (the
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import sysconfig
 import zlib
@@ -77,33 +78,45 @@ def _looks_like_hub_id(name: str) -> bool:
 
 def python_docs(split: str = "train") -> Text:
     """Docstrings of the standard library modules of this Python, one split of them."""
+    root, modules, skipped = _stdlib_docstrings()
+    pieces: list[str] = []
+    used = 0
+    for rel, docs in modules:
+        in_eval = zlib.crc32(rel.encode()) % 5 == 0
+        if in_eval == (split == "eval"):
+            used += 1
+            pieces.extend(docs)
+    if not pieces:
+        raise DatasetError(f"found no standard-library docstrings under {root} for the built-in corpus")
+    note = f", {skipped} unparsable skipped" if skipped else ""
+    return Text("\n\n".join(pieces), f"{BUILTIN_DATASET} ({split} split: docstrings of {used} stdlib modules in {root}{note})")
+
+
+@functools.cache
+def _stdlib_docstrings() -> tuple[Path, list[tuple[str, list[str]]], int]:
+    """(stdlib root, [(module path, its docstrings)], files skipped), parsed once per process."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(
         p for p in root.rglob("*.py")
         if not _EXCLUDED_DIRS.intersection(p.relative_to(root).parts)
     )
-    pieces: list[str] = []
-    used = skipped = 0
+    modules: list[tuple[str, list[str]]] = []
+    skipped = 0
     for f in files:
         rel = f.relative_to(root).as_posix()
-        in_eval = zlib.crc32(rel.encode()) % 5 == 0
-        if in_eval != (split == "eval"):
-            continue
         try:
             tree = ast.parse(f.read_bytes(), filename=rel)
         except (SyntaxError, ValueError, OSError):
             skipped += 1
             continue
-        used += 1
+        docs = []
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node)
                 if doc and len(doc) >= _MIN_DOCSTRING:
-                    pieces.append(doc)
-    if not pieces:
-        raise DatasetError(f"found no standard-library docstrings under {root} for the built-in corpus")
-    note = f", {skipped} unparsable skipped" if skipped else ""
-    return Text("\n\n".join(pieces), f"{BUILTIN_DATASET} ({split} split: docstrings of {used} stdlib modules in {root}{note})")
+                    docs.append(doc)
+        modules.append((rel, docs))
+    return root, modules, skipped
 
 
 def _local_file(path: Path) -> Text:
@@ -158,14 +171,29 @@ def _hub_dataset(name: str, split: str) -> Text:
     return Text("\n\n".join(ds["text"]), f"hub dataset {repo}" + (f"/{config}" if config else "") + f" [{hub_split}]")
 
 
-def tokenize(tokenizer, text: Text) -> torch.Tensor:
-    """All token ids of the text (no special tokens), as a 1-D int64 tensor."""
-    encode = getattr(tokenizer, "backend_tokenizer", None)
-    if encode is not None:
-        # the fast tokenizer's own encoder: no "longer than model_max_length" warning
-        ids = encode.encode(text.text, add_special_tokens=False).ids
-    else:
-        ids = tokenizer(text.text, add_special_tokens=False)["input_ids"]
+def tokenize(tokenizer, text: Text, chunk_chars: int = 1 << 16) -> torch.Tensor:
+    """All token ids of the text (no special tokens), as a 1-D int64 tensor.
+
+    The text is encoded in pieces of about ``chunk_chars`` characters, cut
+    after a newline, so a multi-megabyte corpus never holds a full encoding
+    (offsets, token strings) in memory at once.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    ids: list[int] = []
+    start = 0
+    body = text.text
+    while start < len(body):
+        end = min(len(body), start + chunk_chars)
+        if end < len(body):
+            cut = body.rfind("\n", start, end)
+            end = cut + 1 if cut > start else end
+        piece = body[start:end]
+        if backend is not None:
+            # the fast tokenizer's own encoder: no "longer than model_max_length" warning
+            ids.extend(backend.encode(piece, add_special_tokens=False).ids)
+        else:
+            ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+        start = end
     return torch.tensor(ids, dtype=torch.int64)
 
 
