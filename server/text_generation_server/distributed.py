@@ -95,6 +95,13 @@ class Distributed:
         if self.world_size == 1 or self._group is None:
             return
         if tdist.is_initialized():
+            # Rank 0 hosts the rendezvous store: leaving before the others have
+            # finished their last collective aborts their process (and, with
+            # gloo, can abort rank 0 at exit). Meet once, then leave together.
+            try:
+                tdist.barrier()
+            except RuntimeError as err:
+                logger.warning(f"Process group barrier at shutdown failed: {err}")
             tdist.destroy_process_group()
         self._group = None
 
