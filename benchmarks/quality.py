@@ -78,8 +78,10 @@ def run_quantizer(model: str, out: Path, calib: Path, args, extra: list[str]) ->
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"quantizer failed ({proc.returncode})")
-    rss = re.search(r"peak RSS (\d+) MiB", proc.stderr)
-    return {"seconds": seconds, "peak_rss_mib": int(rss.group(1)) if rss else None, "args": extra}
+    rss = re.search(r"peak RSS (\d+) MiB", proc.stderr.split("Wrote ")[-1])
+    cpu = re.search(r"CPU time (\d+) s", proc.stderr)
+    return {"seconds": seconds, "cpu_seconds": int(cpu.group(1)) if cpu else None,
+            "peak_rss_mib": int(rss.group(1)) if rss else None, "args": extra}
 
 
 def main() -> None:
@@ -136,7 +138,7 @@ def main() -> None:
         out = args.workdir / f"gptq-{args.bits}b-g{args.groupsize}-{variant}"
         run = run_quantizer(args.model, out, ot, args, flags[variant])
         entry = ppl_line(f"ours GPTQ {variant}", perplexity(load_float_model(out), windows),
-                         f"  quantize {run['seconds']:.0f} s, peak RSS {run['peak_rss_mib']} MiB")
+                         f"  quantize {run['seconds']:.0f} s (CPU {run['cpu_seconds']} s), peak RSS {run['peak_rss_mib']} MiB")
         entry["quantize"] = run
         results["runs"].append(entry)
     print(json.dumps(results, indent=2))
