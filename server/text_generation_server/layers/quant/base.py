@@ -104,5 +104,10 @@ class QuantConfig(ABC):
         """Row-parallel input splits must be multiples of this (e.g. a GPTQ group size)."""
         return 1
 
+    def check_supported(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Raise ``ValueError`` naming what is allowed when this method cannot serve
+        ``dtype`` on ``device``; called before any weight is read. Default: anything goes."""
+        return None
+
     def __call__(self, prefix: str) -> QuantMethod:
         return self.get_method(prefix)
