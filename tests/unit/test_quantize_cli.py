@@ -291,7 +291,7 @@ def test_group_size_that_does_not_divide_names_the_layer_and_sizes(tiny_llama, c
 @pytest.mark.parametrize(
     "flag,value,message",
     [("--bits", "5", "choose one of 2, 3, 4, 8"), ("--groupsize", "0", "positive group size or -1"),
-     ("--percdamp", "3", "must lie in [0, 1]"), ("--nsamples", "0", "must be at least 1")],
+     ("--percdamp", "3", "must lie in [0, 1]"), ("--nsamples", "0", "expected an integer >= 1, got '0'")],
 )
 def test_bad_flag_values_are_rejected_by_the_parser(flag, value, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -16,34 +16,19 @@ from loguru import logger
 
 from text_generation_server.quantize.data import BUILTIN_DATASET
 from text_generation_server.quantize.packing import SUPPORTED_BITS
+from text_generation_server.utils.argtypes import integer, number, positive_int
 from text_generation_server.utils.log import setup_logging
 
 
 def _group_size(value: str) -> int:
-    try:
-        size = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer (use a positive group size or -1)") from None
+    size = integer(value)
     if size != -1 and size < 1:
         raise argparse.ArgumentTypeError(f"{size} is not allowed: use a positive group size or -1 (one group per row)")
     return size
 
 
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n} must be at least 1")
-    return n
-
-
 def _percdamp(value: str) -> float:
-    try:
-        p = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    p = number(value)
     if not 0.0 <= p <= 1.0:
         raise argparse.ArgumentTypeError(f"{p} must lie in [0, 1] (a fraction of the mean Hessian diagonal)")
     return p
@@ -88,10 +73,10 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=BUILTIN_DATASET,
                    help=f"calibration text: '{BUILTIN_DATASET}' (built in, offline), a .txt or .jsonl ('text' field) file, "
                         "or a Hugging Face dataset name (needs `datasets` and a network)")
-    p.add_argument("--nsamples", type=_positive, default=128, help="number of calibration windows")
-    p.add_argument("--seqlen", type=_positive, default=2048,
+    p.add_argument("--nsamples", type=positive_int, default=128, help="number of calibration windows")
+    p.add_argument("--seqlen", type=positive_int, default=2048,
                    help="tokens per calibration window (clamped to the model's max positions)")
-    p.add_argument("--seed", type=int, default=0, help="seed for choosing calibration windows")
+    p.add_argument("--seed", type=integer, default=0, help="seed for choosing calibration windows")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     p.add_argument("--json-output", action="store_true", help="log as JSON lines")
 
@@ -104,9 +89,9 @@ def add_perplexity_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=BUILTIN_DATASET,
                    help=f"evaluation text: '{BUILTIN_DATASET}' (its held-out split, disjoint from calibration), "
                         "a .txt or .jsonl file, or a Hugging Face dataset name (test split)")
-    p.add_argument("--seqlen", type=_positive, default=512, help="tokens per non-overlapping window")
-    p.add_argument("--nsamples", type=_positive, default=128, help="number of windows scored (from the start of the text)")
-    p.add_argument("--batch-size", type=_positive, default=None, help="windows per forward pass (default: ~2048 tokens)")
+    p.add_argument("--seqlen", type=positive_int, default=512, help="tokens per non-overlapping window")
+    p.add_argument("--nsamples", type=positive_int, default=128, help="number of windows scored (from the start of the text)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="windows per forward pass (default: ~2048 tokens)")
     p.add_argument("--json-output", action="store_true", help="log as JSON lines")
 
 
