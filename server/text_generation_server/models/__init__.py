@@ -93,7 +93,8 @@ def load_model(
     Raises :class:`UnsupportedModelError` for an architecture without an
     implementation, :class:`CheckpointError` for a missing or misshapen
     tensor or unreadable files, and ``ValueError`` for an unsupported
-    quantization or a head count the world size cannot split.
+    quantization (or one that cannot run with ``dtype`` on ``device``) or a
+    head count the world size cannot split.
     """
     from transformers import AutoConfig
 
@@ -109,6 +110,7 @@ def load_model(
     except (ValueError, KeyError, OSError) as e:
         raise UnsupportedModelError(f"transformers cannot read {config_path}: {e}") from e
     quant = get_quant_method(quantize, _checkpoint_quant_config(model_dir, raw_config))
+    quant.check_supported(dtype, device)
     weights = Weights(checkpoint_files(model_dir), device=device, dtype=dtype, dist=dist)
     tie = bool(getattr(config, "tie_word_embeddings", False))
     if not tie and not weights.has("lm_head.weight"):

@@ -9,10 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from text_generation_server.layers.quant.base import QuantConfig
+from text_generation_server.layers.quant.bitsandbytes import BITSANDBYTES_CONFIGS
 from text_generation_server.layers.quant.unquantized import UnquantizedConfig
 
 # --quantize value -> config class. Unquantized is what no flag means.
 _QUANT_CONFIGS: dict[str, type[QuantConfig]] = {}
+_QUANT_CONFIGS.update((cls.name, cls) for cls in BITSANDBYTES_CONFIGS)
 
 
 def supported_quantizations() -> list[str]:
@@ -52,9 +54,23 @@ def get_quant_method(
     cls = _QUANT_CONFIGS.get(quantize)
     if cls is None:
         raise ValueError(f"unsupported quantization '{quantize}'; supported: {_supported_text()}")
+    if checkpoint_method is not None and not cls.checkpoint_methods:
+        raise ValueError(_already_quantized(quantize, checkpoint_method))
     if checkpoint_method is not None and checkpoint_method not in cls.checkpoint_methods:
         raise ValueError(
             f"--quantize {quantize} does not match the checkpoint, which is quantized with "
             f"quant_method '{checkpoint_method}'"
         )
     return cls.from_checkpoint(checkpoint_quant_config)
+
+
+def _already_quantized(quantize: str, checkpoint_method: str) -> str:
+    """Why a quantize-at-load method cannot take an already quantized checkpoint."""
+    own = [n for n, c in _QUANT_CONFIGS.items() if checkpoint_method in c.checkpoint_methods]
+    alternative = f" or with --quantize {own[0]}" if own else ""
+    return (
+        f"--quantize {quantize} quantizes a float checkpoint while it loads, but this checkpoint "
+        f"is already quantized (quant_method '{checkpoint_method}'): its weights are stored as "
+        f"integers with their own scales, so there are no float weights to quantize, and "
+        f"quantizing them again would only lose accuracy; serve it without --quantize{alternative}"
+    )
