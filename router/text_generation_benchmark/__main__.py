@@ -1,0 +1,5 @@
+import sys
+
+from text_generation_benchmark.cli import main
+
+sys.exit(main())
