@@ -139,6 +139,24 @@ def configure_threads(world_size: int) -> int:
     return threads
 
 
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of this rank's parameters and buffers (a tied weight counted once)."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def peak_rss_bytes(status: Path = Path("/proc/self/status")) -> int | None:
+    """This process's peak resident set size (VmHWM), or None where /proc does not say."""
+    try:
+        text = status.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
 def resolve_model_dir(model: str | None, revision: str | None) -> Path:
     from text_generation_server.model_source import resolve_model
 
@@ -174,9 +192,12 @@ def _serve(args: argparse.Namespace, env: ShardEnv) -> None:
     )
     try:
         model = load_model(model_dir, dtype=dtype, device=device, dist=dist, quantize=args.quantize)
+        peak = peak_rss_bytes()
         logger.info(
             f"Model ready: dtype {str(model.dtype).removeprefix('torch.')}, device {device}, "
-            f"kernel {model.kernel}, tp plan: {model.tp_plan}"
+            f"kernel {model.kernel}, tp plan: {model.tp_plan}; "
+            f"parameters {parameter_bytes(model) / 2**20:.1f} MiB on this rank"
+            + (f", peak RSS {peak / 2**20:.1f} MiB" if peak is not None else "")
         )
         generator = Generator(
             model,

@@ -1,0 +1,210 @@
+"""Per-shard resident memory of a real launch for 1, 2, 3 ... shards.
+
+For each shard count the launcher starts the model (default: the built-in
+default model) with free ports; once the router reports SERVING, one short
+greedy request runs, then every shard process is read from /proc: peak RSS
+(VmHWM) and current RSS (VmRSS). Each shard's own start-up line gives its
+parameter bytes and its peak RSS right after loading (before the KV cache and
+warm-up). A bare interpreter that imports what a shard imports gives the fixed
+cost every process pays whatever it holds.
+
+Usage: python benchmarks/shard_memory.py [--model-id DIR] [--shards 1 2 3]
+Prints one table; exits non-zero if a launch fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+MiB = 2**20
+READY_LINE = re.compile(
+    r"shard-(\d+) Model ready: .*parameters ([\d.]+) MiB on this rank(?:, peak RSS ([\d.]+) MiB)?"
+)
+
+
+@dataclass
+class ShardMemory:
+    rank: int
+    pid: int
+    params_mib: float
+    load_peak_mib: float | None
+    peak_mib: float
+    rss_mib: float
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise KeyError(f"{field} not in /proc/{pid}/status")
+
+
+def shard_pids(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the launcher's ``serve`` children (RANK read from each one's environment)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != launcher_pid or b"\0serve\0" not in (entry / "cmdline").read_bytes():
+                continue
+            env = dict(
+                item.split(b"=", 1) for item in (entry / "environ").read_bytes().split(b"\0") if b"=" in item
+            )
+        except (OSError, IndexError, ValueError):
+            continue
+        found[int(env.get(b"RANK", b"0"))] = int(entry.name)
+    return found
+
+
+def wait_serving(address: str, proc: subprocess.Popen, timeout: float) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"launcher exited with {proc.returncode} before serving")
+        try:
+            with grpc.insecure_channel(address) as channel:
+                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"not serving after {timeout:.0f} s")
+
+
+def one_request(address: str) -> None:
+    import grpc
+    from text_generation_server.pb.fmaas import generation_pb2 as pb
+    from text_generation_server.pb.fmaas import generation_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        generation_pb2_grpc.GenerationServiceStub(channel).Generate(
+            pb.BatchedGenerationRequest(
+                requests=[pb.GenerationRequest(text="The capital of France is")],
+                params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=8)),
+            ),
+            timeout=300,
+        )
+
+
+def measure(shards: int, model_id: str | None, timeout: float) -> list[ShardMemory]:
+    launcher = Path(sys.executable).parent / "text-generation-launcher"
+    with tempfile.TemporaryDirectory(prefix="shard-memory-") as tmp:
+        grpc_port = free_port()
+        argv = [
+            str(launcher),
+            "--grpc-port", str(grpc_port),
+            "--port", str(free_port()),
+            "--master-port", str(free_port()),
+            "--shard-uds-path", f"{tmp}/shard",
+        ]
+        if model_id:
+            argv += ["--model-id", model_id]
+        if shards > 1:
+            argv += ["--sharded", "true", "--num-shard", str(shards)]
+        log_path = Path(tmp) / "launcher.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                address = f"127.0.0.1:{grpc_port}"
+                wait_serving(address, proc, timeout)
+                one_request(address)
+                pids = shard_pids(proc.pid)
+                if sorted(pids) != list(range(shards)):
+                    raise RuntimeError(f"expected ranks 0..{shards - 1}, found {sorted(pids)}")
+                peaks = {rank: proc_status_kib(pid, "VmHWM") for rank, pid in pids.items()}
+                rss = {rank: proc_status_kib(pid, "VmRSS") for rank, pid in pids.items()}
+            except Exception:
+                sys.stderr.write(log_path.read_text(errors="replace")[-4000:])
+                raise
+            finally:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(timeout=120)
+        ready = {int(m[1]): m for m in READY_LINE.finditer(log_path.read_text(errors="replace"))}
+    results = []
+    for rank in range(shards):
+        m = ready.get(rank)
+        results.append(
+            ShardMemory(
+                rank=rank,
+                pid=pids[rank],
+                params_mib=float(m[2]) if m else float("nan"),
+                load_peak_mib=float(m[3]) if m and m[3] else None,
+                peak_mib=peaks[rank] / 1024,
+                rss_mib=rss[rank] / 1024,
+            )
+        )
+    return results
+
+
+def baseline_mib() -> float:
+    """Peak RSS of a process that imports what a shard imports and holds no model."""
+    code = (
+        "import torch, grpc, text_generation_server.server, text_generation_server.models\n"
+        "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip()) / 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-id", default=None, help="model to launch (default: the built-in default model)")
+    parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 3], help="shard counts to measure")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for each launch")
+    args = parser.parse_args()
+    if not Path("/proc/self/status").exists():
+        print("needs Linux /proc", file=sys.stderr)
+        return 2
+
+    base = baseline_mib()
+    print(f"fixed cost of a shard process (imports, no model): peak RSS {base:.0f} MiB")
+    header = f"{'shards':>6} {'rank':>4} {'params MiB':>10} {'peak RSS after load':>20} {'peak RSS (VmHWM)':>17} {'RSS now':>8}"
+    print(header)
+    print("-" * len(header))
+    single_params = None
+    single_load = None
+    for n in args.shards:
+        rows = measure(n, args.model_id, args.timeout)
+        for row in rows:
+            load = f"{row.load_peak_mib:.0f}" if row.load_peak_mib is not None else "?"
+            print(f"{n:>6} {row.rank:>4} {row.params_mib:>10.1f} {load:>20} {row.peak_mib:>17.0f} {row.rss_mib:>8.0f}")
+        params = max(r.params_mib for r in rows)
+        load_peak = max((r.load_peak_mib or 0.0) for r in rows)
+        if n == 1:
+            single_params, single_load = params, load_peak
+        elif single_params:
+            print(
+                f"{'':>6} largest shard: params {params / single_params:.2f}x of 1 shard, "
+                f"peak RSS after load above the fixed cost "
+                f"{(load_peak - base) / max(single_load - base, 1e-9):.2f}x of 1 shard (ideal {1 / n:.2f})"
+            )
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
