@@ -24,6 +24,7 @@ from text_generation_server.utils.argtypes import (
     parse_bool,
     port,
     positive_int,
+    readable_file,
 )
 
 QUANTIZE_CHOICES = ("gptq", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4")
@@ -72,6 +73,9 @@ class LauncherArgs:
     json_output: bool = False
     otlp_endpoint: str | None = None
     shutdown_timeout: float = 10.0
+    tls_cert_path: str | None = None
+    tls_key_path: str | None = None
+    tls_client_ca_cert_path: str | None = None
 
     @property
     def served_model_name(self) -> str:
@@ -103,6 +107,13 @@ ROUTER_LIMIT_FLAGS: dict[str, str] = {
     "max_batch_size": "--max-batch-size",
     "default_include_stop_sequence": "--default-include-stop-sequence",
     "graceful_shutdown_timeout": "--graceful-shutdown-timeout",
+}
+
+# TLS of the public gRPC port, passed to the router when set: launcher dest -> router flag.
+ROUTER_TLS_FLAGS: dict[str, str] = {
+    "tls_cert_path": "--tls-cert-path",
+    "tls_key_path": "--tls-key-path",
+    "tls_client_ca_cert_path": "--tls-client-ca-cert-path",
 }
 
 
@@ -181,6 +192,14 @@ _FLAGS: list[_Flag] = [
     _Flag(("--port",), ("PORT",), port, "HTTP port of /health and /metrics.", default=3000),
     _Flag(("--grpc-port",), ("GRPC_PORT",), port,
           "gRPC port of fmaas.GenerationService, grpc.health.v1 and reflection.", default=8033),
+    _Flag(("--tls-cert-path",), ("TLS_CERT_PATH",), readable_file,
+          "PEM certificate (chain) for the public gRPC port; with --tls-key-path, gRPC is served over TLS "
+          "(HTTP /health and /metrics stay plaintext).", metavar="FILE"),
+    _Flag(("--tls-key-path",), ("TLS_KEY_PATH",), readable_file,
+          "Unencrypted PEM private key of --tls-cert-path.", metavar="FILE"),
+    _Flag(("--tls-client-ca-cert-path",), ("TLS_CLIENT_CA_CERT_PATH",), readable_file,
+          "PEM CA certificate(s): only clients presenting a certificate signed by one are served (mutual TLS). "
+          "Needs --tls-cert-path and --tls-key-path.", metavar="FILE"),
     _Flag(("--hostname",), ("HOSTNAME",), non_empty, "Address the router listens on.", default="0.0.0.0"),
     _Flag(("--shard-uds-path",), ("SHARD_UDS_PATH",), non_empty,
           "Prefix of the shard unix sockets ({path}-{rank}).", default="/tmp/text-generation-server"),
@@ -344,17 +363,29 @@ def router_limit_args(args: LauncherArgs) -> list[str]:
     return argv
 
 
+def router_tls_args(args: LauncherArgs) -> list[str]:
+    """The router's TLS flags, for the files the user gave (none: plaintext gRPC)."""
+    argv: list[str] = []
+    for dest, flag in ROUTER_TLS_FLAGS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            argv += [flag, value]
+    return argv
+
+
 def _check_router_flags(args: LauncherArgs) -> None:
-    """Let the router's own flag checks see the limits now, so a bad combination fails before any shard starts."""
+    """Let the router's own flag checks see the limits and TLS files now, so a bad one fails before any shard starts."""
     from text_generation_router.config import ConfigError
     from text_generation_router.config import parse_args as parse_router_args
 
     try:
-        parse_router_args(router_limit_args(args), env={})
+        parse_router_args(router_limit_args(args) + router_tls_args(args), env={})
     except ConfigError as err:
         raise ArgsError(str(err)) from None
     except SystemExit:
-        raise ArgsError(f"the router refuses these limits: {' '.join(router_limit_args(args))}") from None
+        raise ArgsError(
+            f"the router refuses these flags: {' '.join(router_limit_args(args) + router_tls_args(args))}"
+        ) from None
 
 
 # Present whenever a GPU driver is loaded; without any of them torch cannot see a device either.

@@ -13,19 +13,20 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
 
-from .args import LauncherArgs, router_limit_args
+from .args import LauncherArgs, router_limit_args, router_tls_args
 from .probes import (
     PortInUseError,
     SocketInUseError,
     check_port_free,
     clear_stale_socket,
     local_address,
+    router_http_healthy,
     router_serving,
     shard_answers_health,
     shard_socket,
@@ -107,6 +108,7 @@ def router_argv(args: LauncherArgs, model_path: Path, commands: Commands) -> lis
         "--port", str(args.port),
         "--hostname", args.hostname,
         *router_limit_args(args),
+        *router_tls_args(args),
     ]
     if args.json_output:
         argv.append("--json-output")
@@ -157,11 +159,10 @@ def serve(
 
             logger.info("Starting router")
             router = supervisor.spawn("router", router_argv(args, model_path, commands), env)
-            address = local_address(args.hostname, args.grpc_port)
-            elapsed = supervisor.wait_ready(router, lambda: router_serving(address))
+            elapsed = supervisor.wait_ready(router, _router_ready_probe(args))
             logger.info(f"Router ready ({elapsed:.1f} s)")
             logger.info(
-                f"Ready: fmaas.GenerationService on {args.hostname}:{args.grpc_port} "
+                f"Ready: fmaas.GenerationService on {args.hostname}:{args.grpc_port}{_tls_note(args)} "
                 f"(model {args.served_model_name}, {args.num_shard} shard{'s' if args.num_shard > 1 else ''}); "
                 f"HTTP /health and /metrics on {args.hostname}:{args.port}"
             )
@@ -192,6 +193,21 @@ def serve(
         if any(c.poll() is None for c in supervisor.children):
             _stop(args, supervisor, router, shards)
         _remove_sockets(sockets)
+
+
+def _router_ready_probe(args: LauncherArgs) -> Callable[[], bool]:
+    """grpc.health.v1 on the gRPC port; with TLS there, the plaintext HTTP /health that mirrors it."""
+    if args.tls_cert_path is not None:
+        http_address = local_address(args.hostname, args.port)
+        return lambda: router_http_healthy(http_address)
+    address = local_address(args.hostname, args.grpc_port)
+    return lambda: router_serving(address)
+
+
+def _tls_note(args: LauncherArgs) -> str:
+    if args.tls_client_ca_cert_path is not None:
+        return " (mutual TLS)"
+    return " (TLS)" if args.tls_cert_path is not None else ""
 
 
 def _preflight(args: LauncherArgs, sockets: list[str]) -> None:

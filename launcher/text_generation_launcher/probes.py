@@ -41,6 +41,26 @@ def router_serving(address: str, timeout: float = 2.0) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def router_http_healthy(address: str, timeout: float = 2.0) -> bool:
+    """True when the router's HTTP ``/health`` at ``address`` answers 200 (it does once it reports SERVING).
+
+    With TLS on the gRPC port, the launcher cannot complete a handshake there
+    (it holds no client certificate and need not trust the server's CA), so it
+    asks the plaintext HTTP endpoint, which mirrors grpc.health.v1.
+    """
+    import http.client
+
+    host, _, port = address.rpartition(":")
+    connection = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+    try:
+        connection.request("GET", "/health")
+        return connection.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
+
+
 def local_address(hostname: str, port: int) -> str:
     """Where the launcher reaches a server listening on ``hostname``: loopback for wildcard addresses."""
     if hostname in ("0.0.0.0", ""):

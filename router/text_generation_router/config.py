@@ -21,7 +21,10 @@ from text_generation_server.utils.argtypes import (
     parse_bool_or_empty,
     port_or_zero,
     positive_int,
+    readable_file,
 )
+
+from .tls import TlsConfigError, TlsFiles, tls_files
 
 # TGI caps the default sequence length so a model with a huge context does not
 # reserve a huge KV budget per request unless asked to.
@@ -61,6 +64,17 @@ class RouterArgs:
     graceful_shutdown_timeout: float = 10.0
     shard_connect_timeout: float = 120.0
     json_output: bool = False
+    tls_cert_path: str | None = None
+    tls_key_path: str | None = None
+    tls_client_ca_cert_path: str | None = None
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        """The TLS files of the public gRPC port, or None for plaintext; ConfigError if they cannot serve."""
+        try:
+            return tls_files(self.tls_cert_path, self.tls_key_path, self.tls_client_ca_cert_path)
+        except TlsConfigError as err:
+            raise ConfigError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -127,6 +141,12 @@ _FLAGS: list[tuple[tuple[str, ...], tuple[str, ...], Callable[[str], object] | N
     (("--shard-connect-timeout",), ("SHARD_CONNECT_TIMEOUT",), non_negative_float, 120.0,
      "Seconds to wait for the first shard socket and its answer at start-up."),
     (("--json-output",), ("JSON_OUTPUT",), None, False, "Log one JSON object per line."),
+    (("--tls-cert-path",), ("TLS_CERT_PATH",), readable_file, None,
+     "PEM certificate (chain) of the public gRPC port; with --tls-key-path, serves gRPC over TLS."),
+    (("--tls-key-path",), ("TLS_KEY_PATH",), readable_file, None,
+     "PEM private key (unencrypted) of --tls-cert-path."),
+    (("--tls-client-ca-cert-path",), ("TLS_CLIENT_CA_CERT_PATH",), readable_file, None,
+     "PEM CA certificate(s): require clients to present a certificate signed by one (mutual TLS)."),
 ]
 
 
@@ -202,6 +222,7 @@ def check_static(args: RouterArgs) -> None:
             f"--default-max-new-tokens ({args.default_max_new_tokens}) must be <= "
             f"--max-new-tokens ({args.max_new_tokens})"
         )
+    args.tls  # noqa: B018 - loads the files, so a bad one is refused before anything listens
     if args.tokenizer is not None and not Path(args.tokenizer).is_dir():
         raise ConfigError(f"--tokenizer {args.tokenizer}: not a directory (expected a local tokenizer directory)")
 

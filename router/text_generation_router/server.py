@@ -25,6 +25,7 @@ from .metrics import RouterMetrics
 from .scheduler import Scheduler
 from .servicer import GenerationServicer, ServingState
 from .shard_client import ShardClient
+from .tls import server_credentials
 from .tokenization import Tokenizer
 from .validation import Validator
 
@@ -154,15 +155,22 @@ class Router:
         )
         await self.health.set_serving(False)
         address = _address(args.hostname, args.grpc_port)
+        tls = args.tls
         try:
-            self.grpc_port = server.add_insecure_port(address)
+            if tls is None:
+                self.grpc_port = server.add_insecure_port(address)
+            else:
+                self.grpc_port = server.add_secure_port(address, server_credentials(tls))
         except RuntimeError as err:
             raise BindError(f"cannot listen for gRPC on {address}: {err}") from None
         if self.grpc_port == 0:
             raise BindError(f"cannot listen for gRPC on {address} (address in use or not local)")
         await server.start()
         self._grpc_server = server
-        logger.info(f"gRPC port {_address(args.hostname, self.grpc_port)} open (health NOT_SERVING until warm)")
+        security = "plaintext" if tls is None else "TLS, client certificates required" if tls.mutual else "TLS"
+        logger.info(
+            f"gRPC port {_address(args.hostname, self.grpc_port)} open ({security}; health NOT_SERVING until warm)"
+        )
 
     async def _on_shard_lost(self, message: str) -> None:
         if self.scheduler is not None:
