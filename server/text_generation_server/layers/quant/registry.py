@@ -10,11 +10,13 @@ from typing import Any
 
 from text_generation_server.layers.quant.base import QuantConfig
 from text_generation_server.layers.quant.bitsandbytes import BITSANDBYTES_CONFIGS
+from text_generation_server.layers.quant.gptq import GPTQConfig
 from text_generation_server.layers.quant.unquantized import UnquantizedConfig
 
 # --quantize value -> config class. Unquantized is what no flag means.
 _QUANT_CONFIGS: dict[str, type[QuantConfig]] = {}
 _QUANT_CONFIGS.update((cls.name, cls) for cls in BITSANDBYTES_CONFIGS)
+_QUANT_CONFIGS[GPTQConfig.name] = GPTQConfig
 
 
 def supported_quantizations() -> list[str]:

@@ -1,0 +1,325 @@
+"""``--quantize gptq``: checkpoints from AutoGPTQ, GPTQModel, Optimum and our quantizer.
+
+Each quantized linear holds the checkpoint's tensors for its rank
+(``qweight``, ``qzeros``, ``scales``, ``g_idx``; layout in
+``quantize/packing.py``). Column-parallel layers split all of them along the
+output features. Row-parallel layers split ``qweight`` and ``g_idx`` along
+the input features; ``scales``/``qzeros`` are split too when the rank's
+input slice starts and ends on group boundaries and act-order is off, and
+otherwise kept whole, with ``g_idx`` naming the rows this rank uses. After
+loading, each layer builds its kernel once (see ``gptq_kernels``); the
+choice, any fallback and the weight memory per rank are logged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from loguru import logger
+
+from text_generation_server.layers.quant.base import (
+    LinearSpec,
+    QuantConfig,
+    QuantMethod,
+    linear_param,
+)
+from text_generation_server.layers.quant.gptq_kernels import (
+    GPTQKernel,
+    GPTQWeights,
+    build_kernel,
+    kernel_names,
+)
+from text_generation_server.weights import CheckpointError
+
+SERVED_BITS = (2, 4, 8)
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+# Names the kernel tried first for every layer (tests, benchmarks); unset: by device.
+KERNEL_ENV = "GPTQ_KERNEL"
+_PARAMS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def _bool(config: dict[str, Any], key: str, default: bool) -> bool:
+    value = config.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"GPTQ quantization config: '{key}' must be true or false, got {value!r}")
+    return value
+
+
+def _int(config: dict[str, Any], key: str) -> int:
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"GPTQ quantization config: '{key}' must be an integer, got {value!r}")
+    return value
+
+
+@dataclass
+class _LoadReport:
+    """What the model's GPTQ layers chose, logged once the last layer is ready."""
+
+    created: int = 0
+    processed: int = 0
+    kernels: Counter = field(default_factory=Counter)
+    fallbacks: dict[str, str] = field(default_factory=dict)  # reason -> first layer
+    kernel_bytes: int = 0
+    fp16_bytes: int = 0
+
+
+class GPTQConfig(QuantConfig):
+    """A GPTQ checkpoint's settings (``quantize_config.json`` / ``quantization_config``)."""
+
+    name = "gptq"
+    checkpoint_methods = ("gptq",)
+
+    def __init__(
+        self,
+        *,
+        bits: int,
+        group_size: int,
+        desc_act: bool = False,
+        sym: bool = True,
+        checkpoint_format: str = "gptq",
+        static_groups: bool = False,
+        kernel: str | None = None,
+    ) -> None:
+        if bits not in SERVED_BITS:
+            raise ValueError(
+                f"GPTQ checkpoint has bits={bits}, which this server cannot serve; "
+                f"supported: {', '.join(map(str, SERVED_BITS))}"
+            )
+        if group_size == 0:
+            group_size = -1
+        if group_size < -1:
+            raise ValueError(
+                f"GPTQ checkpoint has group_size={group_size}; expected a positive size or -1 "
+                "(one group per output row)"
+            )
+        if checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(
+                f"GPTQ checkpoint has checkpoint_format '{checkpoint_format}', which this server "
+                f"cannot load; supported: {', '.join(CHECKPOINT_FORMATS)}"
+            )
+        if kernel is not None and kernel not in kernel_names():
+            raise ValueError(
+                f"{KERNEL_ENV}={kernel} is not a GPTQ kernel; choose one of: "
+                f"{', '.join(kernel_names())}"
+            )
+        self.bits = bits
+        self.group_size = group_size
+        self.desc_act = desc_act
+        self.sym = sym
+        self.checkpoint_format = checkpoint_format
+        self.static_groups = static_groups
+        self.kernel = kernel
+        self.report = _LoadReport()
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_quant_config: dict[str, Any] | None) -> GPTQConfig:
+        if not checkpoint_quant_config:
+            raise ValueError(
+                "--quantize gptq needs a GPTQ checkpoint, but this one has no quantization "
+                "config (neither config.json's 'quantization_config' nor quantize_config.json)"
+            )
+        c = checkpoint_quant_config
+        method = c.get("quant_method", "gptq")
+        if method not in cls.checkpoint_methods:
+            raise ValueError(
+                f"--quantize gptq does not match the checkpoint, which is quantized with "
+                f"quant_method '{method}'"
+            )
+        if "bits" not in c or "group_size" not in c:
+            raise ValueError(
+                "GPTQ quantization config lacks 'bits' or 'group_size'; found keys: "
+                f"{', '.join(sorted(c))}"
+            )
+        if c.get("lm_head"):
+            raise ValueError(
+                "GPTQ checkpoint quantizes lm_head (lm_head: true), which this server cannot "
+                "serve; quantize without the LM head"
+            )
+        pack_dtype = c.get("pack_dtype")
+        if pack_dtype not in (None, "int32", "torch.int32"):
+            raise ValueError(
+                f"GPTQ checkpoint packs into {pack_dtype}; this server loads int32 packing only"
+            )
+        if c.get("dynamic"):
+            raise ValueError(
+                "GPTQ checkpoint uses per-module 'dynamic' overrides, which this server cannot "
+                "serve; quantize every module with one setting"
+            )
+        fmt = c.get("checkpoint_format") or c.get("format") or "gptq"
+        kernel = os.environ.get(KERNEL_ENV) or None
+        config = cls(
+            bits=_int(c, "bits"),
+            group_size=_int(c, "group_size"),
+            desc_act=_bool(c, "desc_act", False),
+            sym=_bool(c, "sym", True),
+            checkpoint_format=fmt,
+            static_groups=_bool(c, "static_groups", False),
+            kernel=kernel,
+        )
+        logger.info(f"GPTQ checkpoint: {config.describe()}")
+        return config
+
+    def describe(self) -> str:
+        group = "per-row" if self.group_size == -1 else f"g{self.group_size}"
+        parts = [f"{self.bits}-bit", group, "sym" if self.sym else "asym"]
+        if self.desc_act:
+            parts.append("act-order" + (" (static groups)" if self.static_groups else ""))
+        parts.append(f"format {self.checkpoint_format}")
+        if self.kernel:
+            parts.append(f"kernel {self.kernel} requested by {KERNEL_ENV}")
+        return ", ".join(parts)
+
+    @property
+    def rows_per_word(self) -> int:
+        """Input features packed in one int32 word of ``qweight``."""
+        return 32 // self.bits
+
+    def input_alignment(self) -> int:
+        if self.group_size > 0:
+            return math.lcm(self.group_size, self.rows_per_word)
+        return self.rows_per_word
+
+    def get_method(self, prefix: str) -> QuantMethod:
+        return GPTQLinearMethod(self, prefix)
+
+    def layer_done(self, prefix: str, kernel: GPTQKernel, reasons: list[str], fp16: int) -> None:
+        r = self.report
+        r.processed += 1
+        r.kernels[kernel.name] += 1
+        r.kernel_bytes += kernel.nbytes()
+        r.fp16_bytes += fp16
+        for reason in reasons:
+            if reason not in r.fallbacks:
+                r.fallbacks[reason] = prefix
+                logger.info(f"GPTQ {prefix}: {reason}; using {kernel.name}")
+        if r.processed == r.created:
+            kernels = ", ".join(f"{n} ({c} layers)" for n, c in r.kernels.items())
+            logger.info(
+                f"GPTQ linear weights on this rank: {r.kernel_bytes / 2**20:.1f} MiB vs "
+                f"{r.fp16_bytes / 2**20:.1f} MiB in fp16 "
+                f"({100 * r.kernel_bytes / max(r.fp16_bytes, 1):.1f}%); kernels: {kernels}"
+            )
+
+
+class GPTQLinearMethod(QuantMethod):
+    """One linear layer's GPTQ tensors and kernel."""
+
+    def __init__(self, config: GPTQConfig, prefix: str) -> None:
+        self.config = config
+        self.prefix = prefix
+        self.group_offset = 0
+        self.kernel: GPTQKernel | None = None
+        self.device = torch.device("cpu")
+
+    def _group_split(self, spec: LinearSpec) -> tuple[int, int] | None:
+        """This rank's ``[first, stop)`` rows of scales/qzeros, or None to keep them whole."""
+        c = self.config
+        if not spec.input_is_sharded or c.desc_act or c.group_size <= 0:
+            return None
+        g = c.group_size
+        start, stop = spec.input_start, spec.input_start + spec.in_features
+        if start % g or (stop % g and stop != spec.full_in_features):
+            return None
+        return start // g, -(-stop // g)
+
+    def create_weights(self, layer: torch.nn.Module, spec: LinearSpec) -> None:
+        c = self.config
+        per = c.rows_per_word
+        if spec.in_features % per or spec.input_start % per:
+            raise ValueError(
+                f"{self.prefix}: input features [{spec.input_start}, "
+                f"{spec.input_start + spec.in_features}) do not start and end on whole "
+                f"{c.bits}-bit words of qweight ({per} features each)"
+            )
+        if spec.out_features % per:
+            raise ValueError(
+                f"{self.prefix}: {spec.out_features} output features on this rank do not fill "
+                f"whole {c.bits}-bit words of qzeros ({per} features each)"
+            )
+        group = c.group_size if c.group_size > 0 else spec.full_in_features
+        groups = -(-spec.full_in_features // group)
+        split = self._group_split(spec)
+        if split is not None:
+            self.group_offset = split[0]
+            groups = split[1] - split[0]
+        group_dim = 0 if split is not None else None
+        dev = spec.device
+        n, k = spec.out_features, spec.in_features
+        self.device = dev
+        self.fp16_bytes = n * k * 2
+        layer.register_parameter(
+            "qweight",
+            linear_param(
+                torch.empty(k // per, n, dtype=torch.int32, device=dev),
+                output_dim=1, input_dim=0, input_pack=per,
+            ),
+        )
+        layer.register_parameter(
+            "qzeros",
+            linear_param(
+                torch.empty(groups, n // per, dtype=torch.int32, device=dev),
+                output_dim=1, output_pack=per, input_dim=group_dim, input_pack=group,
+            ),
+        )
+        layer.register_parameter(
+            "scales",
+            linear_param(
+                torch.empty(groups, n, dtype=torch.float16, device=dev),
+                output_dim=1, input_dim=group_dim, input_pack=group,
+            ),
+        )
+        layer.register_parameter(
+            "g_idx",
+            linear_param(torch.empty(k, dtype=torch.int32, device=dev), output_dim=None, input_dim=0),
+        )
+        c.report.created += 1
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        c = self.config
+        groups = layer.scales.shape[0]
+        g_idx = layer.g_idx.data.to(torch.int64) - self.group_offset
+        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+            raise CheckpointError(
+                f"{self.prefix}.g_idx names groups outside the {groups} this rank holds "
+                f"(offset {self.group_offset}); the checkpoint's g_idx does not match its "
+                f"group_size {c.group_size}"
+            )
+        weights = GPTQWeights(
+            qweight=layer.qweight.data,
+            qzeros=layer.qzeros.data,
+            scales=layer.scales.data,
+            g_idx=g_idx,
+            bits=c.bits,
+            checkpoint_format=c.checkpoint_format,
+        )
+        self.kernel, reasons = build_kernel(weights, self.device, c.kernel)
+        # The kernel keeps what it multiplies with (the same tensors or a repacked copy).
+        for name in _PARAMS:
+            delattr(layer, name)
+        c.layer_done(self.prefix, self.kernel, reasons, self.fp16_bytes)
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.kernel is None:
+            raise RuntimeError(f"{self.prefix}: GPTQ weights used before they were loaded")
+        shape = x.shape
+        y = self.kernel(x.reshape(-1, shape[-1]))
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    def kernel_name(self, layer: torch.nn.Module) -> str:
+        return self.kernel.name if self.kernel is not None else "gptq (not loaded)"
+
+    def weight_bytes(self) -> int:
+        """Bytes the layer's kernel keeps for its weights on this rank."""
+        return self.kernel.nbytes() if self.kernel is not None else 0

@@ -1,0 +1,135 @@
+"""4-bit GPTQ on the CPU through torch's packed int4 matmul.
+
+``torch.ops.aten._weight_int4pack_mm_for_cpu`` multiplies bf16 activations
+by weights packed two per byte with one (scale, offset) pair per group of
+32/64/128/256 consecutive input features: ``w = (q - 8) * scale + offset``.
+GPTQ's ``w = scale * (q - zero)`` maps onto it with ``offset = scale * (8 -
+zero)``. Its fp32 and fp16 paths are not vectorised (tens of times slower
+than a dense matmul), so activations go through it in bf16, as GPTQModel's
+CPU kernel does.
+
+Any GPTQ group layout is laid out for it once at load: input features are
+sorted by group (undoing act-order's permutation), each group is cut into
+kernel groups of one supported size and a group's last kernel group is
+padded with zero columns (a ragged last group, a row-parallel shard holding
+part of each act-order group). Per call the activations are permuted and
+padded to match, unless the layout is the checkpoint's own order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from text_generation_server.layers.quant.gptq_kernels.base import (
+    GPTQKernel,
+    GPTQWeights,
+    tensor_bytes,
+)
+
+KERNEL_GROUP_SIZES = (256, 128, 64, 32)
+# Padding beyond this fraction of the real input features costs more than it saves.
+MAX_PADDING = 1.0
+_N_MULTIPLE = 16
+
+
+def _ops_available() -> bool:
+    aten = torch.ops.aten
+    return hasattr(aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        aten, "_convert_weight_to_int4pack_for_cpu"
+    )
+
+
+def _padded_size(counts: torch.Tensor, kg: int) -> int:
+    return int(((counts + kg - 1) // kg * kg).sum())
+
+
+def choose_kernel_group(counts: torch.Tensor) -> tuple[int, int]:
+    """The kernel group size needing the fewest padded features (larger wins ties), and that count."""
+    best = min(KERNEL_GROUP_SIZES, key=lambda kg: (_padded_size(counts, kg), -kg))
+    return best, _padded_size(counts, best)
+
+
+class CpuInt4Kernel(GPTQKernel):
+    name = "cpu-int4pack-bf16"
+
+    @classmethod
+    def unsupported(cls, weights: GPTQWeights, device: torch.device) -> str | None:
+        if device.type != "cpu":
+            return f"runs on the CPU only, not {device.type}"
+        if weights.bits != 4:
+            return f"packs 4-bit weights only, not {weights.bits}-bit"
+        if not _ops_available():
+            return f"torch {torch.__version__} lacks _weight_int4pack_mm_for_cpu"
+        if weights.in_features == 0 or weights.out_features == 0:
+            return "the layer is empty on this rank"
+        counts = torch.bincount(weights.g_idx.to(torch.int64), minlength=weights.num_groups)
+        _, padded = choose_kernel_group(counts)
+        k = weights.in_features
+        if padded > k * (1 + MAX_PADDING):
+            return (
+                f"its group layout would need {padded} padded input features for {k} "
+                f"(limit {int(k * (1 + MAX_PADDING))})"
+            )
+        return None
+
+    def __init__(self, weights: GPTQWeights) -> None:
+        codes, zeros = weights.unpack()  # [N, K], [G, N]
+        n, k = codes.shape
+        g_idx = weights.g_idx.to(torch.int64)
+        counts = torch.bincount(g_idx, minlength=weights.num_groups)
+        kg, k_pad = choose_kernel_group(counts)
+        order = torch.argsort(g_idx, stable=True)
+
+        # source column of each padded feature (k = an all-zero column) and group of each kernel group
+        source = torch.full((k_pad,), k, dtype=torch.int64)
+        kernel_group_of: list[int] = []
+        pos, start = 0, 0
+        for group, count in enumerate(counts.tolist()):
+            if count == 0:
+                continue
+            source[pos : pos + count] = order[start : start + count]
+            blocks = -(-count // kg)
+            kernel_group_of += [group] * blocks
+            pos += blocks * kg
+            start += count
+        self.group_size = kg
+        self.in_features, self.out_features = k, n
+        self.padded_in = k_pad
+        identity = torch.equal(source[:k], torch.arange(k))
+        # None: the checkpoint's order; else the gather that builds the kernel's input.
+        self.source: torch.Tensor | None = None if identity else source
+        self.pad = k_pad - k
+
+        n_pad = -(-n // _N_MULTIPLE) * _N_MULTIPLE
+        # Padded rows get zero scales and offsets; padded columns meet zero activations.
+        padded_codes = torch.full((n_pad, k_pad), 8, dtype=torch.int32)
+        with_zero_column = torch.cat([codes, torch.full((n, 1), 8, dtype=torch.int32)], 1)
+        padded_codes[:n] = with_zero_column[:, source]
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded_codes, 1)
+        groups = torch.tensor(kernel_group_of, dtype=torch.int64)
+        scales = weights.scales.to(torch.float32)[groups]  # [K_pad / kg, N]
+        offsets = scales * (8 - zeros.to(torch.float32)[groups])
+        scales_and_offsets = torch.zeros(len(groups), n_pad, 2)
+        scales_and_offsets[:, :n, 0] = scales
+        scales_and_offsets[:, :n, 1] = offsets
+        self.scales_and_offsets = scales_and_offsets.to(torch.bfloat16).contiguous()
+
+    def _kernel_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.source is not None:
+            x = F.pad(x, (0, 1)).index_select(-1, self.source)
+        elif self.pad:
+            x = F.pad(x, (0, self.pad))
+        return x.to(torch.bfloat16)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            self._kernel_input(x), self.packed, self.group_size, self.scales_and_offsets
+        )
+        if y.shape[-1] != self.out_features:
+            y = y[..., : self.out_features].contiguous()
+        return y.to(x.dtype)
+
+    def nbytes(self) -> int:
+        extra = (self.source,) if self.source is not None else ()
+        return tensor_bytes(self.packed, self.scales_and_offsets, *extra)
