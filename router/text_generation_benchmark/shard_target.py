@@ -35,11 +35,13 @@ class ShardTarget:
         self._info: pb.InfoResponse | None = None
         self._rng = random.Random(seed)
         self._next_id = ID_BASE
+        self.world_size = 0
 
     async def connect(self) -> None:
         try:
             self._client = await ShardClient.connect(self.uds_path, self.connect_timeout)
             self._info = await self._client.info(ready_timeout=self.connect_timeout)
+            self.world_size = self._client.world_size
         except ShardConnectError as err:
             raise TargetError(str(err)) from None
         except ShardError as err:
@@ -55,7 +57,7 @@ class ShardTarget:
         return {
             "kind": self.kind,
             "uds_path": self.uds_path,
-            "world_size": self._client.world_size if self._client else 0,
+            "world_size": self.world_size,
             "model_id": info.model_id if info else "",
             "dtype": info.dtype if info else "",
             "quantize": info.quantize if info else "",
