@@ -1,0 +1,173 @@
+"""Every GPTQ kernel equals a dense matmul with the weights dequantized by hand.
+
+The dense reference is built from the random integer codes, zero points and
+scales themselves (``w = scale[g] * (q - zero[g])``), never by unpacking the
+packed tensors the kernels read, so a packing or zero-offset mistake shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from gptq_random import activations, random_gptq, relative_error  # noqa: E402
+from text_generation_server.layers.quant.gptq_kernels import GPTQWeights, build_kernel
+from text_generation_server.layers.quant.gptq_kernels.cpu_int4 import (
+    CpuInt4Kernel,
+    choose_kernel_group,
+)
+from text_generation_server.layers.quant.gptq_kernels.reference import ReferenceKernel
+from text_generation_server.layers.quant.gptq_kernels.triton_kernel import TritonKernel
+
+CPU = torch.device("cpu")
+
+
+LAYOUTS = [
+    pytest.param(dict(group_size=32), id="g32"),
+    pytest.param(dict(group_size=64), id="g64"),
+    pytest.param(dict(group_size=128), id="g128"),
+    pytest.param(dict(group_size=-1), id="per-row"),
+    pytest.param(dict(group_size=64, sym=False), id="g64-asym-v1"),
+    pytest.param(dict(group_size=64, sym=False, fmt="gptq_v2"), id="g64-asym-v2"),
+    pytest.param(dict(group_size=64, fmt="gptq_v2"), id="g64-sym-v2"),
+    pytest.param(dict(group_size=64, desc_act=True), id="g64-act-order"),
+    pytest.param(dict(group_size=128, desc_act=True, sym=False), id="g128-act-order-asym"),
+    pytest.param(dict(group_size=-1, desc_act=True), id="per-row-act-order"),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("k", [256, 576], ids=["k256", "k576"])
+def test_reference_kernel_equals_dense_matmul(layout, k):
+    weights, dense = random_gptq(k, 48, **layout)
+    x = activations(5, k)
+    got = ReferenceKernel(weights)(x)
+    torch.testing.assert_close(got, x @ dense.t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_reference_kernel_handles_every_packed_width(bits):
+    weights, dense = random_gptq(128, 64, bits=bits, group_size=32, sym=False)
+    x = activations(3, 128)
+    torch.testing.assert_close(ReferenceKernel(weights)(x), x @ dense.t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("k", [256, 576], ids=["k256", "k576-ragged-at-g128"])
+@pytest.mark.parametrize("n", [48, 40], ids=["n48", "n40-padded"])
+def test_cpu_int4_kernel_equals_dense_matmul_within_bf16_rounding(layout, k, n):
+    weights, dense = random_gptq(k, n, **layout)
+    assert CpuInt4Kernel.unsupported(weights, CPU) is None
+    x = activations(7, k)
+    got = CpuInt4Kernel(weights)(x)
+    assert got.dtype == torch.float32 and got.shape == (7, n)
+    # Activations and scales go through bf16 (8 bits of mantissa).
+    assert relative_error(got, x @ dense.t()) < 1e-2
+
+
+def test_cpu_int4_kernel_keeps_the_checkpoint_order_when_groups_are_whole():
+    weights, _ = random_gptq(256, 32, group_size=64)
+    kernel = CpuInt4Kernel(weights)
+    assert kernel.source is None and kernel.pad == 0 and kernel.group_size == 64
+
+
+def test_cpu_int4_kernel_pads_a_ragged_last_group_instead_of_refusing():
+    # 576 = 4 * 128 + 64: the last group is half full.
+    weights, dense = random_gptq(576, 32, group_size=128)
+    kernel = CpuInt4Kernel(weights)
+    assert (kernel.group_size, kernel.padded_in) in {(64, 576), (128, 640)}
+    x = activations(2, 576)
+    assert relative_error(kernel(x), x @ dense.t()) < 1e-2
+
+
+def test_cpu_int4_kernel_takes_a_row_parallel_slice_of_act_order_groups():
+    # A rank holding the second half of an act-order layer sees every group partly.
+    weights, dense = random_gptq(256, 32, group_size=64, desc_act=True, sym=False)
+    half = GPTQWeights(
+        qweight=weights.qweight[16:],
+        qzeros=weights.qzeros,
+        scales=weights.scales,
+        g_idx=weights.g_idx[128:],
+        bits=4,
+        checkpoint_format="gptq",
+    )
+    x = activations(3, 128)
+    assert relative_error(CpuInt4Kernel(half)(x), x @ dense[:, 128:].t()) < 1e-2
+
+
+def test_kernel_group_choice_minimises_padding_and_prefers_larger_groups():
+    assert choose_kernel_group(torch.tensor([128, 128])) == (128, 256)
+    assert choose_kernel_group(torch.tensor([128, 64])) == (64, 192)
+    assert choose_kernel_group(torch.tensor([40, 33])) == (64, 128)
+    assert choose_kernel_group(torch.tensor([40, 20])) == (32, 96)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_other_widths_fall_back_to_the_reference_on_cpu(bits):
+    weights, dense = random_gptq(128, 32, bits=bits, group_size=32)
+    kernel, reasons = build_kernel(weights, CPU)
+    assert kernel.name == "gptq-reference"
+    assert any("cpu-int4pack-bf16" in r and f"{bits}-bit" in r for r in reasons)
+    x = activations(2, 128)
+    torch.testing.assert_close(kernel(x), x @ dense.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_int4_is_the_default_cpu_kernel_for_4_bit():
+    weights, _ = random_gptq(128, 32)
+    kernel, reasons = build_kernel(weights, CPU)
+    assert kernel.name == "cpu-int4pack-bf16" and reasons == []
+
+
+def test_a_preferred_kernel_is_tried_first():
+    weights, _ = random_gptq(128, 32)
+    kernel, _ = build_kernel(weights, CPU, prefer="gptq-reference")
+    assert kernel.name == "gptq-reference"
+
+
+def test_unknown_kernel_preference_names_the_choices():
+    weights, _ = random_gptq(128, 32)
+    with pytest.raises(ValueError, match="gptq-reference"):
+        build_kernel(weights, CPU, prefer="marlin")
+
+
+def test_triton_kernel_needs_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    weights, _ = random_gptq(64, 32)
+    assert "CUDA" in TritonKernel.unsupported(weights, CPU)
+
+
+TRITON_CASES = [
+    ["g32", dict(group_size=32), 64, 32],
+    ["g32-asym-v2", dict(group_size=32, sym=False, fmt="gptq_v2"), 64, 32],
+    ["g32-asym-v1", dict(group_size=32, sym=False), 96, 32],
+    ["g32-act-order-ragged-n", dict(group_size=32, desc_act=True), 64, 40],
+    ["g64-ragged-last-group", dict(group_size=64), 96, 32],
+    ["per-row", dict(group_size=-1), 48, 32],
+    ["8-bit", dict(group_size=32, bits=8, sym=False), 64, 32],
+    ["2-bit", dict(group_size=32, bits=2), 64, 32],
+]
+
+
+@pytest.fixture(scope="module")
+def triton_interpreted_errors() -> dict:
+    pytest.importorskip("triton")
+    script = Path(__file__).with_name("gptq_triton_check.py")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script), json.dumps(TRITON_CASES)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", [c[0] for c in TRITON_CASES])
+def test_triton_kernel_math_equals_dense_matmul_in_the_interpreter(triton_interpreted_errors, case):
+    error = triton_interpreted_errors[case]
+    assert isinstance(error, float), error
+    assert error < 1e-5
