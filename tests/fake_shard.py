@@ -103,6 +103,12 @@ class FakeShard(generate_pb2_grpc.TextGenerationServiceServicer):
     def tokens_held(self) -> int:
         return sum(len(s.all_ids) for states in self.batches.values() for s in states)
 
+    def kv_usage(self) -> generate_pb2.KvCacheUsage:
+        """Blocks a paged cache would hold for the tokens held (each request fills whole blocks)."""
+        bs = self.model.block_size
+        used = sum(-(-len(s.all_ids) // bs) for states in self.batches.values() for s in states)
+        return generate_pb2.KvCacheUsage(blocks_used=used, blocks_total=self.model.kv_capacity // bs)
+
     def methods(self) -> list[str]:
         return [m for m, _ in self.calls]
 
@@ -200,7 +206,7 @@ class FakeShard(generate_pb2_grpc.TextGenerationServiceServicer):
             self.batches.pop(request.id, None)
         else:
             self.batches.clear()
-        return generate_pb2.ClearCacheResponse()
+        return generate_pb2.ClearCacheResponse(kv_cache=self.kv_usage())
 
     async def FilterBatch(self, request, context):
         await self._enter("FilterBatch", request, context)
@@ -208,7 +214,7 @@ class FakeShard(generate_pb2_grpc.TextGenerationServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"batch {request.batch_id} not found")
         keep = set(request.request_ids)
         self.batches[request.batch_id] = [s for s in self.batches[request.batch_id] if s.request.id in keep]
-        return generate_pb2.FilterBatchResponse(batch=self._cached(request.batch_id))
+        return generate_pb2.FilterBatchResponse(batch=self._cached(request.batch_id), kv_cache=self.kv_usage())
 
     async def Warmup(self, request, context):
         await self._enter("Warmup", request, context)
@@ -235,7 +241,7 @@ class FakeShard(generate_pb2_grpc.TextGenerationServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"batch {batch.id} already exists")
         states = [_RequestState(request=r, all_ids=list(r.input_ids)) for r in batch.requests]
         generations, cached = self._step(batch.id, states, prefill=True)
-        response = generate_pb2.PrefillResponse(generations=generations)
+        response = generate_pb2.PrefillResponse(generations=generations, kv_cache=self.kv_usage())
         if cached is not None:
             response.batch.CopyFrom(cached)
         return response
@@ -253,7 +259,7 @@ class FakeShard(generate_pb2_grpc.TextGenerationServiceServicer):
             self.batches[ids[0]] = states
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "KV cache full during decode")
         generations, cached = self._step(ids[0], states, prefill=False)
-        response = generate_pb2.DecodeResponse(generations=generations)
+        response = generate_pb2.DecodeResponse(generations=generations, kv_cache=self.kv_usage())
         if cached is not None:
             response.batch.CopyFrom(cached)
         return response

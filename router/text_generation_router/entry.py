@@ -33,11 +33,23 @@ def _token_out(token: generate_pb2.Token) -> TokenOut:
 class Entry:
     """A validated request and everything the router tracks about it while it runs."""
 
-    def __init__(self, request_id: int, request: ValidatedRequest, tokenizer: Tokenizer, now: float) -> None:
+    def __init__(
+        self,
+        request_id: int,
+        request: ValidatedRequest,
+        tokenizer: Tokenizer,
+        now: float,
+        *,
+        kind: str = "single",
+        correlation_id: str = "",
+    ) -> None:
         self.id = request_id
         self.request = request
+        self.kind = kind
+        self.correlation_id = correlation_id
         self.queued_at = now
         self.started_at: float | None = None
+        self.last_token_at: float | None = None
         self.deadline = now + request.time_limit_ms / 1000.0 if request.time_limit_ms > 0 else None
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.generated = 0
@@ -49,6 +61,13 @@ class Entry:
         self._text = ""
         self._emitted = 0
         self._holdback = holdback(request.stop_sequences) if request.stop_sequences else 0
+
+    @property
+    def label(self) -> str:
+        """How logs name this request: its id, and the client's x-correlation-id when it sent one."""
+        if self.correlation_id:
+            return f"Request {self.id} (x-correlation-id {self.correlation_id})"
+        return f"Request {self.id}"
 
     @property
     def output_text(self) -> str:

@@ -1,8 +1,10 @@
 """Prometheus metrics of the router, served as text on HTTP /metrics.
 
 Names follow TGI/TGIS (``tgi_`` prefix) so existing dashboards and the
-autoscaler (``tgi_queue_size``) work. Each router owns its registry, so
-several routers in one process (tests) do not collide.
+autoscaler (``tgi_queue_size``) work. Where neither has a metric (time to
+first token, the gap between tokens, the shards' KV cache blocks) the name
+keeps the same prefix and style. Each router owns its registry, so several
+routers in one process (tests) do not collide.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ class RouterMetrics:
             "tgi_request_input_count", "Prompts received (a batch request counts each prompt)", registry=r
         )
         self.request_success = Counter(
-            "tgi_request_success", "Prompts completed, by stop reason", ["stop_reason", "kind"], registry=r
+            "tgi_request_success",
+            "Prompts completed, by stop reason and kind of call (single, batch, stream)",
+            ["stop_reason", "kind"],
+            registry=r,
         )
         self.request_failure = Counter(
             "tgi_request_failure",
@@ -52,6 +57,30 @@ class RouterMetrics:
         )
         self.request_generated_tokens = Histogram(
             "tgi_request_generated_tokens", "Generated tokens per prompt", buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.request_max_new_tokens = Histogram(
+            "tgi_request_max_new_tokens", "max_new_tokens per prompt after validation", buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.request_total_tokens = Histogram(
+            "tgi_request_total_tokens", "Input plus generated tokens per completed prompt", buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.request_validation_duration = Histogram(
+            "tgi_request_validation_duration", "Seconds spent validating and tokenizing a call",
+            buckets=_SECONDS_BUCKETS, registry=r,
+        )
+        self.request_inference_duration = Histogram(
+            "tgi_request_inference_duration", "Seconds from a prompt's prefill to its last token",
+            buckets=_SECONDS_BUCKETS, registry=r,
+        )
+        self.request_mean_time_per_token_duration = Histogram(
+            "tgi_request_mean_time_per_token_duration", "Inference seconds per generated token, per prompt",
+            buckets=_SECONDS_BUCKETS, registry=r,
+        )
+        self.request_inter_token_duration = Histogram(
+            "tgi_request_inter_token_duration", "Seconds between consecutive tokens of one prompt (inter-token latency)",
+            buckets=_SECONDS_BUCKETS, registry=r,
         )
         self.request_duration = Histogram(
             "tgi_request_duration", "Seconds from arrival to last token", buckets=_SECONDS_BUCKETS, registry=r
@@ -72,6 +101,9 @@ class RouterMetrics:
         self.batch_inference_count = Counter(
             "tgi_batch_inference_count", "Shard batch calls, by method (prefill, decode)", ["method"], registry=r
         )
+        self.batch_inference_success = Counter(
+            "tgi_batch_inference_success", "Successful shard batch calls, by method", ["method"], registry=r
+        )
         self.batch_inference_failure = Counter(
             "tgi_batch_inference_failure", "Failed shard batch calls, by method", ["method"], registry=r
         )
@@ -88,6 +120,12 @@ class RouterMetrics:
             "tgi_tokenize_request_tokens", "Tokens per Tokenize call", buckets=_TOKEN_BUCKETS, registry=r
         )
         self.in_flight = Gauge("tgi_requests_in_flight", "Prompts queued or generating", registry=r)
+        self.kv_cache_blocks_used = Gauge(
+            "tgi_kv_cache_blocks_used", "KV cache blocks holding tokens on the shards (rank 0)", registry=r
+        )
+        self.kv_cache_blocks_total = Gauge(
+            "tgi_kv_cache_blocks_total", "Usable KV cache blocks on each shard", registry=r
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -84,14 +84,23 @@ class Scheduler:
                 pass
             self._task = None
 
-    def submit(self, requests: list[ValidatedRequest]) -> list[Entry]:
-        """Queue requests (together, so they can share a prefill); returns their entries."""
+    def submit(
+        self, requests: list[ValidatedRequest], *, kind: str = "single", correlation_id: str = ""
+    ) -> list[Entry]:
+        """Queue requests (together, so they can share a prefill); returns their entries.
+
+        ``kind`` (single, batch, stream) labels the success metric;
+        ``correlation_id`` (the client's x-correlation-id) appears in every log line about them.
+        """
         now = time.monotonic()
         entries = []
         for request in requests:
-            entries.append(Entry(self._next_request_id, request, self._tokenizer, now))
+            entries.append(
+                Entry(self._next_request_id, request, self._tokenizer, now, kind=kind, correlation_id=correlation_id)
+            )
             self._next_request_id += 1
             self._metrics.request_input_length.observe(request.input_length)
+            self._metrics.request_max_new_tokens.observe(request.max_new_tokens)
         self._queue.push(entries)
         self._update_gauges()
         self._wake.set()
@@ -106,7 +115,7 @@ class Scheduler:
         self._running.pop(entry.id, None)
         entry.finish(fmaas.CANCELLED)
         self._metrics.request_failure.labels(err="cancelled").inc()
-        logger.info(f"Request {entry.id} cancelled by the client after {entry.generated} token(s)")
+        logger.info(f"{entry.label} cancelled by the client after {entry.generated} token(s)")
         self._request_finished()
         self._wake.set()
 
@@ -116,7 +125,7 @@ class Scheduler:
             entry.cancelled = True
             self._running.pop(entry.id, None)
             entry.finish(fmaas.CANCELLED)
-            logger.warning(f"Request {entry.id} cancelled by shutdown after {entry.generated} token(s)")
+            logger.warning(f"{entry.label} cancelled by shutdown after {entry.generated} token(s)")
         self._update_gauges()
         self._wake.set()
 
@@ -222,6 +231,7 @@ class Scheduler:
             self._update_gauges()
             return None
         elapsed = time.monotonic() - now
+        self._metrics.batch_inference_success.labels(method="prefill").inc()
         self._metrics.batch_inference_duration.labels(method="prefill").observe(elapsed)
         self._metrics.input_tokens.inc(tokens)
         logger.debug(f"Prefill of batch {batch_id}: {len(entries)} request(s), {tokens} tokens, {elapsed:.3f} s")
@@ -272,6 +282,7 @@ class Scheduler:
             logger.error(f"Decode of {size} request(s) failed: {err}")
             await self._abandon(batches, err)
             return None
+        self._metrics.batch_inference_success.labels(method="decode").inc()
         self._metrics.batch_inference_duration.labels(method="decode").observe(time.monotonic() - start)
         self._process(answer.generations)
         return answer.batch if answer.HasField("batch") else None
@@ -324,6 +335,9 @@ class Scheduler:
                 if entry.request.response.input_tokens:
                     entry.on_input_tokens(list(generation.prefill_tokens))
                 self._metrics.request_first_token_duration.observe(now - entry.queued_at)
+            elif entry.last_token_at is not None:
+                self._metrics.request_inter_token_duration.observe(now - entry.last_token_at)
+            entry.last_token_at = now
             step = entry.on_generation(generation, now)
             self._metrics.generated_tokens.inc()
             if step.finished:
@@ -342,15 +356,23 @@ class Scheduler:
 
     def _record_success(self, entry: Entry, now: float) -> None:
         reason = fmaas.StopReason.Name(entry.stop_reason)
-        self._metrics.request_success.labels(stop_reason=reason, kind="generate").inc()
-        self._metrics.request_generated_tokens.observe(entry.generated)
-        self._metrics.request_duration.observe(now - entry.queued_at)
+        metrics = self._metrics
+        metrics.request_success.labels(stop_reason=reason, kind=entry.kind).inc()
+        metrics.request_generated_tokens.observe(entry.generated)
+        metrics.request_total_tokens.observe(entry.request.input_length + entry.generated)
+        metrics.request_duration.observe(now - entry.queued_at)
+        if entry.started_at is not None:
+            inference = now - entry.started_at
+            metrics.request_inference_duration.observe(inference)
+            if entry.generated:
+                metrics.request_mean_time_per_token_duration.observe(inference / entry.generated)
         logger.info(
-            f"Request {entry.id} finished: {reason} after {entry.generated} token(s) "
+            f"{entry.label} finished: {reason} after {entry.generated} token(s) "
             f"({entry.request.input_length} input tokens, {now - entry.queued_at:.3f} s)"
         )
 
     def _fail(self, entry: Entry, code: grpc.StatusCode, message: str) -> None:
+        logger.warning(f"{entry.label} failed after {entry.generated} token(s): {code.name}: {message}")
         self._running.pop(entry.id, None)
         entry.fail(code, message)
         self._metrics.request_failure.labels(err="generate").inc()
@@ -366,6 +388,10 @@ class Scheduler:
         self._metrics.batch_current_size.set(len(self._running))
         self._metrics.batch_current_max_tokens.set(self._running_tokens())
         self._metrics.in_flight.set(self.in_flight)
+        usage = self._client.kv_usage
+        if usage is not None:
+            self._metrics.kv_cache_blocks_used.set(usage.blocks_used)
+            self._metrics.kv_cache_blocks_total.set(usage.blocks_total)
 
     def fail_all(self, message: str) -> None:
         """The shards are gone: fail every request, stop the loop, and report it (idempotent)."""

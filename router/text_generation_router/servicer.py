@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -75,9 +76,9 @@ def _status_errors(handler):
         except ApiError as err:
             await self._abort(context, err)
         except ValidationError as err:
-            await self._abort(context, self._invalid(err))
+            await self._abort(context, self._invalid(err, context))
         except Exception as err:
-            await self._abort(context, self._internal(handler.__name__, err))
+            await self._abort(context, self._internal(handler.__name__, err, context))
 
     return wrapper
 
@@ -93,11 +94,22 @@ def _stream_status_errors(handler):
         except ApiError as err:
             await self._abort(context, err)
         except ValidationError as err:
-            await self._abort(context, self._invalid(err))
+            await self._abort(context, self._invalid(err, context))
         except Exception as err:
-            await self._abort(context, self._internal(handler.__name__, err))
+            await self._abort(context, self._internal(handler.__name__, err, context))
 
     return wrapper
+
+
+CORRELATION_ID_HEADER = "x-correlation-id"
+
+
+def correlation_id(context: grpc.aio.ServicerContext) -> str:
+    """The caller's x-correlation-id metadata (TGIS logs it with the request), or ""."""
+    for key, value in context.invocation_metadata() or ():
+        if key.lower() == CORRELATION_ID_HEADER:
+            return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return ""
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
@@ -108,14 +120,21 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     # ---- helpers ---------------------------------------------------------------------
 
-    def _invalid(self, err: ValidationError) -> ApiError:
+    @staticmethod
+    def _who(context: grpc.aio.ServicerContext) -> str:
+        cid = correlation_id(context)
+        return f" (x-correlation-id {cid})" if cid else ""
+
+    def _invalid(self, err: ValidationError, context: grpc.aio.ServicerContext) -> ApiError:
         self._state.metrics.request_failure.labels(err="validation").inc()
-        logger.warning(f"Rejected request: {err}")
+        logger.warning(f"Rejected request{self._who(context)}: {err}")
         return ApiError(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
-    def _internal(self, method: str, err: Exception) -> ApiError:
+    def _internal(self, method: str, err: Exception, context: grpc.aio.ServicerContext) -> ApiError:
         self._state.metrics.request_failure.labels(err="internal").inc()
-        logger.opt(exception=err).error(f"{method} failed unexpectedly: {type(err).__name__}: {err}")
+        logger.opt(exception=err).error(
+            f"{method}{self._who(context)} failed unexpectedly: {type(err).__name__}: {err}"
+        )
         return ApiError(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(err).__name__}: {err}")
 
     async def _abort(self, context: grpc.aio.ServicerContext, err: ApiError) -> None:
@@ -124,14 +143,17 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         await context.abort(err.code, err.message)
 
     @contextlib.contextmanager
-    def _admit(self, prompts: int) -> Iterator[None]:
+    def _admit(self, prompts: int, context: grpc.aio.ServicerContext) -> Iterator[None]:
         """Count prompts against --max-concurrent-requests for the life of the RPC."""
         state = self._state
         state.check_available()
         limit = state.limits.max_concurrent_requests
         if state.in_flight + prompts > limit:
-            state.metrics.request_failure.labels(err="conc_limit").inc()
-            logger.warning(f"Model is overloaded: {state.in_flight} prompts in flight, limit {limit}")
+            state.metrics.request_failure.labels(err="conc_limit").inc(prompts)
+            logger.warning(
+                f"Model is overloaded: {state.in_flight} prompts in flight, limit {limit}; "
+                f"refused a call of {prompts}{self._who(context)}"
+            )
             raise ApiError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"Model is overloaded: {state.in_flight} prompts in flight and this call adds {prompts}; "
@@ -153,17 +175,24 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         state.check_available()
         if not request.requests:
             return fmaas.BatchedGenerationResponse()
-        with self._admit(len(request.requests)):
-            validated = await state.validator.validate(
-                [r.text for r in request.requests], request.params, adapter_id=request.adapter_id or request.prefix_id
+        kind = "single" if len(request.requests) == 1 else "batch"
+        with self._admit(len(request.requests), context):
+            validated = await self._validate(
+                [r.text for r in request.requests], request.params, request.adapter_id or request.prefix_id
             )
-            entries = state.scheduler.submit(validated)
+            entries = state.scheduler.submit(validated, kind=kind, correlation_id=correlation_id(context))
             try:
                 responses = await asyncio.gather(*(self._collect(e) for e in entries))
             finally:
                 for entry in entries:
                     state.scheduler.cancel(entry)
         return fmaas.BatchedGenerationResponse(responses=responses)
+
+    async def _validate(self, texts: list[str], params: fmaas.Parameters, adapter_id: str) -> list:
+        start = time.monotonic()
+        validated = await self._state.validator.validate(texts, params, adapter_id=adapter_id)
+        self._state.metrics.request_validation_duration.observe(time.monotonic() - start)
+        return validated
 
     async def _collect(self, entry: Entry) -> fmaas.GenerationResponse:
         """Wait for one prompt to finish and build its unary response."""
@@ -196,11 +225,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         state.check_available()
         if not request.HasField("request"):
             raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "request is missing: set request.text")
-        with self._admit(1):
-            [validated] = await state.validator.validate(
-                [request.request.text], request.params, adapter_id=request.adapter_id or request.prefix_id
+        with self._admit(1, context):
+            [validated] = await self._validate(
+                [request.request.text], request.params, request.adapter_id or request.prefix_id
             )
-            [entry] = state.scheduler.submit([validated])
+            [entry] = state.scheduler.submit([validated], kind="stream", correlation_id=correlation_id(context))
             try:
                 async for message in self._stream(entry):
                     yield message

@@ -84,6 +84,8 @@ class ShardClient:
         self._shards = shards
         self._lock = asyncio.Lock()
         self._monitor_tasks: list[asyncio.Task] = []
+        # Rank 0's KV cache usage after the latest call that reports it (ranks allocate alike).
+        self.kv_usage: generate_pb2.KvCacheUsage | None = None
 
     @property
     def urls(self) -> list[str]:
@@ -185,24 +187,29 @@ class ShardClient:
     async def health(self, timeout: float | None = None) -> None:
         await self._call_all("Health", generate_pb2.HealthRequest(), timeout=timeout)
 
+    def _note_usage(self, answer):
+        if answer.HasField("kv_cache"):
+            self.kv_usage = answer.kv_cache
+        return answer
+
     async def clear_cache(self, batch_id: int | None = None) -> None:
         request = generate_pb2.ClearCacheRequest() if batch_id is None else generate_pb2.ClearCacheRequest(id=batch_id)
-        await self._call_all("ClearCache", request)
+        self._note_usage(await self._call_all("ClearCache", request))
 
     async def warmup(self, request: generate_pb2.WarmupRequest) -> generate_pb2.WarmupResponse:
         return await self._call_all("Warmup", request)
 
     async def prefill(self, batch: generate_pb2.Batch) -> generate_pb2.PrefillResponse:
-        return await self._call_all("Prefill", generate_pb2.PrefillRequest(batch=batch))
+        return self._note_usage(await self._call_all("Prefill", generate_pb2.PrefillRequest(batch=batch)))
 
     async def decode(self, batches: list[generate_pb2.CachedBatch]) -> generate_pb2.DecodeResponse:
-        return await self._call_all("Decode", generate_pb2.DecodeRequest(batches=batches))
+        return self._note_usage(await self._call_all("Decode", generate_pb2.DecodeRequest(batches=batches)))
 
     async def filter_batch(self, batch_id: int, keep: list[int]) -> generate_pb2.CachedBatch:
         answer = await self._call_all(
             "FilterBatch", generate_pb2.FilterBatchRequest(batch_id=batch_id, request_ids=keep)
         )
-        return answer.batch
+        return self._note_usage(answer).batch
 
     def watch(self, on_lost: Callable[[str], Awaitable[None]]) -> None:
         """Watch every shard channel; when one drops its connection and Health fails, call ``on_lost``.

@@ -107,32 +107,46 @@ class ShardServicer(generate_pb2_grpc.TextGenerationServiceServicer):
     async def ServiceDiscovery(self, request, context):
         return generate_pb2.ServiceDiscoveryResponse(urls=self.urls)
 
+    async def _run_with_usage(self, fn: Callable[..., T], *args: Any) -> tuple[T, generate_pb2.KvCacheUsage]:
+        """``fn(*args)`` on the model worker, with the KV cache usage right after it."""
+
+        def call() -> tuple[T, generate_pb2.KvCacheUsage]:
+            return fn(*args), self.generator.kv_usage()
+
+        return await self.worker.run(call)
+
     async def ClearCache(self, request, context):
         batch_id = request.id if request.HasField("id") else None
-        await self.worker.run(self.generator.clear_cache, batch_id)
-        return generate_pb2.ClearCacheResponse()
+        _, usage = await self._run_with_usage(self.generator.clear_cache, batch_id)
+        return generate_pb2.ClearCacheResponse(kv_cache=usage)
 
     async def FilterBatch(self, request, context):
-        batch = await self.worker.run(
+        batch, usage = await self._run_with_usage(
             self.generator.filter_batch, request.batch_id, list(request.request_ids)
         )
-        return generate_pb2.FilterBatchResponse(batch=batch)
+        return generate_pb2.FilterBatchResponse(batch=batch, kv_cache=usage)
 
     async def Warmup(self, request, context):
         return await self.worker.run(self.generator.warmup, request)
 
     async def Prefill(self, request, context):
-        generations, batch, timings = await self.worker.run(self.generator.prefill, request.batch)
-        response = generate_pb2.PrefillResponse(generations=generations, timings=timings)
+        (generations, batch, timings), usage = await self._run_with_usage(
+            self.generator.prefill, request.batch
+        )
+        response = generate_pb2.PrefillResponse(
+            generations=generations, timings=timings, kv_cache=usage
+        )
         if batch is not None:
             response.batch.CopyFrom(batch)
         return response
 
     async def Decode(self, request, context):
-        generations, batch, timings = await self.worker.run(
+        (generations, batch, timings), usage = await self._run_with_usage(
             self.generator.decode, list(request.batches)
         )
-        response = generate_pb2.DecodeResponse(generations=generations, timings=timings)
+        response = generate_pb2.DecodeResponse(
+            generations=generations, timings=timings, kv_cache=usage
+        )
         if batch is not None:
             response.batch.CopyFrom(batch)
         return response

@@ -49,6 +49,7 @@ class ScriptedShards:
     """The internal API's semantics in memory; ``on_decode(n)`` runs before the n-th Decode (1-based)."""
 
     on_decode: Callable[[int], None] | None = None
+    kv_usage: generate_pb2.KvCacheUsage | None = None
     calls: list[tuple[str, list[int]]] = field(default_factory=list)
     batches: dict[int, list[_Held]] = field(default_factory=dict)
     decodes: int = 0

@@ -551,7 +551,7 @@ def test_metrics_endpoint_exposes_request_token_queue_and_batch_metrics(harness)
     assert status == 200
     for name in (
         'tgi_request_count_total{kind="batch"} 1.0',
-        'tgi_request_success_total{kind="generate",stop_reason="MAX_TOKENS"} 2.0',
+        'tgi_request_success_total{kind="batch",stop_reason="MAX_TOKENS"} 2.0',
         "tgi_generated_tokens_total 8.0",
         "tgi_queue_size 0.0",
         "tgi_batch_current_size 0.0",
@@ -560,6 +560,57 @@ def test_metrics_endpoint_exposes_request_token_queue_and_batch_metrics(harness)
     ):
         assert name in body, name
     assert h.http_get("/nope")[0] == 404
+
+
+def test_metrics_have_tgis_names_for_latency_tokens_and_kind(harness):
+    h = harness(FakeModel(step_delay=0.002))
+    stub = h.stub()
+    stub.Generate(batched(["Hello"], params(4)), timeout=10)
+    list(stub.GenerateStream(single("Hello", params(3)), timeout=10))
+    assert h.metric("tgi_request_success_total", kind="single", stop_reason="MAX_TOKENS") == 1
+    assert h.metric("tgi_request_success_total", kind="stream", stop_reason="MAX_TOKENS") == 1
+    assert h.metric("tgi_request_first_token_duration_count") == 2
+    # Time between tokens: 3 gaps + 2 gaps, and one mean time per token per prompt.
+    assert h.metric("tgi_request_inter_token_duration_count") == 5
+    assert h.metric("tgi_request_mean_time_per_token_duration_count") == 2
+    assert h.metric("tgi_request_inference_duration_count") == 2
+    assert h.metric("tgi_request_validation_duration_count") == 2
+    assert h.metric("tgi_request_max_new_tokens_sum") == 7
+    assert h.metric("tgi_request_total_tokens_count") == 2
+    assert h.metric("tgi_batch_inference_success_total", method="prefill") == 2
+
+
+def test_kv_blocks_in_use_follow_the_shards_and_return_to_zero_after_a_cancel(harness):
+    h = harness(FakeModel(step_delay=0.01, kv_capacity=1600, block_size=16))
+    stream = h.stub().GenerateStream(single("Cancel me", params(500)), timeout=20)
+    for count, _ in enumerate(stream):
+        if count == 40:
+            break
+    used = h.metric("tgi_kv_cache_blocks_used")
+    assert used >= 2  # at least 40 generated tokens: more than two 16-token blocks
+    assert h.metric("tgi_kv_cache_blocks_total") == 100
+    stream.cancel()
+    assert wait_for(lambda: h.metric("tgi_kv_cache_blocks_used") == 0 and h.shard.tokens_held() == 0)
+    assert h.metric("tgi_batch_current_size") == 0
+
+
+def test_x_correlation_id_is_in_the_log_lines_of_its_request(harness):
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), level="INFO", format="{message}")
+    try:
+        h = harness()
+        metadata = (("x-correlation-id", "req-7f3a"),)
+        h.stub().Generate(batched(["Hello"], params(2)), timeout=10, metadata=metadata)
+        list(h.stub().GenerateStream(single("Hello", params(2)), timeout=10, metadata=(("x-correlation-id", "str-1"),)))
+        with pytest.raises(grpc.RpcError):
+            h.stub().Generate(batched([""], params(2)), timeout=10, metadata=(("x-correlation-id", "bad-9"),))
+    finally:
+        logger.remove(sink)
+    assert any("req-7f3a" in line and "finished" in line for line in lines), lines
+    assert any("str-1" in line and "finished" in line for line in lines), lines
+    assert any("bad-9" in line and "Rejected" in line for line in lines), lines
 
 
 # ---- shard failures -----------------------------------------------------------------------------

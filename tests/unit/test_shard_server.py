@@ -141,6 +141,20 @@ def test_warmup_prefill_decode_filter_and_clear_through_grpc(stub, shard, tiny_l
     assert generator.allocator.num_free == free and generator.batches == {}
 
 
+def test_every_batch_call_reports_the_kv_blocks_in_use(stub, shard):
+    _, _, generator = shard
+    total = generator.allocator.num_usable
+    # 20 + 3 tokens: two 16-token blocks each after the prefill.
+    reply = stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=7, requests=[request(1, list(range(1, 21))), request(2, list(range(1, 21)))])))
+    assert (reply.kv_cache.blocks_used, reply.kv_cache.blocks_total) == (4, total)
+    reply = stub.Decode(pb.DecodeRequest(batches=[reply.batch]))
+    assert reply.kv_cache.blocks_used == total - generator.allocator.num_free == 4
+    filtered = stub.FilterBatch(pb.FilterBatchRequest(batch_id=7, request_ids=[2]))
+    assert filtered.kv_cache.blocks_used == 2
+    cleared = stub.ClearCache(pb.ClearCacheRequest())
+    assert (cleared.kv_cache.blocks_used, cleared.kv_cache.blocks_total) == (0, total)
+
+
 def test_unknown_batch_id_is_not_found_and_the_shard_keeps_serving(stub):
     for call in (
         lambda: stub.Decode(pb.DecodeRequest(batches=[pb.CachedBatch(id=77)])),

@@ -111,6 +111,13 @@ class Generator:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def kv_usage(self) -> generate_pb2.KvCacheUsage:
+        """Blocks in use and usable blocks of the KV cache right now."""
+        if self.allocator is None:
+            return generate_pb2.KvCacheUsage()
+        total = self.allocator.num_usable
+        return generate_pb2.KvCacheUsage(blocks_used=total - self.allocator.num_free, blocks_total=total)
+
     def _agree_min(self, value: int) -> int:
         """The smallest ``value`` over all ranks, so every rank sizes its cache the same."""
         if self.dist.world_size == 1:
