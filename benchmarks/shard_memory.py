@@ -3,7 +3,8 @@
 For each shard count the launcher starts the model (default: the built-in
 default model) with free ports; once the router reports SERVING, one short
 greedy request runs, then every shard process is read from /proc: peak RSS
-(VmHWM) and current RSS (VmRSS). Each shard's own start-up line gives its
+(VmHWM, which counts pages of the mmapped checkpoint file too) and private
+RSS (RssAnon). Each shard's own start-up line gives its
 parameter bytes and its peak RSS right after loading (before the KV cache and
 warm-up). A bare interpreter that imports what a shard imports gives the fixed
 cost every process pays whatever it holds.
@@ -15,7 +16,6 @@ Prints one table; exits non-zero if a launch fails.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import signal
 import socket
@@ -38,8 +38,8 @@ class ShardMemory:
     pid: int
     params_mib: float
     load_peak_mib: float | None
-    peak_mib: float
-    rss_mib: float
+    peak_mib: float  # VmHWM: includes pages of the mapped checkpoint file
+    anon_mib: float  # RssAnon now: the process's private memory (weights, KV cache, buffers)
 
 
 def free_port() -> int:
@@ -108,7 +108,7 @@ def one_request(address: str) -> None:
         )
 
 
-def measure(shards: int, model_id: str | None, timeout: float) -> list[ShardMemory]:
+def measure(shards: int, model_id: str | None, timeout: float, kv_tokens: int) -> list[ShardMemory]:
     launcher = Path(sys.executable).parent / "text-generation-launcher"
     with tempfile.TemporaryDirectory(prefix="shard-memory-") as tmp:
         grpc_port = free_port()
@@ -119,6 +119,9 @@ def measure(shards: int, model_id: str | None, timeout: float) -> list[ShardMemo
             "--master-port", str(free_port()),
             "--shard-uds-path", f"{tmp}/shard",
         ]
+        if kv_tokens > 0:
+            # Sequences of at most 1024 tokens keep the warm-up prefill within that budget.
+            argv += ["--max-total-tokens", "1024", "--max-batch-total-tokens", str(kv_tokens)]
         if model_id:
             argv += ["--model-id", model_id]
         if shards > 1:
@@ -134,7 +137,7 @@ def measure(shards: int, model_id: str | None, timeout: float) -> list[ShardMemo
                 if sorted(pids) != list(range(shards)):
                     raise RuntimeError(f"expected ranks 0..{shards - 1}, found {sorted(pids)}")
                 peaks = {rank: proc_status_kib(pid, "VmHWM") for rank, pid in pids.items()}
-                rss = {rank: proc_status_kib(pid, "VmRSS") for rank, pid in pids.items()}
+                anon = {rank: proc_status_kib(pid, "RssAnon") for rank, pid in pids.items()}
             except Exception:
                 sys.stderr.write(log_path.read_text(errors="replace")[-4000:])
                 raise
@@ -153,7 +156,7 @@ def measure(shards: int, model_id: str | None, timeout: float) -> list[ShardMemo
                 params_mib=float(m[2]) if m else float("nan"),
                 load_peak_mib=float(m[3]) if m and m[3] else None,
                 peak_mib=peaks[rank] / 1024,
-                rss_mib=rss[rank] / 1024,
+                anon_mib=anon[rank] / 1024,
             )
         )
     return results
@@ -174,6 +177,13 @@ def main() -> int:
     parser.add_argument("--model-id", default=None, help="model to launch (default: the built-in default model)")
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 3], help="shard counts to measure")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for each launch")
+    parser.add_argument(
+        "--kv-tokens",
+        type=int,
+        default=4096,
+        help="--max-batch-total-tokens for each launch (with --max-total-tokens 1024), so the KV cache "
+        "does not hide the weights (0: the server's default sizing)",
+    )
     args = parser.parse_args()
     if not Path("/proc/self/status").exists():
         print("needs Linux /proc", file=sys.stderr)
@@ -181,16 +191,19 @@ def main() -> int:
 
     base = baseline_mib()
     print(f"fixed cost of a shard process (imports, no model): peak RSS {base:.0f} MiB")
-    header = f"{'shards':>6} {'rank':>4} {'params MiB':>10} {'peak RSS after load':>20} {'peak RSS (VmHWM)':>17} {'RSS now':>8}"
+    header = (
+        f"{'shards':>6} {'rank':>4} {'params MiB':>10} {'peak RSS after load':>20} "
+        f"{'peak RSS (VmHWM)':>17} {'private RSS now':>16}"
+    )
     print(header)
     print("-" * len(header))
     single_params = None
     single_load = None
     for n in args.shards:
-        rows = measure(n, args.model_id, args.timeout)
+        rows = measure(n, args.model_id, args.timeout, args.kv_tokens)
         for row in rows:
             load = f"{row.load_peak_mib:.0f}" if row.load_peak_mib is not None else "?"
-            print(f"{n:>6} {row.rank:>4} {row.params_mib:>10.1f} {load:>20} {row.peak_mib:>17.0f} {row.rss_mib:>8.0f}")
+            print(f"{n:>6} {row.rank:>4} {row.params_mib:>10.1f} {load:>20} {row.peak_mib:>17.0f} {row.anon_mib:>16.0f}")
         params = max(r.params_mib for r in rows)
         load_peak = max((r.load_peak_mib or 0.0) for r in rows)
         if n == 1:
@@ -205,6 +218,11 @@ def main() -> int:
     return 0
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # Unwinds through measure()'s finally, which stops the launcher it started.
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     sys.exit(main())

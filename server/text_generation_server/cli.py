@@ -170,6 +170,7 @@ def _serve(args: argparse.Namespace, env: ShardEnv) -> None:
     from text_generation_server.distributed import init_distributed
     from text_generation_server.engine import Generator
     from text_generation_server.engine.stopping import eos_token_ids
+    from text_generation_server.memory_check import check_model_fits
     from text_generation_server.model_source import DEFAULT_MODEL_ID
     from text_generation_server.models import load_model
     from text_generation_server.server import serve
@@ -182,6 +183,8 @@ def _serve(args: argparse.Namespace, env: ShardEnv) -> None:
     logger.info(f"Loading model {model_dir} (rank {env.rank}/{env.world_size})")
     device = choose_device(env)
     dtype = resolve_dtype(args.dtype, device)
+    # Before joining the group: a model that cannot fit fails every rank alike, with figures.
+    check_model_fits(model_dir, dtype, env.world_size, device, quantize=args.quantize)
     configure_threads(env.world_size)
     dist = init_distributed(
         env.rank,
@@ -228,6 +231,7 @@ def serve_command(args: argparse.Namespace) -> int:
 def _startup_failure(error: Exception) -> int:
     from text_generation_server.distributed import DistributedInitError
     from text_generation_server.engine.kv_cache import CacheFullError
+    from text_generation_server.memory_check import ModelTooLargeError
     from text_generation_server.model_source import ModelNotFoundError
     from text_generation_server.models import CheckpointError, UnsupportedModelError
 
@@ -238,6 +242,7 @@ def _startup_failure(error: Exception) -> int:
         CheckpointError,
         DistributedInitError,
         CacheFullError,
+        ModelTooLargeError,
         ValueError,
         OSError,
     )

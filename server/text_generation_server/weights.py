@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 if TYPE_CHECKING:
     from text_generation_server.distributed import Distributed
@@ -94,7 +94,8 @@ class Weights:
         if f not in self._handles:
             try:
                 self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
-            except (OSError, RuntimeError) as e:
+            except (OSError, RuntimeError, SafetensorError) as e:
+                # A corrupt or truncated file fails here, at its header, before any shard loads a tensor.
                 raise CheckpointError(f"cannot read safetensors file {f}: {e}") from e
         return self._handles[f]
 
