@@ -132,9 +132,11 @@ class Router:
         )
         logger.info(
             f"Warmup done in {time.monotonic() - warmup_start:.1f} s: KV capacity {warm.max_supported_total_tokens} "
-            f"tokens; limits: max_input_tokens {limits.max_input_tokens}, max_total_tokens "
-            f"{limits.max_total_tokens}, max_batch_prefill_tokens {limits.max_batch_prefill_tokens}, "
-            f"max_batch_total_tokens {limits.max_batch_total_tokens}, max_new_tokens {limits.max_new_tokens}"
+            f"tokens ({warm.num_blocks} blocks of {warm.block_size}); limits: max_input_tokens "
+            f"{limits.max_input_tokens}, max_total_tokens {limits.max_total_tokens}, max_batch_prefill_tokens "
+            f"{limits.max_batch_prefill_tokens}, max_batch_total_tokens {limits.max_batch_total_tokens} "
+            f"({'--max-batch-total-tokens' if args.max_batch_total_tokens else 'derived from the KV capacity'}), "
+            f"max_new_tokens {limits.max_new_tokens}"
         )
         self.scheduler = Scheduler(self.client, self.tokenizer, limits, self.metrics, on_fatal=self._on_fatal)
         self.scheduler.start()

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from text_generation_server.engine.kv_cache import (
+    CPU_MAX_CACHE_TOKENS,
     BlockAllocator,
     CacheFullError,
     KVCache,
@@ -101,9 +102,14 @@ def test_memory_sizing_uses_a_share_of_available_memory():
     assert n * PER_BLOCK <= available * 0.3 < (n + 1) * PER_BLOCK
 
 
-def test_memory_sizing_on_cpu_is_capped_by_the_sequence_length():
+def test_memory_sizing_on_cpu_stops_at_the_cpu_token_cap_however_much_memory_is_free():
     n = blocks_for_memory(**SIZES, max_total_tokens=32, available_bytes=2**40)
-    assert (n - 1) * 16 == 32 * 16
+    assert (n - 1) * 16 == CPU_MAX_CACHE_TOKENS
+
+
+def test_cpu_cap_still_holds_two_full_length_sequences():
+    n = blocks_for_memory(**SIZES, max_total_tokens=3 * CPU_MAX_CACHE_TOKENS, available_bytes=2**40)
+    assert (n - 1) * 16 == 2 * 3 * CPU_MAX_CACHE_TOKENS
 
 
 def test_memory_too_small_for_a_maximal_prefill_is_a_clear_error():

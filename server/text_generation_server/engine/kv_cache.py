@@ -22,9 +22,16 @@ CPU_MEMORY_FRACTION = 0.3
 # Share of the free device memory a CUDA shard gives its KV cache; the rest is
 # headroom for activations and the allocator.
 CUDA_MEMORY_FRACTION = 0.85
-# On CPU more concurrent sequences than this only queue up behind the same two
-# cores, so the cache is not sized beyond this many full-length sequences.
-CPU_MAX_FULL_SEQUENCES = 16
+# On CPU the cores, not memory, limit how many tokens a batch can usefully
+# attend over: a 16k-token cache already holds 64 concurrent requests of 256
+# tokens, more than a CPU decodes at a useful rate. So by default the cache
+# stops there (about 0.7 GiB for a 135M Llama in float32) instead of taking a
+# share of host memory it would never fill; --max-batch-total-tokens asks
+# for more.
+CPU_MAX_CACHE_TOKENS = 16384
+# ...but it always holds this many sequences of max_total_tokens, so one long
+# request never stalls the rest.
+CPU_MIN_FULL_SEQUENCES = 2
 
 
 class CacheFullError(RuntimeError):
@@ -179,10 +186,11 @@ def blocks_for_memory(
     """Total blocks (padding block included) for the KV cache.
 
     With ``max_batch_total_tokens`` > 0 the cache holds that many tokens. With
-    0 it takes a share of the memory available (CPU: ``MemAvailable`` split
-    between the ``world_size`` shards of the host; CUDA: free device memory),
-    on CPU capped at :data:`CPU_MAX_FULL_SEQUENCES` sequences of
-    ``max_total_tokens``. Either way it holds at least ``min_tokens`` (what a
+    0 it takes a share of the memory available once the weights are loaded
+    (CPU: ``MemAvailable`` split between the ``world_size`` shards of the
+    host; CUDA: free device memory), on CPU capped at
+    :data:`CPU_MAX_CACHE_TOKENS` tokens or :data:`CPU_MIN_FULL_SEQUENCES`
+    sequences of ``max_total_tokens``, whichever is more. Either way it holds at least ``min_tokens`` (what a
     maximal prefill needs). Raises :class:`CacheFullError` naming the numbers
     when that does not fit in memory.
     """
@@ -206,10 +214,13 @@ def blocks_for_memory(
             )
         return usable + 1
     usable = int(available_bytes * fraction) // per_block - 1
-    if device.type != "cuda" and max_total_tokens > 0:
-        usable = min(
-            usable, blocks_for_tokens(max_total_tokens * CPU_MAX_FULL_SEQUENCES, block_size)
+    share = usable
+    cap = None
+    if device.type != "cuda":
+        cap = blocks_for_tokens(
+            max(CPU_MAX_CACHE_TOKENS, CPU_MIN_FULL_SEQUENCES * max(max_total_tokens, 0)), block_size
         )
+        usable = min(usable, cap)
     if usable < max(needed_blocks, 1):
         raise CacheFullError(
             f"not enough memory for the KV cache on {device}: {_gib(available_bytes)} available, "
@@ -217,9 +228,12 @@ def blocks_for_memory(
             f"needs {needed_blocks * block_size}; lower --max-batch-prefill-tokens or free memory"
         )
     usable = max(usable, needed_blocks)
-    logger.debug(
-        f"KV cache sizing: {_gib(available_bytes)} available, {per_block} bytes per block, "
-        f"{usable} usable blocks"
+    capped = f", capped on CPU at {cap * block_size} tokens" if cap is not None and share > cap else ""
+    logger.info(
+        f"KV cache sized from memory left after the weights: {_gib(available_bytes)} available to this "
+        f"shard, {fraction:.0%} of it holds {max(share, 0) * block_size} tokens{capped}: "
+        f"{usable * block_size} tokens ({_gib((usable + 1) * per_block)}); "
+        f"--max-batch-total-tokens sets it explicitly"
     )
     return usable + 1
 
