@@ -1,0 +1,140 @@
+"""A GPTQ checkpoint served on one shard equals transformers on the dequantized weights.
+
+Each checkpoint is written by round-to-nearest (tests/gptq_checkpoint.py)
+together with a float twin holding exactly the weights the packed tensors
+encode; transformers' forward over the twin is the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from gptq_checkpoint import write_gptq_checkpoint
+from paged_runner import PagedRunner
+from text_generation_server.distributed import init_distributed
+from text_generation_server.layers.quant.gptq import GPTQConfig, GPTQLinearMethod
+from text_generation_server.layers.quant.registry import get_quant_method
+from text_generation_server.models import load_model
+
+CPU = torch.device("cpu")
+IDS = torch.randint(0, 384, (11,), generator=torch.Generator().manual_seed(5)).tolist()
+
+LAYOUTS = {
+    "g32-sym-v1": dict(group_size=32),
+    "g32-asym-v2": dict(group_size=32, sym=False, fmt="gptq_v2"),
+    "g64-act-order-asym": dict(group_size=64, desc_act=True, sym=False),
+    "per-row-legacy-config": dict(group_size=-1, legacy_config=True),
+    "g48-ragged": dict(group_size=48),
+    "8-bit-g32": dict(bits=8, group_size=32, sym=False),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tiny_llama) -> dict[str, tuple[Path, Path]]:
+    root = tmp_path_factory.mktemp("gptq")
+    return {
+        name: write_gptq_checkpoint(tiny_llama, root / name, **layout)
+        for name, layout in LAYOUTS.items()
+    }
+
+
+@functools.cache
+def transformers_logits(path: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([IDS])).logits[0]
+
+
+def served(path: Path, quantize: str | None = "gptq"):
+    model = load_model(path, dtype=torch.float32, device=CPU, dist=init_distributed(0, 1),
+                       quantize=quantize)
+    return model, PagedRunner(model).step([("a", IDS)])[0]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_reference_kernel_serves_exactly_the_dequantized_model(monkeypatch, checkpoints, layout):
+    monkeypatch.setenv("GPTQ_KERNEL", "gptq-reference")
+    quantized, dense = checkpoints[layout]
+    model, logits = served(quantized)
+    assert model.kernel == "gptq-reference"
+    torch.testing.assert_close(logits, transformers_logits(dense), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["g32-sym-v1", "g64-act-order-asym", "g48-ragged"])
+def test_cpu_int4_kernel_serves_the_dequantized_model_within_bf16_rounding(checkpoints, layout):
+    quantized, dense = checkpoints[layout]
+    model, logits = served(quantized)
+    assert model.kernel == "cpu-int4pack-bf16"
+    want = transformers_logits(dense)
+    assert float((logits - want).norm() / want.norm()) < 2e-2
+    assert torch.equal(logits.argmax(-1), want.argmax(-1))
+
+
+def test_a_gptq_checkpoint_is_served_as_gptq_without_the_flag(checkpoints):
+    model, _ = served(checkpoints["g32-sym-v1"][0], quantize=None)
+    assert model.kernel == "cpu-int4pack-bf16"
+
+
+def test_other_widths_are_served_through_the_reference_kernel(checkpoints):
+    model, _ = served(checkpoints["8-bit-g32"][0])
+    assert model.kernel == "gptq-reference"
+
+
+def test_4_bit_weights_take_about_a_quarter_of_fp16(checkpoints):
+    model, _ = served(checkpoints["g32-sym-v1"][0])
+    methods = [m.quant_method for m in model.modules() if isinstance(getattr(m, "quant_method", None), GPTQLinearMethod)]
+    held = sum(m.weight_bytes() for m in methods)
+    fp16 = sum(m.fp16_bytes for m in methods)
+    # 4 bits per weight plus a bf16 scale and offset per 32 weights.
+    assert held / fp16 == pytest.approx(0.25 + 4 / 32 / 2, rel=0.01)
+
+
+def test_quantize_gptq_refuses_a_checkpoint_without_gptq_config(tiny_llama):
+    with pytest.raises(ValueError, match="needs a GPTQ checkpoint"):
+        load_model(tiny_llama, dtype=torch.float32, device=CPU, dist=init_distributed(0, 1),
+                   quantize="gptq")
+
+
+def test_other_quantize_flags_refuse_a_gptq_checkpoint():
+    with pytest.raises(ValueError, match="quant_method 'gptq'"):
+        get_quant_method("bitsandbytes-nf4", {"quant_method": "gptq", "bits": 4, "group_size": 128})
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ({"bits": 3, "group_size": 128}, "bits=3.*supported: 2, 4, 8"),
+        ({"bits": 4, "group_size": 128, "checkpoint_format": "marlin"}, "supported: gptq, gptq_v2"),
+        ({"bits": 4, "group_size": -2}, "group_size=-2"),
+        ({"bits": 4}, "lacks 'bits' or 'group_size'"),
+        ({"bits": 4, "group_size": 128, "lm_head": True}, "lm_head"),
+        ({"bits": 4, "group_size": 128, "desc_act": "yes"}, "'desc_act' must be true or false"),
+    ],
+)
+def test_unservable_gptq_configs_are_refused_with_what_is_allowed(config, message):
+    with pytest.raises(ValueError, match=message):
+        GPTQConfig.from_checkpoint({"quant_method": "gptq", **config})
+
+
+def test_config_reads_every_setting():
+    c = GPTQConfig.from_checkpoint({
+        "quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True, "sym": False,
+        "checkpoint_format": "gptq_v2", "static_groups": True,
+    })
+    assert (c.bits, c.group_size, c.desc_act, c.sym, c.checkpoint_format, c.static_groups) == (
+        4, 64, True, False, "gptq_v2", True
+    )
+    assert c.input_alignment() == 64
+
+
+def test_legacy_config_file_is_read(checkpoints):
+    quantized, _ = checkpoints["per-row-legacy-config"]
+    assert "quantization_config" not in json.loads((quantized / "config.json").read_text())
+    model, _ = served(quantized, quantize=None)
+    assert model.kernel == "cpu-int4pack-bf16"
