@@ -195,9 +195,20 @@ class Validator:
                 f"{where}: input tokens ({n}) plus min_new_tokens ({p.min_new_tokens}) must be <= "
                 f"max_total_tokens ({limits.max_total_tokens})"
             )
+        # The KV budget is held in whole blocks: a request whose input + min_new_tokens
+        # rounds up past it could never be scheduled, so it is refused here, not queued forever.
+        block = max(1, limits.block_size)
+        budget = limits.max_batch_total_tokens // block * block
+        if n + max(p.min_new_tokens, 1) > budget:
+            raise ValidationError(
+                f"{where}: input tokens ({n}) plus min_new_tokens ({max(p.min_new_tokens, 1)}) can never fit the "
+                f"batch token budget ({limits.max_batch_total_tokens} tokens in blocks of {block}, "
+                f"--max-batch-total-tokens or the shards' KV cache); shorten the input"
+            )
         max_new, token_limit = p.max_new_tokens, False
-        if n + max_new > limits.max_total_tokens:
-            max_new, token_limit = limits.max_total_tokens - n, True
+        room = min(limits.max_total_tokens, budget) - n
+        if max_new > room:
+            max_new, token_limit = room, True
         sampling = p.sampling
         if p.random_seed:
             sampling = replace(sampling, seed=self._rng.randint(1, 2**32 - 1))

@@ -124,3 +124,16 @@ def test_plain_text_format_is_accepted(tokenizer):
 def test_adapters_are_refused(tokenizer):
     with pytest.raises(ValidationError, match="adapter_id/prefix_id 'my-adapter'"):
         validate(tokenizer, pb.Parameters(), adapter_id="my-adapter")
+
+
+def test_a_request_that_could_never_fit_the_kv_budget_is_rejected_and_max_new_is_cut_to_whole_blocks(tokenizer):
+    """Budget 40 tokens in blocks of 16 holds 32: more than 32 tokens can never be scheduled."""
+    from dataclasses import replace
+
+    tight = replace(LIMITS, max_batch_total_tokens=40)
+    text = "Hello world"
+    n = len(tokenizer.encode(text).ids)
+    with pytest.raises(ValidationError, match="can never fit the batch token budget"):
+        validate(tokenizer, pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=40, min_new_tokens=33 - n)), texts=[text], limits=tight)
+    [req] = validate(tokenizer, pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=40)), texts=[text], limits=tight)
+    assert req.max_new_tokens == 32 - n and req.max_is_token_limit
