@@ -4,8 +4,8 @@ For each shard count the launcher starts the model (default: the built-in
 default model) with free ports; once the router reports SERVING, one short
 greedy request runs, then every shard process is read from /proc: peak RSS
 (VmHWM, which counts pages of the mmapped checkpoint file too) and private
-RSS (RssAnon). Each shard's own start-up line gives its
-parameter bytes and its peak RSS right after loading (before the KV cache and
+RSS (RssAnon). Each shard's own start-up line gives its parameter bytes and
+its peak and private RSS right after loading (before the KV cache and
 warm-up). A bare interpreter that imports what a shard imports gives the fixed
 cost every process pays whatever it holds.
 
@@ -28,7 +28,8 @@ from pathlib import Path
 
 MiB = 2**20
 READY_LINE = re.compile(
-    r"shard-(\d+) Model ready: .*parameters ([\d.]+) MiB on this rank(?:, peak RSS ([\d.]+) MiB)?"
+    r"shard-(\d+) Model ready: .*parameters ([\d.]+) MiB on this rank"
+    r"(?:, peak RSS ([\d.]+) MiB, private RSS ([\d.]+) MiB)?"
 )
 
 
@@ -38,6 +39,7 @@ class ShardMemory:
     pid: int
     params_mib: float
     load_peak_mib: float | None
+    load_private_mib: float | None
     peak_mib: float  # VmHWM: includes pages of the mapped checkpoint file
     anon_mib: float  # RssAnon now: the process's private memory (weights, KV cache, buffers)
 
@@ -155,6 +157,7 @@ def measure(shards: int, model_id: str | None, timeout: float, kv_tokens: int) -
                 pid=pids[rank],
                 params_mib=float(m[2]) if m else float("nan"),
                 load_peak_mib=float(m[3]) if m and m[3] else None,
+                load_private_mib=float(m[4]) if m and m[4] else None,
                 peak_mib=peaks[rank] / 1024,
                 anon_mib=anon[rank] / 1024,
             )
@@ -162,14 +165,16 @@ def measure(shards: int, model_id: str | None, timeout: float, kv_tokens: int) -
     return results
 
 
-def baseline_mib() -> float:
-    """Peak RSS of a process that imports what a shard imports and holds no model."""
+def baseline_mib() -> tuple[float, float]:
+    """Peak and private RSS of a process that imports what a shard imports and holds no model."""
     code = (
         "import torch, grpc, text_generation_server.server, text_generation_server.models\n"
-        "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"
+        "s = {l.split(':')[0]: l.split()[1] for l in open('/proc/self/status') if l.startswith(('VmHWM', 'RssAnon'))}\n"
+        "print(s['VmHWM'], s['RssAnon'])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip()) / 1024
+    peak, private = out.stdout.split()
+    return int(peak) / 1024, int(private) / 1024
 
 
 def main() -> int:
@@ -189,30 +194,35 @@ def main() -> int:
         print("needs Linux /proc", file=sys.stderr)
         return 2
 
-    base = baseline_mib()
-    print(f"fixed cost of a shard process (imports, no model): peak RSS {base:.0f} MiB")
+    base_peak, base_private = baseline_mib()
+    print(
+        f"fixed cost of a shard process (imports, no model): peak RSS {base_peak:.0f} MiB, "
+        f"private RSS {base_private:.0f} MiB"
+    )
     header = (
-        f"{'shards':>6} {'rank':>4} {'params MiB':>10} {'peak RSS after load':>20} "
-        f"{'peak RSS (VmHWM)':>17} {'private RSS now':>16}"
+        f"{'shards':>6} {'rank':>4} {'params MiB':>10} {'after load: peak RSS':>21} {'private RSS':>12} "
+        f"{'serving: peak RSS (VmHWM)':>26} {'private RSS':>12}"
     )
     print(header)
     print("-" * len(header))
-    single_params = None
-    single_load = None
+    single: tuple[float, float] | None = None
     for n in args.shards:
         rows = measure(n, args.model_id, args.timeout, args.kv_tokens)
         for row in rows:
             load = f"{row.load_peak_mib:.0f}" if row.load_peak_mib is not None else "?"
-            print(f"{n:>6} {row.rank:>4} {row.params_mib:>10.1f} {load:>20} {row.peak_mib:>17.0f} {row.anon_mib:>16.0f}")
-        params = max(r.params_mib for r in rows)
-        load_peak = max((r.load_peak_mib or 0.0) for r in rows)
-        if n == 1:
-            single_params, single_load = params, load_peak
-        elif single_params:
+            private = f"{row.load_private_mib:.0f}" if row.load_private_mib is not None else "?"
             print(
-                f"{'':>6} largest shard: params {params / single_params:.2f}x of 1 shard, "
-                f"peak RSS after load above the fixed cost "
-                f"{(load_peak - base) / max(single_load - base, 1e-9):.2f}x of 1 shard (ideal {1 / n:.2f})"
+                f"{n:>6} {row.rank:>4} {row.params_mib:>10.1f} {load:>21} {private:>12} "
+                f"{row.peak_mib:>26.0f} {row.anon_mib:>12.0f}"
+            )
+        params = max(r.params_mib for r in rows)
+        private_weights = max((r.load_private_mib or 0.0) for r in rows) - base_private
+        if n == 1:
+            single = (params, private_weights)
+        elif single is not None:
+            print(
+                f"{'':>6} largest shard vs 1 shard: parameters {params / single[0]:.2f}x, private RSS after load "
+                f"above the fixed cost {private_weights / max(single[1], 1e-9):.2f}x (ideal {1 / n:.2f})"
             )
         sys.stdout.flush()
     return 0

@@ -145,16 +145,22 @@ def parameter_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def peak_rss_bytes(status: Path = Path("/proc/self/status")) -> int | None:
-    """This process's peak resident set size (VmHWM), or None where /proc does not say."""
+def memory_status(status: Path = Path("/proc/self/status")) -> dict[str, int]:
+    """This process's memory figures in bytes from /proc (``VmHWM`` peak RSS, ``RssAnon`` private RSS, ...).
+
+    Empty where /proc does not exist.
+    """
     try:
         text = status.read_text()
     except OSError:
-        return None
+        return {}
+    figures = {}
     for line in text.splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return None
+        key, _, value = line.partition(":")
+        parts = value.split()
+        if len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
+            figures[key] = int(parts[0]) * 1024
+    return figures
 
 
 def resolve_model_dir(model: str | None, revision: str | None) -> Path:
@@ -195,12 +201,17 @@ def _serve(args: argparse.Namespace, env: ShardEnv) -> None:
     )
     try:
         model = load_model(model_dir, dtype=dtype, device=device, dist=dist, quantize=args.quantize)
-        peak = peak_rss_bytes()
+        mem = memory_status()
+        # Peak RSS counts the checkpoint's mapped file pages too; private RSS is what this rank holds.
+        rss = (
+            f", peak RSS {mem['VmHWM'] / 2**20:.1f} MiB, private RSS {mem['RssAnon'] / 2**20:.1f} MiB"
+            if "VmHWM" in mem and "RssAnon" in mem
+            else ""
+        )
         logger.info(
             f"Model ready: dtype {str(model.dtype).removeprefix('torch.')}, device {device}, "
             f"kernel {model.kernel}, tp plan: {model.tp_plan}; "
-            f"parameters {parameter_bytes(model) / 2**20:.1f} MiB on this rank"
-            + (f", peak RSS {peak / 2**20:.1f} MiB" if peak is not None else "")
+            f"parameters {parameter_bytes(model) / 2**20:.1f} MiB on this rank{rss}"
         )
         generator = Generator(
             model,
