@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TGIS_PROTO := .cache/tgis/generation.proto
 
-.PHONY: install proto run test test-unit test-e2e lint bench clean
+.PHONY: install proto run test test-unit test-e2e lint bench clean peer-gptqmodel
 
 install: $(STAMP) proto $(TGIS_PROTO)
 
@@ -47,6 +47,17 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/run.py $(ARGS)
+
+# GPTQModel (with transformers and optimum) in its own venv, for the interop
+# tests and quality benchmarks: installing it beside our torch would replace it.
+PEER_GPTQ := .cache/peers/gptqmodel
+peer-gptqmodel: $(PEER_GPTQ)/.installed
+
+$(PEER_GPTQ)/.installed:
+	test -x $(PEER_GPTQ)/bin/python || $(PYTHON) -m venv $(PEER_GPTQ)
+	$(PEER_GPTQ)/bin/pip install -q torch==2.13.0
+	$(PEER_GPTQ)/bin/pip install -q gptqmodel==7.6.0 optimum==2.3.0 transformers==5.24.0
+	touch $@
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info server/text_generation_server/pb

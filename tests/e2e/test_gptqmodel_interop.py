@@ -1,0 +1,151 @@
+"""GPTQ checkpoints cross between our tools and GPTQModel 7.6.0 (transformers + optimum).
+
+Both directions, on a tiny random Llama, with the peer running in its own
+virtualenv (``make peer-gptqmodel`` builds it in ``.cache/peers/gptqmodel``;
+installing GPTQModel into the project venv would replace torch):
+
+- a checkpoint written by ``text-generation-server quantize`` loads in
+  transformers with GPTQModel and gives the same greedy text as our server;
+- a checkpoint written by GPTQModel serves with ``--quantize gptq`` and gives
+  the same greedy text as GPTQModel on it.
+
+Without the peer the tests skip, naming the make target; CI sets
+``REQUIRE_GPTQMODEL_PEER=1`` so a missing peer fails instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_model import build_tiny_llama
+from transformers import AutoTokenizer
+
+from .conftest import REPO, ServerProcess
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+PEER_PYTHON = Path(os.environ.get("GPTQMODEL_PYTHON", REPO / ".cache" / "peers" / "gptqmodel" / "bin" / "python"))
+PEER_SCRIPT = REPO / "benchmarks" / "gptqmodel_peer.py"
+PROMPTS = ["The capital of France is", "Once upon a time there", "def main():"]
+MAX_NEW_TOKENS = 16
+GROUP_SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def peer_python() -> Path:
+    if PEER_PYTHON.exists():
+        return PEER_PYTHON
+    message = f"GPTQModel peer not found at {PEER_PYTHON}; build it with `make peer-gptqmodel`"
+    if os.environ.get("REQUIRE_GPTQMODEL_PEER") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def run_peer(peer: Path, *args: str, timeout: float = 900) -> dict:
+    """Run the peer script; its last stdout line starting with '{' is its JSON answer."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run(
+        [str(peer), str(PEER_SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    if out.returncode != 0:
+        raise AssertionError(f"GPTQModel peer failed ({out.returncode}):\n{out.stderr[-4000:]}")
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise AssertionError(f"GPTQModel peer printed no JSON:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def served_greedy_texts(checkpoint: Path, tmp: Path) -> dict[str, dict]:
+    """Greedy generations from our launcher with --quantize gptq, through the published TGIS stubs."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    server = ServerProcess(tmp, ["--model-id", str(checkpoint), "--quantize", "gptq"]).start()
+    try:
+        params = {
+            "method": "GREEDY",
+            "stopping": {"maxNewTokens": MAX_NEW_TOKENS},
+            "response": {"generatedTokens": True, "topNTokens": 2, "tokenLogprobs": True},
+        }
+        [result] = server.tgis(
+            [{"method": "Generate", "request": {"requests": [{"text": p} for p in PROMPTS], "params": params}}]
+        )
+        log = server.log_path.read_text(errors="replace")
+    finally:
+        assert server.stop() == 0, server.log_tail()
+    assert result["ok"], result
+    assert "gptq" in log, "the launch log should name the GPTQ kernel in use"
+    return dict(zip(PROMPTS, result["response"]["responses"], strict=True))
+
+
+def assert_same_greedy(checkpoint: Path, ours: dict[str, dict], peer_tokens: dict[str, list]) -> None:
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    # Not a vacuous match: the generations are more than an immediate end of sequence.
+    assert sum(ours[p].get("generatedTokenCount", 0) for p in PROMPTS) >= 4 * len(PROMPTS), ours
+    for prompt in PROMPTS:
+        peer_ids = peer_tokens[prompt]
+        assert peer_ids, f"GPTQModel generated nothing for {prompt!r}"
+        expected = tok.decode(peer_ids, skip_special_tokens=True)
+        got = ours[prompt].get("text", "")
+        if got != expected:
+            # Same integer weights on both sides: only a near-tie may flip a token.
+            steps = ours[prompt].get("tokens", [])
+            gaps = [
+                abs(s["topTokens"][0]["logprob"] - s["topTokens"][1]["logprob"])
+                for s in steps
+                if len(s.get("topTokens", [])) > 1
+            ]
+            raise AssertionError(
+                f"{prompt!r}: ours {got!r} != GPTQModel {expected!r}; "
+                f"smallest top-2 logprob gap on our side {min(gaps, default=float('nan')):.2e}"
+            )
+        # The first step's choice is the peer's top-1 logit.
+        assert peer_tokens[prompt + " [top5]"][0][0] == peer_ids[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_fp32(tmp_path_factory) -> Path:
+    # Wide enough for whole groups of 32 in every linear layer (64 and 128 inputs).
+    return build_tiny_llama(tmp_path_factory.mktemp("interop-fp32"), hidden_size=64, intermediate_size=128)
+
+
+def test_our_checkpoint_loads_in_transformers_with_gptqmodel_and_generates_the_same(
+    peer_python, tiny_fp32, tmp_path
+):
+    out = tmp_path / "ours-gptq"
+    quantize = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "text-generation-server"),
+            "quantize", str(tiny_fp32), str(out),
+            "--groupsize", str(GROUP_SIZE), "--nsamples", "16", "--seqlen", "64",
+        ],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert quantize.returncode == 0, quantize.stderr[-4000:]
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (config["quant_method"], config["bits"], config["group_size"]) == ("gptq", 4, GROUP_SIZE)
+
+    peer = run_peer(peer_python, "generate", str(out), *PROMPTS, "--max-new-tokens", str(MAX_NEW_TOKENS))
+    ours = served_greedy_texts(out, tmp_path / "serve")
+    assert_same_greedy(out, ours, peer["tokens"])
+
+
+def test_gptqmodel_checkpoint_serves_and_generates_what_gptqmodel_generates(peer_python, tiny_fp32, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_fp32)
+    text = " ".join(["the quick brown fox jumps over the lazy dog", "def main(): return 0", "once upon a time"] * 60)
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    windows = torch.stack([ids[i * 64 : (i + 1) * 64] for i in range(16)])
+    torch.save(windows, tmp_path / "windows.pt")
+    out = tmp_path / "gptqmodel-gptq"
+    run_peer(
+        peer_python, "quantize", str(tiny_fp32), str(out), str(tmp_path / "windows.pt"),
+        "--group-size", str(GROUP_SIZE),
+    )
+    peer = run_peer(peer_python, "generate", str(out), *PROMPTS, "--max-new-tokens", str(MAX_NEW_TOKENS))
+    ours = served_greedy_texts(out, tmp_path / "serve")
+    assert_same_greedy(out, ours, peer["tokens"])
