@@ -13,15 +13,19 @@ choice, any fallback and the weight memory per rank are logged.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import os
 from collections import Counter
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from loguru import logger
 
+from text_generation_server.layers.loading import set_weight_attrs
 from text_generation_server.layers.quant.base import (
     LinearSpec,
     QuantConfig,
@@ -29,12 +33,13 @@ from text_generation_server.layers.quant.base import (
     linear_param,
 )
 from text_generation_server.layers.quant.gptq_kernels import (
+    ConcatKernel,
     GPTQKernel,
     GPTQWeights,
     build_kernel,
     kernel_names,
 )
-from text_generation_server.weights import CheckpointError
+from text_generation_server.weights import CheckpointError, Weights
 
 SERVED_BITS = (2, 4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
@@ -218,6 +223,7 @@ class GPTQLinearMethod(QuantMethod):
         self.group_offset = 0
         self.kernel: GPTQKernel | None = None
         self.device = torch.device("cpu")
+        self.part_g_idx: dict[Hashable, torch.Tensor] = {}
 
     def _group_split(self, spec: LinearSpec) -> tuple[int, int] | None:
         """This rank's ``[first, stop)`` rows of scales/qzeros, or None to keep them whole."""
@@ -276,31 +282,68 @@ class GPTQLinearMethod(QuantMethod):
                 output_dim=1, input_dim=group_dim, input_pack=group,
             ),
         )
-        layer.register_parameter(
-            "g_idx",
-            linear_param(torch.empty(k, dtype=torch.int32, device=dev), output_dim=None, input_dim=0),
+        g_idx = linear_param(
+            torch.empty(k, dtype=torch.int32, device=dev), output_dim=None, input_dim=0
         )
+        set_weight_attrs(g_idx, weight_loader=functools.partial(self._load_g_idx, layer))
+        layer.register_parameter("g_idx", g_idx)
         c.report.created += 1
+
+    def _load_g_idx(
+        self,
+        layer: torch.nn.Module,
+        param: torch.Tensor,
+        weights: Weights,
+        name: str,
+        shard_id: Hashable = None,
+    ) -> None:
+        # Each fused part (q/k/v, gate/up) has its own g_idx. Tools that quantize
+        # them from the same inputs write the same act-order permutation, but
+        # nothing forces that, so every part's copy is kept until the kernel is built.
+        part = linear_param(torch.empty_like(param.data), output_dim=None, input_dim=0)
+        set_weight_attrs(part, checkpoint_shapes=param.checkpoint_shapes)
+        layer.weight_loader(part, weights, name, shard_id)
+        if not self.part_g_idx:
+            param.data.copy_(part.data)
+        self.part_g_idx[shard_id] = part.data
+
+    def _local_g_idx(self, g_idx: torch.Tensor, groups: int) -> torch.Tensor:
+        local = g_idx.to(torch.int64) - self.group_offset
+        if local.numel() and (int(local.min()) < 0 or int(local.max()) >= groups):
+            raise CheckpointError(
+                f"{self.prefix}.g_idx names groups outside the {groups} this rank holds "
+                f"(offset {self.group_offset}); the checkpoint's g_idx does not match its "
+                f"group_size {self.config.group_size}"
+            )
+        return local
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         c = self.config
         groups = layer.scales.shape[0]
-        g_idx = layer.g_idx.data.to(torch.int64) - self.group_offset
-        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
-            raise CheckpointError(
-                f"{self.prefix}.g_idx names groups outside the {groups} this rank holds "
-                f"(offset {self.group_offset}); the checkpoint's g_idx does not match its "
-                f"group_size {c.group_size}"
+        per = c.rows_per_word
+        shard_ids = [p.shard_id for p in getattr(layer, "parts", ())] or [None]
+        parts = [self.part_g_idx.get(sid, layer.g_idx.data) for sid in shard_ids]
+        if all(torch.equal(parts[0], other) for other in parts[1:]):
+            pieces = [(0, layer.out_features, parts[0])]
+        else:
+            # Parts with their own act-order permutations cannot share one input order.
+            offsets = [0, *itertools.accumulate(layer.output_sizes)]
+            pieces = list(zip(offsets[:-1], offsets[1:], parts, strict=True))
+        kernels, reasons = [], []
+        for start, stop, g_idx in pieces:
+            weights = GPTQWeights(
+                qweight=layer.qweight.data[:, start:stop],
+                qzeros=layer.qzeros.data[:, start // per : stop // per],
+                scales=layer.scales.data[:, start:stop],
+                g_idx=self._local_g_idx(g_idx, groups),
+                bits=c.bits,
+                checkpoint_format=c.checkpoint_format,
             )
-        weights = GPTQWeights(
-            qweight=layer.qweight.data,
-            qzeros=layer.qzeros.data,
-            scales=layer.scales.data,
-            g_idx=g_idx,
-            bits=c.bits,
-            checkpoint_format=c.checkpoint_format,
-        )
-        self.kernel, reasons = build_kernel(weights, self.device, c.kernel)
+            kernel, why = build_kernel(weights, self.device, c.kernel)
+            kernels.append(kernel)
+            reasons += [r for r in why if r not in reasons]
+        self.kernel = kernels[0] if len(kernels) == 1 else ConcatKernel(kernels)
+        self.part_g_idx.clear()
         # The kernel keeps what it multiplies with (the same tensors or a repacked copy).
         for name in _PARAMS:
             delattr(layer, name)

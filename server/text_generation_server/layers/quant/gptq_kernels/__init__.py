@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import torch
 
-from text_generation_server.layers.quant.gptq_kernels.base import GPTQKernel, GPTQWeights
+from text_generation_server.layers.quant.gptq_kernels.base import (
+    ConcatKernel,
+    GPTQKernel,
+    GPTQWeights,
+)
 from text_generation_server.layers.quant.gptq_kernels.cpu_int4 import CpuInt4Kernel
 from text_generation_server.layers.quant.gptq_kernels.reference import ReferenceKernel
 from text_generation_server.layers.quant.gptq_kernels.triton_kernel import TritonKernel
 
 __all__ = [
     "KERNELS",
+    "ConcatKernel",
     "GPTQKernel",
     "GPTQWeights",
     "build_kernel",

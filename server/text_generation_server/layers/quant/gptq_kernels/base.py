@@ -71,3 +71,25 @@ class GPTQKernel(ABC):
 
 def tensor_bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class ConcatKernel(GPTQKernel):
+    """Several kernels over consecutive output slices of one layer, outputs side by side.
+
+    Used for a fused layer whose parts (e.g. q/k/v) carry different act-order
+    permutations.
+    """
+
+    def __init__(self, kernels: list[GPTQKernel]) -> None:
+        self.kernels = kernels
+        self.name = kernels[0].name
+
+    @classmethod
+    def unsupported(cls, weights: GPTQWeights, device: torch.device) -> str | None:
+        return "built from per-part kernels only"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([k(x) for k in self.kernels], dim=-1)
+
+    def nbytes(self) -> int:
+        return sum(k.nbytes() for k in self.kernels)
