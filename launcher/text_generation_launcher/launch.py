@@ -20,6 +20,7 @@ from pathlib import Path
 from loguru import logger
 
 from .args import LauncherArgs, router_limit_args, router_tls_args
+from .preflight import PreflightError, check_quantization
 from .probes import (
     PortInUseError,
     SocketInUseError,
@@ -138,8 +139,9 @@ def serve(
     env = os.environ if env is None else env
     sockets = [shard_socket(args.shard_uds_path, rank) for rank in range(args.num_shard)]
     try:
+        check_quantization(args, model_path)
         _preflight(args, sockets)
-    except (PortInUseError, SocketInUseError) as err:
+    except (PortInUseError, SocketInUseError, PreflightError) as err:
         logger.error(f"Cannot start: {err}")
         return 1
 
