@@ -12,6 +12,7 @@ import asyncio
 import math
 
 import grpc
+from loguru import logger
 from text_generation_server.pb.fmaas import generation_pb2 as fmaas
 from text_generation_server.pb.generate.v1 import generate_pb2
 
@@ -68,6 +69,11 @@ class Entry:
         if self.correlation_id:
             return f"Request {self.id} (x-correlation-id {self.correlation_id})"
         return f"Request {self.id}"
+
+    @property
+    def log(self):
+        """loguru's logger with ``correlation_id`` in the record's extra (a field of its own in JSON logs)."""
+        return logger.bind(correlation_id=self.correlation_id) if self.correlation_id else logger
 
     @property
     def output_text(self) -> str:

@@ -115,7 +115,7 @@ class Scheduler:
         self._running.pop(entry.id, None)
         entry.finish(fmaas.CANCELLED)
         self._metrics.request_failure.labels(err="cancelled").inc()
-        logger.info(f"{entry.label} cancelled by the client after {entry.generated} token(s)")
+        entry.log.info(f"{entry.label} cancelled by the client after {entry.generated} token(s)")
         self._request_finished()
         self._wake.set()
 
@@ -125,7 +125,7 @@ class Scheduler:
             entry.cancelled = True
             self._running.pop(entry.id, None)
             entry.finish(fmaas.CANCELLED)
-            logger.warning(f"{entry.label} cancelled by shutdown after {entry.generated} token(s)")
+            entry.log.warning(f"{entry.label} cancelled by shutdown after {entry.generated} token(s)")
         self._update_gauges()
         self._wake.set()
 
@@ -366,13 +366,13 @@ class Scheduler:
             metrics.request_inference_duration.observe(inference)
             if entry.generated:
                 metrics.request_mean_time_per_token_duration.observe(inference / entry.generated)
-        logger.info(
+        entry.log.info(
             f"{entry.label} finished: {reason} after {entry.generated} token(s) "
             f"({entry.request.input_length} input tokens, {now - entry.queued_at:.3f} s)"
         )
 
     def _fail(self, entry: Entry, code: grpc.StatusCode, message: str) -> None:
-        logger.warning(f"{entry.label} failed after {entry.generated} token(s): {code.name}: {message}")
+        entry.log.warning(f"{entry.label} failed after {entry.generated} token(s): {code.name}: {message}")
         self._running.pop(entry.id, None)
         entry.fail(code, message)
         self._metrics.request_failure.labels(err="generate").inc()

@@ -598,7 +598,13 @@ def test_x_correlation_id_is_in_the_log_lines_of_its_request(harness):
     from loguru import logger
 
     lines: list[str] = []
-    sink = logger.add(lambda message: lines.append(str(message)), level="INFO", format="{message}")
+    tagged: list[str] = []
+
+    def sink(message) -> None:
+        lines.append(str(message))
+        tagged.append(message.record["extra"].get("correlation_id", ""))
+
+    sink = logger.add(sink, level="INFO", format="{message}")
     try:
         h = harness()
         metadata = (("x-correlation-id", "req-7f3a"),)
@@ -611,6 +617,7 @@ def test_x_correlation_id_is_in_the_log_lines_of_its_request(harness):
     assert any("req-7f3a" in line and "finished" in line for line in lines), lines
     assert any("str-1" in line and "finished" in line for line in lines), lines
     assert any("bad-9" in line and "Rejected" in line for line in lines), lines
+    assert {"req-7f3a", "str-1"} <= set(tagged)  # a field of its own in --json-output records
 
 
 # ---- shard failures -----------------------------------------------------------------------------
