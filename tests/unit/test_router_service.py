@@ -296,6 +296,22 @@ def test_cancelled_stream_is_filtered_out_of_the_running_batch(harness, hf_token
     assert wait_for(lambda: h.shard.tokens_held() == 0)
 
 
+def test_a_passed_grpc_deadline_ends_the_request_and_frees_its_kv(harness):
+    h = harness(FakeModel(step_delay=0.01))
+    stub = h.stub()
+    other = stub.Generate.future(batched(["Other"], params(80)), timeout=30)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.GenerateStream(single("Too slow", params(500)), timeout=0.4))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(batched(["Too slow"], params(500)), timeout=0.4)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_for(lambda: h.metric("tgi_request_failure_total", err="cancelled") == 2)
+    h.model.step_delay = 0.0005
+    assert other.result().responses[0].generated_token_count == 80
+    assert wait_for(lambda: h.shard.tokens_held() == 0 and h.metric("tgi_kv_cache_blocks_used") == 0)
+
+
 def test_cancelled_unary_call_frees_its_kv(harness):
     h = harness(FakeModel(step_delay=0.01))
     call = h.stub().Generate.future(batched(["Cancel me"], params(500)), timeout=20)
