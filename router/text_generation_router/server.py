@@ -28,6 +28,7 @@ from .shard_client import ShardClient
 from .tls import server_credentials
 from .tokenization import Tokenizer
 from .validation import Validator
+from .wire import UndecodableRequestInterceptor
 
 _SERVER_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -149,7 +150,7 @@ class Router:
 
     async def _start_grpc(self) -> None:
         args = self.args
-        server = grpc.aio.server(options=_SERVER_OPTIONS)
+        server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=[UndecodableRequestInterceptor()])
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self.state), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection(

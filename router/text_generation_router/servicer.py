@@ -30,7 +30,7 @@ from .request import Failure, InputTokens
 from .responses import stream_first, stream_step, token_info
 from .scheduler import Scheduler
 from .tokenization import Tokenizer
-from .validation import ValidationError, Validator
+from .validation import ValidationError, Validator, refuse_adapter
 
 
 class ApiError(Exception):
@@ -266,6 +266,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         state = self._state
         if state.draining:
             raise ApiError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+        refuse_adapter(request.adapter_id or request.prefix_id)
         state.metrics.tokenize_request_count.inc()
         responses = []
         total = 0

@@ -49,6 +49,14 @@ def _finite(value: float) -> bool:
     return not math.isnan(value) and not math.isinf(value)
 
 
+def refuse_adapter(adapter_id: str) -> None:
+    """Raise ValidationError for any adapter or prompt prefix: this server serves one plain model."""
+    if adapter_id:
+        raise ValidationError(
+            f"adapter_id/prefix_id {adapter_id[:100]!r}: this server has no adapters or prompt prefixes; leave it unset"
+        )
+
+
 class Validator:
     """Checks requests against the router's limits and tokenizes them."""
 
@@ -65,10 +73,7 @@ class Validator:
         adapter_id: str = "",
     ) -> list[ValidatedRequest]:
         """Validate one call's prompts; raise ValidationError on the first problem."""
-        if adapter_id:
-            raise ValidationError(
-                f"adapter_id/prefix_id {adapter_id!r}: this server has no adapters or prompt prefixes; leave it unset"
-            )
+        refuse_adapter(adapter_id)
         checked = self._check_params(params)
         validated = []
         for index, text in enumerate(texts):

@@ -1,0 +1,229 @@
+"""Malformed and hostile requests to every public RPC, through the real launcher, router and shard.
+
+Each row is one call and the status code it must get. After the whole
+table the server still serves, and the router's private memory is back near
+where it was after a first pass (no growth from repeated abuse).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from .conftest import ServerProcess, processes_mentioning
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+OK = grpc.StatusCode.OK
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+TOO_BIG = grpc.StatusCode.RESOURCE_EXHAUSTED
+# The router's max receive size (router/server.py) plus some.
+OVERSIZED_BYTES = 65 * 2**20
+MEMORY_SLACK_MIB = 48
+
+
+def pb():
+    from text_generation_server.pb.fmaas import generation_pb2
+
+    return generation_pb2
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    method: str  # Generate | GenerateStream | Tokenize | ModelInfo | raw:<method> (bytes on the wire)
+    build: Callable[[], object]
+    code: grpc.StatusCode
+    # Words the error must contain (the field at fault).
+    mentions: tuple[str, ...] = ()
+
+
+def generate(text: str = "hello", n: int = 1, **params) -> object:
+    p = pb()
+    stopping = params.pop("stopping", p.StoppingCriteria(max_new_tokens=2))
+    return p.BatchedGenerationRequest(
+        model_id="any",
+        requests=[p.GenerationRequest(text=text) for _ in range(n)],
+        params=p.Parameters(stopping=stopping, **params),
+    )
+
+
+def stream(text: str = "hello", **params) -> object:
+    p = pb()
+    stopping = params.pop("stopping", p.StoppingCriteria(max_new_tokens=2))
+    return p.SingleGenerationRequest(
+        model_id="any", request=p.GenerationRequest(text=text), params=p.Parameters(stopping=stopping, **params)
+    )
+
+
+def sample(**sampling) -> dict:
+    p = pb()
+    return {"method": p.SAMPLE, "sampling": p.SamplingParameters(**sampling)}
+
+
+def invalid_utf8(message_factory: Callable[[], object]) -> Callable[[], bytes]:
+    """The serialized message with its placeholder text replaced by bytes that are not UTF-8."""
+
+    def build() -> bytes:
+        wire = message_factory().SerializeToString()
+        assert wire.count(b"PLACEHOLDER!") == 1
+        return wire.replace(b"PLACEHOLDER!", b"\xff\xfe\xc3\x28PLACEHOL")
+
+    return build
+
+
+def rows() -> list[Row]:
+    p = pb()
+    stop = p.StoppingCriteria
+    return [
+        # Generate
+        Row("generate-empty-text", "Generate", lambda: generate(""), INVALID, ("text",)),
+        Row("generate-no-requests", "Generate", lambda: p.BatchedGenerationRequest(), OK),
+        Row("generate-huge-text", "Generate", lambda: generate("word " * 200_000), INVALID, ("input",)),
+        Row("generate-huge-text-truncated", "Generate",
+            lambda: generate("word " * 200_000, truncate_input_tokens=8), OK),
+        Row("generate-oversized-message", "Generate", lambda: generate("x" * OVERSIZED_BYTES), TOO_BIG),
+        Row("generate-invalid-utf8", "raw:Generate", invalid_utf8(lambda: generate("PLACEHOLDER!")), INVALID),
+        Row("generate-max-new-tokens-huge", "Generate",
+            lambda: generate(stopping=stop(max_new_tokens=4_000_000_000)), INVALID, ("max_new_tokens",)),
+        Row("generate-min-over-max", "Generate",
+            lambda: generate(stopping=stop(max_new_tokens=2, min_new_tokens=3)), INVALID, ("min_new_tokens",)),
+        Row("generate-nan-temperature", "Generate", lambda: generate(**sample(temperature=math.nan)),
+            INVALID, ("temperature",)),
+        Row("generate-inf-temperature", "Generate", lambda: generate(**sample(temperature=math.inf)),
+            INVALID, ("temperature",)),
+        Row("generate-negative-temperature", "Generate", lambda: generate(**sample(temperature=-0.5)),
+            INVALID, ("temperature",)),
+        Row("generate-top-p-above-one", "Generate", lambda: generate(**sample(top_p=1.5)), INVALID, ("top_p",)),
+        Row("generate-nan-top-p", "Generate", lambda: generate(**sample(top_p=math.nan)), INVALID, ("top_p",)),
+        Row("generate-typical-p-negative", "Generate", lambda: generate(**sample(typical_p=-0.1)),
+            INVALID, ("typical_p",)),
+        Row("generate-top-k-huge-is-fine", "Generate", lambda: generate(**sample(top_k=2**31 - 1, seed=7)), OK),
+        Row("generate-largest-seed-is-fine", "Generate", lambda: generate(**sample(seed=2**64 - 1)), OK),
+        Row("generate-nan-repetition-penalty", "Generate",
+            lambda: generate(decoding=p.DecodingParameters(repetition_penalty=math.nan)),
+            INVALID, ("repetition_penalty",)),
+        Row("generate-10000-stop-sequences", "Generate",
+            lambda: generate(stopping=stop(max_new_tokens=2, stop_sequences=[f"s{i}" for i in range(10_000)])),
+            INVALID, ("stop_sequences",)),
+        Row("generate-huge-stop-sequence", "Generate",
+            lambda: generate(stopping=stop(max_new_tokens=2, stop_sequences=["z" * 100_000])),
+            INVALID, ("stop_sequences",)),
+        Row("generate-unknown-method", "Generate", lambda: generate(method=7), INVALID, ("method",)),
+        Row("generate-unknown-decoding-format", "Generate",
+            lambda: generate(decoding=p.DecodingParameters(format=9)), INVALID, ("decoding",)),
+        Row("generate-top-n-over-limit", "Generate",
+            lambda: generate(response=p.ResponseOptions(generated_tokens=True, top_n_tokens=1000)),
+            INVALID, ("top_n_tokens",)),
+        Row("generate-adapter", "Generate",
+            lambda: p.BatchedGenerationRequest(adapter_id="../../etc/passwd", requests=[p.GenerationRequest(text="hi")]),
+            INVALID, ("adapter",)),
+        Row("generate-many-prompts", "Generate", lambda: generate(n=5000), TOO_BIG),
+        # GenerateStream
+        Row("stream-empty-text", "GenerateStream", lambda: stream(""), INVALID, ("text",)),
+        Row("stream-nan-temperature", "GenerateStream", lambda: stream(**sample(temperature=math.nan)),
+            INVALID, ("temperature",)),
+        Row("stream-unknown-method", "GenerateStream", lambda: stream(method=-3), INVALID, ("method",)),
+        Row("stream-10000-stop-sequences", "GenerateStream",
+            lambda: stream(stopping=stop(max_new_tokens=2, stop_sequences=["a"] * 10_000)),
+            INVALID, ("stop_sequences",)),
+        Row("stream-oversized-message", "GenerateStream", lambda: stream("x" * OVERSIZED_BYTES), TOO_BIG),
+        Row("stream-invalid-utf8", "raw:GenerateStream", invalid_utf8(lambda: stream("PLACEHOLDER!")), INVALID),
+        Row("stream-huge-text", "GenerateStream", lambda: stream("word " * 200_000), INVALID, ("input",)),
+        # Tokenize
+        Row("tokenize-empty-list", "Tokenize", lambda: p.BatchedTokenizeRequest(), OK),
+        Row("tokenize-empty-text", "Tokenize",
+            lambda: p.BatchedTokenizeRequest(requests=[p.TokenizeRequest(text="")]), OK),
+        Row("tokenize-oversized-message", "Tokenize",
+            lambda: p.BatchedTokenizeRequest(requests=[p.TokenizeRequest(text="x" * OVERSIZED_BYTES)]), TOO_BIG),
+        Row("tokenize-invalid-utf8", "raw:Tokenize",
+            invalid_utf8(lambda: p.BatchedTokenizeRequest(requests=[p.TokenizeRequest(text="PLACEHOLDER!")])),
+            INVALID),
+        Row("tokenize-adapter", "Tokenize",
+            lambda: p.BatchedTokenizeRequest(adapter_id="x", requests=[p.TokenizeRequest(text="hi")]),
+            INVALID, ("adapter",)),
+        # ModelInfo
+        Row("model-info-any-id", "ModelInfo", lambda: p.ModelInfoRequest(model_id="../../../etc/passwd"), OK),
+        Row("model-info-invalid-utf8", "raw:ModelInfo",
+            invalid_utf8(lambda: p.ModelInfoRequest(model_id="PLACEHOLDER!")), INVALID),
+    ]
+
+
+ROWS = rows()
+
+
+def call(channel: grpc.Channel, row: Row) -> tuple[grpc.StatusCode, str]:
+    from text_generation_server.pb.fmaas import generation_pb2_grpc
+
+    stub = generation_pb2_grpc.GenerationServiceStub(channel)
+    request = row.build()
+    try:
+        if row.method.startswith("raw:"):
+            name = row.method[4:]
+            path = f"/fmaas.GenerationService/{name}"
+            if name == "GenerateStream":
+                list(channel.unary_stream(path, request_serializer=None, response_deserializer=None)(request, timeout=60))
+            else:
+                channel.unary_unary(path, request_serializer=None, response_deserializer=None)(request, timeout=60)
+        elif row.method == "GenerateStream":
+            list(stub.GenerateStream(request, timeout=120))
+        else:
+            getattr(stub, row.method)(request, timeout=120)
+    except grpc.RpcError as err:
+        return err.code(), err.details() or ""
+    return OK, ""
+
+
+def private_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssAnon")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama, tmp_path_factory):
+    srv = ServerProcess(tmp_path_factory.mktemp("bad-requests"), ["--model-id", str(tiny_llama)]).start()
+    yield srv
+    assert srv.stop() == 0, srv.log_tail()
+
+
+@pytest.fixture(scope="module")
+def channel(server):
+    with grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", -1)]) as ch:
+        yield ch
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
+def test_hostile_request_gets_the_right_status_and_the_server_keeps_serving(channel, row):
+    code, details = call(channel, row)
+    assert code == row.code, (row.name, code, details)
+    if row.method.startswith("raw:"):
+        assert "UTF-8" in details, details
+    for word in row.mentions:
+        assert word in details, (row.name, details)
+    # Never a bare traceback or an internal error as the answer.
+    assert "Traceback" not in details
+    good, _ = call(channel, Row("good", "Generate", lambda: generate("still serving?"), OK))
+    assert good == OK
+
+
+def test_repeated_abuse_does_not_grow_the_routers_memory(server, channel):
+    [router] = [
+        pid for pid in processes_mentioning(server.uds_path)
+        if b"text-generation-router" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    for row in ROWS:  # first pass: allocator arenas and caches settle
+        call(channel, row)
+    baseline = private_rss_mib(router)
+    for _ in range(3):
+        for row in ROWS:
+            call(channel, row)
+    after = private_rss_mib(router)
+    assert after <= baseline + MEMORY_SLACK_MIB, (baseline, after)
+    print(f"router private RSS: {baseline:.0f} MiB after one pass, {after:.0f} MiB after three more")
