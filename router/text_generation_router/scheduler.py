@@ -73,6 +73,7 @@ class Scheduler:
         return len(self._queue) + len(self._running)
 
     def start(self) -> None:
+        self._update_gauges()  # the KV cache size is known from the last call (ClearCache after Warmup)
         self._task = asyncio.create_task(self._run(), name="batching-loop")
 
     async def stop(self) -> None:

@@ -598,6 +598,7 @@ def test_metrics_have_tgis_names_for_latency_tokens_and_kind(harness):
 
 def test_kv_blocks_in_use_follow_the_shards_and_return_to_zero_after_a_cancel(harness):
     h = harness(FakeModel(step_delay=0.01, kv_capacity=1600, block_size=16))
+    assert h.metric("tgi_kv_cache_blocks_total") == 100  # known from start-up, before any request
     stream = h.stub().GenerateStream(single("Cancel me", params(500)), timeout=20)
     for count, _ in enumerate(stream):
         if count == 40:
