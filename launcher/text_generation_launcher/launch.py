@@ -27,6 +27,7 @@ from .probes import (
     check_port_free,
     clear_stale_socket,
     local_address,
+    prepare_socket_dir,
     router_http_healthy,
     router_serving,
     shard_answers_health,
@@ -218,9 +219,8 @@ def _preflight(args: LauncherArgs, sockets: list[str]) -> None:
     if args.num_shard > 1:
         check_port_free(args.master_addr, args.master_port, "--master-port", only_if_local=True)
     for path in sockets:
-        parent = Path(path).parent
-        if not parent.is_dir():
-            raise SocketInUseError(f"--shard-uds-path {args.shard_uds_path}: directory {parent} does not exist")
+        if prepare_socket_dir(str(Path(path).parent)):
+            logger.info(f"Created socket directory {Path(path).parent} (mode 0700)")
         if clear_stale_socket(path):
             logger.info(f"Removed stale socket {path} left by an earlier run")
 

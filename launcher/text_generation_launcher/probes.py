@@ -128,3 +128,32 @@ def clear_stale_socket(path: str) -> bool:
     raise SocketInUseError(
         f"{path} is in use by another running server; stop it or choose another --shard-uds-path"
     )
+
+
+def prepare_socket_dir(directory: str, flag: str = "--shard-uds-path") -> bool:
+    """Make sure shard sockets can live in ``directory`` without other users replacing them.
+
+    A missing directory is created with mode 0700 (True is returned). An
+    existing one must not let other users delete entries: writable by group or
+    others is refused unless the sticky bit is set (as on /tmp, where the
+    sockets' own 0600 mode keeps other users out). Raises SocketInUseError
+    with a message naming ``flag``.
+    """
+    try:
+        info = os.stat(directory)
+    except FileNotFoundError:
+        try:
+            os.makedirs(directory, mode=0o700)
+        except OSError as err:
+            raise SocketInUseError(f"{flag}: cannot create the socket directory {directory} ({err.strerror})") from None
+        os.chmod(directory, 0o700)
+        return True
+    if not stat.S_ISDIR(info.st_mode):
+        raise SocketInUseError(f"{flag}: {directory} is not a directory")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+        raise SocketInUseError(
+            f"{flag}: the socket directory {directory} is writable by other users (mode "
+            f"{stat.S_IMODE(info.st_mode):04o}) without the sticky bit, so they could replace the shard sockets; "
+            f"use a directory only this user can write (e.g. mode 0700)"
+        )
+    return False

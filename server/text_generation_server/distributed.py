@@ -5,11 +5,19 @@ no-op :class:`Distributed` without touching torch.distributed; every
 collective then returns its input. Larger worlds rendezvous through a TCP
 store on ``master_addr:master_port`` (rank 0 listens) and use NCCL on CUDA,
 gloo otherwise.
+
+Nothing listens beyond ``master_addr``: rank 0 binds the store's socket to
+that address itself (torch's own store would listen on every interface), and
+with a loopback master address gloo's connections stay on the loopback
+interface too.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
+import os
+import socket
 
 import torch
 import torch.distributed as tdist
@@ -106,6 +114,49 @@ class Distributed:
         self._group = None
 
 
+def _listen_on(master_addr: str, master_port: int) -> int:
+    """A listening socket on ``master_addr:master_port`` only, handed to the store as a file descriptor."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            master_addr, master_port, type=socket.SOCK_STREAM
+        )[0]
+    except socket.gaierror as e:
+        raise DistributedInitError(f"cannot resolve the master address {master_addr!r} ({e.strerror})") from e
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise DistributedInitError(
+                f"master port {master_port} on {master_addr} is already in use; "
+                f"pass --master-port with a free port"
+            ) from e
+        raise DistributedInitError(
+            f"rank 0 cannot listen on {master_addr}:{master_port} ({e.strerror}); --master-addr must be "
+            f"an address of the host running rank 0"
+        ) from e
+    # The store owns the descriptor from here on.
+    return sock.detach()
+
+
+def _keep_gloo_on_loopback(master_addr: str) -> None:
+    """With a loopback master address, gloo binds to the loopback interface instead of the host name's address."""
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(master_addr, None, type=socket.SOCK_STREAM)}
+    except socket.gaierror:
+        return
+    if not addresses or not all(a.startswith("127.") or a == "::1" for a in addresses):
+        return
+    names = [name for _, name in socket.if_nameindex()]
+    if "lo" in names:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+
+
 def _choose_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
@@ -137,6 +188,8 @@ def init_distributed(
     timeout = datetime.timedelta(seconds=timeout_s)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    listen_fd = _listen_on(master_addr, master_port) if rank == 0 else None
+    _keep_gloo_on_loopback(master_addr)
     try:
         store = tdist.TCPStore(
             master_addr,
@@ -145,6 +198,7 @@ def init_distributed(
             is_master=rank == 0,
             timeout=timeout,
             wait_for_workers=False,
+            master_listen_fd=listen_fd,
         )
     except tdist.DistError as e:
         text = str(e)

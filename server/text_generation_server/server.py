@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import errno
+import os
 import queue
 import signal
 import socket
@@ -191,10 +192,17 @@ class ShardServer:
         generate_pb2_grpc.add_TextGenerationServiceServicer_to_server(
             ShardServicer(self.generator, self.urls, self.worker), server
         )
-        if server.add_insecure_port(self.url) == 0:
-            raise OSError(errno.EADDRNOTAVAIL, f"cannot listen on {self.url}")
-        self._owns_socket = True
-        await server.start()
+        # Only this user may connect (connecting needs write permission on the socket file):
+        # the socket is created under a restrictive umask, so there is no window where it is open.
+        umask = os.umask(0o077)
+        try:
+            if server.add_insecure_port(self.url) == 0:
+                raise OSError(errno.EADDRNOTAVAIL, f"cannot listen on {self.url}")
+            self._owns_socket = True
+            await server.start()
+        finally:
+            os.umask(umask)
+        os.chmod(self.socket_path, 0o600)
         self._server = server
         logger.info(f"Serving on {self.url}")
 
