@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TGIS_PROTO := .cache/tgis/generation.proto
 
-.PHONY: install proto run test test-unit test-e2e lint bench clean peer-gptqmodel
+.PHONY: install proto run test test-unit test-e2e lint bench bench-peers clean peer-gptqmodel
 
 install: $(STAMP) proto $(TGIS_PROTO)
 
@@ -45,8 +45,15 @@ test-e2e: install
 lint: install
 	$(VENV)/bin/ruff check server router launcher tests benchmarks proto
 
+# Our server against transformers (and llama.cpp once `make bench-peers` ran);
+# prints ratios and writes benchmarks/results/<timestamp>.json and .png.
 bench: install
+	$(PIP) install -q -e '.[bench]'
 	$(PY) benchmarks/run.py $(ARGS)
+
+# The optional llama.cpp peer: builds llama-cpp-python from source (minutes).
+bench-peers: install
+	$(PIP) install -q llama-cpp-python
 
 # GPTQModel (with transformers and optimum) in its own venv, for the interop
 # tests and quality benchmarks: installing it beside our torch would replace it.

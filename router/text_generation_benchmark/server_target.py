@@ -108,10 +108,17 @@ class ServerTarget:
                 return text
             repeats *= 2
 
-    async def run(self, shape: Shape) -> RunMeasurement:
-        """Send ``shape.batch_size`` streams at once and time every token of each."""
+    async def run(self, shape: Shape, texts: list[str] | None = None) -> RunMeasurement:
+        """Send ``shape.batch_size`` streams at once and time every token of each.
+
+        ``texts``: one prompt per request, each at least ``shape.prompt_tokens``
+        tokens long (the server keeps the last ones); default: a built-in text.
+        """
         assert self._stub is not None, "connect() first"
-        text = await self._prompt(shape.prompt_tokens)
+        if texts is None:
+            texts = [await self._prompt(shape.prompt_tokens)] * shape.batch_size
+        if len(texts) != shape.batch_size:
+            raise ValueError(f"{len(texts)} prompts for a batch of {shape.batch_size}")
         params = pb.Parameters(
             method=pb.GREEDY,
             stopping=pb.StoppingCriteria(max_new_tokens=shape.new_tokens, min_new_tokens=shape.new_tokens),
@@ -120,7 +127,7 @@ class ServerTarget:
         start = time.perf_counter()
         streams = await asyncio.gather(
             *(self._stream(pb.SingleGenerationRequest(model_id=MODEL_ID, request=pb.GenerationRequest(text=text),
-                                                      params=params), shape) for _ in range(shape.batch_size))
+                                                      params=params), shape) for text in texts)
         )
         ttft = [times[0] - start for times in streams]
         gaps = [b - a for times in streams for a, b in zip(times, times[1:], strict=False)]

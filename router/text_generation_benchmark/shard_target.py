@@ -78,18 +78,24 @@ class ShardTarget:
                 f"max_position_embeddings {limit}"
             )
 
-    def _batch(self, shape: Shape) -> pb.Batch:
+    def _batch(self, shape: Shape, prompt_ids: list[list[int]] | None) -> pb.Batch:
         assert self._info is not None
-        vocab = int(self._info.vocab_size)
-        # Ordinary token ids, away from the special tokens at the start of most vocabularies.
-        low, high = min(256, vocab - 1), vocab - 1
+        if prompt_ids is None:
+            vocab = int(self._info.vocab_size)
+            # Ordinary token ids, away from the special tokens at the start of most vocabularies.
+            low, high = min(256, vocab - 1), vocab - 1
+            prompt_ids = [
+                [self._rng.randint(low, high) for _ in range(shape.prompt_tokens)] for _ in range(shape.batch_size)
+            ]
+        if len(prompt_ids) != shape.batch_size or any(len(p) != shape.prompt_tokens for p in prompt_ids):
+            raise ValueError(f"prompt_ids must be {shape.batch_size} lists of {shape.prompt_tokens} token ids")
         requests = []
-        for _ in range(shape.batch_size):
+        for ids in prompt_ids:
             self._next_id += 1
             requests.append(
                 pb.Request(
                     id=self._next_id,
-                    input_ids=[self._rng.randint(low, high) for _ in range(shape.prompt_tokens)],
+                    input_ids=ids,
                     sampling=pb.SamplingParameters(do_sample=False),
                     stopping=pb.StoppingParameters(max_new_tokens=shape.new_tokens, ignore_eos_token=True),
                 )
@@ -97,10 +103,13 @@ class ShardTarget:
         self._next_id += 1
         return pb.Batch(id=self._next_id, requests=requests)
 
-    async def run(self, shape: Shape) -> RunMeasurement:
-        """One Prefill of the batch, then Decode until every request has ``new_tokens`` tokens."""
+    async def run(self, shape: Shape, prompt_ids: list[list[int]] | None = None) -> RunMeasurement:
+        """One Prefill of the batch, then Decode until every request has ``new_tokens`` tokens.
+
+        ``prompt_ids``: one list of ``shape.prompt_tokens`` ids per request; default: random ids.
+        """
         assert self._client is not None, "connect() first"
-        batch = self._batch(shape)
+        batch = self._batch(shape, prompt_ids)
         step_s: list[float] = []
         forward_ns: list[int] = []
         try:
