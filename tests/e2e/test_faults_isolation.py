@@ -1,0 +1,158 @@
+"""Isolation through the real launcher: who can reach the shards, what listens where, what gets loaded.
+
+- the socket directory the launcher creates is 0700 and each shard socket is
+  0600: another user cannot connect to a shard;
+- torch.distributed listens on the master address only (loopback by default);
+- a directory with only pickle (.bin) weights is refused without unpickling
+  anything; a socket directory other users can write to is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from .conftest import LAUNCHER, ServerProcess, free_port, processes_mentioning
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+NOBODY = 65534
+
+
+def listening_addresses(port: int) -> list[str]:
+    """Local addresses of TCP listeners on ``port`` (from /proc/net/tcp and tcp6)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state = fields[1], fields[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
+                if len(address) == 8:
+                    found.append(socket.inet_ntop(socket.AF_INET, bytes.fromhex(address)[::-1]))
+                else:
+                    raw = bytes.fromhex(address)
+                    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+                    found.append(socket.inet_ntop(socket.AF_INET6, words))
+    return found
+
+
+def connect_as(uid: int, path: str) -> str:
+    """Try to connect to a unix socket as another user; returns 'connected' or the error name."""
+    code = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n"
+        "    s.connect(sys.argv[1]); print('connected')\n"
+        "except OSError as e:\n"
+        "    print(type(e).__name__)\n"
+    )
+    python = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+    out = subprocess.run([python, "-I", "-c", code, path], user=uid, capture_output=True, text=True, timeout=60)
+    return out.stdout.strip() or out.stderr.strip()
+
+
+@pytest.fixture
+def open_tmp():
+    """A directory other users may traverse (pytest's own tmp dirs are 0700 all the way down)."""
+    path = Path(tempfile.mkdtemp(prefix="tgi-isolation-"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_shards_are_reachable_only_by_this_user_and_the_store_only_on_loopback(tiny_llama_tied, open_tmp):
+    server = ServerProcess(open_tmp, ["--model-id", str(tiny_llama_tied), "--sharded", "true", "--num-shard", "2"])
+    master_port = free_port()
+    uds_dir = open_tmp / "sockets"  # does not exist yet: the launcher creates it
+    server.uds_path = str(uds_dir / "shard")
+    server.args[server.args.index("--shard-uds-path") + 1] = server.uds_path
+    server.args[server.args.index("--master-port") + 1] = str(master_port)
+    server.start()
+    try:
+        assert stat.S_IMODE(uds_dir.stat().st_mode) == 0o700
+        sockets = sorted(uds_dir.iterdir())
+        assert [p.name for p in sockets] == ["shard-0", "shard-1"]
+        for path in sockets:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, oct(path.stat().st_mode)
+        if os.geteuid() == 0:
+            # The directory keeps other users out ...
+            assert connect_as(NOBODY, str(sockets[0])) == "PermissionError"
+            # ... and with the directory opened up, so does the socket's own mode,
+            os.chmod(uds_dir, 0o755)
+            assert connect_as(NOBODY, str(sockets[0])) == "PermissionError"
+            # which is what stops them (with the socket opened up too, they get in).
+            os.chmod(sockets[0], 0o666)
+            assert connect_as(NOBODY, str(sockets[0])) == "connected"
+            os.chmod(sockets[0], 0o600)
+            os.chmod(uds_dir, 0o700)
+        addresses = listening_addresses(master_port)
+        assert addresses and all(a in ("127.0.0.1", "::1") for a in addresses), addresses
+    finally:
+        assert server.stop() == 0, server.log_tail()
+
+
+def test_a_socket_directory_others_can_write_is_refused(tiny_llama, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    out = subprocess.run(
+        [
+            str(LAUNCHER), "--model-id", str(tiny_llama), "--shard-uds-path", str(shared / "shard"),
+            "--grpc-port", str(free_port()), "--port", str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1, out.stderr
+    log = out.stdout + out.stderr
+    assert "writable by other users" in log and "--shard-uds-path" in log, log
+    assert "Starting shard" not in log
+    assert processes_mentioning(str(shared)) == []
+
+
+class _Marker:
+    """Unpickling this creates a file: proof that a pickle was executed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_pickle_weights_are_never_unpickled_and_the_launch_is_refused(tiny_llama, tmp_path):
+    model = tmp_path / "pickled"
+    shutil.copytree(tiny_llama, model)
+    (model / "model.safetensors").unlink()
+    marker = tmp_path / "pickle-ran"
+    with open(model / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"model.embed_tokens.weight": _Marker(str(marker))}, f)
+    out = subprocess.run(
+        [
+            str(LAUNCHER), "--model-id", str(model), "--shard-uds-path", str(tmp_path / "shard"),
+            "--grpc-port", str(free_port()), "--port", str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    log = out.stdout + out.stderr
+    assert out.returncode == 1, log
+    assert "safetensors" in log and "pytorch_model.bin" in log, log
+    assert not marker.exists(), "a pickle from the checkpoint was executed"
+    assert "Starting shard" not in log
