@@ -11,6 +11,16 @@ and peak memory are its own.
 Prints one line per configuration and a JSON summary (also written to
 --out when given). Runs take minutes: each perplexity pass is ~65k tokens
 through the model, and the quantizer calibrates all 30 layers.
+
+Serving: with --served-kernels, each GPTQ checkpoint (ours, and any given with
+--served-checkpoint) is also scored through the server's own model code with
+each listed GPTQ kernel, and, with --peer-python, by transformers + GPTQModel
+on the same checkpoint and windows; the served figures are reported as a
+ratio to GPTQModel's (the bar is within 1%).
+
+    .venv/bin/python benchmarks/quality.py --variants "" --skip-rtn \
+        --served-checkpoint .cache/quality/gptq-4b-g64-default \
+        --served-kernels cpu-int4pack-bf16,gptq-reference --peer-python .cache/peers/gptqmodel/bin/python
 """
 
 from __future__ import annotations
@@ -84,6 +94,95 @@ def run_quantizer(model: str, out: Path, calib: Path, args, extra: list[str]) ->
             "peak_rss_mib": int(rss.group(1)) if rss else None, "args": extra}
 
 
+class ServedModel:
+    """The server's model code on one rank, behind the ``model(input_ids=...).logits`` call perplexity() makes.
+
+    Each row of ``input_ids`` is prefilled as its own sequence in a paged KV
+    cache, all rows in one forward, exactly as the engine batches prefills.
+    """
+
+    def __init__(self, path: Path, kernel: str, block_size: int = 16) -> None:
+        import os
+
+        from text_generation_server.distributed import init_distributed
+        from text_generation_server.models import load_model
+
+        os.environ["GPTQ_KERNEL"] = kernel
+        try:
+            self.model = load_model(path, dtype=torch.float32, device=torch.device("cpu"),
+                                    dist=init_distributed(0, 1))
+        finally:
+            del os.environ["GPTQ_KERNEL"]
+        self.block_size = block_size
+        self._caches: dict[int, list] = {}
+
+    def _kv(self, blocks: int) -> list:
+        if blocks not in self._caches:
+            self._caches.clear()
+            m = self.model
+            shape = (blocks, self.block_size, m.num_kv_heads, m.head_dim)
+            self._caches[blocks] = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(m.num_layers)]
+        return self._caches[blocks]
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, use_cache: bool = False):
+        from types import SimpleNamespace
+
+        from text_generation_server.layers.attention import AttentionMetadata
+
+        rows, seqlen = input_ids.shape
+        per_row = -(-seqlen // self.block_size)
+        # block 0 is left unused, as the engine keeps it for padding
+        tables = torch.arange(rows * per_row).view(rows, per_row) + 1
+        positions = torch.arange(seqlen).repeat(rows)
+        slots = (tables.repeat_interleave(self.block_size, dim=1)[:, :seqlen] * self.block_size
+                 + torch.arange(seqlen) % self.block_size).flatten()
+        attn = AttentionMetadata(slot_mapping=slots, block_tables=tables,
+                                 context_lens=torch.full((rows,), seqlen), query_lens=[seqlen] * rows)
+        hidden = self.model(input_ids.flatten(), positions, self._kv(rows * per_row + 1), attn)
+        return SimpleNamespace(logits=self.model.compute_logits(hidden).view(rows, seqlen, -1))
+
+
+def gptqmodel_perplexity(peer_python: str, checkpoint: Path, windows_file: Path) -> dict:
+    """transformers + GPTQModel's perplexity on the same windows, in the peer virtualenv."""
+    import os
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([peer_python, str(ROOT / "benchmarks" / "gptqmodel_perplexity.py"), str(checkpoint),
+                           str(windows_file)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"GPTQModel perplexity failed ({proc.returncode})")
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def score_served(name: str, checkpoint: Path, windows: torch.Tensor, args) -> list[dict]:
+    """Served perplexity of ``checkpoint`` per kernel, next to GPTQModel's on the same windows."""
+    runs = []
+    peer = None
+    if args.peer_python:
+        windows_file = args.workdir / "eval-windows.pt"
+        windows_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(windows, windows_file)
+        peer = gptqmodel_perplexity(args.peer_python, checkpoint, windows_file)
+        print(f"{'GPTQModel ' + name:<28} ppl {peer['perplexity']:8.3f}  ({peer['tokens']} tokens, "
+              f"{peer['seconds']:.0f} s; {peer['dtype']}, {', '.join(peer['kernels'])})", flush=True)
+        runs.append({"name": f"GPTQModel {name}", "checkpoint": str(checkpoint), **peer})
+    for kernel in filter(None, args.served_kernels.split(",")):
+        served = ServedModel(checkpoint, kernel)
+        result = perplexity(served, windows)
+        extra = ""
+        if peer is not None:
+            extra = f"  ratio to GPTQModel {result.perplexity / peer['perplexity']:.4f}"
+        entry = ppl_line(f"served {name} [{served.model.kernel}]", result, extra)
+        entry.update(checkpoint=str(checkpoint), kernel=served.model.kernel)
+        if peer is not None:
+            entry["ratio_to_gptqmodel"] = result.perplexity / peer["perplexity"]
+        runs.append(entry)
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
@@ -103,6 +202,14 @@ def main() -> None:
                         help="write the calibration windows (the quantizer's own choice) as a tensor file for peers")
     parser.add_argument("--extra-checkpoint", action="append", default=[], metavar="NAME=DIR",
                         help="also score an existing checkpoint (e.g. a peer's)")
+    parser.add_argument("--served-checkpoint", action="append", default=[], metavar="DIR",
+                        help="a GPTQ checkpoint to score through the server's model code (see --served-kernels)")
+    parser.add_argument("--served-kernels", default="",
+                        help="comma list of GPTQ kernels to serve each GPTQ checkpoint with "
+                             "(cpu-int4pack-bf16, gptq-reference; gptq-triton needs CUDA)")
+    parser.add_argument("--peer-python", default=None,
+                        help="python of a venv with gptqmodel==7.6.0 + optimum: also score each served "
+                             "checkpoint with transformers + GPTQModel")
     args = parser.parse_args()
 
     from text_generation_server.model_source import resolve_model
@@ -141,6 +248,10 @@ def main() -> None:
                          f"  quantize {run['seconds']:.0f} s (CPU {run['cpu_seconds']} s), peak RSS {run['peak_rss_mib']} MiB")
         entry["quantize"] = run
         results["runs"].append(entry)
+        if args.served_kernels or args.peer_python:
+            results["runs"] += score_served(f"ours {variant}", out, windows, args)
+    for directory in args.served_checkpoint:
+        results["runs"] += score_served(Path(directory).name, Path(directory), windows, args)
     print(json.dumps(results, indent=2))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
