@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TGIS_PROTO := .cache/tgis/generation.proto
 
-.PHONY: install proto run test test-unit test-e2e lint bench bench-peers clean peer-gptqmodel
+.PHONY: install proto run test test-unit test-e2e lint bench bench-peers soak clean peer-gptqmodel
 
 install: $(STAMP) proto $(TGIS_PROTO)
 
@@ -54,6 +54,10 @@ bench: install
 # The optional llama.cpp peer: builds llama-cpp-python from source (minutes).
 bench-peers: install
 	$(PIP) install -q llama-cpp-python
+
+# A few minutes of steady load on a real launch (loopback only); not part of `make test`.
+soak: install
+	$(PY) benchmarks/soak.py $(ARGS)
 
 # GPTQModel (with transformers and optimum) in its own venv, for the interop
 # tests and quality benchmarks: installing it beside our torch would replace it.

@@ -1,0 +1,323 @@
+"""Bounded soak: steady concurrent load on a real launch (loopback only), then check nothing grows.
+
+Starts ``text-generation-launcher`` (default: a tiny random Llama built in a
+temporary directory; ``--model-id default`` for the built-in default model,
+or any model directory), keeps ``--concurrency`` clients busy for
+``--duration`` seconds with a mix of calls: greedy and sampled Generate,
+GenerateStream (some cancelled by the client after a few tokens), Tokenize,
+and invalid requests. Every ``--sample-every`` seconds it reads the private
+RSS (RssAnon) of the router and of each shard from /proc and the KV blocks in
+use from the router's /metrics.
+
+Pass criteria (exit 1 otherwise): after the first third of the run (warm-up),
+no process's private memory grows by more than ``--max-growth-mib``; the KV
+cache is empty once the load stops; the p50 latency of the last third is
+within ``--max-latency-ratio`` of the first third's; every error code is one
+the request mix expects. Prints the figures either way.
+
+Usage: python benchmarks/soak.py [--duration 180] [--concurrency 6] [--num-shard 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import random
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time there was",
+    "def main():",
+    "Numbers: 1 2 3",
+    "A quick brown fox",
+    "In the beginning",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def private_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def children(launcher_pid: int) -> dict[str, int]:
+    """router / shard-R -> pid among the launcher's children."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != launcher_pid:
+                continue
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if b"text-generation-router" in cmdline or b"text_generation_router" in cmdline:
+            found["router"] = int(entry.name)
+        elif b"\0serve\0" in cmdline:
+            rank = next((e[5:].decode() for e in environ if e.startswith(b"RANK=")), "0")
+            found[f"shard-{rank}"] = int(entry.name)
+    return found
+
+
+def kv_blocks_used(http_port: int) -> float | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return None
+    match = re.search(r"^tgi_kv_cache_blocks_used(?:\{[^}]*\})? ([0-9.e+-]+)$", text, re.M)
+    return float(match[1]) if match else None
+
+
+@dataclass
+class Tally:
+    """What the clients saw, shared by the worker threads."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    codes: collections.Counter = field(default_factory=collections.Counter)
+    unexpected: list = field(default_factory=list)
+    latencies: list = field(default_factory=list)  # (start time, seconds) of successful generations
+    requests: int = 0
+
+    def record(self, kind: str, code: grpc.StatusCode, expected: set, started: float, details: str = "") -> None:
+        with self.lock:
+            self.requests += 1
+            self.codes[f"{kind}:{code.name}"] += 1
+            if code not in expected:
+                self.unexpected.append((kind, code.name, details[:200]))
+            elif code == grpc.StatusCode.OK and kind in ("generate", "sample"):
+                self.latencies.append((started, time.monotonic() - started))
+
+
+def client(address: str, stop: threading.Event, tally: Tally, seed: int, new_tokens: int) -> None:
+    from text_generation_server.pb.fmaas import generation_pb2 as pb
+    from text_generation_server.pb.fmaas import generation_pb2_grpc
+
+    rng = random.Random(seed)
+    ok = {grpc.StatusCode.OK}
+    with grpc.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        while not stop.is_set():
+            prompt = rng.choice(PROMPTS)
+            kind = rng.choices(["generate", "sample", "stream-cancel", "tokenize", "invalid"], [4, 3, 2, 1, 1])[0]
+            started = time.monotonic()
+            stopping = pb.StoppingCriteria(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            try:
+                if kind == "generate":
+                    stub.Generate(
+                        pb.BatchedGenerationRequest(requests=[pb.GenerationRequest(text=prompt)],
+                                                    params=pb.Parameters(stopping=stopping)),
+                        timeout=300,
+                    )
+                elif kind == "sample":
+                    stub.Generate(
+                        pb.BatchedGenerationRequest(
+                            requests=[pb.GenerationRequest(text=prompt)],
+                            params=pb.Parameters(
+                                method=pb.SAMPLE,
+                                sampling=pb.SamplingParameters(temperature=0.9, top_k=20, top_p=0.9),
+                                stopping=stopping,
+                            ),
+                        ),
+                        timeout=300,
+                    )
+                elif kind == "stream-cancel":
+                    call = stub.GenerateStream(
+                        pb.SingleGenerationRequest(request=pb.GenerationRequest(text=prompt),
+                                                   params=pb.Parameters(stopping=stopping)),
+                        timeout=300,
+                    )
+                    for i, _ in enumerate(call):
+                        if i >= 2:
+                            call.cancel()
+                            break
+                    tally.record(kind, grpc.StatusCode.OK, ok, started)
+                    continue
+                elif kind == "tokenize":
+                    stub.Tokenize(pb.BatchedTokenizeRequest(requests=[pb.TokenizeRequest(text=prompt)]), timeout=60)
+                else:
+                    stub.Generate(
+                        pb.BatchedGenerationRequest(
+                            requests=[pb.GenerationRequest(text=prompt)],
+                            params=pb.Parameters(method=pb.SAMPLE, sampling=pb.SamplingParameters(temperature=-1)),
+                        ),
+                        timeout=60,
+                    )
+                tally.record(kind, grpc.StatusCode.OK, ok if kind != "invalid" else set(), started)
+            except grpc.RpcError as err:
+                expected = {grpc.StatusCode.INVALID_ARGUMENT} if kind == "invalid" else set()
+                if kind == "stream-cancel" and err.code() == grpc.StatusCode.CANCELLED:
+                    expected = {grpc.StatusCode.CANCELLED}
+                tally.record(kind, err.code(), expected, started, err.details() or "")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def tiny_model(directory: Path) -> Path:
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_model import build_tiny_llama
+
+    return build_tiny_llama(directory / "tiny", hidden_size=96, num_attention_heads=6, num_key_value_heads=3,
+                            max_position_embeddings=512)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-id", default="tiny", help="'tiny' (built here), 'default', or a model directory")
+    parser.add_argument("--num-shard", type=int, default=2)
+    parser.add_argument("--duration", type=float, default=180.0, help="seconds of load")
+    parser.add_argument("--concurrency", type=int, default=6)
+    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--sample-every", type=float, default=10.0)
+    parser.add_argument("--max-growth-mib", type=float, default=64.0)
+    parser.add_argument("--max-latency-ratio", type=float, default=2.0)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
+        tmp_path = Path(tmp)
+        launcher = Path(sys.executable).parent / "text-generation-launcher"
+        grpc_port, http_port = free_port(), free_port()
+        argv = [str(launcher), "--hostname", "127.0.0.1", "--grpc-port", str(grpc_port), "--port", str(http_port),
+                "--master-port", str(free_port()), "--shard-uds-path", str(tmp_path / "sock" / "shard")]
+        if args.model_id == "tiny":
+            argv += ["--model-id", str(tiny_model(tmp_path))]
+        elif args.model_id != "default":
+            argv += ["--model-id", args.model_id]
+        if args.num_shard > 1:
+            argv += ["--sharded", "true", "--num-shard", str(args.num_shard)]
+        log_path = tmp_path / "launcher.log"
+        log = open(log_path, "wb")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        try:
+            return run(args, proc, grpc_port, http_port, log_path)
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=120)
+            log.close()
+            print(f"launcher exit code {proc.returncode}")
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # Unwinds through main()'s finally, which stops the launcher.
+    raise SystemExit(128 + signum)
+
+
+def wait_serving(address: str, proc: subprocess.Popen, log_path: Path) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"launcher exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            with grpc.insecure_channel(address) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("not serving after 900 s")
+
+
+def run(args: argparse.Namespace, proc: subprocess.Popen, grpc_port: int, http_port: int, log_path: Path) -> int:
+    address = f"127.0.0.1:{grpc_port}"
+    wait_serving(address, proc, log_path)
+    pids = children(proc.pid)
+    print(f"serving; processes {pids}; {args.concurrency} clients for {args.duration:.0f} s")
+    tally = Tally()
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=client, args=(address, stop, tally, i, args.new_tokens), daemon=True)
+        for i in range(args.concurrency)
+    ]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    samples: list[tuple[float, dict[str, float], float | None]] = []
+    while time.monotonic() - started < args.duration:
+        time.sleep(min(args.sample_every, max(0.0, args.duration - (time.monotonic() - started))))
+        if proc.poll() is not None:
+            print(f"launcher died during the soak:\n{log_path.read_text()[-3000:]}")
+            return 1
+        mem = {name: private_mib(pid) for name, pid in pids.items()}
+        kv = kv_blocks_used(http_port)
+        elapsed = time.monotonic() - started
+        samples.append((elapsed, mem, kv))
+        print(f"{elapsed:6.0f} s  requests {tally.requests:6d}  kv blocks {kv}  "
+              + "  ".join(f"{n} {m:.0f} MiB" for n, m in sorted(mem.items())))
+        sys.stdout.flush()
+    stop.set()
+    for t in threads:
+        t.join(timeout=300)
+    time.sleep(2)
+    kv_idle = kv_blocks_used(http_port)
+    final_mem = {name: private_mib(pid) for name, pid in pids.items()}
+
+    failures = []
+    warm = [s for s in samples if s[0] >= args.duration / 3] or samples
+    baseline = warm[0][1]
+    print("\nprivate memory (MiB): after warm-up -> end of load -> idle")
+    for name in sorted(pids):
+        peak = max(s[1][name] for s in warm)
+        growth = final_mem[name] - baseline[name]
+        print(f"  {name:8s} {baseline[name]:8.1f} -> {warm[-1][1][name]:8.1f} -> {final_mem[name]:8.1f}"
+              f"  (peak {peak:.1f}, growth {growth:+.1f})")
+        if growth > args.max_growth_mib:
+            failures.append(f"{name} private memory grew {growth:.0f} MiB (limit {args.max_growth_mib:.0f})")
+    print(f"KV blocks in use once idle: {kv_idle}")
+    if kv_idle not in (None, 0.0):
+        failures.append(f"{kv_idle:.0f} KV blocks still in use with no request running")
+
+    thirds = [[lat for t0, lat in tally.latencies if (t0 - started) * 3 // args.duration == k] for k in range(3)]
+    print("latency of completed generations (s): p50 / p90 / p99 per third of the run")
+    for k, values in enumerate(thirds):
+        print(f"  third {k + 1}: n={len(values):5d}  {percentile(values, 0.5):.3f} / "
+              f"{percentile(values, 0.9):.3f} / {percentile(values, 0.99):.3f}")
+    if thirds[0] and thirds[2]:
+        ratio = statistics.median(thirds[2]) / statistics.median(thirds[0])
+        print(f"  p50 last/first third: {ratio:.2f}")
+        if ratio > args.max_latency_ratio:
+            failures.append(f"p50 latency rose {ratio:.2f}x from the first to the last third")
+    print(f"requests sent: {tally.requests}; outcomes by kind and code:")
+    for key, count in sorted(tally.codes.items()):
+        print(f"  {key:32s} {count}")
+    if tally.unexpected:
+        failures.append(f"{len(tally.unexpected)} unexpected outcomes, first: {tally.unexpected[:3]}")
+    print("\nSOAK " + ("PASSED" if not failures else "FAILED:\n  " + "\n  ".join(failures)))
+    return 0 if not failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
