@@ -171,3 +171,16 @@ def test_triton_kernel_math_equals_dense_matmul_in_the_interpreter(triton_interp
     error = triton_interpreted_errors[case]
     assert isinstance(error, float), error
     assert error < 1e-5
+
+
+def test_a_kernel_that_fails_to_build_falls_back_to_the_reference(monkeypatch):
+    def refuse(self, weights):
+        raise RuntimeError("expect N to be dividable by 16")
+
+    monkeypatch.setattr(CpuInt4Kernel, "__init__", refuse)
+    weights, dense = random_gptq(128, 32)
+    kernel, reasons = build_kernel(weights, CPU)
+    assert kernel.name == "gptq-reference"
+    assert "dividable by 16" in reasons[0]
+    x = activations(2, 128)
+    torch.testing.assert_close(kernel(x), x @ dense.t(), rtol=1e-5, atol=1e-5)

@@ -61,6 +61,10 @@ def build_kernel(
     for cls in order:
         why = cls.unsupported(weights, device)
         if why is None:
-            return cls(weights), reasons
+            try:
+                return cls(weights), reasons
+            except (RuntimeError, ValueError) as err:
+                # A constraint the kernel did not declare: fall back rather than fail the load.
+                why = f"refused the layer at load ({err})"
         reasons.append(f"{cls.name}: {why}")
     return ReferenceKernel(weights), reasons

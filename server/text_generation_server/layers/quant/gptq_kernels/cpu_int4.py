@@ -120,7 +120,7 @@ class CpuInt4Kernel(GPTQKernel):
             x = F.pad(x, (0, 1)).index_select(-1, self.source)
         elif self.pad:
             x = F.pad(x, (0, self.pad))
-        return x.to(torch.bfloat16)
+        return x.to(torch.bfloat16).contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
