@@ -223,8 +223,12 @@ def _serve(args: argparse.Namespace, env: ShardEnv) -> None:
         asyncio.run(
             serve(generator, uds_path=args.uds_path, rank=env.rank, world_size=env.world_size)
         )
-    finally:
-        dist.shutdown()
+    except BaseException:
+        # The other ranks may never reach a leaving barrier (they are still loading, or
+        # serving): leave at once so this rank's error reaches the launcher now.
+        dist.abort()
+        raise
+    dist.shutdown()
     logger.info("Shard stopped")
 
 

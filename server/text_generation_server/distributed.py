@@ -113,6 +113,14 @@ class Distributed:
             tdist.destroy_process_group()
         self._group = None
 
+    def abort(self) -> None:
+        """Leave the process group without waiting for the other ranks (after a failure on this rank)."""
+        if self.world_size == 1 or self._group is None:
+            return
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+        self._group = None
+
 
 def _listen_on(master_addr: str, master_port: int) -> int:
     """A listening socket on ``master_addr:master_port`` only, handed to the store as a file descriptor."""
