@@ -93,6 +93,9 @@ def test_4_bit_weights_take_about_a_quarter_of_fp16(checkpoints):
     fp16 = sum(m.fp16_bytes for m in methods)
     # 4 bits per weight plus a bf16 scale and offset per 32 weights.
     assert held / fp16 == pytest.approx(0.25 + 4 / 32 / 2, rel=0.01)
+    # The kernels' tensors are the model's buffers, so memory reports count them.
+    buffers = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "gptq_" in n)
+    assert buffers == held
 
 
 def test_quantize_gptq_refuses_a_checkpoint_without_gptq_config(tiny_llama):

@@ -344,9 +344,12 @@ class GPTQLinearMethod(QuantMethod):
             reasons += [r for r in why if r not in reasons]
         self.kernel = kernels[0] if len(kernels) == 1 else ConcatKernel(kernels)
         self.part_g_idx.clear()
-        # The kernel keeps what it multiplies with (the same tensors or a repacked copy).
+        # The kernel keeps what it multiplies with (the same tensors or a repacked copy);
+        # as buffers they count in the model's memory like any other weight.
         for name in _PARAMS:
             delattr(layer, name)
+        for name, tensor in self.kernel.tensors().items():
+            layer.register_buffer(f"gptq_{name}", tensor, persistent=False)
         c.layer_done(self.prefix, self.kernel, reasons, self.fp16_bytes)
 
     def apply(

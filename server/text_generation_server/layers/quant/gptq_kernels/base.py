@@ -65,8 +65,12 @@ class GPTQKernel(ABC):
         """``[T, in]`` activations -> ``[T, out]`` in ``x``'s dtype."""
 
     @abstractmethod
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The weight data this kernel keeps (packed weights, scales, zeros, indices), by name."""
+
     def nbytes(self) -> int:
-        """Bytes of weight data this kernel keeps (packed weights, scales, zeros, indices)."""
+        """Bytes of :meth:`tensors`."""
+        return tensor_bytes(*self.tensors().values())
 
 
 def tensor_bytes(*tensors: torch.Tensor) -> int:
@@ -91,5 +95,5 @@ class ConcatKernel(GPTQKernel):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([k(x) for k in self.kernels], dim=-1)
 
-    def nbytes(self) -> int:
-        return sum(k.nbytes() for k in self.kernels)
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"part{i}_{n}": t for i, k in enumerate(self.kernels) for n, t in k.tensors().items()}

@@ -21,11 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from text_generation_server.layers.quant.gptq_kernels.base import (
-    GPTQKernel,
-    GPTQWeights,
-    tensor_bytes,
-)
+from text_generation_server.layers.quant.gptq_kernels.base import GPTQKernel, GPTQWeights
 
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 # Padding beyond this fraction of the real input features costs more than it saves.
@@ -130,6 +126,8 @@ class CpuInt4Kernel(GPTQKernel):
             y = y[..., : self.out_features].contiguous()
         return y.to(x.dtype)
 
-    def nbytes(self) -> int:
-        extra = (self.source,) if self.source is not None else ()
-        return tensor_bytes(self.packed, self.scales_and_offsets, *extra)
+    def tensors(self) -> dict[str, torch.Tensor]:
+        held = {"packed": self.packed, "scales_and_offsets": self.scales_and_offsets}
+        if self.source is not None:
+            held["source"] = self.source
+        return held

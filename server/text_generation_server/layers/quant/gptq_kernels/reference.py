@@ -10,11 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from text_generation_server.layers.quant.gptq_kernels.base import (
-    GPTQKernel,
-    GPTQWeights,
-    tensor_bytes,
-)
+from text_generation_server.layers.quant.gptq_kernels.base import GPTQKernel, GPTQWeights
 from text_generation_server.quantize.packing import dequantize_gptq
 
 
@@ -42,6 +38,6 @@ class ReferenceKernel(GPTQKernel):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize().to(x.dtype))
 
-    def nbytes(self) -> int:
+    def tensors(self) -> dict[str, torch.Tensor]:
         w = self.weights
-        return tensor_bytes(w.qweight, w.qzeros, w.scales, w.g_idx)
+        return {"qweight": w.qweight, "qzeros": w.qzeros, "scales": w.scales, "g_idx": self.g_idx}

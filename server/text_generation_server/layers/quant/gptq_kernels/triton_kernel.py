@@ -22,11 +22,7 @@ from typing import Any
 
 import torch
 
-from text_generation_server.layers.quant.gptq_kernels.base import (
-    GPTQKernel,
-    GPTQWeights,
-    tensor_bytes,
-)
+from text_generation_server.layers.quant.gptq_kernels.base import GPTQKernel, GPTQWeights
 
 SUPPORTED_BITS = (2, 4, 8)
 BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 32
@@ -85,6 +81,6 @@ class TritonKernel(GPTQKernel):
         )
         return y
 
-    def nbytes(self) -> int:
+    def tensors(self) -> dict[str, torch.Tensor]:
         w = self.weights
-        return tensor_bytes(w.qweight, w.qzeros, w.scales, self.g_idx)
+        return {"qweight": w.qweight, "qzeros": w.qzeros, "scales": w.scales, "g_idx": self.g_idx}
