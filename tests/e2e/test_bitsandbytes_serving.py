@@ -8,8 +8,9 @@ quantize to exactly the weights of 1 shard and may differ only at an fp32
 near-tie. LLM.int8 scales each rank's half-rows by their own absmax, so its
 logits move by quantization noise between shard counts: a difference is
 allowed where one shard's top-2 log-probabilities are within INT8_NEAR_TIE,
-and is printed. Resident memory of every shard (now and peak) is recorded
-next to the unquantized run and printed (-s or -rA shows it).
+and is printed. Resident memory of every shard (now, anonymous, and peak,
+which includes the memory-mapped checkpoint's file pages) is recorded next to
+the unquantized run in .cache/bnb-e2e-memory.json and printed (-s shows it).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ REPORT = Path(__file__).resolve().parents[2] / ".cache" / "bnb-e2e-memory.json"
 class Served:
     tokens: list[list[str]]
     top: list[list[list[tuple[str, float]]]]
-    memory: dict[int, dict[str, int]]  # rank -> VmRSS / VmHWM in MiB
+    memory: dict[int, dict[str, int]]  # rank -> VmRSS / VmHWM / RssAnon in MiB
     log: str
 
 
@@ -54,7 +55,7 @@ def _status_mib(pid: int) -> dict[str, int]:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
+        if key in ("VmRSS", "VmHWM", "RssAnon"):
             fields[key] = int(value.split()[0]) // 1024
     return fields
 
@@ -129,7 +130,8 @@ def serve(tmp_path_factory):
     REPORT.write_text(json.dumps(report, indent=2) + "\n")
     for name, ranks in report.items():
         print(f"shard memory {name}: " + ", ".join(
-            f"rank {r} RSS {m.get('VmRSS')} MiB (peak {m.get('VmHWM')} MiB)" for r, m in sorted(ranks.items())
+            f"rank {r} RSS {m.get('VmRSS')} MiB (anon {m.get('RssAnon')}, peak {m.get('VmHWM')})"
+            for r, m in sorted(ranks.items())
         ))  # fmt: skip
 
 
@@ -191,3 +193,9 @@ def test_quantized_shards_hold_less_memory_than_unquantized(serve, n):
             # Peak included: no shard ever held its float slice of the whole model.
             assert quantized[rank]["VmHWM"] < dense[rank]["VmHWM"], (mode, rank, quantized, dense)
             assert quantized[rank]["VmRSS"] < dense[rank]["VmRSS"], (mode, rank, quantized, dense)
+            assert quantized[rank]["RssAnon"] < dense[rank]["RssAnon"], (
+                mode,
+                rank,
+                quantized,
+                dense,
+            )
