@@ -21,6 +21,7 @@ from text_generation_server.pb.generate.v1 import generate_pb2
 from .config import RouterArgs, resolve_limits, resolve_sequence_limits, tokenizer_path
 from .health import GENERATION_SERVICE, HealthState
 from .http import HttpServer
+from .memory import limit_arenas, trim_when_idle
 from .metrics import RouterMetrics
 from .scheduler import Scheduler
 from .servicer import GenerationServicer, ServingState
@@ -92,8 +93,11 @@ class Router:
         Raises ConfigError, TokenizerLoadError, ShardConnectError, ShardError or BindError.
         """
         args = self.args
+        limit_arenas()
         self.tokenizer = Tokenizer.load(tokenizer_path(args))
         self.state = ServingState(tokenizer=self.tokenizer, metrics=self.metrics)
+        state = self.state
+        self._background.add(asyncio.ensure_future(trim_when_idle(lambda: state.in_flight == 0)))
         await self._start_grpc()
         self._http = HttpServer(args.hostname, args.port, is_serving=lambda: self.health.serving, metrics=self.metrics)
         try:

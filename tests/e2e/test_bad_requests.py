@@ -8,6 +8,7 @@ where it was after a first pass (no growth from repeated abuse).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,9 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 TOO_BIG = grpc.StatusCode.RESOURCE_EXHAUSTED
 # The router's max receive size (router/server.py) plus some.
 OVERSIZED_BYTES = 65 * 2**20
-MEMORY_SLACK_MIB = 48
+MEMORY_SLACK_MIB = 64
+# The router returns freed memory to the OS after 10 s without requests in flight.
+IDLE_TRIM_WAIT_S = 12
 
 
 def pb():
@@ -218,12 +221,15 @@ def test_repeated_abuse_does_not_grow_the_routers_memory(server, channel):
         pid for pid in processes_mentioning(server.uds_path)
         if b"text-generation-router" in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
-    for row in ROWS:  # first pass: allocator arenas and caches settle
+    before = private_rss_mib(router)
+    for row in ROWS:  # first pass: allocator arenas, tokenizer and gRPC buffers settle
         call(channel, row)
+    time.sleep(IDLE_TRIM_WAIT_S)
     baseline = private_rss_mib(router)
     for _ in range(3):
         for row in ROWS:
             call(channel, row)
+    time.sleep(IDLE_TRIM_WAIT_S)
     after = private_rss_mib(router)
-    assert after <= baseline + MEMORY_SLACK_MIB, (baseline, after)
-    print(f"router private RSS: {baseline:.0f} MiB after one pass, {after:.0f} MiB after three more")
+    print(f"router private RSS: {before:.0f} MiB before, {baseline:.0f} after one pass, {after:.0f} after three more")
+    assert after <= baseline + MEMORY_SLACK_MIB, (before, baseline, after)
