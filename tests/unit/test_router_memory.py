@@ -1,0 +1,36 @@
+"""The router returns freed heap memory to the OS only while no request is in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+from text_generation_router import memory
+
+
+def test_trim_runs_when_idle_and_never_while_busy(monkeypatch):
+    if memory._glibc() is None:
+        pytest.skip("needs glibc")
+    calls: list[bool] = []
+    busy = {"now": True}
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: calls.append(busy["now"]) or True)
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(memory.trim_when_idle(lambda: not busy["now"], interval=0.01))
+        await asyncio.sleep(0.1)
+        assert calls == []
+        busy["now"] = False
+        await asyncio.sleep(0.1)
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert calls and not any(calls)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_arena_cap_and_trim_are_accepted_by_glibc():
+    if memory._glibc() is None:
+        pytest.skip("not glibc")
+    assert memory.limit_arenas(2) is True
+    assert memory.release_freed_memory() in (True, False)
