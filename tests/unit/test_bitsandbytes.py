@@ -408,3 +408,23 @@ def test_loaded_model_keeps_no_float_copy_of_quantized_layers(tiny_llama, mode, 
     # Float slices live only while their layer's parts arrive: never the whole model.
     assert max(peak) <= 2 < len(layers)
     assert not staged
+
+
+@pytest.mark.parametrize("mode", ["bitsandbytes-nf4", "bitsandbytes-fp4"])
+def test_bfloat16_uses_the_bitsandbytes_cpu_kernel_where_the_cpu_has_it(tmp_path, mode):
+    if not bnb_runtime.cpu_4bit_kernel_available():
+        pytest.skip("CPU without AVX-512 BF16: bitsandbytes has no CPU 4-bit kernel here")
+    w = gaussian(64, 128)
+    x = torch.randn(6, 128, generator=torch.Generator().manual_seed(9))
+    layer = column_layer(mode, w, tmp_path, dtype=torch.bfloat16)
+    assert layer.quant_method.cpu_kernel
+    assert "avx512-bf16-gemm" in layer.quant_method.kernel_name(layer)
+    with torch.inference_mode():
+        out = layer(x.to(torch.bfloat16)).float()
+    expected = F.linear(x, reference_4bit(w.to(torch.bfloat16).float(), CODES[mode]))
+    assert ((out - expected).norm() / expected.norm()).item() < 3e-2
+    # 40 output rows do not fill the kernel's 32-row tiles: the generic path serves them.
+    (tmp_path / "odd").mkdir()
+    odd = column_layer(mode, gaussian(40, 128), tmp_path / "odd", dtype=torch.bfloat16)
+    assert not odd.quant_method.cpu_kernel
+    assert "dequantize+torch-matmul" in odd.quant_method.kernel_name(odd)

@@ -2,8 +2,9 @@
 
 bitsandbytes picks its native library (CUDA, or the CPU build) when it is
 imported. On CPU its LLM.int8 matmul is ``torch._int_mm`` when the CPU has
-AVX-512 (a float matmul of the int8 values otherwise) and its 4-bit matmul is
-its own dequantize followed by a torch matmul; on CUDA both are its own
+AVX-512 (a float matmul of the int8 values otherwise); its 4-bit matmul is its
+own AVX-512 BF16 kernel for bfloat16 on CPUs with those instructions and its
+dequantize followed by a torch matmul otherwise; on CUDA both are its own
 kernels. Everything that depends on the backend is decided here, once.
 """
 
@@ -91,7 +92,23 @@ def backend(device_type: str) -> Backend:
             "cuda", library, "bitsandbytes CUDA int8 GEMM", "bitsandbytes CUDA 4-bit GEMM"
         )
     int8 = "torch._int_mm (AVX-512)" if _cpu_int8_uses_int_mm() else "float matmul of int8 values"
-    return Backend("cpu", library, int8, "bitsandbytes dequantize + torch matmul")
+    fourbit = "bitsandbytes dequantize + torch matmul"
+    if cpu_4bit_kernel_available():
+        fourbit = f"bitsandbytes AVX-512 BF16 kernel for bfloat16, else {fourbit}"
+    return Backend("cpu", library, int8, fourbit)
+
+
+@functools.cache
+def cpu_4bit_kernel_available() -> bool:
+    """bitsandbytes registered its native CPU 4-bit kernel (AVX-512 BF16 CPUs only)."""
+    from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
+
+    functional = bnb().functional
+    if isinstance(lib, ErrorHandlerMockBNBNativeLibrary) or not hasattr(
+        functional, "has_avx512bf16"
+    ):
+        return False
+    return bool(functional.has_avx512bf16())
 
 
 def check_device(name: str, dtype: torch.dtype, device: torch.device, *, int8: bool) -> None:
