@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from loguru import logger
+from text_generation_benchmark.measure import TargetError
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -120,7 +121,12 @@ async def start_ours(name: str, args: list[str], workdir: Path, opts, row: Conte
         row.why_unavailable = f"the server did not start: {err}"
         return None
     ours = OurServer(launcher)
-    await ours.connect()
+    try:
+        await ours.connect()
+    except TargetError as err:
+        launcher.stop()
+        row.why_unavailable = f"the server started but does not answer: {err}"
+        return None
     row.info = {**ours.describe(), "startup_s": round(time.perf_counter() - started, 1)}
     return ours
 
