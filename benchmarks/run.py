@@ -135,34 +135,46 @@ async def start_ours(name: str, args: list[str], workdir: Path, opts, row: Conte
 
 
 async def measure_round(contestants, prompts, long_prompt, opts, warmup: bool) -> None:
-    """Every available contestant, the same three figures (plus the overhead pair for ours)."""
-    n = 8 if warmup else opts.new_tokens
-    batch = prompts[: opts.streams]
-    for row, impl in contestants:
+    """Every available contestant, the same three figures (plus the overhead pair for ours).
+
+    A contestant that fails is reported unavailable with the error and left out of later rounds.
+    """
+    for i, (row, impl) in enumerate(contestants):
         if impl is None:
             continue
         logger.info(f"{'Warming up' if warmup else 'Measuring'} {row.name}")
-        if isinstance(impl, OurServer):
-            grpc_gaps = await impl.single_stream_times(prompts[0], n)
-            shard_gaps = await impl.shard_decode_times(prompts[0], n)
-            batched = await impl.batched(batch, 4 if warmup else n)
-            ttft = await impl.ttft(long_prompt)
-            if warmup:
-                continue
-            grpc_ms = 1e3 * sum(grpc_gaps) / len(grpc_gaps)
-            shard_ms = 1e3 * sum(shard_gaps) / len(shard_gaps)
-            row.single_stream_tok_s.append(1e3 / grpc_ms)
-            row.grpc_per_token_ms.append(grpc_ms)
-            row.shard_per_token_ms.append(shard_ms)
-        else:
-            single = impl.single_stream(prompts[0].ids, n)
-            batched = impl.batched([p.ids for p in batch], 4 if warmup else n)
-            ttft = impl.ttft(long_prompt.ids)
-            if warmup:
-                continue
-            row.single_stream_tok_s.append(single)
-        row.batched_tok_s.append(batched)
-        row.ttft_s.append(ttft)
+        try:
+            await measure_one(row, impl, prompts, long_prompt, opts, warmup)
+        except (TargetError, RuntimeError, ValueError) as err:
+            logger.error(f"{row.name} failed: {err}")
+            row.why_unavailable = f"failed while measuring: {err}"
+            contestants[i] = (row, None)
+
+
+async def measure_one(row: Contestant, impl, prompts, long_prompt, opts, warmup: bool) -> None:
+    n = 8 if warmup else opts.new_tokens
+    batch = prompts[: opts.streams]
+    if isinstance(impl, OurServer):
+        grpc_gaps = await impl.single_stream_times(prompts[0], n)
+        shard_gaps = await impl.shard_decode_times(prompts[0], n)
+        batched = await impl.batched(batch, 4 if warmup else n)
+        ttft = await impl.ttft(long_prompt)
+        if warmup:
+            return
+        grpc_ms = 1e3 * sum(grpc_gaps) / len(grpc_gaps)
+        shard_ms = 1e3 * sum(shard_gaps) / len(shard_gaps)
+        row.single_stream_tok_s.append(1e3 / grpc_ms)
+        row.grpc_per_token_ms.append(grpc_ms)
+        row.shard_per_token_ms.append(shard_ms)
+    else:
+        single = impl.single_stream(prompts[0].ids, n)
+        batched = impl.batched([p.ids for p in batch], 4 if warmup else n)
+        ttft = impl.ttft(long_prompt.ids)
+        if warmup:
+            return
+        row.single_stream_tok_s.append(single)
+    row.batched_tok_s.append(batched)
+    row.ttft_s.append(ttft)
 
 
 def host_facts() -> dict:
