@@ -60,10 +60,17 @@ def _check_executable(name: str, program: str) -> None:
 class ChildExited(RuntimeError):
     """A child process ended while it was expected to run."""
 
-    def __init__(self, child: Child, returncode: int) -> None:
-        super().__init__(f"{child.name} exited with {describe_returncode(returncode)}")
+    def __init__(self, child: Child, returncode: int, also: Sequence[tuple[Child, int]] = ()) -> None:
+        message = f"{child.name} exited with {describe_returncode(returncode)}"
+        if also:
+            # Found gone at the same poll: any of them may be the cause (a killed shard takes its peer down).
+            message += " (also exited: " + ", ".join(
+                f"{other.name} with {describe_returncode(code)}" for other, code in also
+            ) + ")"
+        super().__init__(message)
         self.child = child
         self.returncode = returncode
+        self.also = list(also)
 
 
 class StopRequested(Exception):
@@ -155,10 +162,12 @@ class Supervisor:
         """Raise StopRequested or ChildExited if either happened."""
         if self.stop_requested:
             raise StopRequested()
-        for child in self.children:
-            code = child.poll()
-            if code is not None:
-                raise ChildExited(child, code)
+        exited = [(child, code) for child in self.children if (code := child.poll()) is not None]
+        if exited:
+            # A death by signal (killed, crashed) is the likelier cause than a peer's clean error exit.
+            exited.sort(key=lambda item: item[1] >= 0)
+            (child, code), *also = exited
+            raise ChildExited(child, code, also)
 
     def wait_ready(
         self,

@@ -37,6 +37,19 @@ def test_a_crashing_child_is_reported_by_name_and_code_and_the_others_are_stoppe
     assert not alive(sleeper.pid)
 
 
+def test_children_found_dead_together_name_the_killed_one_first_and_list_the_rest():
+    sup = Supervisor(poll_interval=0.02)
+    peer = sup.spawn("shard 0", python_child("import sys; sys.exit(1)"))
+    victim = sup.spawn("shard 1", python_child("import time; time.sleep(60)"))
+    os.kill(victim.pid, signal.SIGKILL)
+    for child in (peer, victim):
+        child.process.wait(10)
+    with pytest.raises(ChildExited) as err:
+        sup.check()
+    assert err.value.child is victim
+    assert str(err.value) == "shard 1 exited with signal SIGKILL (also exited: shard 0 with exit code 1)"
+
+
 def test_wait_ready_fails_fast_when_the_child_dies_before_ready():
     sup = Supervisor(poll_interval=0.02)
     child = sup.spawn("shard 0", python_child("import sys; sys.exit(5)"))
