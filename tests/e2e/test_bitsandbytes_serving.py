@@ -5,10 +5,10 @@ answers Paris, and 2 shards give the same greedy tokens as 1 shard. With
 NF4/FP4 every rank's row slice of the default model (o_proj 384/192,
 down_proj 768/768 input features) holds whole 64-value blocks, so 2 shards
 quantize to exactly the weights of 1 shard and may differ only at an fp32
-near-tie. LLM.int8 scales each rank's half-rows by their own absmax, so its
-logits move by quantization noise between shard counts: a difference is
-allowed where one shard's top-2 log-probabilities are within INT8_NEAR_TIE,
-and is printed. Resident memory of every shard (now, anonymous, and peak,
+near-tie. LLM.int8's ranks share each row's absmax, so they compute the same
+int8 values as 1 shard; an fp32 summation-order difference can still flip one
+activation's int8 rounding, so its near-tie allowance is INT8_NEAR_TIE.
+Every difference is printed. Resident memory of every shard (now, anonymous, and peak,
 which includes the memory-mapped checkpoint's file pages) is recorded next to
 the unquantized run in .cache/bnb-e2e-memory.json and printed (-s shows it).
 """
@@ -36,8 +36,8 @@ NEW_TOKENS = 16
 TOP_N = 2
 MODES = ("bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4")
 NEAR_TIE = 1e-3
-# LLM.int8's per-slice scales move logits by ~1e-2 on this model.
-INT8_NEAR_TIE = 0.1
+# One flipped int8 rounding moves a logit by up to ~1e-2 on this model.
+INT8_NEAR_TIE = 1e-2
 # A small KV cache so resident memory is mostly weights and runtime.
 KV_TOKENS = "8192"
 REPORT = Path(__file__).resolve().parents[2] / ".cache" / "bnb-e2e-memory.json"
