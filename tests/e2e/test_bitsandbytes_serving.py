@@ -8,9 +8,11 @@ quantize to exactly the weights of 1 shard and may differ only at an fp32
 near-tie. LLM.int8's ranks share each row's absmax, so they compute the same
 int8 values as 1 shard; an fp32 summation-order difference can still flip one
 activation's int8 rounding, so its near-tie allowance is INT8_NEAR_TIE.
-Every difference is printed. Resident memory of every shard (now, anonymous, and peak,
-which includes the memory-mapped checkpoint's file pages) is recorded next to
-the unquantized run in .cache/bnb-e2e-memory.json and printed (-s shows it).
+Every difference is printed. Memory per shard is compared with the
+unquantized run as each shard reports it once loaded (parameters, private
+RSS, peak RSS while loading, which includes the memory-mapped checkpoint's
+file pages); resident memory after serving (now, anonymous, peak) is written
+to .cache/bnb-e2e-memory.json and printed (-s shows it).
 """
 
 from __future__ import annotations
@@ -182,20 +184,37 @@ def test_start_up_log_names_the_bitsandbytes_backend_and_kernel(serve, mode, n):
     assert f"kernel {kernel}" in log
 
 
+_READY = re.compile(
+    r"shard-(\d+) Model ready: .*parameters ([\d.]+) MiB on this rank, "
+    r"peak RSS ([\d.]+) MiB, private RSS ([\d.]+) MiB"
+)
+
+
+def load_memory(log: str) -> dict[int, dict[str, float]]:
+    """Per rank, from the shard's own line once its weights are loaded (before warmup)."""
+    return {
+        int(m[1]): {"params": float(m[2]), "peak": float(m[3]), "private": float(m[4])}
+        for m in _READY.finditer(log)
+    }
+
+
 @pytest.mark.parametrize("n", [1, 2])
-def test_quantized_shards_hold_less_memory_than_unquantized(serve, n):
-    dense = serve(None, n).memory
+def test_quantized_shards_hold_less_memory_than_unquantized_once_loaded(serve, n):
+    """Once loaded: parameters, private (anonymous) RSS and peak RSS while loading.
+
+    After warmup the resident size is mostly the allocator's retained prefill
+    activations (a 4k-token prefill's full-vocabulary logits alone are 0.8 GB),
+    so it is recorded and printed but not compared.
+    """
+    dense = load_memory(serve(None, n).log)
     assert sorted(dense) == list(range(n)), dense
     for mode in MODES:
-        quantized = serve(mode, n).memory
+        quantized = load_memory(serve(mode, n).log)
+        print(f"loaded {mode} x{n}: {quantized} (unquantized {dense})")
         assert sorted(quantized) == list(range(n)), (mode, quantized)
         for rank in range(n):
-            # Peak included: no shard ever held its float slice of the whole model.
-            assert quantized[rank]["VmHWM"] < dense[rank]["VmHWM"], (mode, rank, quantized, dense)
-            assert quantized[rank]["VmRSS"] < dense[rank]["VmRSS"], (mode, rank, quantized, dense)
-            assert quantized[rank]["RssAnon"] < dense[rank]["RssAnon"], (
-                mode,
-                rank,
-                quantized,
-                dense,
-            )
+            q, d = quantized[rank], dense[rank]
+            assert q["params"] < 0.45 * d["params"], (mode, rank, q, d)
+            assert q["private"] < d["private"], (mode, rank, q, d)
+            # No shard ever held the float slices of the whole model at once.
+            assert q["peak"] < d["peak"], (mode, rank, q, d)
