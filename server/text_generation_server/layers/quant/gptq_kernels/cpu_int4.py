@@ -94,7 +94,7 @@ class CpuInt4Kernel(GPTQKernel):
         self.padded_in = k_pad
         identity = torch.equal(source[:k], torch.arange(k))
         # None: the checkpoint's order; else the gather that builds the kernel's input.
-        self.source: torch.Tensor | None = None if identity else source
+        self.source: torch.Tensor | None = None if identity else source.to(torch.int32)
         self.pad = k_pad - k
 
         n_pad = -(-n // _N_MULTIPLE) * _N_MULTIPLE
