@@ -62,7 +62,8 @@ RUN pip install "grpcio-tools>=1.62" \
     && python -c "import text_generation_server.pb.fmaas.generation_pb2, text_generation_server.pb.generate.v1.generate_pb2" \
     && text-generation-launcher --help > /dev/null \
     && text-generation-router --help > /dev/null \
-    && text-generation-server --help > /dev/null
+    && text-generation-server --help > /dev/null \
+    && text-generation-benchmark --help > /dev/null
 
 
 FROM python:3.11-slim-bookworm AS cpu
@@ -150,7 +151,8 @@ RUN pip install "grpcio-tools>=1.62" \
     && python -c "import text_generation_server.pb.fmaas.generation_pb2, text_generation_server.pb.generate.v1.generate_pb2, bitsandbytes, triton" \
     && text-generation-launcher --help > /dev/null \
     && text-generation-router --help > /dev/null \
-    && text-generation-server --help > /dev/null
+    && text-generation-server --help > /dev/null \
+    && text-generation-benchmark --help > /dev/null
 
 
 FROM cuda-base AS cuda
