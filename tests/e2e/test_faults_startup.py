@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,11 @@ from .conftest import LAUNCHER, free_port, processes_mentioning
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-# Seconds a failing launch may take: torch import and model build in each shard, not a collective timeout.
-FAIL_WITHIN = 60.0
+# Seconds a failing launch may take in all (torch imports in every shard on a busy host); the
+# process group's timeout is 120 s, so a hang in a collective would show.
+FAIL_WITHIN = 100.0
+# Seconds from the first error logged to the launcher's last line: the fault stops everything at once.
+STOP_WITHIN = 15.0
 
 
 @dataclass
@@ -36,6 +40,17 @@ class Outcome:
     code: int
     seconds: float
     log: str
+
+    @property
+    def error_to_exit(self) -> float:
+        """Seconds between the first ERROR line and the last line of the log."""
+        stamps = [
+            (datetime.fromisoformat(line.split()[0]), " ERROR " in line)
+            for line in self.log.splitlines()
+            if line[:4].isdigit() and "T" in line[:11]
+        ]
+        first_error = next(t for t, is_error in stamps if is_error)
+        return (stamps[-1][0] - first_error).total_seconds()
 
 
 def launch_and_wait(tmp: Path, args: list[str], env: dict[str, str] | None = None) -> Outcome:
@@ -128,6 +143,13 @@ def larger_than_memory(model: Path) -> None:
         f.truncate(8 + len(new_header) + end + huge)
 
 
+def two_heads_two_kv_heads(model: Path) -> None:
+    """2 query heads with a KV head each cannot go to 3 ranks: two would share one query head."""
+    from tiny_model import build_tiny_llama
+
+    build_tiny_llama(model, num_attention_heads=2, num_key_value_heads=2)
+
+
 CHECKPOINT_FAULTS = [
     # (id, break the checkpoint, shards, words the log must contain)
     ("missing-tensor", missing_tensor, 2, ["missing 1 tensor", "model.layers.1.mlp.down_proj.weight"]),
@@ -137,6 +159,8 @@ CHECKPOINT_FAULTS = [
     ("unsupported-architecture", unsupported_architecture, 1, ["GPT2LMHeadModel", "LlamaForCausalLM"]),
     ("missing-tokenizer", no_tokenizer, 1, ["tokenizer"]),
     ("larger-than-memory", larger_than_memory, 2, ["GiB", "available"]),
+    ("impossible-head-split", two_heads_two_kv_heads, 3,
+     ["num_attention_heads=2", "num_key_value_heads=2", "world_size=3"]),
 ]
 
 
@@ -152,6 +176,7 @@ def test_broken_checkpoint_stops_the_launch_with_its_error(tiny_llama, tmp_path,
     result = launch_and_wait(tmp_path, args)
     assert result.code != 0, result.log
     assert result.seconds < FAIL_WITHIN, result.log
+    assert result.error_to_exit < STOP_WITHIN, result.log[-3000:]
     for needle in needles:
         assert needle in result.log, (needle, result.log[-3000:])
     assert "Traceback" not in result.log, result.log[-3000:]
