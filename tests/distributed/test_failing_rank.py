@@ -14,11 +14,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import failing_rank_worker  # noqa: E402
+
+# Two spawned ranks import torch: over ten seconds.
+pytestmark = pytest.mark.slow
 
 # Far below the process group's 120 s timeout; covers interpreter start and imports.
 EXIT_WITHIN = 30.0
