@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from loguru import logger
+from text_generation_server.utils.argtypes import non_negative_int, positive_int
 from text_generation_server.utils.log import setup_logging
 from tqdm import tqdm
 
@@ -29,26 +30,6 @@ from text_generation_benchmark.server_target import ServerTarget
 from text_generation_benchmark.shard_target import ShardTarget
 
 DEFAULT_SERVER = "localhost:8033"
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,14 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmark the shards directly over their unix sockets PATH-0, PATH-1, ... "
         "(the launcher's --shard-uds-path, e.g. /tmp/text-generation-server)",
     )
-    parser.add_argument("--batch-size", "-b", type=_positive, nargs="+", action="extend",
+    parser.add_argument("--batch-size", "-b", type=positive_int, nargs="+", action="extend",
                         help="requests sent together (repeatable; default 1 2 4 8)")
-    parser.add_argument("--sequence-length", "-s", type=_positive, nargs="+", action="extend",
+    parser.add_argument("--sequence-length", "-s", type=positive_int, nargs="+", action="extend",
                         help="prompt tokens per request (repeatable; default 10)")
-    parser.add_argument("--decode-length", "-d", type=_positive, nargs="+", action="extend",
+    parser.add_argument("--decode-length", "-d", type=positive_int, nargs="+", action="extend",
                         help="generated tokens per request (repeatable; default 8)")
-    parser.add_argument("--runs", "-r", type=_positive, default=10, help="measured runs per point (default 10)")
-    parser.add_argument("--warmups", "-w", type=_non_negative, default=1,
+    parser.add_argument("--runs", "-r", type=positive_int, default=10, help="measured runs per point (default 10)")
+    parser.add_argument("--warmups", "-w", type=non_negative_int, default=1,
                         help="unmeasured runs per point before the measured ones (default 1)")
     parser.add_argument("--json-output", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
     parser.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
