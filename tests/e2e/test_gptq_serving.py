@@ -157,11 +157,11 @@ def test_each_shard_holds_about_a_quarter_to_a_third_of_the_fp16_bytes_of_its_sh
     assert len(two) == 2
     # The GQA split is uneven (6/3 heads), so the shares differ but add up.
     assert sum(float(fp16) for _, fp16, _ in two) == pytest.approx(float(one_fp16), rel=0.01)
-    for held, _, pct in two:
+    for _, _, pct in two:
         # Act-order groups are scattered over the input features, so a row-parallel
         # shard holds part of every group and pads each to whole kernel groups.
         assert float(pct) < 40
-        assert float(held) < 0.6 * float(one_held)
+    assert sum(float(held) for held, _, _ in two) < 1.3 * float(one_held)
     print(f"1 shard: {one_held} MiB of 4-bit weights vs {one_fp16} MiB fp16 ({one_pct}%); "
           f"2 shards: {[f'{h} of {f} MiB ({p}%)' for h, f, p in two]}")
 
