@@ -224,6 +224,7 @@ class GPTQLinearMethod(QuantMethod):
         self.kernel: GPTQKernel | None = None
         self.device = torch.device("cpu")
         self.part_g_idx: dict[Hashable, torch.Tensor] = {}
+        self.plain_g_idx: torch.Tensor | None = None
 
     def _group_split(self, spec: LinearSpec) -> tuple[int, int] | None:
         """This rank's ``[first, stop)`` rows of scales/qzeros, or None to keep them whole."""
@@ -250,36 +251,45 @@ class GPTQLinearMethod(QuantMethod):
                 f"{self.prefix}: {spec.out_features} output features on this rank do not fill "
                 f"whole {c.bits}-bit words of qzeros ({per} features each)"
             )
+        n, k = spec.out_features, spec.in_features
         group = c.group_size if c.group_size > 0 else spec.full_in_features
         groups = -(-spec.full_in_features // group)
         split = self._group_split(spec)
         if split is not None:
             self.group_offset = split[0]
             groups = split[1] - split[0]
+            # Splitting the groups assumes the plain layout; checked once g_idx is loaded.
+            self.plain_g_idx = torch.arange(spec.input_start, spec.input_start + k) // group
         group_dim = 0 if split is not None else None
         dev = spec.device
-        n, k = spec.out_features, spec.in_features
         self.device = dev
         self.fp16_bytes = n * k * 2
         layer.register_parameter(
             "qweight",
             linear_param(
                 torch.empty(k // per, n, dtype=torch.int32, device=dev),
-                output_dim=1, input_dim=0, input_pack=per,
+                output_dim=1,
+                input_dim=0,
+                input_pack=per,
             ),
         )
         layer.register_parameter(
             "qzeros",
             linear_param(
                 torch.empty(groups, n // per, dtype=torch.int32, device=dev),
-                output_dim=1, output_pack=per, input_dim=group_dim, input_pack=group,
+                output_dim=1,
+                output_pack=per,
+                input_dim=group_dim,
+                input_pack=group,
             ),
         )
         layer.register_parameter(
             "scales",
             linear_param(
                 torch.empty(groups, n, dtype=torch.float16, device=dev),
-                output_dim=1, input_dim=group_dim, input_pack=group,
+                output_dim=1,
+                input_dim=group_dim,
+                input_pack=group,
             ),
         )
         g_idx = linear_param(
@@ -308,6 +318,14 @@ class GPTQLinearMethod(QuantMethod):
         self.part_g_idx[shard_id] = part.data
 
     def _local_g_idx(self, g_idx: torch.Tensor, groups: int) -> torch.Tensor:
+        if self.plain_g_idx is not None and not torch.equal(
+            g_idx.to(torch.int64).cpu(), self.plain_g_idx
+        ):
+            raise CheckpointError(
+                f"{self.prefix}.g_idx is not in column order although the checkpoint says "
+                f"desc_act=false; its row-parallel split cannot slice scales/qzeros by group "
+                f"(set desc_act true in the quantization config to load it)"
+            )
         local = g_idx.to(torch.int64) - self.group_offset
         if local.numel() and (int(local.min()) < 0 or int(local.max()) >= groups):
             raise CheckpointError(
