@@ -96,4 +96,6 @@ class ConcatKernel(GPTQKernel):
         return torch.cat([k(x) for k in self.kernels], dim=-1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f"part{i}_{n}": t for i, k in enumerate(self.kernels) for n, t in k.tensors().items()}
+        return {
+            f"part{i}_{n}": t for i, k in enumerate(self.kernels) for n, t in k.tensors().items()
+        }

@@ -30,7 +30,11 @@ class ReferenceKernel(GPTQKernel):
         w = self.weights
         # The unpacking helpers build their shift tables on the CPU.
         dense = dequantize_gptq(
-            w.qweight.cpu(), w.qzeros.cpu(), w.scales.cpu(), self.g_idx.cpu(), w.bits,
+            w.qweight.cpu(),
+            w.qzeros.cpu(),
+            w.scales.cpu(),
+            self.g_idx.cpu(),
+            w.bits,
             w.checkpoint_format,
         )
         return dense.to(w.qweight.device)

@@ -27,6 +27,7 @@ from text_generation_server.layers.quant.gptq_kernels.base import GPTQKernel, GP
 SUPPORTED_BITS = (2, 4, 8)
 BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 32
 
+
 def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -71,13 +72,30 @@ class TritonKernel(GPTQKernel):
         y = torch.empty(m, n, dtype=x.dtype, device=x.device)
         grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
         _kernel()[grid](
-            x, w.qweight, w.qzeros, w.scales, self.g_idx, y,
-            m, n, k,
-            x.stride(0), x.stride(1), w.qweight.stride(0), w.qweight.stride(1),
-            w.qzeros.stride(0), w.qzeros.stride(1), w.scales.stride(0), w.scales.stride(1),
-            y.stride(0), y.stride(1),
-            BITS=w.bits, ZERO_OFFSET=self.zero_offset,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            x,
+            w.qweight,
+            w.qzeros,
+            w.scales,
+            self.g_idx,
+            y,
+            m,
+            n,
+            k,
+            x.stride(0),
+            x.stride(1),
+            w.qweight.stride(0),
+            w.qweight.stride(1),
+            w.qzeros.stride(0),
+            w.qzeros.stride(1),
+            w.scales.stride(0),
+            w.scales.stride(1),
+            y.stride(0),
+            y.stride(1),
+            BITS=w.bits,
+            ZERO_OFFSET=self.zero_offset,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
         )
         return y
 

@@ -10,12 +10,30 @@ import triton.language as tl
 
 @triton.jit
 def gptq_matmul(
-    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_ptr,
-    M, N, K,
-    stride_xm, stride_xk, stride_qwk, stride_qwn, stride_qzg, stride_qzn,
-    stride_sg, stride_sn, stride_ym, stride_yn,
-    BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    qweight_ptr,
+    qzeros_ptr,
+    scales_ptr,
+    g_idx_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_qwk,
+    stride_qwn,
+    stride_qzg,
+    stride_qzn,
+    stride_sg,
+    stride_sn,
+    stride_ym,
+    stride_yn,
+    BITS: tl.constexpr,
+    ZERO_OFFSET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     per_word: tl.constexpr = 32 // BITS
     mask: tl.constexpr = (1 << BITS) - 1
@@ -35,8 +53,7 @@ def gptq_matmul(
         )
         kn_ok = k_ok[:, None] & n_ok[None, :]
         words = tl.load(
-            qweight_ptr + (offs_k[:, None] // per_word) * stride_qwk
-            + offs_n[None, :] * stride_qwn,
+            qweight_ptr + (offs_k[:, None] // per_word) * stride_qwk + offs_n[None, :] * stride_qwn,
             mask=kn_ok,
             other=0,
         )
@@ -48,8 +65,7 @@ def gptq_matmul(
             other=0.0,
         ).to(tl.float32)
         zero_words = tl.load(
-            qzeros_ptr + group[:, None] * stride_qzg
-            + (offs_n[None, :] // per_word) * stride_qzn,
+            qzeros_ptr + group[:, None] * stride_qzg + (offs_n[None, :] // per_word) * stride_qzn,
             mask=kn_ok,
             other=0,
         )
