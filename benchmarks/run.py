@@ -44,8 +44,9 @@ from bench_peers import LlamaCppPeer, TransformersPeer, llama_cpp_unavailable  #
 from bench_prompts import PromptBook  # noqa: E402
 from bench_report import Contestant, floors, ratios, summary_text, write_chart, write_json  # noqa: E402
 
-GPTQ_CACHE = REPO / ".cache" / "bench" / "SmolLM2-135M-Instruct-gptq-4bit-g128"
-QUANTIZE_ARGS = ["--bits", "4", "--groupsize", "128"]
+GPTQ_CACHE = REPO / ".cache" / "bench" / "SmolLM2-135M-Instruct-gptq-4bit-g64"
+# g64: the default model is 576 wide, which groups of 128 do not divide.
+QUANTIZE_ARGS = ["--bits", "4", "--groupsize", "64", "--nsamples", "128", "--seqlen", "512"]
 
 
 def build_parser() -> argparse.ArgumentParser:
