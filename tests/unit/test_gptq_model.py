@@ -141,3 +141,31 @@ def test_legacy_config_file_is_read(checkpoints):
     assert "quantization_config" not in json.loads((quantized / "config.json").read_text())
     model, _ = served(quantized, quantize=None)
     assert model.kernel == "cpu-int4pack-bf16"
+
+
+def _without_g_idx(src: Path, dst: Path) -> Path:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for file in dst.glob("*.safetensors"):
+        tensors = {k: v for k, v in load_file(file).items() if not k.endswith(".g_idx")}
+        save_file(tensors, file, metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("layout", ["g32-sym-v1", "g48-ragged", "per-row-legacy-config"])
+def test_a_checkpoint_without_g_idx_and_act_order_serves_the_plain_layout(monkeypatch, checkpoints, layout, tmp_path):
+    monkeypatch.setenv("GPTQ_KERNEL", "gptq-reference")
+    quantized, dense = checkpoints[layout]
+    _, logits = served(_without_g_idx(quantized, tmp_path / "no-g_idx"))
+    torch.testing.assert_close(logits, transformers_logits(dense), atol=1e-4, rtol=0)
+
+
+def test_an_act_order_checkpoint_without_g_idx_is_refused_naming_it(checkpoints, tmp_path):
+    from text_generation_server.models import CheckpointError
+
+    quantized, _ = checkpoints["g64-act-order-asym"]
+    with pytest.raises(CheckpointError, match=r"g_idx"):
+        served(_without_g_idx(quantized, tmp_path / "no-g_idx"))

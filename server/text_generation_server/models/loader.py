@@ -70,6 +70,20 @@ def load_weights(model: CausalLM, weights: Weights) -> None:
         loader(param, weights, name, shard_id)
         loaded[param_name].add(shard_id)
 
+    filled = []
+    for param_name, param in params.items():
+        fill = getattr(param, "fill_missing", None)
+        if fill is not None and not loaded[param_name]:
+            # A tensor the checkpoint may leave out, with a known value (GPTQ's plain g_idx).
+            param.data.copy_(fill())
+            loaded[param_name].update(getattr(param, "shard_ids", (None,)))
+            filled.append(param_name)
+    if filled:
+        logger.info(
+            f"Checkpoint has no {filled[0].rsplit('.', 1)[-1]} for {len(filled)} layer(s); "
+            f"using the value its settings imply"
+        )
+
     missing = []
     for param_name, param in params.items():
         for shard_id in getattr(param, "shard_ids", (None,)):

@@ -296,6 +296,11 @@ class GPTQLinearMethod(QuantMethod):
             torch.empty(k, dtype=torch.int32, device=dev), output_dim=None, input_dim=0
         )
         set_weight_attrs(g_idx, weight_loader=functools.partial(self._load_g_idx, layer))
+        if not c.desc_act:
+            # Older AutoGPTQ checkpoints without act-order omit g_idx: the plain
+            # layout it would hold (global group of each of this rank's columns).
+            plain = torch.arange(spec.input_start, spec.input_start + k) // group
+            set_weight_attrs(g_idx, fill_missing=lambda plain=plain: plain.to(torch.int32))
         layer.register_parameter("g_idx", g_idx)
         c.report.created += 1
 
