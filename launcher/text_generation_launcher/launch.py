@@ -20,7 +20,7 @@ from pathlib import Path
 from loguru import logger
 
 from .args import LauncherArgs, router_limit_args, router_tls_args
-from .preflight import PreflightError, check_quantization
+from .preflight import PreflightError, check_quantization, check_tokenizer
 from .probes import (
     PortInUseError,
     SocketInUseError,
@@ -141,6 +141,7 @@ def serve(
     sockets = [shard_socket(args.shard_uds_path, rank) for rank in range(args.num_shard)]
     try:
         check_quantization(args, model_path)
+        check_tokenizer(model_path)
         _preflight(args, sockets)
     except (PortInUseError, SocketInUseError, PreflightError) as err:
         logger.error(f"Cannot start: {err}")

@@ -9,9 +9,7 @@ method's checks apply here unchanged.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from loguru import logger
 
@@ -22,46 +20,23 @@ class PreflightError(ValueError):
     """The flags cannot serve this checkpoint; the message says what to change."""
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise PreflightError(f"cannot read {path}: {err}") from err
-    if not isinstance(data, dict):
-        raise PreflightError(f"{path} does not hold a JSON object")
-    return data
-
-
-def checkpoint_quant_config(model_dir: Path) -> dict[str, Any] | None:
-    """The checkpoint's quantization settings: config.json's ``quantization_config``, else quantize_config.json."""
-    config_path = model_dir / "config.json"
-    if config_path.is_file():
-        quant = _read_json(config_path).get("quantization_config")
-        if quant:
-            return dict(quant)
-    legacy = model_dir / "quantize_config.json"
-    if legacy.is_file():
-        data = _read_json(legacy)
-        # AutoGPTQ wrote this file without naming the method.
-        data.setdefault("quant_method", "gptq")
-        return data
-    return None
-
-
 def check_quantization(args: LauncherArgs, model_dir: Path) -> str:
     """The quantization the shards will serve ``model_dir`` with (``unquantized`` for none).
 
     Raises :class:`PreflightError` when the flags and the checkpoint disagree.
     Logs when a quantized checkpoint is detected without ``--quantize``.
     """
-    from text_generation_server.layers.quant.registry import get_quant_method
+    from text_generation_server.layers.quant.registry import (
+        checkpoint_quant_config,
+        get_quant_method,
+    )
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         # Not a model directory; the shard names what is missing.
         return args.quantize or "unquantized"
-    checkpoint = checkpoint_quant_config(model_dir)
     try:
+        checkpoint = checkpoint_quant_config(model_dir)
         method = get_quant_method(args.quantize, checkpoint).name
     except ValueError as err:
         raise PreflightError(f"{model_dir}: {err}") from err
@@ -76,3 +51,23 @@ def check_quantization(args: LauncherArgs, model_dir: Path) -> str:
             "it fixes its own compute dtype; drop --dtype"
         )
     return method
+
+
+# Files from which the router can build a tokenizer (fast, SentencePiece, or BPE vocab).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizer(model_dir: Path) -> None:
+    """Refuse a model directory with no tokenizer before the shards spend minutes loading.
+
+    Only the presence of a tokenizer file is checked here; the router loads it
+    and names anything else wrong with it.
+    """
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        return  # not a model directory; the shard names what is missing
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise PreflightError(
+            f"{model_dir} has no tokenizer: expected one of {', '.join(TOKENIZER_FILES)} "
+            f"beside config.json"
+        )

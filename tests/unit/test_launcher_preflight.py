@@ -73,3 +73,17 @@ def test_launcher_exits_1_before_spawning_anything(tiny_llama, tmp_path, capfd):
     assert code == 1
     assert "Cannot start" in err and "needs a GPTQ checkpoint" in err
     assert not marker.exists()
+
+
+def test_a_model_without_tokenizer_files_is_refused_before_any_shard(tiny_llama, tmp_path):
+    import shutil
+
+    from text_generation_launcher.preflight import check_tokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    check_tokenizer(model)  # the tiny model has tokenizer.json
+    for name in ("tokenizer.json", "tokenizer.model", "vocab.json"):
+        (model / name).unlink(missing_ok=True)
+    with pytest.raises(PreflightError, match="has no tokenizer: expected one of tokenizer.json"):
+        check_tokenizer(model)

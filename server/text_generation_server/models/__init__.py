@@ -15,7 +15,7 @@ import torch
 from loguru import logger
 
 from text_generation_server.distributed import Distributed
-from text_generation_server.layers.quant.registry import get_quant_method
+from text_generation_server.layers.quant.registry import checkpoint_quant_config, get_quant_method
 from text_generation_server.models.base import CausalLM, UnsupportedModelError
 from text_generation_server.models.llama import (
     LlamaForCausalLM,
@@ -56,16 +56,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _checkpoint_quant_config(model_dir: Path, raw_config: dict[str, Any]) -> dict[str, Any] | None:
-    """The checkpoint's own quantization settings, from config.json or quantize_config.json."""
-    if raw_config.get("quantization_config"):
-        return dict(raw_config["quantization_config"])
-    legacy = model_dir / "quantize_config.json"
-    if legacy.is_file():
-        data = _read_json(legacy)
-        # AutoGPTQ wrote this file without naming the method.
-        data.setdefault("quant_method", "gptq")
-        return data
-    return None
+    try:
+        return checkpoint_quant_config(model_dir, raw_config)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def _architecture(model_dir: Path, raw_config: dict[str, Any]) -> type[CausalLM]:

@@ -6,6 +6,8 @@ Adding a method is one new file in this package plus one entry in
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from text_generation_server.layers.quant.base import QuantConfig
@@ -76,3 +78,37 @@ def _already_quantized(quantize: str, checkpoint_method: str) -> str:
         f"integers with their own scales, so there are no float weights to quantize, and "
         f"quantizing them again would only lose accuracy; serve it without --quantize{alternative}"
     )
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return data
+
+
+def checkpoint_quant_config(
+    model_dir: Path, raw_config: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """A checkpoint's own quantization settings: config.json's ``quantization_config``,
+    else ``quantize_config.json`` (AutoGPTQ's file); ``None`` for a float checkpoint.
+
+    ``raw_config`` is config.json when the caller has read it already.
+    Raises ``ValueError`` naming a file that cannot be read as a JSON object.
+    """
+    model_dir = Path(model_dir)
+    if raw_config is None:
+        config_path = model_dir / "config.json"
+        raw_config = _read_json_object(config_path) if config_path.is_file() else {}
+    if raw_config.get("quantization_config"):
+        return dict(raw_config["quantization_config"])
+    legacy = model_dir / "quantize_config.json"
+    if legacy.is_file():
+        data = _read_json_object(legacy)
+        # AutoGPTQ wrote this file without naming the method.
+        data.setdefault("quant_method", "gptq")
+        return data
+    return None
