@@ -200,9 +200,11 @@ def load_memory(log: str) -> dict[int, dict[str, float]]:
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_quantized_shards_hold_less_memory_than_unquantized_once_loaded(serve, n):
-    """Once loaded: parameters, private (anonymous) RSS and peak RSS while loading.
+    """Once loaded: parameters and private (anonymous) RSS; peak RSS is printed only.
 
-    After warmup the resident size is mostly the allocator's retained prefill
+    The peak while loading is mostly the memory-mapped checkpoint's file pages
+    (a rank's row slices touch nearly every page of their tensors), shared page
+    cache that is not the shard's own memory. After warmup the resident size is mostly the allocator's retained prefill
     activations (a 4k-token prefill's full-vocabulary logits alone are 0.8 GB),
     so it is recorded and printed but not compared.
     """
@@ -215,6 +217,6 @@ def test_quantized_shards_hold_less_memory_than_unquantized_once_loaded(serve, n
         for rank in range(n):
             q, d = quantized[rank], dense[rank]
             assert q["params"] < 0.45 * d["params"], (mode, rank, q, d)
+            # No shard kept its float slices (the unit tests pin that at most two
+            # layers are float at any time while loading).
             assert q["private"] < d["private"], (mode, rank, q, d)
-            # No shard ever held the float slices of the whole model at once.
-            assert q["peak"] < d["peak"], (mode, rank, q, d)
