@@ -47,12 +47,13 @@ def peer_python() -> Path:
     pytest.skip(message)
 
 
-def run_peer(peer: Path, *args: str, timeout: float = 900) -> dict:
-    """Run the peer script; its last stdout line starting with '{' is its JSON answer."""
+def run_peer(peer: Path, *args: str, cwd: Path, timeout: float = 900) -> dict:
+    """Run the peer script in ``cwd`` (GPTQModel writes a logs/ folder there);
+    its last stdout line starting with '{' is its JSON answer."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
     env.pop("PYTHONPATH", None)
     out = subprocess.run(
-        [str(peer), str(PEER_SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env
+        [str(peer), str(PEER_SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
     )
     if out.returncode != 0:
         raise AssertionError(f"GPTQModel peer failed ({out.returncode}):\n{out.stderr[-4000:]}")
@@ -130,7 +131,8 @@ def test_our_checkpoint_loads_in_transformers_with_gptqmodel_and_generates_the_s
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (config["quant_method"], config["bits"], config["group_size"]) == ("gptq", 4, GROUP_SIZE)
 
-    peer = run_peer(peer_python, "generate", str(out), *PROMPTS, "--max-new-tokens", str(MAX_NEW_TOKENS))
+    peer = run_peer(peer_python, "generate", str(out), *PROMPTS, "--max-new-tokens", str(MAX_NEW_TOKENS),
+                    cwd=tmp_path)
     ours = served_greedy_texts(out, tmp_path / "serve")
     assert_same_greedy(out, ours, peer["tokens"])
 
@@ -144,8 +146,9 @@ def test_gptqmodel_checkpoint_serves_and_generates_what_gptqmodel_generates(peer
     out = tmp_path / "gptqmodel-gptq"
     run_peer(
         peer_python, "quantize", str(tiny_fp32), str(out), str(tmp_path / "windows.pt"),
-        "--group-size", str(GROUP_SIZE),
+        "--group-size", str(GROUP_SIZE), cwd=tmp_path,
     )
-    peer = run_peer(peer_python, "generate", str(out), *PROMPTS, "--max-new-tokens", str(MAX_NEW_TOKENS))
+    peer = run_peer(peer_python, "generate", str(out), *PROMPTS, "--max-new-tokens", str(MAX_NEW_TOKENS),
+                    cwd=tmp_path)
     ours = served_greedy_texts(out, tmp_path / "serve")
     assert_same_greedy(out, ours, peer["tokens"])
