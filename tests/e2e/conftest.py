@@ -76,11 +76,18 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"launcher exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if self.health() == health_pb2.HealthCheckResponse.SERVING:
+            # Served, and the launcher has seen it too (its own probe may lag the test's by a poll).
+            if self.health() == health_pb2.HealthCheckResponse.SERVING and self._launcher_ready():
                 return self
             time.sleep(0.5)
         self.stop()
         raise AssertionError(f"server not SERVING after {timeout} s:\n{self.log_tail()}")
+
+    def _launcher_ready(self) -> bool:
+        try:
+            return b"Ready: fmaas.GenerationService" in self.log_path.read_bytes()
+        except OSError:
+            return False
 
     def health(self, service: str = "") -> int | None:
         try:
