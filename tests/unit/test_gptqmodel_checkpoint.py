@@ -62,11 +62,12 @@ def dequantized(tmp_path_factory) -> Path:
 
 @functools.cache
 def served(kernel: str):
-    os.environ["GPTQ_KERNEL"] = kernel
+    # The linear kernel is under test: the LM head stays in fp32, as GPTQModel's is.
+    os.environ.update(GPTQ_KERNEL=kernel, LM_HEAD_KERNEL="dense")
     try:
         return load_model(FIXTURE, dtype=torch.float32, device=CPU, dist=init_distributed(0, 1))
     finally:
-        del os.environ["GPTQ_KERNEL"]
+        del os.environ["GPTQ_KERNEL"], os.environ["LM_HEAD_KERNEL"]
 
 
 def greedy(model, ids: list[int], steps: int) -> tuple[torch.Tensor, list[int]]:

@@ -4,14 +4,31 @@ Each rank holds a contiguous range of vocabulary rows. The embedding looks up
 the ids in its range, zeroes the rest and all-reduces; the LM head computes
 the logits of its rows and all-gathers them, so every rank ends with the full
 vocabulary. A tied LM head reuses the embedding's shard.
+
+The head is the largest single matmul of a decode step (vocabulary x hidden)
+and, for a 4-bit model on the CPU, most of the step's weight bytes. Its
+kernel is chosen once loading is done (:meth:`ParallelLMHead.finish_loading`):
+
+- ``dense``: ``F.linear`` on the serving dtype's weight (exact; the default);
+- ``half``: CPU only, for quantized models whose other layers already run in
+  16 bits. Up to :data:`HALF_GEMV_MAX_ROWS` rows go through an fp16 copy of
+  the weight (ATen's fp16 matrix-vector kernel accumulates in fp32 and reads
+  half the bytes; fp16 logits keep 11 bits, ~0.005 at a logit of 20), more
+  rows through a bf16 copy (native bf16 dot products). Either copy holds the
+  checkpoint's own fp16 values exactly when the checkpoint is fp16, as GPTQ
+  checkpoints are.
+
+``LM_HEAD_KERNEL`` names the kernel to use instead of the automatic choice.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable
 
 import torch
 import torch.nn.functional as F
+from loguru import logger
 
 from text_generation_server.distributed import Distributed
 from text_generation_server.layers.loading import (
@@ -20,6 +37,21 @@ from text_generation_server.layers.loading import (
     set_weight_attrs,
 )
 from text_generation_server.weights import Weights, shard_range
+
+LM_HEAD_KERNELS = ("dense", "half")
+LM_HEAD_KERNEL_ENV = "LM_HEAD_KERNEL"
+# fp16 matrix-vector products win while the head is memory-bound; beyond this
+# many rows bf16 matrix products do.
+HALF_GEMV_MAX_ROWS = 4
+
+
+def half_head_unsupported(device: torch.device) -> str | None:
+    """Why the ``half`` LM head cannot run on ``device``, or None."""
+    if device.type != "cpu":
+        return f"runs on the CPU only, not {device.type}"
+    if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "this CPU has no native bf16 matrix products"
+    return None
 
 
 class VocabParallelEmbedding(torch.nn.Module):
@@ -97,10 +129,19 @@ class ParallelLMHead(torch.nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         tied_to: VocabParallelEmbedding | None = None,
+        kernel: str = "dense",
     ) -> None:
         super().__init__()
+        if kernel not in LM_HEAD_KERNELS:
+            raise ValueError(f"unknown LM head kernel {kernel!r} (known: {', '.join(LM_HEAD_KERNELS)})")
         self.dist = dist
         self.vocab_size = vocab_size
+        self.device = device
+        self.preferred_kernel = kernel
+        self.kernel = "dense"
+        # The ``half`` kernel's copies of the weight, built by finish_loading.
+        self._fp16: torch.Tensor | None = None
+        self._bf16: torch.Tensor | None = None
         if tied_to is not None:
             if (tied_to.vocab_size, tied_to.hidden_size) != (vocab_size, hidden_size):
                 raise ValueError(
@@ -118,7 +159,40 @@ class ParallelLMHead(torch.nn.Module):
             self.weight = table.weight
             self.tied = False
 
+    def finish_loading(self) -> None:
+        """Choose the kernel now that the weight is loaded (``LM_HEAD_KERNEL`` overrides); logs it."""
+        forced = os.environ.get(LM_HEAD_KERNEL_ENV, "").strip().lower()
+        if forced and forced not in LM_HEAD_KERNELS:
+            raise ValueError(
+                f"{LM_HEAD_KERNEL_ENV}={forced!r} is not an LM head kernel (known: {', '.join(LM_HEAD_KERNELS)})"
+            )
+        wanted = forced or self.preferred_kernel
+        self.kernel, self._fp16, self._bf16 = "dense", None, None
+        if wanted == "half":
+            why = half_head_unsupported(self.device)
+            if why is None:
+                self._fp16 = self.weight.detach().to(torch.float16).contiguous()
+                self._bf16 = self.weight.detach().to(torch.bfloat16).contiguous()
+                self.kernel = "half"
+            elif forced:
+                raise ValueError(f"{LM_HEAD_KERNEL_ENV}=half: the half LM head {why}")
+            else:
+                logger.info(f"LM head stays dense: the half kernel {why}")
+        rows = self.weight.shape[0]
+        how = (
+            f"fp16 up to {HALF_GEMV_MAX_ROWS} rows, bf16 above, {2 * rows * self.weight.shape[1] * 2 / 2**20:.0f} MiB"
+            if self.kernel == "half"
+            else str(self.weight.dtype).removeprefix("torch.")
+        )
+        logger.info(f"LM head kernel: {self.kernel} ({how}; {rows} vocabulary rows on this rank)")
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, hidden]`` -> ``[N, vocab_size]`` float32 logits, identical on every rank."""
-        logits = F.linear(hidden, self.weight).float()
+        if self.kernel == "half" and self._fp16 is not None and self._bf16 is not None:
+            if hidden.shape[0] <= HALF_GEMV_MAX_ROWS:
+                logits = F.linear(hidden.to(torch.float16), self._fp16).float()
+            else:
+                logits = F.linear(hidden.to(torch.bfloat16), self._bf16).float()
+        else:
+            logits = F.linear(hidden, self.weight).float()
         return self.dist.all_gather(logits, dim=-1, sizes=self.vocab_sizes)

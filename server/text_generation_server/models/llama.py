@@ -235,6 +235,7 @@ class LlamaForCausalLM(CausalLM):
             config.hidden_size,
             **build.tensor_args(),
             tied_to=self.model.embed_tokens if tie_word_embeddings else None,
+            kernel=quant.lm_head_kernel(),
         )
         self.tp_plan = self._describe_plan(build, partitions)
 

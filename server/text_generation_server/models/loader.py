@@ -111,6 +111,10 @@ def load_weights(model: CausalLM, weights: Weights) -> None:
         method = getattr(module, "quant_method", None)
         if method is not None:
             method.process_weights_after_loading(module)
+    for module in model.modules():
+        finish = getattr(module, "finish_loading", None)
+        if finish is not None:
+            finish()
     model.kernel = describe_kernels(model)
 
 

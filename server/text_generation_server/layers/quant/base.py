@@ -109,5 +109,10 @@ class QuantConfig(ABC):
         ``dtype`` on ``device``; called before any weight is read. Default: anything goes."""
         return None
 
+    def lm_head_kernel(self) -> str:
+        """The LM head kernel this method asks for (``layers/embedding.py``); the head itself
+        is never quantized. Default: ``dense``, exact in the serving dtype."""
+        return "dense"
+
     def __call__(self, prefix: str) -> QuantMethod:
         return self.get_method(prefix)

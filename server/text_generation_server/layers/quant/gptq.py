@@ -187,6 +187,11 @@ class GPTQConfig(QuantConfig):
         """Input features packed in one int32 word of ``qweight``."""
         return 32 // self.bits
 
+    def lm_head_kernel(self) -> str:
+        # The other layers already multiply in 16 bits on the CPU, and the checkpoint's head is
+        # fp16; the reference kernel stays exact end to end.
+        return "dense" if self.kernel == "gptq-reference" else "half"
+
     def input_alignment(self) -> int:
         if self.group_size > 0:
             return math.lcm(self.group_size, self.rows_per_word)
