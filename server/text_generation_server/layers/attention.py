@@ -214,8 +214,9 @@ class TorchSDPABackend(AttentionBackend):
             return slots, key_pos[None, :] <= query_pos[:, None]
 
         slots, mask = attn.memo(("context", b, block_size), build)
-        keys = k_cache.view(-1, kv_heads, head_dim)[slots].to(q.dtype)
-        values = v_cache.view(-1, kv_heads, head_dim)[slots].to(q.dtype)
+        # index_select: a plain row gather, several times cheaper than advanced indexing.
+        keys = k_cache.view(-1, kv_heads, head_dim).index_select(0, slots).to(q.dtype)
+        values = v_cache.view(-1, kv_heads, head_dim).index_select(0, slots).to(q.dtype)
         out = self._sdpa(
             q.transpose(0, 1).unsqueeze(0),
             keys.transpose(0, 1).unsqueeze(0),
@@ -250,8 +251,8 @@ class TorchSDPABackend(AttentionBackend):
         slots, mask = attn.memo(("decode", rows is None, block_size), build)
         batch, length = slots.shape
         flat = slots.reshape(-1)
-        keys = k_cache.view(-1, kv_heads, head_dim)[flat].view(batch, length, kv_heads, head_dim)
-        values = v_cache.view(-1, kv_heads, head_dim)[flat].view(batch, length, kv_heads, head_dim)
+        keys = k_cache.view(-1, kv_heads, head_dim).index_select(0, flat).view(batch, length, kv_heads, head_dim)
+        values = v_cache.view(-1, kv_heads, head_dim).index_select(0, flat).view(batch, length, kv_heads, head_dim)
         out = self._sdpa(
             q.unsqueeze(2),
             keys.transpose(1, 2).to(q.dtype),
