@@ -18,8 +18,8 @@ PB_PACKAGE = "text_generation_server.pb"
 
 
 def build(out_dir: Path = DEFAULT_OUT) -> list[Path]:
-    from grpc_tools import protoc  # build-time dependency
     import grpc_tools
+    from grpc_tools import protoc  # build-time dependency
 
     protos = sorted(PROTO_ROOT.rglob("*.proto"))
     if not protos:

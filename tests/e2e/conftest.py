@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -40,6 +41,15 @@ def processes_mentioning(needle: str) -> list[int]:
         if needle in cmdline and "State:\tZ" not in status:
             pids.append(int(entry.name))
     return pids
+
+
+@dataclass
+class Greedy:
+    """What one batched greedy Generate answered, per prompt."""
+
+    tokens: list[list[str]]  # the generated token strings
+    logprobs: list[list[float]]  # logprob of each generated token
+    top: list[list[list[tuple[str, float]]]]  # per step, the top-N (text, logprob)
 
 
 class ServerProcess:
@@ -115,6 +125,28 @@ class ServerProcess:
                 raise AssertionError(f"launcher ignored signal {sig} for {timeout} s:\n{self.log_tail()}") from None
         self._log.close()
         return self.proc.returncode
+
+    def greedy(self, prompts: list[str], new_tokens: int, top_n: int, timeout: float = 900) -> Greedy:
+        """Exactly ``new_tokens`` greedy tokens for each prompt in one batched Generate, with top-N logprobs."""
+        from text_generation_server.pb.fmaas import generation_pb2 as pb
+        from text_generation_server.pb.fmaas import generation_pb2_grpc
+
+        request = pb.BatchedGenerationRequest(
+            model_id="any",
+            requests=[pb.GenerationRequest(text=p) for p in prompts],
+            params=pb.Parameters(
+                method=pb.GREEDY,
+                stopping=pb.StoppingCriteria(max_new_tokens=new_tokens, min_new_tokens=new_tokens),
+                response=pb.ResponseOptions(generated_tokens=True, token_logprobs=True, top_n_tokens=top_n),
+            ),
+        )
+        with grpc.insecure_channel(self.address) as channel:
+            reply = generation_pb2_grpc.GenerationServiceStub(channel).Generate(request, timeout=timeout)
+        return Greedy(
+            tokens=[[t.text for t in r.tokens] for r in reply.responses],
+            logprobs=[[t.logprob for t in r.tokens] for r in reply.responses],
+            top=[[[(x.text, x.logprob) for x in t.top_tokens] for t in r.tokens] for r in reply.responses],
+        )
 
     def tgis(self, calls: list[dict]) -> list[dict]:
         """Run calls through a client generated from the published TGIS proto (a subprocess)."""

@@ -22,7 +22,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 
 from .conftest import ServerProcess
@@ -80,28 +79,6 @@ def shard_memory(server: ServerProcess) -> dict[int, dict[str, int]]:
     return found
 
 
-def generate(server: ServerProcess) -> tuple[list[list[str]], list[list[list[tuple[str, float]]]]]:
-    from text_generation_server.pb.fmaas import generation_pb2 as pb
-    from text_generation_server.pb.fmaas import generation_pb2_grpc
-
-    request = pb.BatchedGenerationRequest(
-        model_id="any",
-        requests=[pb.GenerationRequest(text=p) for p in PROMPTS],
-        params=pb.Parameters(
-            method=pb.GREEDY,
-            stopping=pb.StoppingCriteria(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS),
-            response=pb.ResponseOptions(
-                generated_tokens=True, token_logprobs=True, top_n_tokens=TOP_N
-            ),
-        ),
-    )
-    with grpc.insecure_channel(server.address) as channel:
-        reply = generation_pb2_grpc.GenerationServiceStub(channel).Generate(request, timeout=900)
-    tokens = [[t.text for t in r.tokens] for r in reply.responses]
-    top = [[[(x.text, x.logprob) for x in t.top_tokens] for t in r.tokens] for r in reply.responses]
-    return tokens, top
-
-
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory):
     """``serve(mode, n)``: start, query and stop one server per (mode, shard count), once."""
@@ -117,7 +94,8 @@ def serve(tmp_path_factory):
             tmp = tmp_path_factory.mktemp(f"{mode or 'dense'}-{n}")
             server = ServerProcess(tmp, args).start(timeout=900)
             try:
-                tokens, top = generate(server)
+                answer = server.greedy(PROMPTS, NEW_TOKENS, TOP_N)
+                tokens, top = answer.tokens, answer.top
                 memory = shard_memory(server)
             finally:
                 code = server.stop()

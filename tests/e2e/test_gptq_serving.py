@@ -19,7 +19,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 
@@ -57,33 +56,14 @@ class Served:
         return "".join(self.tokens[p]).replace("Ġ", " ")
 
 
-def generate(server: ServerProcess) -> tuple[list[list[str]], list[list[list[tuple[str, float]]]]]:
-    from text_generation_server.pb.fmaas import generation_pb2 as pb
-    from text_generation_server.pb.fmaas import generation_pb2_grpc
-
-    request = pb.BatchedGenerationRequest(
-        model_id="any",
-        requests=[pb.GenerationRequest(text=p) for p in PROMPTS],
-        params=pb.Parameters(
-            method=pb.GREEDY,
-            stopping=pb.StoppingCriteria(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS),
-            response=pb.ResponseOptions(generated_tokens=True, top_n_tokens=TOP_N),
-        ),
-    )
-    with grpc.insecure_channel(server.address) as channel:
-        reply = generation_pb2_grpc.GenerationServiceStub(channel).Generate(request, timeout=600)
-    tokens = [[t.text for t in r.tokens] for r in reply.responses]
-    top = [[[(x.text, x.logprob) for x in t.top_tokens] for t in r.tokens] for r in reply.responses]
-    return tokens, top
-
-
 def serve(tmp: Path, checkpoint: Path, shards: int) -> Served:
     args = ["--model-id", str(checkpoint), "--quantize", "gptq"]
     if shards > 1:
         args += ["--sharded", "true", "--num-shard", str(shards)]
     server = ServerProcess(tmp, args).start(timeout=900)
     try:
-        tokens, top = generate(server)
+        answer = server.greedy(PROMPTS, NEW_TOKENS, TOP_N, timeout=600)
+        tokens, top = answer.tokens, answer.top
     finally:
         code = server.stop()
     assert code == 0, server.log_tail()

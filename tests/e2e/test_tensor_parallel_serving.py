@@ -15,7 +15,6 @@ import os
 import re
 from dataclasses import dataclass
 
-import grpc
 import pytest
 
 from .conftest import ServerProcess
@@ -52,29 +51,6 @@ class Served:
     log: str
 
 
-def generate_all(server: ServerProcess) -> tuple[list[list[str]], list[list[float]], list[list[list[tuple[str, float]]]]]:
-    from text_generation_server.pb.fmaas import generation_pb2 as pb
-    from text_generation_server.pb.fmaas import generation_pb2_grpc
-
-    request = pb.BatchedGenerationRequest(
-        model_id="any",
-        requests=[pb.GenerationRequest(text=p) for p in PROMPTS],
-        params=pb.Parameters(
-            method=pb.GREEDY,
-            stopping=pb.StoppingCriteria(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS),
-            response=pb.ResponseOptions(generated_tokens=True, token_logprobs=True, top_n_tokens=TOP_N),
-        ),
-    )
-    with grpc.insecure_channel(server.address) as channel:
-        reply = generation_pb2_grpc.GenerationServiceStub(channel).Generate(request, timeout=600)
-    tokens, logprobs, top = [], [], []
-    for resp in reply.responses:
-        tokens.append([t.text for t in resp.tokens])
-        logprobs.append([t.logprob for t in resp.tokens])
-        top.append([[(x.text, x.logprob) for x in t.top_tokens] for t in resp.tokens])
-    return tokens, logprobs, top
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> dict[int, Served]:
     results: dict[int, Served] = {}
@@ -82,7 +58,8 @@ def served(tmp_path_factory) -> dict[int, Served]:
         args = [] if n == 1 else ["--sharded", "true", "--num-shard", str(n)]
         server = ServerProcess(tmp_path_factory.mktemp(f"tp{n}"), args).start(timeout=900)
         try:
-            tokens, logprobs, top = generate_all(server)
+            answer = server.greedy(PROMPTS, NEW_TOKENS, TOP_N, timeout=600)
+            tokens, logprobs, top = answer.tokens, answer.logprobs, answer.top
         finally:
             code = server.stop()
         log = server.log_path.read_text(errors="replace")

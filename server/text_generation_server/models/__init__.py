@@ -6,7 +6,6 @@ transformers supplies the config object only, never the modeling code.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,11 @@ import torch
 from loguru import logger
 
 from text_generation_server.distributed import Distributed
-from text_generation_server.layers.quant.registry import checkpoint_quant_config, get_quant_method
+from text_generation_server.layers.quant.registry import (
+    checkpoint_quant_config,
+    get_quant_method,
+    read_json_object,
+)
 from text_generation_server.models.base import CausalLM, UnsupportedModelError
 from text_generation_server.models.llama import (
     LlamaForCausalLM,
@@ -47,12 +50,9 @@ def supported_architectures() -> list[str]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return data
+        return read_json_object(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def _checkpoint_quant_config(model_dir: Path, raw_config: dict[str, Any]) -> dict[str, Any] | None:

@@ -80,7 +80,8 @@ def _already_quantized(quantize: str, checkpoint_method: str) -> str:
     )
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file, which must hold an object; ``ValueError`` naming the file otherwise."""
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -102,12 +103,12 @@ def checkpoint_quant_config(
     model_dir = Path(model_dir)
     if raw_config is None:
         config_path = model_dir / "config.json"
-        raw_config = _read_json_object(config_path) if config_path.is_file() else {}
+        raw_config = read_json_object(config_path) if config_path.is_file() else {}
     if raw_config.get("quantization_config"):
         return dict(raw_config["quantization_config"])
     legacy = model_dir / "quantize_config.json"
     if legacy.is_file():
-        data = _read_json_object(legacy)
+        data = read_json_object(legacy)
         # AutoGPTQ wrote this file without naming the method.
         data.setdefault("quant_method", "gptq")
         return data
