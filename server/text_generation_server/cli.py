@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib
 import importlib.util
 import os
@@ -173,13 +174,15 @@ def resolve_model_dir(model: str | None, revision: str | None) -> Path:
 
 
 def _serve(args: argparse.Namespace, env: ShardEnv) -> None:
+    import torch
+
     from text_generation_server.distributed import init_distributed
     from text_generation_server.engine import Generator
     from text_generation_server.engine.stopping import eos_token_ids
     from text_generation_server.memory_check import check_model_fits
     from text_generation_server.model_source import DEFAULT_MODEL_ID
     from text_generation_server.models import load_model
-    from text_generation_server.server import serve
+    from text_generation_server.server import ModelWorker, serve
 
     if args.sharded and env.world_size == 1:
         logger.warning("--sharded with WORLD_SIZE=1: serving the whole model from this one shard")
@@ -191,7 +194,10 @@ def _serve(args: argparse.Namespace, env: ShardEnv) -> None:
     dtype = resolve_dtype(args.dtype, device)
     # Before joining the group: a model that cannot fit fails every rank alike, with figures.
     check_model_fits(model_dir, dtype, env.world_size, device, quantize=args.quantize)
-    configure_threads(env.world_size)
+    threads = configure_threads(env.world_size)
+    # Every parallel torch call of this shard, loading included, runs on this one thread.
+    worker = ModelWorker()
+    worker.call(torch.set_num_threads, threads)
     dist = init_distributed(
         env.rank,
         env.world_size,
@@ -200,7 +206,9 @@ def _serve(args: argparse.Namespace, env: ShardEnv) -> None:
         device=device,
     )
     try:
-        model = load_model(model_dir, dtype=dtype, device=device, dist=dist, quantize=args.quantize)
+        model = worker.call(
+            functools.partial(load_model, model_dir, dtype=dtype, device=device, dist=dist, quantize=args.quantize)
+        )
         mem = memory_status()
         # Peak RSS counts the checkpoint's mapped file pages too; private RSS is what this rank holds.
         rss = (
@@ -213,15 +221,18 @@ def _serve(args: argparse.Namespace, env: ShardEnv) -> None:
             f"kernel {model.kernel}, tp plan: {model.tp_plan}; "
             f"parameters {parameter_bytes(model) / 2**20:.1f} MiB on this rank{rss}"
         )
-        generator = Generator(
-            model,
-            dist,
-            model_id=args.model or DEFAULT_MODEL_ID,
-            quantize=args.quantize,
-            eos_token_ids=eos_token_ids(model.config, model_dir),
+        generator = worker.call(
+            functools.partial(
+                Generator,
+                model,
+                dist,
+                model_id=args.model or DEFAULT_MODEL_ID,
+                quantize=args.quantize,
+                eos_token_ids=eos_token_ids(model.config, model_dir),
+            )
         )
         asyncio.run(
-            serve(generator, uds_path=args.uds_path, rank=env.rank, world_size=env.world_size)
+            serve(generator, uds_path=args.uds_path, rank=env.rank, world_size=env.world_size, worker=worker)
         )
     except BaseException:
         # The other ranks may never reach a leaving barrier (they are still loading, or
