@@ -55,10 +55,13 @@ COPY server ./server
 COPY router ./router
 COPY launcher ./launcher
 # Stubs are generated before the install so the package build finds pb/
-# as a package; then one smoke test that every console script starts.
+# as a package; the native CPU kernels are compiled into the package here
+# (the runtime image has no compiler); then one smoke test that every
+# console script starts.
 RUN pip install "grpcio-tools>=1.62" \
     && python proto/build_stubs.py \
     && pip install . \
+    && python -m text_generation_server.kernels build \
     && python -c "import text_generation_server.pb.fmaas.generation_pb2, text_generation_server.pb.generate.v1.generate_pb2" \
     && text-generation-launcher --help > /dev/null \
     && text-generation-router --help > /dev/null \
@@ -148,6 +151,7 @@ COPY launcher ./launcher
 RUN pip install "grpcio-tools>=1.62" \
     && python proto/build_stubs.py \
     && pip install . \
+    && python -m text_generation_server.kernels build \
     && python -c "import text_generation_server.pb.fmaas.generation_pb2, text_generation_server.pb.generate.v1.generate_pb2, bitsandbytes, triton" \
     && text-generation-launcher --help > /dev/null \
     && text-generation-router --help > /dev/null \

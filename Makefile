@@ -8,9 +8,14 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TGIS_PROTO := .cache/tgis/generation.proto
 
-.PHONY: install proto run test test-unit test-e2e lint bench bench-peers soak clean peer-gptqmodel
+.PHONY: install proto kernels run test test-unit test-e2e lint bench bench-peers soak clean peer-gptqmodel
 
-install: $(STAMP) proto $(TGIS_PROTO)
+install: $(STAMP) proto $(TGIS_PROTO) kernels
+
+# The native CPU kernels, compiled once into the package (a shard would otherwise
+# compile them on first start); a host without AVX2 or a compiler serves without them.
+kernels: $(STAMP)
+	@$(PY) -m text_generation_server.kernels build > /dev/null || echo "make: serving without the native CPU kernels (see above)"
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

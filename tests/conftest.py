@@ -26,3 +26,17 @@ def tiny_llama_tied(tmp_path_factory) -> Path:
         num_key_value_heads=3,
         tie_word_embeddings=True,
     )
+
+
+@pytest.fixture(params=["native", "torch"])
+def cpu_kernels(request, monkeypatch) -> str:
+    """Runs a test with the native CPU kernels on ("native", skipped where they cannot run)
+    and off ("torch"): both paths of every fused step must give the reference's answer."""
+    from text_generation_server import kernels
+
+    monkeypatch.setenv(kernels.ENV, "auto" if request.param == "native" else "off")
+    kernels.reset_for_tests()
+    if request.param == "native" and not kernels.cpu_ops_status().available:
+        pytest.skip(f"native CPU kernels unavailable: {kernels.cpu_ops_status().reason}")
+    yield request.param
+    kernels.reset_for_tests()

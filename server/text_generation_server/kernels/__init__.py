@@ -1,0 +1,176 @@
+"""Native CPU kernels for the decode fast path (``csrc/cpu_ops.cpp``).
+
+They need an x86-64 CPU with AVX2 and FMA, and a C++ compiler the first time:
+the library is compiled once per source version and torch version, into the
+package's own ``_build`` directory when it is writable (``make install`` and
+the container image build it there) or else into the cache directory
+(``$TEXT_GENERATION_CACHE/kernels``), and loaded from there afterwards.
+
+:func:`cpu_ops` returns the ``torch.ops.tgs_cpu`` namespace, or ``None``
+when the kernels cannot run here; :func:`cpu_ops_status` says which and why,
+and is logged once by the shard at start-up. ``CPU_KERNELS=off`` turns them
+off (every caller then uses its plain torch formulation), ``CPU_KERNELS=on``
+makes a failure to build them an error instead of a fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from loguru import logger
+
+ENV = "CPU_KERNELS"
+LIBRARY = "tgs_cpu_ops"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_ops.cpp"
+PACKAGE_BUILD_DIR = Path(__file__).resolve().parent / "_build"
+# -fopenmp: at::parallel_for is inline OpenMP; the library then needs libgomp.so.1, which
+# resolves to the copy torch has already loaded, so both share one thread pool.
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    available: bool
+    reason: str  # why not, or where the library was loaded from
+
+
+_lock = threading.Lock()
+_status: KernelStatus | None = None
+
+
+def _mode() -> str:
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in ("auto", "on", "off"):
+        raise ValueError(f"{ENV}={value!r}: expected auto, on or off")
+    return value
+
+
+def build_key() -> str:
+    """Identifies one build: the source, the flags and the torch it links against."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join(CFLAGS + LDFLAGS).encode())
+    h.update(torch.__version__.encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_build_dir() -> Path:
+    from text_generation_server.model_source import default_cache_dir
+
+    return default_cache_dir() / "kernels"
+
+
+def _host_reason() -> str | None:
+    """Why this host cannot run the kernels, or None."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"they are written for x86-64, this is {platform.machine()}"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        return f"they need AVX2, this CPU reports {capability}"
+    return None
+
+
+def _writable(directory: Path) -> bool:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(directory, os.W_OK | os.X_OK)
+
+
+def _ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH; the ninja package's copy may not be on it."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    bin_dir = str(getattr(ninja, "BIN_DIR", ""))
+    path = os.environ.get("PATH", "")
+    if bin_dir and bin_dir not in path.split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join(filter(None, [bin_dir, path]))
+
+
+def _compile(directory: Path) -> Path:
+    from torch.utils.cpp_extension import load
+
+    _ninja_on_path()
+    directory.mkdir(parents=True, exist_ok=True)
+    logger.info(f"Compiling the CPU kernels into {directory} (once per version; about a minute)")
+    load(
+        name=LIBRARY,
+        sources=[str(SOURCE)],
+        extra_cflags=list(CFLAGS),
+        extra_ldflags=list(LDFLAGS),
+        build_directory=str(directory),
+        is_python_module=False,
+        verbose=False,
+    )
+    return directory / f"{LIBRARY}.so"
+
+
+def build(directory: Path | None = None) -> Path:
+    """Compile (if not done yet) and load the library; returns its path. Raises on failure."""
+    from filelock import FileLock
+
+    key = build_key()
+    roots = [directory] if directory is not None else [PACKAGE_BUILD_DIR, _cache_build_dir()]
+    for root in roots:
+        library = root / key / f"{LIBRARY}.so"
+        if library.exists() and (root / key / "complete").exists():
+            torch.ops.load_library(str(library))
+            return library
+    root = next((r for r in roots if _writable(r)), None)
+    if root is None:
+        raise OSError(f"no writable directory to build the CPU kernels in (tried {', '.join(map(str, roots))})")
+    target = root / key
+    with FileLock(str(root / f"{key}.lock")):
+        library = target / f"{LIBRARY}.so"
+        if library.exists() and (target / "complete").exists():
+            torch.ops.load_library(str(library))
+            return library
+        library = _compile(target)
+        (target / "complete").write_text(key + "\n")
+    return library
+
+
+def cpu_ops_status() -> KernelStatus:
+    """Whether the kernels run in this process (built and loaded on the first call)."""
+    global _status
+    with _lock:
+        if _status is not None:
+            return _status
+        mode = _mode()
+        if mode == "off":
+            _status = KernelStatus(False, f"{ENV}=off")
+            return _status
+        why = _host_reason()
+        if why is None:
+            try:
+                path = build()
+                _status = KernelStatus(True, f"loaded from {path.parent}")
+            except Exception as err:  # a compiler or toolchain problem: fall back, say why
+                why = f"they failed to build ({type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else err})"
+        if why is not None:
+            if mode == "on":
+                raise RuntimeError(f"{ENV}=on but the CPU kernels cannot run: {why}")
+            _status = KernelStatus(False, why)
+        return _status
+
+
+def cpu_ops() -> Any | None:
+    """``torch.ops.tgs_cpu`` when the kernels run here, else ``None``."""
+    return torch.ops.tgs_cpu if cpu_ops_status().available else None
+
+
+def reset_for_tests() -> None:
+    """Forget the cached status (tests that flip ``CPU_KERNELS``); a loaded library stays loaded."""
+    global _status
+    with _lock:
+        _status = None

@@ -1,0 +1,638 @@
+// CPU kernels for the decode fast path (x86-64 with AVX2 and FMA).
+//
+// Registered as torch operators in the `tgs_cpu` namespace and built on first
+// use by text_generation_server.kernels. Every operator takes float32
+// activations on the CPU; the Python wrappers only call them when that holds
+// and otherwise use the plain torch formulation.
+//
+//  - int4_linear: GPTQ 4-bit weights (repacked once at load) times activations
+//    quantized per group to 16 bits, integer dot products (vpmaddwd), the
+//    checkpoint's fp16 scale and zero point per (row, group).
+//  - int8_linear: symmetric 8-bit weights, per-group scales (the LM head of a
+//    quantized model).
+//  - rms_norm, add_rms_norm_, rotary_, silu_mul, write_kv_: the elementwise
+//    work of a decoder layer, one pass each instead of several torch ops.
+//  - paged_attention_decode: one new query per sequence against its keys and
+//    values read in place from the paged cache (no gather copy).
+//
+// Threads: at::parallel_for, i.e. torch's own intra-op pool, so these kernels
+// never add a second set of threads next to torch's.
+
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// ---- vector helpers ------------------------------------------------------------------
+
+inline float hsum(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  __m128 sh = _mm_movehdup_ps(lo);
+  __m128 s = _mm_add_ps(lo, sh);
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehl_ps(sh, s)));
+}
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// exp(x) for float32 lanes: range reduction by ln 2 and a degree-6 polynomial
+// (Cephes expf coefficients); about 1 ulp over the clamped range.
+inline __m256 exp_ps(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.3365478515625f);
+  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+inline float exp_scalar(float x) {
+  alignas(32) float buf[8] = {x, 0, 0, 0, 0, 0, 0, 0};
+  _mm256_store_ps(buf, exp_ps(_mm256_load_ps(buf)));
+  return buf[0];
+}
+
+void check_cpu_float(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), what, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, what, " must be float32, got ", t.scalar_type());
+}
+
+// ---- activation quantization ---------------------------------------------------------
+
+// Rows of x [M, K] to int16 with one scale per group of gs (a multiple of 32):
+// xd[m, g] = max |x| / 32767 and xs[m, g] = xd * sum(xq), the group's sum as the
+// integer kernel sees it. 16 bits keep the product within ~1e-5 of the float
+// one, so the kernels' only loss is the weights' own.
+void quantize_groups(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t gs, int16_t* xq, float* xd,
+                     float* xs) {
+  const int64_t G = K / gs;
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  at::parallel_for(0, M * G, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t m = i / G, g = i % G;
+      const float* p = x + m * ldx + g * gs;
+      __m256 mx = _mm256_setzero_ps();
+      for (int64_t k = 0; k < gs; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(p + k)));
+      const float d = hmax(mx) / 32767.f;
+      xd[i] = d;
+      const __m256 inv = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+      __m256i isum = _mm256_setzero_si256();
+      int16_t* out = xq + m * K + g * gs;
+      for (int64_t k = 0; k < gs; k += 16) {
+        const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p + k), inv));
+        const __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p + k + 8), inv));
+        isum = _mm256_add_epi32(isum, _mm256_add_epi32(i0, i1));
+        // packs interleaves 128-bit lanes; the permute restores feature order.
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), packed);
+      }
+      if (xs != nullptr) xs[i] = d * hsum(_mm256_cvtepi32_ps(isum));
+    }
+  });
+}
+
+// ---- 4-bit weights --------------------------------------------------------------------
+//
+// Weights, per output row n, blocks of 32 input features: 16 bytes whose low
+// nibbles hold features 0..15 and high nibbles 16..31 (codes q in 0..15), with
+// an fp16 scale s and a zero point z per (row, group): w = s * (q - z). With
+// activations x ~ xd * xq per group (int16),
+//   y[m, n] = sum_g s_g * xd_mg * (sum_k q_k xq_k) - s_g * z_g * xs_mg,
+// where xs is the sum of the quantized group, so the zero point cancels
+// exactly what the integer dot product adds. vpmaddwd sums pairs of 16-bit
+// products into 32 bits: a block adds at most 32 * 15 * 32767 per lane.
+
+struct Codes16 {
+  __m256i lo, hi;  // features 0..15 and 16..31 as int16
+};
+
+inline Codes16 unpack16(const uint8_t* p) {
+  const __m128i low = _mm_set1_epi8(0x0F);
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return {_mm256_cvtepu8_epi16(_mm_and_si128(v, low)), _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low))};
+}
+
+inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+struct Int4Args {
+  const int16_t* xq;       // [M, K]
+  const float* xd;         // [M, G]
+  const float* xs;         // [M, G]
+  const uint8_t* qw;       // [N, K / 2]
+  const uint16_t* scales;  // fp16 [N, G]
+  const uint8_t* zeros;    // [N, G]
+  float* y;
+  int64_t ldy, K, G, gs;
+};
+
+template <int R, int MT>
+void int4_tile(const Int4Args& a, int64_t n, int64_t m0) {
+  const int64_t bpg = a.gs / 32;
+  __m256 total[R][MT];
+  float tail[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) {
+      total[r][m] = _mm256_setzero_ps();
+      tail[r][m] = 0.f;
+    }
+  const int16_t* xq = a.xq + m0 * a.K;
+  const float* xd = a.xd + m0 * a.G;
+  const float* xs = a.xs + m0 * a.G;
+  for (int64_t g = 0; g < a.G; ++g) {
+    __m256i acc[R][MT];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_si256();
+    for (int64_t bb = 0; bb < bpg; ++bb) {
+      const int64_t b = g * bpg + bb;
+      __m256i x0[MT], x1[MT];
+      for (int m = 0; m < MT; ++m) {
+        x0[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * a.K + b * 32));
+        x1[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * a.K + b * 32 + 16));
+      }
+      for (int r = 0; r < R; ++r) {
+        const Codes16 q = unpack16(a.qw + (n + r) * (a.K / 2) + b * 16);
+        for (int m = 0; m < MT; ++m)
+          acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_add_epi32(_mm256_madd_epi16(q.lo, x0[m]),
+                                                                    _mm256_madd_epi16(q.hi, x1[m])));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float s = half_to_float(a.scales[(n + r) * a.G + g]);
+      const float sz = s * static_cast<float>(a.zeros[(n + r) * a.G + g]);
+      for (int m = 0; m < MT; ++m) {
+        total[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][m]), _mm256_set1_ps(s * xd[m * a.G + g]), total[r][m]);
+        tail[r][m] += sz * xs[m * a.G + g];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.ldy + n + r] = hsum(total[r][m]) - tail[r][m];
+}
+
+template <int R, int MT>
+void int4_rows(const Int4Args& a, int64_t n0, int64_t n1, int64_t m0) {
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) int4_tile<R, MT>(a, n, m0);
+  for (; n < n1; ++n) int4_tile<1, MT>(a, n, m0);
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const at::Tensor& zeros, int64_t group_size) {
+  check_cpu_float(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [M, K] with contiguous rows");
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
+              "qweight must be contiguous uint8 [N, K / 2]");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(group_size % 32 == 0 && group_size >= 32, "group_size must be a positive multiple of 32, got ",
+              group_size);
+  TORCH_CHECK(K % group_size == 0, "K=", K, " is not a multiple of group_size=", group_size);
+  TORCH_CHECK(qweight.size(1) * 2 == K, "qweight holds ", qweight.size(1) * 2, " features, x has ", K);
+  const int64_t G = K / group_size;
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 2 &&
+                  scales.size(0) == N && scales.size(1) == G,
+              "scales must be contiguous float16 [N, K / group_size]");
+  TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.dim() == 2 && zeros.size(0) == N &&
+                  zeros.size(1) == G,
+              "zeros must be contiguous uint8 [N, K / group_size]");
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kShort));
+  at::Tensor xd = at::empty({M, G}, x.options());
+  at::Tensor xs = at::empty({M, G}, x.options());
+  quantize_groups(x.data_ptr<float>(), x.stride(0), M, K, group_size, xq.data_ptr<int16_t>(), xd.data_ptr<float>(),
+                  xs.data_ptr<float>());
+  const Int4Args a{xq.data_ptr<int16_t>(),
+                   xd.data_ptr<float>(),
+                   xs.data_ptr<float>(),
+                   qweight.data_ptr<uint8_t>(),
+                   reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+                   zeros.data_ptr<uint8_t>(),
+                   y.data_ptr<float>(),
+                   N,
+                   K,
+                   G,
+                   group_size};
+  // Units of 4 rows, so tiles never straddle two threads' ranges.
+  const int64_t units = (N + 3) / 4;
+  at::parallel_for(0, units, 8, [&](int64_t ub, int64_t ue) {
+    const int64_t n0 = ub * 4, n1 = std::min(N, ue * 4);
+    if (M == 1) {
+      int4_rows<4, 1>(a, n0, n1, 0);
+      return;
+    }
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) int4_rows<2, 4>(a, n0, n1, m);
+    for (; m + 2 <= M; m += 2) int4_rows<2, 2>(a, n0, n1, m);
+    for (; m < M; ++m) int4_rows<4, 1>(a, n0, n1, m);
+  });
+  return y;
+}
+
+// Dense float32 [N, K] weights from the packed layout (for many-row products,
+// where a float matrix product beats the integer kernel).
+at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                           int64_t group_size) {
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
+              "qweight must be contiguous uint8 [N, K / 2]");
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
+  TORCH_CHECK(group_size % 32 == 0 && group_size >= 32 && K % group_size == 0, "bad group_size ", group_size);
+  const int64_t G = K / group_size;
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.size(0) == N && scales.size(1) == G,
+              "scales must be contiguous float16 [N, K / group_size]");
+  TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.size(0) == N && zeros.size(1) == G,
+              "zeros must be contiguous uint8 [N, K / group_size]");
+  at::Tensor w = at::empty({N, K}, qweight.options().dtype(at::kFloat));
+  const uint8_t* qp = qweight.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  const uint8_t* zp = zeros.data_ptr<uint8_t>();
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      for (int64_t blk = 0; blk < K / 32; ++blk) {
+        const int64_t g = blk * 32 / group_size;
+        const __m256 s = _mm256_set1_ps(half_to_float(sp[n * G + g]));
+        const __m256 z = _mm256_set1_ps(static_cast<float>(zp[n * G + g]));
+        const Codes16 q = unpack16(qp + n * (K / 2) + blk * 16);
+        float* out = wp + n * K + blk * 32;
+        const __m256i parts[2] = {q.lo, q.hi};
+        for (int h = 0; h < 2; ++h) {
+          const __m128i lo = _mm256_castsi256_si128(parts[h]), hi = _mm256_extracti128_si256(parts[h], 1);
+          const __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(lo));
+          const __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(hi));
+          _mm256_storeu_ps(out + h * 16, _mm256_mul_ps(_mm256_sub_ps(f0, z), s));
+          _mm256_storeu_ps(out + h * 16 + 8, _mm256_mul_ps(_mm256_sub_ps(f1, z), s));
+        }
+      }
+    }
+  });
+  return w;
+}
+
+// ---- 8-bit weights --------------------------------------------------------------------
+//
+// y[m, n] = sum_g ws[n, g] * xd[m, g] * sum_k w_k xq_k with int8 weights
+// sign-extended to 16 bits against int16 activations (vpmaddwd).
+
+struct Int8Args {
+  const int16_t* xq;
+  const float* xd;
+  const int8_t* w;  // [N, K]
+  const float* ws;  // [N, G]
+  float* y;
+  int64_t ldy, K, G, gs;
+};
+
+template <int R, int MT>
+void int8_tile(const Int8Args& a, int64_t n, int64_t m0) {
+  const int64_t bpg = a.gs / 16;
+  __m256 total[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) total[r][m] = _mm256_setzero_ps();
+  const int16_t* xq = a.xq + m0 * a.K;
+  const float* xd = a.xd + m0 * a.G;
+  for (int64_t g = 0; g < a.G; ++g) {
+    __m256i acc[R][MT];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_si256();
+    for (int64_t bb = 0; bb < bpg; ++bb) {
+      const int64_t k = (g * bpg + bb) * 16;
+      __m256i xv[MT];
+      for (int m = 0; m < MT; ++m) xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * a.K + k));
+      for (int r = 0; r < R; ++r) {
+        const __m256i w =
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.w + (n + r) * a.K + k)));
+        for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(w, xv[m]));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float s = a.ws[(n + r) * a.G + g];
+      for (int m = 0; m < MT; ++m)
+        total[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][m]), _mm256_set1_ps(s * xd[m * a.G + g]), total[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.ldy + n + r] = hsum(total[r][m]);
+}
+
+template <int R, int MT>
+void int8_rows(const Int8Args& a, int64_t n0, int64_t n1, int64_t m0) {
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) int8_tile<R, MT>(a, n, m0);
+  for (; n < n1; ++n) int8_tile<1, MT>(a, n, m0);
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t group_size) {
+  check_cpu_float(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [M, K] with contiguous rows");
+  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.dim() == 2 && weight.is_contiguous(),
+              "weight must be contiguous int8 [N, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(weight.size(1) == K, "weight has ", weight.size(1), " input features, x has ", K);
+  TORCH_CHECK(group_size % 32 == 0 && group_size >= 32, "group_size must be a positive multiple of 32");
+  TORCH_CHECK(K % group_size == 0, "K=", K, " is not a multiple of group_size=", group_size);
+  const int64_t G = K / group_size;
+  check_cpu_float(scales, "scales");
+  TORCH_CHECK(scales.is_contiguous() && scales.size(0) == N && scales.size(1) == G, "scales must be [N, K / group_size]");
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kShort));
+  at::Tensor xd = at::empty({M, G}, x.options());
+  quantize_groups(x.data_ptr<float>(), x.stride(0), M, K, group_size, xq.data_ptr<int16_t>(), xd.data_ptr<float>(),
+                  nullptr);
+  const Int8Args a{xq.data_ptr<int16_t>(), xd.data_ptr<float>(), weight.data_ptr<int8_t>(), scales.data_ptr<float>(),
+                   y.data_ptr<float>(), N, K, G, group_size};
+  const int64_t units = (N + 3) / 4;
+  at::parallel_for(0, units, 16, [&](int64_t ub, int64_t ue) {
+    const int64_t n0 = ub * 4, n1 = std::min(N, ue * 4);
+    int64_t m = 0;
+    for (; m + 3 <= M; m += 3) int8_rows<2, 3>(a, n0, n1, m);
+    for (; m < M; ++m) int8_rows<4, 1>(a, n0, n1, m);
+  });
+  return y;
+}
+
+// ---- elementwise ----------------------------------------------------------------------
+
+// out = weight * (x / sqrt(mean(x^2) + eps)), one row at a time.
+void rms_row(const float* x, const float* w, float* out, int64_t H, float eps) {
+  __m256 ss0 = _mm256_setzero_ps(), ss1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= H; i += 16) {
+    const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+    ss0 = _mm256_fmadd_ps(a, a, ss0);
+    ss1 = _mm256_fmadd_ps(b, b, ss1);
+  }
+  float ss = hsum(_mm256_add_ps(ss0, ss1));
+  for (; i < H; ++i) ss += x[i] * x[i];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(H) + eps);
+  const __m256 rv = _mm256_set1_ps(r);
+  i = 0;
+  for (; i + 8 <= H; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(_mm256_loadu_ps(x + i), rv)));
+  for (; i < H; ++i) out[i] = w[i] * (x[i] * r);
+}
+
+void check_rows(const at::Tensor& x, const at::Tensor& w) {
+  check_cpu_float(x, "x");
+  check_cpu_float(w, "weight");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be contiguous [T, H]");
+  TORCH_CHECK(w.is_contiguous() && w.numel() == x.size(1), "weight must hold H values");
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows(x, weight);
+  at::Tensor out = at::empty_like(x);
+  const int64_t T = x.size(0), H = x.size(1);
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) rms_row(xp + t * H, wp, op + t * H, H, static_cast<float>(eps));
+  });
+  return out;
+}
+
+// residual += x; returns rms_norm(residual).
+at::Tensor add_rms_norm_(const at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
+  check_rows(x, weight);
+  check_rows(residual, weight);
+  TORCH_CHECK(x.sizes() == residual.sizes(), "x and residual differ in shape");
+  at::Tensor out = at::empty_like(x);
+  const int64_t T = x.size(0), H = x.size(1);
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  float *rp = residual.data_ptr<float>(), *op = out.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      float* row = rp + t * H;
+      const float* add = xp + t * H;
+      int64_t i = 0;
+      for (; i + 8 <= H; i += 8) _mm256_storeu_ps(row + i, _mm256_add_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(add + i)));
+      for (; i < H; ++i) row[i] += add[i];
+      rms_row(row, wp, op + t * H, H, static_cast<float>(eps));
+    }
+  });
+  return out;
+}
+
+// x [T, heads, D] (any row stride, heads D apart) rotated in place by Llama's
+// rotate-half rule with cos/sin [T, D]: x * cos + cat(-x2, x1) * sin.
+void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  check_cpu_float(x, "x");
+  check_cpu_float(cos, "cos");
+  check_cpu_float(sin, "sin");
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2), "x must be [T, heads, D] with packed heads");
+  const int64_t T = x.size(0), heads = x.size(1), D = x.size(2), half = D / 2;
+  TORCH_CHECK(D % 2 == 0, "head_dim must be even");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == T * D && sin.numel() == T * D,
+              "cos and sin must be contiguous [T, D]");
+  float* xp = x.data_ptr<float>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  const int64_t ld = x.stride(0);
+  at::parallel_for(0, T * heads, 64, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t t = i / heads, h = i % heads;
+      float* v = xp + t * ld + h * D;
+      const float *c = cp + t * D, *s = sp + t * D;
+      int64_t j = 0;
+      for (; j + 8 <= half; j += 8) {
+        const __m256 x1 = _mm256_loadu_ps(v + j), x2 = _mm256_loadu_ps(v + half + j);
+        const __m256 o1 = _mm256_sub_ps(_mm256_mul_ps(x1, _mm256_loadu_ps(c + j)), _mm256_mul_ps(x2, _mm256_loadu_ps(s + j)));
+        const __m256 o2 = _mm256_add_ps(_mm256_mul_ps(x2, _mm256_loadu_ps(c + half + j)),
+                                        _mm256_mul_ps(x1, _mm256_loadu_ps(s + half + j)));
+        _mm256_storeu_ps(v + j, o1);
+        _mm256_storeu_ps(v + half + j, o2);
+      }
+      for (; j < half; ++j) {
+        const float x1 = v[j], x2 = v[half + j];
+        v[j] = x1 * c[j] - x2 * s[j];
+        v[half + j] = x2 * c[half + j] + x1 * s[half + j];
+      }
+    }
+  });
+}
+
+// x [T, 2I] (gate then up) -> silu(gate) * up  [T, I]
+at::Tensor silu_mul(const at::Tensor& x) {
+  check_cpu_float(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 2 == 0, "x must be contiguous [T, 2 * I]");
+  const int64_t T = x.size(0), I = x.size(1) / 2;
+  at::Tensor out = at::empty({T, I}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const __m256 one = _mm256_set1_ps(1.f), neg = _mm256_set1_ps(-0.0f);
+  at::parallel_for(0, T, 4, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const float *g = xp + t * 2 * I, *u = g + I;
+      float* o = op + t * I;
+      int64_t i = 0;
+      for (; i + 8 <= I; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 sig = _mm256_div_ps(gv, _mm256_add_ps(one, exp_ps(_mm256_xor_ps(gv, neg))));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(sig, _mm256_loadu_ps(u + i)));
+      }
+      for (; i < I; ++i) o[i] = g[i] / (1.f + exp_scalar(-g[i])) * u[i];
+    }
+  });
+  return out;
+}
+
+// k, v [T, kv_heads, D] (rows any stride) stored at cache rows `slots`.
+void write_kv_(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+               const at::Tensor& slots) {
+  check_cpu_float(k, "k");
+  check_cpu_float(v, "v");
+  check_cpu_float(k_cache, "k_cache");
+  check_cpu_float(v_cache, "v_cache");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous(), "slots must be contiguous int64");
+  const int64_t T = k.size(0), row = k.size(1) * k.size(2);
+  TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2),
+              "k and v must have packed heads");
+  TORCH_CHECK(k_cache.numel() % row == 0 && slots.numel() == T, "cache rows do not match k");
+  const int64_t rows = k_cache.numel() / row;
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t s = sp[t];
+    TORCH_CHECK(s >= 0 && s < rows, "slot ", s, " outside the cache of ", rows, " rows");
+    std::memcpy(kc + s * row, kp + t * k.stride(0), row * sizeof(float));
+    std::memcpy(vc + s * row, vp + t * v.stride(0), row * sizeof(float));
+  }
+}
+
+// One query per sequence: q [B, H, D] (packed heads, any row stride) attends
+// to the first context_lens[b] tokens of its blocks in k/v cache
+// [num_blocks, block_size, KVH, D]; query heads h*G..h*G+G-1 share KV head h.
+at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+  check_cpu_float(q, "q");
+  check_cpu_float(k_cache, "k_cache");
+  check_cpu_float(v_cache, "v_cache");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q must be [B, H, D] with packed heads");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(),
+              "k/v caches must be contiguous [blocks, block_size, kv_heads, D]");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() && block_tables.dim() == 2,
+              "block_tables must be contiguous int64 [B, max_blocks]");
+  TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.is_contiguous(), "context_lens must be int64");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t NB = k_cache.size(0), BS = k_cache.size(1), KVH = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D, "head_dim of q and cache differ");
+  TORCH_CHECK(H % KVH == 0, H, " query heads do not group over ", KVH, " kv heads");
+  TORCH_CHECK(D % 8 == 0 && D <= 512, "head_dim must be a multiple of 8 up to 512");
+  TORCH_CHECK(block_tables.size(0) == B && context_lens.numel() == B, "one block table and length per sequence");
+  const int64_t GQ = H / KVH, MAXB = block_tables.size(1);
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= MAXB * BS, "context length ", lens[b], " does not fit the block table");
+    for (int64_t j = 0; j < (lens[b] + BS - 1) / BS; ++j)
+      TORCH_CHECK(tables[b * MAXB + j] >= 0 && tables[b * MAXB + j] < NB, "block id outside the cache");
+  }
+  at::Tensor out = at::empty({B, H, D}, q.options());
+  const float *qp = q.data_ptr<float>(), *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ldq = q.stride(0), tok = KVH * D;
+  const float sc = static_cast<float>(scale);
+  const int64_t nv = D / 8;
+  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / KVH, h = task % KVH, L = lens[b];
+      scores.resize(static_cast<size_t>(GQ * L));
+      const int64_t* table = tables + b * MAXB;
+      for (int64_t g = 0; g < GQ; ++g) {
+        const float* qh = qp + b * ldq + (h * GQ + g) * D;
+        float* srow = scores.data() + g * L;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < L; ++t) {
+          const float* kt = kc + (table[t / BS] * BS + t % BS) * tok + h * D;
+          __m256 acc = _mm256_setzero_ps();
+          for (int64_t i = 0; i < nv; ++i) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * i), _mm256_loadu_ps(kt + 8 * i), acc);
+          const float s = hsum(acc) * sc;
+          srow[t] = s;
+          mx = std::max(mx, s);
+        }
+        const __m256 mv = _mm256_set1_ps(mx);
+        __m256 sum = _mm256_setzero_ps();
+        int64_t t = 0;
+        for (; t + 8 <= L; t += 8) {
+          const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(srow + t), mv));
+          _mm256_storeu_ps(srow + t, e);
+          sum = _mm256_add_ps(sum, e);
+        }
+        float total = hsum(sum);
+        for (; t < L; ++t) {
+          srow[t] = exp_scalar(srow[t] - mx);
+          total += srow[t];
+        }
+        const float inv = 1.f / total;
+        for (t = 0; t < L; ++t) srow[t] *= inv;
+      }
+      // out[g] = sum_t p[g, t] v_t, value rows read once for the whole group.
+      __m256 acc[64];  // the group's outputs while GQ * D <= 512 floats
+      const bool local = GQ * nv <= 64;
+      std::vector<float> wide;
+      if (!local) wide.assign(static_cast<size_t>(GQ * D), 0.f);
+      if (local)
+        for (int64_t i = 0; i < GQ * nv; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t t = 0; t < L; ++t) {
+        const float* vt = vc + (table[t / BS] * BS + t % BS) * tok + h * D;
+        for (int64_t g = 0; g < GQ; ++g) {
+          const __m256 p = _mm256_set1_ps(scores[g * L + t]);
+          if (local) {
+            for (int64_t i = 0; i < nv; ++i) acc[g * nv + i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8 * i), acc[g * nv + i]);
+          } else {
+            float* w = wide.data() + g * D;
+            for (int64_t i = 0; i < nv; ++i)
+              _mm256_storeu_ps(w + 8 * i, _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8 * i), _mm256_loadu_ps(w + 8 * i)));
+          }
+        }
+      }
+      for (int64_t g = 0; g < GQ; ++g) {
+        float* o = op + (b * H + h * GQ + g) * D;
+        for (int64_t i = 0; i < nv; ++i)
+          _mm256_storeu_ps(o + 8 * i, local ? acc[g * nv + i] : _mm256_loadu_ps(wide.data() + g * D + 8 * i));
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tgs_cpu, m) {
+  m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor",
+        &int4_linear);
+  m.def("int4_dequantize(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", &int4_dequantize);
+  m.def("int8_linear(Tensor x, Tensor weight, Tensor scales, int group_size) -> Tensor", &int8_linear);
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
+  m.def("add_rms_norm_(Tensor x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor", &add_rms_norm_);
+  m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()", &rotary_);
+  m.def("silu_mul(Tensor x) -> Tensor", &silu_mul);
+  m.def("write_kv_(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots) -> ()", &write_kv_);
+  m.def("paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, float scale) -> Tensor",
+        &paged_attention_decode);
+}

@@ -1,0 +1,209 @@
+"""The native CPU kernels (``tgs_cpu``) against plain torch formulations of the same math.
+
+Skipped where the kernels cannot run (not x86-64 with AVX2, or no compiler).
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from text_generation_server import kernels
+from text_generation_server.layers import fused
+from text_generation_server.layers.embedding import quantize_int8_rows
+
+pytestmark = pytest.mark.skipif(
+    not kernels.cpu_ops_status().available,
+    reason=f"native CPU kernels unavailable: {kernels.cpu_ops_status().reason}",
+)
+
+
+def ops():
+    return torch.ops.tgs_cpu
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 576), (5, 64), (3, 100)])
+def test_rms_norm_and_fused_residual_add_match_torch(rows, hidden):
+    g = gen(1)
+    x, w = torch.randn(rows, hidden, generator=g) * 4, torch.randn(hidden, generator=g)
+    ref = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    torch.testing.assert_close(ops().rms_norm(x, w, 1e-5), ref, rtol=1e-6, atol=1e-6)
+    residual, add = x.clone(), torch.randn(rows, hidden, generator=g)
+    out = ops().add_rms_norm_(add, residual, w, 1e-5)
+    torch.testing.assert_close(residual, x + add, rtol=0, atol=0)
+    s = x + add
+    torch.testing.assert_close(out, w * (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5)), rtol=1e-6, atol=1e-6)
+
+
+def test_rotary_rotates_a_strided_view_in_place_like_rotate_half():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = gen(2)
+    tokens, heads, kv_heads, d = 5, 3, 1, 64
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, generator=g)
+    before = qkv.clone()
+    pos = torch.tensor([0, 3, 7, 100, 2048]).float()
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    emb = torch.cat([pos[:, None] * inv] * 2, -1)
+    cos, sin = emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)
+    qk = qkv[:, : (heads + kv_heads) * d].view(tokens, heads + kv_heads, d)
+    ops().rotary_(qk, cos.reshape(tokens, d), sin.reshape(tokens, d))
+    ref_q, ref_k = apply_rotary_pos_emb(
+        before[:, : heads * d].view(tokens, heads, d).transpose(0, 1).unsqueeze(0),
+        before[:, heads * d : (heads + 1) * d].view(tokens, 1, d).transpose(0, 1).unsqueeze(0),
+        cos.squeeze(1).unsqueeze(0),
+        sin.squeeze(1).unsqueeze(0),
+    )
+    torch.testing.assert_close(qk[:, :heads], ref_q[0].transpose(0, 1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(qk[:, heads:], ref_k[0].transpose(0, 1), rtol=1e-6, atol=1e-6)
+    # v, past the rotated heads, is untouched.
+    torch.testing.assert_close(qkv[:, (heads + kv_heads) * d :], before[:, (heads + kv_heads) * d :], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("inter", [1536, 20])
+def test_silu_mul_matches_torch(inter):
+    x = torch.randn(4, 2 * inter, generator=gen(3)) * 6
+    x[0, :3] = torch.tensor([-100.0, 100.0, 0.0])
+    gate, up = x.split([inter, inter], -1)
+    torch.testing.assert_close(ops().silu_mul(x), F.silu(gate) * up, rtol=1e-6, atol=1e-6)
+
+
+def test_write_kv_stores_rows_at_their_slots_like_index_copy():
+    g = gen(4)
+    cache_k, cache_v = torch.zeros(4, 16, 2, 8), torch.zeros(4, 16, 2, 8)
+    qkv = torch.randn(3, 5 * 16, generator=g)
+    k = qkv[:, 16:32].view(3, 2, 8)
+    v = qkv[:, 32:48].view(3, 2, 8)
+    slots = torch.tensor([5, 17, 63])
+    ops().write_kv_(k, v, cache_k, cache_v, slots)
+    ref_k, ref_v = torch.zeros(64, 2, 8), torch.zeros(64, 2, 8)
+    ref_k.index_copy_(0, slots, k)
+    ref_v.index_copy_(0, slots, v)
+    torch.testing.assert_close(cache_k.view(64, 2, 8), ref_k, rtol=0, atol=0)
+    torch.testing.assert_close(cache_v.view(64, 2, 8), ref_v, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops().write_kv_(k, v, cache_k, cache_v, torch.tensor([1, 2, 64]))
+
+
+@pytest.mark.parametrize("kv_heads,group,d", [(3, 3, 64), (1, 4, 32), (2, 1, 128), (1, 9, 64)])
+def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(kv_heads, group, d):
+    g = gen(5)
+    block, blocks = 16, 12
+    k_cache = torch.randn(blocks, block, kv_heads, d, generator=g)
+    v_cache = torch.randn(blocks, block, kv_heads, d, generator=g)
+    lens = [1, 17, 40, 5]  # within one block, across two, three, ...
+    tables = torch.zeros(len(lens), 4, dtype=torch.int64)
+    perm = torch.randperm(blocks - 1, generator=g) + 1  # scattered blocks, 0 is padding
+    used = 0
+    for i, n in enumerate(lens):
+        need = math.ceil(n / block)
+        tables[i, :need] = perm[used : used + need]
+        used += need
+    heads = kv_heads * group
+    q_rows = torch.randn(len(lens), (heads + 2 * kv_heads) * d, generator=g)
+    q = q_rows[:, : heads * d].view(len(lens), heads, d)  # a strided view, as in the model
+    out = ops().paged_attention_decode(q, k_cache, v_cache, tables, torch.tensor(lens), d**-0.5)
+    for i, n in enumerate(lens):
+        slots = torch.cat([torch.arange(block) + int(b) * block for b in tables[i]])[:n]
+        keys = k_cache.view(-1, kv_heads, d)[slots].transpose(0, 1)  # [kvh, n, d]
+        values = v_cache.view(-1, kv_heads, d)[slots].transpose(0, 1)
+        ref = F.scaled_dot_product_attention(
+            q[i].unsqueeze(1), keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
+        ).squeeze(1)
+        torch.testing.assert_close(out[i], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_paged_decode_attention_refuses_lengths_beyond_the_block_table():
+    cache = torch.zeros(2, 4, 1, 8)
+    with pytest.raises(RuntimeError, match="does not fit the block table"):
+        ops().paged_attention_decode(
+            torch.zeros(1, 1, 8), cache, cache, torch.zeros(1, 1, dtype=torch.int64), torch.tensor([5]), 1.0
+        )
+
+
+@pytest.mark.parametrize("n", [1, 5, 49152 // 64 + 3])
+@pytest.mark.parametrize("m", [1, 3, 4, 7])
+def test_int8_linear_equals_the_dequantized_product(m, n):
+    g = gen(6)
+    w = torch.randn(n, 576, generator=g)
+    codes, scales = quantize_int8_rows(w, 64)
+    dense = codes.float() * scales.repeat_interleave(64, 1)
+    assert (dense - w).abs().max() <= scales.max() / 2 + 1e-6
+    x = torch.randn(m, 576, generator=g)
+    got = ops().int8_linear(x, codes, scales, 64)
+    ref = x @ dense.t()
+    # Activations are quantized per 64 features to 16 bits: only the weights' rounding is left.
+    assert float((got - ref).norm() / ref.norm()) < 1e-4
+
+
+def test_int4_linear_names_a_bad_group_size():
+    x = torch.zeros(1, 96)
+    q = torch.zeros(4, 48, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        ops().int4_linear(x, q, torch.zeros(4, 2, dtype=torch.float16), torch.zeros(4, 2, dtype=torch.uint8), 48)
+    with pytest.raises(RuntimeError, match="not a multiple of group_size"):
+        ops().int4_linear(x, q, torch.zeros(4, 1, dtype=torch.float16), torch.zeros(4, 1, dtype=torch.uint8), 64)
+
+
+def test_fused_helpers_take_the_torch_path_for_other_dtypes():
+    x = torch.randn(2, 64).to(torch.bfloat16)
+    w = torch.ones(64, dtype=torch.bfloat16)
+    assert fused.native_ops(x, w) is None
+    torch.testing.assert_close(fused.rms_norm(x, w, 1e-6), fused._torch_rms_norm(x, w, 1e-6), rtol=0, atol=0)
+
+
+def test_a_fresh_build_directory_is_compiled_once_then_reused(tmp_path):
+    # In child processes: a process can load only one library registering tgs_cpu.
+    script = (
+        "import sys; from pathlib import Path; from text_generation_server import kernels; "
+        "p = kernels.build(Path(sys.argv[1])); print(p, p.stat().st_mtime_ns)"
+    )
+    runs = [
+        subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=600)
+        for _ in range(2)
+    ]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
+    assert "Compiling the CPU kernels" in runs[0].stderr and "Compiling" not in runs[1].stderr
+    first, second = (r.stdout.split() for r in runs)
+    assert first == second  # same library, not rebuilt
+    assert (Path(first[0]).parent / "complete").read_text().strip() == kernels.build_key()
+
+
+def test_cpu_kernels_off_is_reported(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "off")
+    kernels.reset_for_tests()
+    try:
+        status = kernels.cpu_ops_status()
+        assert not status.available and status.reason == "CPU_KERNELS=off"
+        assert kernels.cpu_ops() is None
+    finally:
+        kernels.reset_for_tests()
+
+
+def test_an_unknown_cpu_kernels_value_is_refused(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "fast")
+    kernels.reset_for_tests()
+    try:
+        with pytest.raises(ValueError, match="expected auto, on or off"):
+            kernels.cpu_ops_status()
+    finally:
+        kernels.reset_for_tests()
+
+
+def test_int4_dequantize_rebuilds_the_checkpoint_weights_exactly():
+    from gptq_random import random_gptq
+    from text_generation_server.layers.quant.gptq_kernels.cpu_native import CpuInt4NativeKernel
+
+    weights, dense = random_gptq(320, 48, group_size=64, sym=False)
+    kernel = CpuInt4NativeKernel(weights)
+    got = ops().int4_dequantize(kernel.qweight, kernel.scales, kernel.zeros, kernel.group_size)
+    torch.testing.assert_close(got, dense, rtol=0, atol=0)
