@@ -57,3 +57,15 @@ def activations(m: int, k: int, seed: int = 1) -> torch.Tensor:
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want).norm() / want.norm())
+
+
+def default_cpu_int4_kernel() -> str:
+    """The 4-bit kernel a CPU shard picks by itself here: the native one where it runs."""
+    from text_generation_server.kernels import cpu_ops_status
+
+    return "cpu-int4-avx2" if cpu_ops_status().available else "cpu-int4pack-bf16"
+
+
+def cpu_int4_kernels() -> list[str]:
+    """Every 4-bit CPU kernel that runs here."""
+    return ["cpu-int4pack-bf16"] + (["cpu-int4-avx2"] if default_cpu_int4_kernel() == "cpu-int4-avx2" else [])

@@ -14,7 +14,7 @@ import torch
 
 CPU = torch.device("cpu")
 IDS = torch.randint(0, 384, (11,), generator=torch.Generator().manual_seed(5)).tolist()
-KERNELS = ("gptq-reference", "cpu-int4pack-bf16")
+KERNELS = ("gptq-reference", "cpu-int4pack-bf16", "cpu-int4-avx2")
 
 
 def _served(dist, path: Path, kernel: str) -> dict[str, object]:
@@ -24,6 +24,11 @@ def _served(dist, path: Path, kernel: str) -> dict[str, object]:
     from text_generation_server.models import load_model
 
     os.environ["GPTQ_KERNEL"] = kernel
+    if kernel == "cpu-int4-avx2":
+        from text_generation_server.kernels import cpu_ops_status
+
+        if not cpu_ops_status().available:
+            return {"kernel": "unavailable"}
     model = load_model(path, dtype=torch.float32, device=CPU, dist=dist, quantize="gptq")
     methods = [
         m.quant_method

@@ -89,14 +89,17 @@ def test_two_ranks_with_the_reference_kernel_equal_the_dequantized_model(runs, c
         torch.testing.assert_close(result["logits"], want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("kernel", ["cpu-int4pack-bf16", "cpu-int4-avx2"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_two_ranks_with_the_cpu_int4_kernel_match_one_rank(runs, checkpoints, layout):
+def test_two_ranks_with_each_cpu_int4_kernel_match_one_rank(runs, checkpoints, layout, kernel):
     quantized, dense = checkpoints[layout]
-    one = runs[1][0][(quantized, "cpu-int4pack-bf16")]["logits"]
+    if runs[1][0][(quantized, kernel)]["kernel"] == "unavailable":
+        pytest.skip(f"{kernel} does not run here")
+    one = runs[1][0][(quantized, kernel)]["logits"]
     want = transformers_logits(dense)
     for rank in runs[2]:
-        result = rank[(quantized, "cpu-int4pack-bf16")]
-        assert result["kernel"] == "cpu-int4pack-bf16"
+        result = rank[(quantized, kernel)]
+        assert result["kernel"] == kernel
         assert float((result["logits"] - want).norm() / want.norm()) < 2e-2
         assert float((result["logits"] - one).norm() / one.norm()) < 2e-2
         assert torch.equal(result["logits"].argmax(-1), one.argmax(-1))

@@ -21,6 +21,7 @@ from text_generation_server.layers.quant.gptq_kernels.cpu_int4 import (
     CpuInt4Kernel,
     choose_kernel_group,
 )
+from text_generation_server.layers.quant.gptq_kernels.cpu_native import CpuInt4NativeKernel
 from text_generation_server.layers.quant.gptq_kernels.reference import ReferenceKernel
 from text_generation_server.layers.quant.gptq_kernels.triton_kernel import TritonKernel
 
@@ -57,35 +58,70 @@ def test_reference_kernel_handles_every_packed_width(bits):
     torch.testing.assert_close(ReferenceKernel(weights)(x), x @ dense.t(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(params=["cpu-int4pack-bf16", "cpu-int4-avx2"])
+def cpu_int4(request):
+    """Each 4-bit CPU kernel (the native one only where it can run)."""
+    if request.param == "cpu-int4-avx2":
+        from text_generation_server.kernels import cpu_ops_status
+
+        if not cpu_ops_status().available:
+            pytest.skip(f"native CPU kernels unavailable: {cpu_ops_status().reason}")
+        return CpuInt4NativeKernel
+    return CpuInt4Kernel
+
+
+# cpu-int4pack-bf16 rounds activations, scales and offsets to bf16 (8-bit mantissas),
+# about 0.3% off the exact product; cpu-int4-avx2 quantizes activations per group to
+# 16 bits (scales stay fp16), about 3e-5 off. The 4-bit weights themselves are 5-10%
+# off the float layer they replace.
+CPU_INT4_TOLERANCE = {"cpu-int4pack-bf16": 1e-2, "cpu-int4-avx2": 2e-4}
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("k", [256, 576], ids=["k256", "k576-ragged-at-g128"])
-@pytest.mark.parametrize("n", [48, 40], ids=["n48", "n40-padded"])
-def test_cpu_int4_kernel_equals_dense_matmul_within_bf16_rounding(layout, k, n):
+@pytest.mark.parametrize("n", [48, 40, 8], ids=["n48", "n40-padded", "n8"])
+@pytest.mark.parametrize("m", [1, 2, 7], ids=["m1", "m2", "m7"])
+def test_cpu_int4_kernels_equal_dense_matmul_within_their_rounding(cpu_int4, layout, k, n, m):
     weights, dense = random_gptq(k, n, **layout)
-    assert CpuInt4Kernel.unsupported(weights, CPU) is None
-    x = activations(7, k)
-    got = CpuInt4Kernel(weights)(x)
-    assert got.dtype == torch.float32 and got.shape == (7, n)
-    # Activations and scales go through bf16 (8 bits of mantissa).
-    assert relative_error(got, x @ dense.t()) < 1e-2
+    assert cpu_int4.unsupported(weights, CPU) is None
+    x = activations(m, k)
+    got = cpu_int4(weights)(x)
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    assert relative_error(got, x @ dense.t()) < CPU_INT4_TOLERANCE[cpu_int4.name]
 
 
-def test_cpu_int4_kernel_keeps_the_checkpoint_order_when_groups_are_whole():
+@pytest.mark.parametrize("rows", [37, 200], ids=["integer-kernel", "unpacked-to-float"])
+def test_cpu_int4_kernels_handle_wide_batches_and_bf16_inputs(cpu_int4, rows):
+    weights, dense = random_gptq(576, 96, group_size=64, sym=False, desc_act=True)
+    kernel = cpu_int4(weights)
+    x = activations(rows, 576)
+    assert relative_error(kernel(x), x @ dense.t()) < CPU_INT4_TOLERANCE[cpu_int4.name]
+    y = kernel(x[:5].to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    assert relative_error(y.float(), x[:5] @ dense.t()) < 1e-2  # bf16 in and out
+
+
+def test_cpu_int4_kernels_keep_zero_activations_exactly_zero(cpu_int4):
+    weights, _ = random_gptq(256, 32, group_size=64, sym=False)
+    assert torch.count_nonzero(cpu_int4(weights)(torch.zeros(3, 256))) == 0
+
+
+def test_cpu_int4_kernel_keeps_the_checkpoint_order_when_groups_are_whole(cpu_int4):
     weights, _ = random_gptq(256, 32, group_size=64)
-    kernel = CpuInt4Kernel(weights)
+    kernel = cpu_int4(weights)
     assert kernel.source is None and kernel.pad == 0 and kernel.group_size == 64
 
 
-def test_cpu_int4_kernel_pads_a_ragged_last_group_instead_of_refusing():
+def test_cpu_int4_kernel_pads_a_ragged_last_group_instead_of_refusing(cpu_int4):
     # 576 = 4 * 128 + 64: the last group is half full.
     weights, dense = random_gptq(576, 32, group_size=128)
-    kernel = CpuInt4Kernel(weights)
+    kernel = cpu_int4(weights)
     assert (kernel.group_size, kernel.padded_in) in {(64, 576), (128, 640)}
     x = activations(2, 576)
-    assert relative_error(kernel(x), x @ dense.t()) < 1e-2
+    assert relative_error(kernel(x), x @ dense.t()) < CPU_INT4_TOLERANCE[cpu_int4.name]
 
 
-def test_cpu_int4_kernel_takes_a_row_parallel_slice_of_act_order_groups():
+def test_cpu_int4_kernel_takes_a_row_parallel_slice_of_act_order_groups(cpu_int4):
     # A rank holding the second half of an act-order layer sees every group partly.
     weights, dense = random_gptq(256, 32, group_size=64, desc_act=True, sym=False)
     half = GPTQWeights(
@@ -97,7 +133,7 @@ def test_cpu_int4_kernel_takes_a_row_parallel_slice_of_act_order_groups():
         checkpoint_format="gptq",
     )
     x = activations(3, 128)
-    assert relative_error(CpuInt4Kernel(half)(x), x @ dense[:, 128:].t()) < 1e-2
+    assert relative_error(cpu_int4(half)(x), x @ dense[:, 128:].t()) < CPU_INT4_TOLERANCE[cpu_int4.name]
 
 
 def test_kernel_group_choice_minimises_padding_and_prefers_larger_groups():
@@ -117,10 +153,14 @@ def test_other_widths_fall_back_to_the_reference_on_cpu(bits):
     torch.testing.assert_close(kernel(x), x @ dense.t(), rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_int4_is_the_default_cpu_kernel_for_4_bit():
+def test_the_native_kernel_is_the_default_cpu_kernel_for_4_bit_where_it_runs(cpu_kernels):
     weights, _ = random_gptq(128, 32)
     kernel, reasons = build_kernel(weights, CPU)
-    assert kernel.name == "cpu-int4pack-bf16" and reasons == []
+    if cpu_kernels == "native":
+        assert kernel.name == "cpu-int4-avx2" and reasons == []
+    else:
+        assert kernel.name == "cpu-int4pack-bf16"
+        assert reasons == ["cpu-int4-avx2: the native CPU kernels are unavailable (CPU_KERNELS=off)"]
 
 
 def test_a_preferred_kernel_is_tried_first():
@@ -178,6 +218,7 @@ def test_a_kernel_that_fails_to_build_falls_back_to_the_reference(monkeypatch):
         raise RuntimeError("expect N to be dividable by 16")
 
     monkeypatch.setattr(CpuInt4Kernel, "__init__", refuse)
+    monkeypatch.setattr(CpuInt4NativeKernel, "__init__", refuse)
     weights, dense = random_gptq(128, 32)
     kernel, reasons = build_kernel(weights, CPU)
     assert kernel.name == "gptq-reference"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gptq_random import activations, random_gptq
+from gptq_random import activations, cpu_int4_kernels, random_gptq
 from safetensors.torch import save_file
 from text_generation_server.distributed import Distributed
 from text_generation_server.layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -58,7 +58,7 @@ ROW_CASES = [
 ]
 
 
-@pytest.mark.parametrize("kernel", ["gptq-reference", "cpu-int4pack-bf16"])
+@pytest.mark.parametrize("kernel", ["gptq-reference", *cpu_int4_kernels()])
 @pytest.mark.parametrize("layout,k,world,ranges,split", ROW_CASES)
 def test_row_parallel_partial_products_sum_to_the_dense_matmul(tmp_path, kernel, layout, k, world, ranges, split):
     weights, dense, config = checkpoint(tmp_path, k, 48, **layout)

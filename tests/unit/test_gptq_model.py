@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from gptq_checkpoint import write_gptq_checkpoint
+from gptq_random import default_cpu_int4_kernel
 from paged_runner import PagedRunner
 from text_generation_server.distributed import init_distributed
 from text_generation_server.layers.quant.gptq import GPTQConfig, GPTQLinearMethod
@@ -66,19 +67,31 @@ def test_reference_kernel_serves_exactly_the_dequantized_model(monkeypatch, chec
     torch.testing.assert_close(logits, transformers_logits(dense), atol=1e-4, rtol=0)
 
 
+@pytest.fixture(params=["cpu-int4pack-bf16", "cpu-int4-avx2"])
+def cpu_kernel(request, monkeypatch) -> str:
+    if request.param == "cpu-int4-avx2":
+        from text_generation_server.kernels import cpu_ops_status
+
+        if not cpu_ops_status().available:
+            pytest.skip(f"native CPU kernels unavailable: {cpu_ops_status().reason}")
+    monkeypatch.setenv("GPTQ_KERNEL", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("layout", ["g32-sym-v1", "g64-act-order-asym", "g48-ragged"])
-def test_cpu_int4_kernel_serves_the_dequantized_model_within_bf16_rounding(checkpoints, layout):
+def test_cpu_int4_kernels_serve_the_dequantized_model_within_their_rounding(checkpoints, layout, cpu_kernel):
     quantized, dense = checkpoints[layout]
     model, logits = served(quantized)
-    assert model.kernel == "cpu-int4pack-bf16"
+    assert model.kernel == cpu_kernel
     want = transformers_logits(dense)
+    # bf16 activations (int4pack) or 8-bit LM head codes (where the CPU lacks bf16 products).
     assert float((logits - want).norm() / want.norm()) < 2e-2
     assert torch.equal(logits.argmax(-1), want.argmax(-1))
 
 
 def test_a_gptq_checkpoint_is_served_as_gptq_without_the_flag(checkpoints):
     model, _ = served(checkpoints["g32-sym-v1"][0], quantize=None)
-    assert model.kernel == "cpu-int4pack-bf16"
+    assert model.kernel == default_cpu_int4_kernel()
 
 
 def test_other_widths_are_served_through_the_reference_kernel(checkpoints):
@@ -86,13 +99,15 @@ def test_other_widths_are_served_through_the_reference_kernel(checkpoints):
     assert model.kernel == "gptq-reference"
 
 
-def test_4_bit_weights_take_about_a_quarter_of_fp16(checkpoints):
+def test_4_bit_weights_take_about_a_quarter_of_fp16(checkpoints, cpu_kernel):
     model, _ = served(checkpoints["g32-sym-v1"][0])
     methods = [m.quant_method for m in model.modules() if isinstance(getattr(m, "quant_method", None), GPTQLinearMethod)]
     held = sum(m.weight_bytes() for m in methods)
     fp16 = sum(m.fp16_bytes for m in methods)
-    # 4 bits per weight plus a bf16 scale and offset per 32 weights.
-    assert held / fp16 == pytest.approx(0.25 + 4 / 32 / 2, rel=0.01)
+    # 4 bits per weight plus, per 32 weights, a bf16 scale and offset (int4pack) or an
+    # fp16 scale and an 8-bit zero point (native).
+    per_group = {"cpu-int4pack-bf16": 4, "cpu-int4-avx2": 3}[cpu_kernel]
+    assert held / fp16 == pytest.approx(0.25 + per_group / 32 / 2, rel=0.01)
     # The kernels' tensors are the model's buffers, so memory reports count them.
     buffers = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "gptq_" in n)
     assert buffers == held
@@ -140,7 +155,7 @@ def test_legacy_config_file_is_read(checkpoints):
     quantized, _ = checkpoints["per-row-legacy-config"]
     assert "quantization_config" not in json.loads((quantized / "config.json").read_text())
     model, _ = served(quantized, quantize=None)
-    assert model.kernel == "cpu-int4pack-bf16"
+    assert model.kernel == default_cpu_int4_kernel()
 
 
 def _without_g_idx(src: Path, dst: Path) -> Path:

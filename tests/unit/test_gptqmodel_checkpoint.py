@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from gptq_random import cpu_int4_kernels
 from paged_runner import PagedRunner
 from safetensors.torch import load_file, save_file
 from text_generation_server.distributed import init_distributed
@@ -101,6 +102,7 @@ def test_reference_kernel_equals_transformers_on_the_dequantized_weights(dequant
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_cpu_int4_kernel_reproduces_gptqmodels_own_tokens_and_logits(prompt):
+    # The same bf16 arithmetic as GPTQModel's CPU kernel, so the same values.
     model = served("cpu-int4pack-bf16")
     assert model.kernel == "cpu-int4pack-bf16"
     logits, tokens = greedy(model, prompt_ids(prompt), len(EXPECTED[prompt]))
@@ -112,9 +114,10 @@ def test_cpu_int4_kernel_reproduces_gptqmodels_own_tokens_and_logits(prompt):
     torch.testing.assert_close(top.values, expected_values, atol=2e-3, rtol=0)
 
 
+@pytest.mark.parametrize("kernel", ["gptq-reference", *cpu_int4_kernels()[1:]])
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_reference_kernel_agrees_with_gptqmodel_on_the_first_token(prompt):
-    logits, tokens = greedy(served("gptq-reference"), prompt_ids(prompt), 1)
+def test_float_accurate_kernels_agree_with_gptqmodel_on_the_first_token(prompt, kernel):
+    logits, tokens = greedy(served(kernel), prompt_ids(prompt), 1)
     assert tokens[0] == EXPECTED[prompt][0]
     expected_values = torch.tensor([v for _, v in EXPECTED[prompt + " [top5]"]])
     # fp32 activations vs GPTQModel's bf16: close, not equal.

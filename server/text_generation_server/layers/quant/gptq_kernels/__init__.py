@@ -1,8 +1,9 @@
 """GPTQ kernels and the once-per-layer choice between them.
 
-Preference order per device: CUDA -> Triton, CPU -> torch's int4 packed
-matmul; the dequantize-then-matmul reference takes whatever the fast kernel
-refuses, so a constraint never stops a model from loading.
+Preference order per device: CUDA -> Triton; CPU -> the native AVX2 kernel,
+then torch's int4 packed matmul; the dequantize-then-matmul reference takes
+whatever the fast kernels refuse, so a constraint never stops a model from
+loading.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from text_generation_server.layers.quant.gptq_kernels.base import (
     GPTQWeights,
 )
 from text_generation_server.layers.quant.gptq_kernels.cpu_int4 import CpuInt4Kernel
+from text_generation_server.layers.quant.gptq_kernels.cpu_native import CpuInt4NativeKernel
 from text_generation_server.layers.quant.gptq_kernels.reference import ReferenceKernel
 from text_generation_server.layers.quant.gptq_kernels.triton_kernel import TritonKernel
 
@@ -28,7 +30,7 @@ __all__ = [
 ]
 
 KERNELS: dict[str, type[GPTQKernel]] = {
-    k.name: k for k in (TritonKernel, CpuInt4Kernel, ReferenceKernel)
+    k.name: k for k in (TritonKernel, CpuInt4NativeKernel, CpuInt4Kernel, ReferenceKernel)
 }
 
 
@@ -40,7 +42,7 @@ def kernel_names() -> list[str]:
 def _preferred(device: torch.device) -> list[type[GPTQKernel]]:
     if device.type == "cuda":
         return [TritonKernel, ReferenceKernel]
-    return [CpuInt4Kernel, ReferenceKernel]
+    return [CpuInt4NativeKernel, CpuInt4Kernel, ReferenceKernel]
 
 
 def build_kernel(

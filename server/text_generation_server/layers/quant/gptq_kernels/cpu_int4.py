@@ -18,6 +18,8 @@ padded to match, unless the layout is the checkpoint's own order.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -40,44 +42,46 @@ def _padded_size(counts: torch.Tensor, kg: int) -> int:
     return int(((counts + kg - 1) // kg * kg).sum())
 
 
-def choose_kernel_group(counts: torch.Tensor) -> tuple[int, int]:
+def choose_kernel_group(
+    counts: torch.Tensor, sizes: tuple[int, ...] = KERNEL_GROUP_SIZES
+) -> tuple[int, int]:
     """The kernel group size needing the fewest padded features (larger wins ties), and that count."""
-    best = min(KERNEL_GROUP_SIZES, key=lambda kg: (_padded_size(counts, kg), -kg))
+    best = min(sizes, key=lambda kg: (_padded_size(counts, kg), -kg))
     return best, _padded_size(counts, best)
 
 
-class CpuInt4Kernel(GPTQKernel):
-    name = "cpu-int4pack-bf16"
+@dataclass
+class SortedLayout:
+    """A layer's 4-bit codes with input features sorted by group and groups padded to one size.
+
+    ``codes [N, K_pad]`` holds the codes of feature ``source[j]`` in column ``j``
+    (``source == K``: a zero-activation padding column, code 8 = 0 after
+    ``(q - 8)``); kernel group ``j`` covers columns ``[j * group_size, (j+1) *
+    group_size)`` and takes scale/zero row ``groups[j]`` of the checkpoint.
+    """
+
+    codes: torch.Tensor  # int32 [N, K_pad]
+    zeros: torch.Tensor  # int32 [G, N]
+    scales: torch.Tensor  # float32 [G, N]
+    groups: torch.Tensor  # int64 [K_pad / group_size]
+    source: torch.Tensor | None  # int32 [K_pad] gather building the input, None: checkpoint order
+    group_size: int
+    in_features: int
+    out_features: int
+    padded_in: int
+
+    @property
+    def pad(self) -> int:
+        return self.padded_in - self.in_features
 
     @classmethod
-    def unsupported(cls, weights: GPTQWeights, device: torch.device) -> str | None:
-        if device.type != "cpu":
-            return f"runs on the CPU only, not {device.type}"
-        if weights.bits != 4:
-            return f"packs 4-bit weights only, not {weights.bits}-bit"
-        if not _ops_available():
-            return f"torch {torch.__version__} lacks _weight_int4pack_mm_for_cpu"
-        if weights.in_features == 0 or weights.out_features == 0:
-            return "the layer is empty on this rank"
-        counts = torch.bincount(weights.g_idx.to(torch.int64), minlength=weights.num_groups)
-        _, padded = choose_kernel_group(counts)
-        k = weights.in_features
-        if padded > k * (1 + MAX_PADDING):
-            return (
-                f"its group layout would need {padded} padded input features for {k} "
-                f"(limit {int(k * (1 + MAX_PADDING))})"
-            )
-        return None
-
-    def __init__(self, weights: GPTQWeights) -> None:
+    def build(cls, weights: GPTQWeights, sizes: tuple[int, ...] = KERNEL_GROUP_SIZES) -> SortedLayout:
         codes, zeros = weights.unpack()  # [N, K], [G, N]
         n, k = codes.shape
         g_idx = weights.g_idx.to(torch.int64)
         counts = torch.bincount(g_idx, minlength=weights.num_groups)
-        kg, k_pad = choose_kernel_group(counts)
+        kg, k_pad = choose_kernel_group(counts, sizes)
         order = torch.argsort(g_idx, stable=True)
-
-        # source column of each padded feature (k = an all-zero column) and group of each kernel group
         source = torch.full((k_pad,), k, dtype=torch.int64)
         kernel_group_of: list[int] = []
         pos, start = 0, 0
@@ -89,38 +93,83 @@ class CpuInt4Kernel(GPTQKernel):
             kernel_group_of += [group] * blocks
             pos += blocks * kg
             start += count
-        self.group_size = kg
-        self.in_features, self.out_features = k, n
-        self.padded_in = k_pad
+        with_zero_column = torch.cat([codes, torch.full((n, 1), 8, dtype=torch.int32)], 1)
         identity = torch.equal(source[:k], torch.arange(k))
-        # None: the checkpoint's order; else the gather that builds the kernel's input.
-        self.source: torch.Tensor | None = None if identity else source.to(torch.int32)
-        self.pad = k_pad - k
+        return cls(
+            codes=with_zero_column[:, source],
+            zeros=zeros,
+            scales=weights.scales.to(torch.float32),
+            groups=torch.tensor(kernel_group_of, dtype=torch.int64),
+            source=None if identity else source.to(torch.int32),
+            group_size=kg,
+            in_features=k,
+            out_features=n,
+            padded_in=k_pad,
+        )
 
+    def kernel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [T, K]`` permuted and padded to the sorted ``[T, K_pad]`` layout."""
+        if self.source is not None:
+            return F.pad(x, (0, 1)).index_select(-1, self.source)
+        if self.pad:
+            return F.pad(x, (0, self.pad))
+        return x
+
+
+def _common_unsupported(weights: GPTQWeights, device: torch.device, sizes: tuple[int, ...]) -> str | None:
+    if device.type != "cpu":
+        return f"runs on the CPU only, not {device.type}"
+    if weights.bits != 4:
+        return f"packs 4-bit weights only, not {weights.bits}-bit"
+    if weights.in_features == 0 or weights.out_features == 0:
+        return "the layer is empty on this rank"
+    counts = torch.bincount(weights.g_idx.to(torch.int64), minlength=weights.num_groups)
+    _, padded = choose_kernel_group(counts, sizes)
+    k = weights.in_features
+    if padded > k * (1 + MAX_PADDING):
+        return (
+            f"its group layout would need {padded} padded input features for {k} "
+            f"(limit {int(k * (1 + MAX_PADDING))})"
+        )
+    return None
+
+
+class CpuInt4Kernel(GPTQKernel):
+    name = "cpu-int4pack-bf16"
+
+    @classmethod
+    def unsupported(cls, weights: GPTQWeights, device: torch.device) -> str | None:
+        if not _ops_available():
+            return f"torch {torch.__version__} lacks _weight_int4pack_mm_for_cpu"
+        return _common_unsupported(weights, device, KERNEL_GROUP_SIZES)
+
+    def __init__(self, weights: GPTQWeights) -> None:
+        layout = SortedLayout.build(weights)
+        self.layout = layout
+        n, k_pad = layout.out_features, layout.padded_in
+        self.group_size = layout.group_size
+        self.in_features, self.out_features = layout.in_features, n
+        self.padded_in, self.pad = layout.padded_in, layout.pad
         n_pad = -(-n // _N_MULTIPLE) * _N_MULTIPLE
         # Padded rows get zero scales and offsets; padded columns meet zero activations.
         padded_codes = torch.full((n_pad, k_pad), 8, dtype=torch.int32)
-        with_zero_column = torch.cat([codes, torch.full((n, 1), 8, dtype=torch.int32)], 1)
-        padded_codes[:n] = with_zero_column[:, source]
+        padded_codes[:n] = layout.codes
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded_codes, 1)
-        groups = torch.tensor(kernel_group_of, dtype=torch.int64)
-        scales = weights.scales.to(torch.float32)[groups]  # [K_pad / kg, N]
-        offsets = scales * (8 - zeros.to(torch.float32)[groups])
-        scales_and_offsets = torch.zeros(len(groups), n_pad, 2)
+        scales = layout.scales[layout.groups]  # [K_pad / kg, N]
+        offsets = scales * (8 - layout.zeros.to(torch.float32)[layout.groups])
+        scales_and_offsets = torch.zeros(len(layout.groups), n_pad, 2)
         scales_and_offsets[:, :n, 0] = scales
         scales_and_offsets[:, :n, 1] = offsets
         self.scales_and_offsets = scales_and_offsets.to(torch.bfloat16).contiguous()
-
-    def _kernel_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.source is not None:
-            x = F.pad(x, (0, 1)).index_select(-1, self.source)
-        elif self.pad:
-            x = F.pad(x, (0, self.pad))
-        return x.to(torch.bfloat16).contiguous()
+        self.source = layout.source
+        layout.codes = layout.zeros = layout.scales = torch.empty(0)  # only the packed copy stays
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            self._kernel_input(x), self.packed, self.group_size, self.scales_and_offsets
+            self.layout.kernel_input(x).to(torch.bfloat16).contiguous(),
+            self.packed,
+            self.group_size,
+            self.scales_and_offsets,
         )
         if y.shape[-1] != self.out_features:
             y = y[..., : self.out_features].contiguous()
