@@ -1,9 +1,10 @@
-"""The LM head's kernels: ``dense`` is exact, ``half`` stays within 16-bit rounding of it.
+"""The LM head's kernels: ``dense`` is exact, ``half`` and ``int8`` stay within their rounding of it.
 
 The ``half`` head multiplies a few rows through an fp16 copy of the weight
-and many rows through a bf16 copy; both must give the dense head's logits to
-the precision of those formats, pick the same clear winner, and be chosen
-(or refused) as the model's quantization and ``LM_HEAD_KERNEL`` say.
+and many rows through a bf16 copy; ``int8`` through 8-bit codes with one
+scale per 64 features. Each must give the dense head's logits to the
+precision of its format, pick the same clear winner, and be chosen (or
+refused) as the model's quantization, the CPU and ``LM_HEAD_KERNEL`` say.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from text_generation_server.layers.embedding import (
     HALF_GEMV_MAX_ROWS,
     ParallelLMHead,
     half_head_unsupported,
+    int8_head_unsupported,
 )
 from text_generation_server.models import load_model
 
@@ -63,7 +65,7 @@ def test_the_environment_forces_a_kernel_and_an_unknown_one_is_refused(monkeypat
     monkeypatch.setenv("LM_HEAD_KERNEL", "dense")
     assert head("half").kernel == "dense"
     monkeypatch.setenv("LM_HEAD_KERNEL", "int3")
-    with pytest.raises(ValueError, match=r"LM_HEAD_KERNEL='int3'.*known: dense, half"):
+    with pytest.raises(ValueError, match=r"LM_HEAD_KERNEL='int3'.*known: dense, half, int8"):
         head("dense")
 
 
@@ -84,3 +86,35 @@ def test_a_gptq_model_gets_the_half_head_and_an_unquantized_one_the_dense_head(t
     plain = load_model(tiny_llama, dtype=torch.float32, device=CPU, dist=dist)
     assert gptq.lm_head.kernel == "half"
     assert plain.lm_head.kernel == "dense"
+
+
+needs_int8 = pytest.mark.skipif(
+    int8_head_unsupported(CPU, HIDDEN) is not None, reason=f"int8 LM head: {int8_head_unsupported(CPU, HIDDEN)}"
+)
+
+
+@needs_int8
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_int8_head_matches_the_dense_head_within_8_bit_rounding(rows):
+    hidden = torch.randn(rows, HIDDEN, generator=torch.Generator().manual_seed(rows)) * 2
+    dense, int8 = head("dense"), head("int8")
+    assert (dense.kernel, int8.kernel) == ("dense", "int8")
+    want, got = dense(hidden), int8(hidden)
+    assert got.dtype == torch.float32 and got.shape == (rows, VOCAB)
+    scale = want.abs().amax(-1, keepdim=True)
+    rel = 1e-2  # 8-bit weights: half a step of max|w| / 127 per weight
+    assert float(((got - want).abs() / scale).max()) < rel
+    clear = (want.topk(2).values[:, 0] - want.topk(2).values[:, 1]) > 2 * rel * scale[:, 0]
+    assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+
+
+def test_the_int8_head_names_why_it_cannot_run():
+    assert "CPU only" in int8_head_unsupported(torch.device("cuda"), 64)
+    assert "multiple of 32" in int8_head_unsupported(CPU, 100)
+
+
+@needs_int8
+def test_a_gptq_model_gets_the_int8_head_where_the_half_one_cannot_run(tmp_path, tiny_llama):
+    quantized, _ = write_gptq_checkpoint(tiny_llama, tmp_path / "gptq", group_size=32)
+    gptq = load_model(quantized, dtype=torch.float32, device=CPU, dist=init_distributed(0, 1), quantize="gptq")
+    assert gptq.lm_head.kernel == ("half" if half_head_unsupported(CPU) is None else "int8")

@@ -17,8 +17,15 @@ kernel is chosen once loading is done (:meth:`ParallelLMHead.finish_loading`):
   rows through a bf16 copy (native bf16 dot products). Either copy holds the
   checkpoint's own fp16 values exactly when the checkpoint is fp16, as GPTQ
   checkpoints are.
+- ``int8``: CPU only, where ``half`` cannot run (no native bf16 products) and
+  the native CPU kernels can: a symmetric 8-bit copy of the weight with one
+  scale per 64 (or 32) hidden features, multiplied by activations quantized
+  the same way (``tgs_cpu.int8_linear``): a quarter of the fp32 bytes, logits
+  within about 0.5% of the largest logit's magnitude.
 
-``LM_HEAD_KERNEL`` names the kernel to use instead of the automatic choice.
+A quantized model asks for ``half`` and gets ``int8`` where ``half`` cannot
+run. ``LM_HEAD_KERNEL`` names the kernel to use instead of the automatic
+choice.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from text_generation_server.layers.loading import (
 )
 from text_generation_server.weights import Weights, shard_range
 
-LM_HEAD_KERNELS = ("dense", "half")
+LM_HEAD_KERNELS = ("dense", "half", "int8")
 LM_HEAD_KERNEL_ENV = "LM_HEAD_KERNEL"
 # fp16 matrix-vector products win while the head is memory-bound; beyond this
 # many rows bf16 matrix products do.
@@ -52,6 +59,29 @@ def half_head_unsupported(device: torch.device) -> str | None:
     if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return "this CPU has no native bf16 matrix products"
     return None
+
+
+def int8_head_unsupported(device: torch.device, hidden_size: int) -> str | None:
+    """Why the ``int8`` LM head cannot run, or None."""
+    from text_generation_server.kernels import cpu_ops_status
+
+    if device.type != "cpu":
+        return f"runs on the CPU only, not {device.type}"
+    if hidden_size % 32:
+        return f"needs a hidden size that is a multiple of 32, not {hidden_size}"
+    status = cpu_ops_status()
+    if not status.available:
+        return f"needs the native CPU kernels ({status.reason})"
+    return None
+
+
+def quantize_int8_rows(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 8-bit codes ``[N, K]`` and float32 scales ``[N, K / group_size]`` of ``weight``."""
+    n, k = weight.shape
+    w = weight.detach().float().view(n, k // group_size, group_size)
+    scales = w.abs().amax(-1) / 127.0
+    codes = torch.round(w / scales.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(-1))
+    return codes.clamp(-127, 127).to(torch.int8).view(n, k).contiguous(), scales.contiguous()
 
 
 class VocabParallelEmbedding(torch.nn.Module):
@@ -139,9 +169,10 @@ class ParallelLMHead(torch.nn.Module):
         self.device = device
         self.preferred_kernel = kernel
         self.kernel = "dense"
-        # The ``half`` kernel's copies of the weight, built by finish_loading.
+        # The ``half`` / ``int8`` kernels' copies of the weight, built by finish_loading.
         self._fp16: torch.Tensor | None = None
         self._bf16: torch.Tensor | None = None
+        self._int8: tuple[torch.Tensor, torch.Tensor, int] | None = None
         if tied_to is not None:
             if (tied_to.vocab_size, tied_to.hidden_size) != (vocab_size, hidden_size):
                 raise ValueError(
@@ -167,28 +198,48 @@ class ParallelLMHead(torch.nn.Module):
                 f"{LM_HEAD_KERNEL_ENV}={forced!r} is not an LM head kernel (known: {', '.join(LM_HEAD_KERNELS)})"
             )
         wanted = forced or self.preferred_kernel
-        self.kernel, self._fp16, self._bf16 = "dense", None, None
-        if wanted == "half":
-            why = half_head_unsupported(self.device)
+        self.kernel, self._fp16, self._bf16, self._int8 = "dense", None, None, None
+        rows, hidden = self.weight.shape
+        candidates = [wanted] if forced or wanted != "half" else ["half", "int8"]
+        for kernel in candidates:
+            if kernel == "dense":
+                break
+            why = (
+                half_head_unsupported(self.device)
+                if kernel == "half"
+                else int8_head_unsupported(self.device, hidden)
+            )
             if why is None:
-                self._fp16 = self.weight.detach().to(torch.float16).contiguous()
-                self._bf16 = self.weight.detach().to(torch.bfloat16).contiguous()
-                self.kernel = "half"
-            elif forced:
-                raise ValueError(f"{LM_HEAD_KERNEL_ENV}=half: the half LM head {why}")
-            else:
-                logger.info(f"LM head stays dense: the half kernel {why}")
-        rows = self.weight.shape[0]
-        how = (
-            f"fp16 up to {HALF_GEMV_MAX_ROWS} rows, bf16 above, {2 * rows * self.weight.shape[1] * 2 / 2**20:.0f} MiB"
-            if self.kernel == "half"
-            else str(self.weight.dtype).removeprefix("torch.")
-        )
+                self._build(kernel)
+                break
+            if forced:
+                raise ValueError(f"{LM_HEAD_KERNEL_ENV}={kernel}: the {kernel} LM head {why}")
+            logger.info(f"LM head: the {kernel} kernel {why}")
+        if self.kernel == "half":
+            how = f"fp16 up to {HALF_GEMV_MAX_ROWS} rows, bf16 above, {2 * rows * hidden * 2 / 2**20:.0f} MiB"
+        elif self.kernel == "int8" and self._int8 is not None:
+            how = f"8-bit, one scale per {self._int8[2]} features, {rows * hidden / 2**20:.0f} MiB"
+        else:
+            how = str(self.weight.dtype).removeprefix("torch.")
         logger.info(f"LM head kernel: {self.kernel} ({how}; {rows} vocabulary rows on this rank)")
+
+    def _build(self, kernel: str) -> None:
+        if kernel == "half":
+            self._fp16 = self.weight.detach().to(torch.float16).contiguous()
+            self._bf16 = self.weight.detach().to(torch.bfloat16).contiguous()
+        else:
+            group = 64 if self.weight.shape[1] % 64 == 0 else 32
+            codes, scales = quantize_int8_rows(self.weight, group)
+            self._int8 = (codes, scales, group)
+        self.kernel = kernel
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, hidden]`` -> ``[N, vocab_size]`` float32 logits, identical on every rank."""
-        if self.kernel == "half" and self._fp16 is not None and self._bf16 is not None:
+        if self.kernel == "int8" and self._int8 is not None:
+            codes, scales, group = self._int8
+            x = hidden.to(torch.float32).contiguous()
+            logits = torch.ops.tgs_cpu.int8_linear(x, codes, scales, group)
+        elif self.kernel == "half" and self._fp16 is not None and self._bf16 is not None:
             if hidden.shape[0] <= HALF_GEMV_MAX_ROWS:
                 logits = F.linear(hidden.to(torch.float16), self._fp16).float()
             else:
