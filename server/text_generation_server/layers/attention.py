@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from loguru import logger
 
+from text_generation_server.kernels import cpu_ops_status
+from text_generation_server.layers.fused import native_ops
+
 
 @dataclass
 class AttentionMetadata:
@@ -51,7 +54,7 @@ class AttentionMetadata:
     @property
     def is_decode(self) -> bool:
         """Every sequence adds exactly one token."""
-        return all(q == 1 for q in self.query_lens)
+        return self.memo("is_decode", lambda: all(q == 1 for q in self.query_lens))
 
     @property
     def is_prefill(self) -> bool:
@@ -263,9 +266,46 @@ class TorchSDPABackend(AttentionBackend):
         return out.squeeze(2)
 
 
+class CpuPagedDecodeBackend(TorchSDPABackend):
+    """Decode steps in one native operator per layer, reading keys/values in place.
+
+    When every sequence adds one token and the tensors are float32, the new
+    keys/values are stored with ``tgs_cpu.write_kv_`` and each sequence's query
+    attends to its context straight from its cache blocks with
+    ``tgs_cpu.paged_attention_decode`` (no gathered copy of the context).
+    Prefills and anything else take the SDPA path.
+    """
+
+    name = "native paged decode (CPU), torch-sdpa for prefill"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        ops = native_ops(q, k, v, k_cache, v_cache) if attn.is_decode else None
+        if ops is None or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            return super().forward(q, k, v, k_cache, v_cache, attn, scale)
+        ops.write_kv_(k, v, k_cache, v_cache, attn.slot_mapping)
+        return ops.paged_attention_decode(
+            q, k_cache, v_cache, attn.block_tables, attn.context_lens, scale
+        )
+
+
 def select_attention_backend(device: torch.device) -> AttentionBackend:
     """The attention implementation for ``device``; called once per model and logged."""
-    backend = TorchSDPABackend()
+    backend: AttentionBackend = TorchSDPABackend()
+    if device.type == "cpu":
+        status = cpu_ops_status()
+        if status.available:
+            backend = CpuPagedDecodeBackend()
+        else:
+            logger.info(f"Native CPU kernels not used: {status.reason}")
     if device.type == "cuda":
         logger.info(
             f"Attention backend: {backend.name} on {device} (no fused paged CUDA kernel is built in)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from text_generation_server.layers.fused import add_rms_norm_, rms_norm
 from text_generation_server.layers.loading import replicated_weight_loader, set_weight_attrs
 
 
@@ -19,11 +20,11 @@ class RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
         set_weight_attrs(self.weight, weight_loader=replicated_weight_loader, shard_ids=(None,))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        variance = x32.pow(2).mean(-1, keepdim=True)
-        return self.weight * (x32 * torch.rsqrt(variance + self.eps)).to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The norm of ``x``; with ``residual``, first ``residual += x`` (in place) and the norm of that."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return add_rms_norm_(x, residual, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

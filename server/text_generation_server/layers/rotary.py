@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from text_generation_server.layers.fused import rotate_half_
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -95,7 +97,9 @@ class RotaryEmbedding(torch.nn.Module):
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x [T, heads, head_dim]`` with cos/sin from :meth:`cos_sin`."""
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        """Rotate ``x [T, heads, head_dim]`` with cos/sin from :meth:`cos_sin`.
+
+        May rotate ``x`` in place (see :func:`~text_generation_server.layers.fused.rotate_half_`);
+        use the returned tensor.
+        """
+        return rotate_half_(x, cos, sin)

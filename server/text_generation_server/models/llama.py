@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from loguru import logger
 
 from text_generation_server.distributed import Distributed
@@ -22,6 +21,7 @@ from text_generation_server.layers.attention import (
     select_attention_backend,
 )
 from text_generation_server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from text_generation_server.layers.fused import silu_mul
 from text_generation_server.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -139,8 +139,7 @@ class LlamaMLP(torch.nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.gate_up_proj.output_sizes, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x), self.gate_up_proj.output_sizes))
 
 
 class LlamaDecoderLayer(torch.nn.Module):
@@ -155,13 +154,17 @@ class LlamaDecoderLayer(torch.nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
+        residual: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         attn: AttentionMetadata,
     ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, attn)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        """The layer's MLP output; ``residual`` (the stream before it) gains ``hidden`` and
+        the attention output, in place. The layer's output is ``residual + returned``."""
+        x = self.input_layernorm(hidden, residual)
+        x = self.post_attention_layernorm(self.self_attn(x, cos, sin, kv_cache, attn), residual)
+        return self.mlp(x)
 
 
 class LlamaModel(torch.nn.Module):
@@ -280,11 +283,14 @@ class LlamaForCausalLM(CausalLM):
     ) -> torch.Tensor:
         if len(kv_caches) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} KV cache layers, got {len(kv_caches)}")
-        hidden = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary.cos_sin(positions, hidden.dtype)
+        residual = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(positions, residual.dtype)
+        # Each layer adds its input to the residual stream as its first step (fused with the
+        # norm), so layer 0 starts from a zero addend.
+        hidden = torch.zeros_like(residual)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            hidden = layer(hidden, cos, sin, kv_cache, attn)
-        return self.model.norm(hidden)
+            hidden = layer(hidden, residual, cos, sin, kv_cache, attn)
+        return self.model.norm(hidden, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
