@@ -148,6 +148,30 @@ class ServerProcess:
             top=[[[(x.text, x.logprob) for x in t.top_tokens] for t in r.tokens] for r in reply.responses],
         )
 
+    def sample(self, prompts: list[str], new_tokens: int, seed: int, timeout: float = 900) -> Greedy:
+        """``new_tokens`` sampled tokens per prompt (temperature 0.8, top-k 50, top-p 0.9, ``seed``)
+        in one batched Generate, with each token's logprob and the top-2 alternatives."""
+        from text_generation_server.pb.fmaas import generation_pb2 as pb
+        from text_generation_server.pb.fmaas import generation_pb2_grpc
+
+        request = pb.BatchedGenerationRequest(
+            model_id="any",
+            requests=[pb.GenerationRequest(text=p) for p in prompts],
+            params=pb.Parameters(
+                method=pb.SAMPLE,
+                sampling=pb.SamplingParameters(temperature=0.8, top_k=50, top_p=0.9, seed=seed),
+                stopping=pb.StoppingCriteria(max_new_tokens=new_tokens, min_new_tokens=new_tokens),
+                response=pb.ResponseOptions(generated_tokens=True, token_logprobs=True, top_n_tokens=2),
+            ),
+        )
+        with grpc.insecure_channel(self.address) as channel:
+            reply = generation_pb2_grpc.GenerationServiceStub(channel).Generate(request, timeout=timeout)
+        return Greedy(
+            tokens=[[t.text for t in r.tokens] for r in reply.responses],
+            logprobs=[[t.logprob for t in r.tokens] for r in reply.responses],
+            top=[[[(x.text, x.logprob) for x in t.top_tokens] for t in r.tokens] for r in reply.responses],
+        )
+
     def tgis(self, calls: list[dict]) -> list[dict]:
         """Run calls through a client generated from the published TGIS proto (a subprocess)."""
         out = subprocess.run(

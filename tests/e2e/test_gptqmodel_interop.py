@@ -9,6 +9,9 @@ installing GPTQModel into the project venv would replace torch):
 - a checkpoint written by GPTQModel serves with ``--quantize gptq`` and gives
   the same greedy text as GPTQModel on it.
 
+"The same" up to the two sides' arithmetic: a first difference is allowed
+only where our top-2 log-probabilities are within GPTQModel's bf16 noise.
+
 Without the peer the tests skip, naming the make target; CI sets
 ``REQUIRE_GPTQMODEL_PEER=1`` so a missing peer fails instead.
 """
@@ -84,6 +87,12 @@ def served_greedy_texts(checkpoint: Path, tmp: Path) -> dict[str, dict]:
     return dict(zip(PROMPTS, result["response"]["responses"], strict=True))
 
 
+# GPTQModel's CPU kernel multiplies in bf16 (8-bit mantissas); ours is float-accurate. On
+# this tiny random model the logits then differ by up to a few hundredths, so a token may
+# flip where the top two are that close, and only there.
+BF16_NEAR_TIE = 0.1
+
+
 def assert_same_greedy(checkpoint: Path, ours: dict[str, dict], peer_tokens: dict[str, list]) -> None:
     tok = AutoTokenizer.from_pretrained(checkpoint)
     # Not a vacuous match: the generations are more than an immediate end of sequence.
@@ -91,22 +100,26 @@ def assert_same_greedy(checkpoint: Path, ours: dict[str, dict], peer_tokens: dic
     for prompt in PROMPTS:
         peer_ids = peer_tokens[prompt]
         assert peer_ids, f"GPTQModel generated nothing for {prompt!r}"
-        expected = tok.decode(peer_ids, skip_special_tokens=True)
-        got = ours[prompt].get("text", "")
-        if got != expected:
-            # Same integer weights on both sides: only a near-tie may flip a token.
-            steps = ours[prompt].get("tokens", [])
-            gaps = [
-                abs(s["topTokens"][0]["logprob"] - s["topTokens"][1]["logprob"])
-                for s in steps
-                if len(s.get("topTokens", [])) > 1
-            ]
-            raise AssertionError(
-                f"{prompt!r}: ours {got!r} != GPTQModel {expected!r}; "
-                f"smallest top-2 logprob gap on our side {min(gaps, default=float('nan')):.2e}"
-            )
         # The first step's choice is the peer's top-1 logit.
         assert peer_tokens[prompt + " [top5]"][0][0] == peer_ids[0]
+        expected = tok.decode(peer_ids, skip_special_tokens=True)
+        if ours[prompt].get("text", "") == expected:
+            continue
+        # Same integer weights on both sides: the first difference must be a near-tie of ours,
+        # with the peer's token as our runner-up.
+        steps = ours[prompt].get("tokens", [])
+        theirs = tok.convert_ids_to_tokens(peer_ids)
+        mine = [s.get("text", "") for s in steps]
+        i = next((j for j, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b), min(len(mine), len(theirs)))
+        assert i < len(steps), f"{prompt!r}: ours {mine} vs GPTQModel {theirs}: one stops early"
+        top = steps[i].get("topTokens", [])
+        assert len(top) > 1, steps[i]
+        gap = abs(top[0]["logprob"] - top[1]["logprob"])
+        assert gap < BF16_NEAR_TIE and theirs[i] in [t.get("text") for t in top[:2]], (
+            f"{prompt!r}: token {i} is {mine[i]!r} for us and {theirs[i]!r} for GPTQModel, "
+            f"but our top-2 gap there is {gap:.3f} (our top 2: {top[:2]})"
+        )
+        print(f"near-tie: {prompt!r} token {i}: ours {mine[i]!r}, GPTQModel {theirs[i]!r}, top-2 gap {gap:.3f}")
 
 
 @pytest.fixture(scope="module")

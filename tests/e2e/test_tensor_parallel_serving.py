@@ -7,6 +7,10 @@ same greedy tokens as one shard, and the same first-step log-probabilities
 differ only where one shard's own top-2 log-probabilities (whose gap equals
 the logit gap) are within 1e-3: a near-tie that summation order can flip.
 One server per shard count, all prompts in one call, one server at a time.
+
+Seeded sampling (temperature, top-k, top-p) must give the same tokens on
+every shard count too: the router sends each request's seed to every rank,
+so all ranks draw the same numbers from the same distribution.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class Served:
     logprobs: list[list[float]]  # per prompt, logprob of each generated token
     top: list[list[list[tuple[str, float]]]]  # per prompt, per step, the top-N (text, logprob)
     log: str
+    sampled: list[list[str]]  # per prompt, tokens of a seeded sampling run
+    sampled_logprobs: list[list[float]]
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +66,12 @@ def served(tmp_path_factory) -> dict[int, Served]:
         try:
             answer = server.greedy(PROMPTS, NEW_TOKENS, TOP_N, timeout=600)
             tokens, logprobs, top = answer.tokens, answer.logprobs, answer.top
+            sampled = server.sample(PROMPTS[:3], NEW_TOKENS, seed=1234, timeout=600)
         finally:
             code = server.stop()
         log = server.log_path.read_text(errors="replace")
         assert code == 0, server.log_tail()
-        results[n] = Served(tokens, logprobs, top, log)
+        results[n] = Served(tokens, logprobs, top, log, sampled.tokens, sampled.logprobs)
     return results
 
 
@@ -121,6 +128,20 @@ def test_chosen_token_logprobs_agree_until_any_divergence(served, n):
         stop = NEW_TOKENS if stop is None else stop
         for i in range(stop):
             assert abs(one.logprobs[p][i] - many.logprobs[p][i]) <= LOGPROB_ATOL, (n, PROMPTS[p], i)
+
+
+@pytest.mark.parametrize("n", SHARD_COUNTS[1:])
+def test_seeded_sampling_draws_the_same_tokens_on_every_shard_count(served, n):
+    one, many = served[1], served[n]
+    for p in range(len(one.sampled)):
+        assert len(many.sampled[p]) == NEW_TOKENS
+        # A draw landing within ~1e-6 of a probability boundary could flip a token; with
+        # 72 draws that is far rarer than any real divergence between ranks.
+        assert many.sampled[p] == one.sampled[p], (n, PROMPTS[p], one.sampled[p], many.sampled[p])
+        for a, b in zip(one.sampled_logprobs[p], many.sampled_logprobs[p], strict=True):
+            assert abs(a - b) <= LOGPROB_ATOL
+    # The seed matters: sampling is not greedy decoding in disguise.
+    assert any(one.sampled[p] != one.tokens[p] for p in range(len(one.sampled)))
 
 
 def test_the_greedy_answer_is_still_paris_on_every_shard_count(served):
