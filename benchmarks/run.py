@@ -95,6 +95,7 @@ def quantize_default_model(workdir: Path, threads: int) -> tuple[Path | None, st
     server = Path(sys.executable).parent / "text-generation-server"
     tmp = GPTQ_CACHE.with_name(GPTQ_CACHE.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)  # a fresh clone has no .cache/bench yet
     log = workdir / "quantize.log"
     cmd = [str(server), "quantize", "default", str(tmp), *QUANTIZE_ARGS]
     logger.info(f"No cached GPTQ checkpoint; quantizing the default model once ({' '.join(QUANTIZE_ARGS)}), "
