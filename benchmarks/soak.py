@@ -10,23 +10,27 @@ RSS (RssAnon) of the router and of each shard from /proc and the KV blocks in
 use from the router's /metrics.
 
 Pass criteria (exit 1 otherwise): after the first third of the run (warm-up),
-no process's private memory grows by more than ``--max-growth-mib``; the KV
-cache is empty once the load stops; the p50 latency of the last third is
-within ``--max-latency-ratio`` of the first third's; every error code is one
-the request mix expects. Prints the figures either way.
+no process's private memory grows by more than ``--max-growth-mib``, neither
+while the load runs (the highest sample of the last third) nor once idle;
+the KV blocks in use during the last third stay within what the first
+warm samples saw (steady load holds a steady cache); the cache is empty once
+the load stops; the p50 and p90 latencies of the last third are within
+``--max-latency-ratio`` of the first third's; every error code is one the
+request mix expects. Prints the figures either way, and writes them as JSON
+with ``--out``.
 
-Usage: python benchmarks/soak.py [--duration 180] [--concurrency 6] [--num-shard 2]
+Usage: python benchmarks/soak.py [--duration 180] [--concurrency 6] [--num-shard 2] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import random
 import re
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -200,6 +204,7 @@ def main() -> int:
     parser.add_argument("--sample-every", type=float, default=10.0)
     parser.add_argument("--max-growth-mib", type=float, default=64.0)
     parser.add_argument("--max-latency-ratio", type=float, default=2.0)
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures here as JSON")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
@@ -287,35 +292,60 @@ def run(args: argparse.Namespace, proc: subprocess.Popen, grpc_port: int, http_p
 
     failures = []
     warm = [s for s in samples if s[0] >= args.duration / 3] or samples
+    last = [s for s in samples if s[0] >= 2 * args.duration / 3] or warm[-1:]
     baseline = warm[0][1]
-    print("\nprivate memory (MiB): after warm-up -> end of load -> idle")
+    report: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                    "memory_mib": {}, "kv_blocks": {}, "latency_s": [], "outcomes": {}}
+    print("\nprivate memory (MiB): after warm-up -> highest in the last third -> end of load -> idle")
     for name in sorted(pids):
-        peak = max(s[1][name] for s in warm)
+        peak_last = max(s[1][name] for s in last)
         growth = final_mem[name] - baseline[name]
-        print(f"  {name:8s} {baseline[name]:8.1f} -> {warm[-1][1][name]:8.1f} -> {final_mem[name]:8.1f}"
-              f"  (peak {peak:.1f}, growth {growth:+.1f})")
-        if growth > args.max_growth_mib:
-            failures.append(f"{name} private memory grew {growth:.0f} MiB (limit {args.max_growth_mib:.0f})")
+        growth_loaded = peak_last - baseline[name]
+        print(f"  {name:8s} {baseline[name]:8.1f} -> {peak_last:8.1f} -> {warm[-1][1][name]:8.1f} -> "
+              f"{final_mem[name]:8.1f}  (growth under load {growth_loaded:+.1f}, idle {growth:+.1f})")
+        report["memory_mib"][name] = {"after_warmup": baseline[name], "last_third_peak": peak_last,
+                                      "end_of_load": warm[-1][1][name], "idle": final_mem[name]}
+        for what, value in (("under load", growth_loaded), ("once idle", growth)):
+            if value > args.max_growth_mib:
+                failures.append(f"{name} private memory grew {value:.0f} MiB {what} (limit {args.max_growth_mib:.0f})")
+    kv_first = [s[2] for s in warm if s[2] is not None and s[0] < 2 * args.duration / 3]
+    kv_last = [s[2] for s in last if s[2] is not None]
+    if kv_first and kv_last:
+        # Steady load: the cache in use may move with the request mix, not climb.
+        bound = max(kv_first) * 1.5 + 8
+        print(f"KV blocks in use: warm {min(kv_first):.0f}-{max(kv_first):.0f}, last third "
+              f"{min(kv_last):.0f}-{max(kv_last):.0f} (bound {bound:.0f})")
+        report["kv_blocks"].update(warm_max=max(kv_first), last_third_max=max(kv_last))
+        if max(kv_last) > bound:
+            failures.append(f"KV blocks in use climbed to {max(kv_last):.0f} (warm-up at most {max(kv_first):.0f})")
     print(f"KV blocks in use once idle: {kv_idle}")
+    report["kv_blocks"]["idle"] = kv_idle
     if kv_idle not in (None, 0.0):
         failures.append(f"{kv_idle:.0f} KV blocks still in use with no request running")
 
     thirds = [[lat for t0, lat in tally.latencies if (t0 - started) * 3 // args.duration == k] for k in range(3)]
     print("latency of completed generations (s): p50 / p90 / p99 per third of the run")
     for k, values in enumerate(thirds):
-        print(f"  third {k + 1}: n={len(values):5d}  {percentile(values, 0.5):.3f} / "
-              f"{percentile(values, 0.9):.3f} / {percentile(values, 0.99):.3f}")
+        p50, p90, p99 = (percentile(values, q) for q in (0.5, 0.9, 0.99))
+        print(f"  third {k + 1}: n={len(values):5d}  {p50:.3f} / {p90:.3f} / {p99:.3f}")
+        report["latency_s"].append({"n": len(values), "p50": p50, "p90": p90, "p99": p99})
     if thirds[0] and thirds[2]:
-        ratio = statistics.median(thirds[2]) / statistics.median(thirds[0])
-        print(f"  p50 last/first third: {ratio:.2f}")
-        if ratio > args.max_latency_ratio:
-            failures.append(f"p50 latency rose {ratio:.2f}x from the first to the last third")
+        for q in (0.5, 0.9):
+            ratio = percentile(thirds[2], q) / percentile(thirds[0], q)
+            print(f"  p{int(q * 100)} last/first third: {ratio:.2f}")
+            if ratio > args.max_latency_ratio:
+                failures.append(f"p{int(q * 100)} latency rose {ratio:.2f}x from the first to the last third")
     print(f"requests sent: {tally.requests}; outcomes by kind and code:")
     for key, count in sorted(tally.codes.items()):
         print(f"  {key:32s} {count}")
+    report["requests"] = tally.requests
+    report["outcomes"] = dict(sorted(tally.codes.items()))
     if tally.unexpected:
         failures.append(f"{len(tally.unexpected)} unexpected outcomes, first: {tally.unexpected[:3]}")
+    report["failures"] = failures
     print("\nSOAK " + ("PASSED" if not failures else "FAILED:\n  " + "\n  ".join(failures)))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0 if not failures else 1
 
 

@@ -50,6 +50,32 @@ def listening_addresses(port: int) -> list[str]:
     return found
 
 
+def listeners_of(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket process ``pid`` holds in the LISTEN state."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:
+                continue
+            address, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(address)
+            if len(raw) == 4:
+                text = socket.inet_ntop(socket.AF_INET, raw[::-1])
+            else:
+                text = socket.inet_ntop(socket.AF_INET6, b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4)))
+            found.append((text, int(hex_port, 16)))
+    return found
+
+
 def connect_as(uid: int, path: str) -> str:
     """Try to connect to a unix socket as another user; returns 'connected' or the error name."""
     code = (
@@ -101,6 +127,16 @@ def test_shards_are_reachable_only_by_this_user_and_the_store_only_on_loopback(t
             os.chmod(uds_dir, 0o700)
         addresses = listening_addresses(master_port)
         assert addresses and all(a in ("127.0.0.1", "::1") for a in addresses), addresses
+        # Nothing a shard listens on (the store, gloo's own pair sockets, anything else) is
+        # reachable from off the host.
+        shards = [
+            pid for pid in processes_mentioning(server.uds_path)
+            if b"serve" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        ]
+        assert len(shards) == 2, processes_mentioning(server.uds_path)
+        for pid in shards:
+            held = listeners_of(pid)
+            assert all(a in ("127.0.0.1", "::1") or a.startswith("::ffff:127.") for a, _ in held), (pid, held)
     finally:
         assert server.stop() == 0, server.log_tail()
 

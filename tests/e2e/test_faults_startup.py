@@ -193,7 +193,18 @@ def test_a_failing_shard_is_named_in_the_launchers_error(tiny_llama, tmp_path):
     assert any("launcher" in line and "shard" in line and "start-up" in line for line in errors), errors
 
 
-@pytest.mark.parametrize("flag", ["--grpc-port", "--master-port"])
+def test_a_kv_cache_larger_than_memory_stops_the_launch_at_warmup(tiny_llama, tmp_path):
+    # Warmup sizes the cache before the router serves: the shortfall shows at start, with numbers.
+    result = launch_and_wait(tmp_path, ["--model-id", str(tiny_llama), "--max-batch-total-tokens", "4000000000"])
+    assert result.code != 0, result.log
+    assert result.seconds < FAIL_WITHIN, result.log
+    for needle in ("KV cache of", "GiB", "--max-batch-total-tokens"):
+        assert needle in result.log, (needle, result.log[-3000:])
+    assert "Traceback" not in result.log, result.log[-3000:]
+    assert "Ready:" not in result.log
+
+
+@pytest.mark.parametrize("flag", ["--grpc-port", "--master-port", "--port"])
 def test_a_taken_port_is_refused_by_name_before_any_shard_starts(tiny_llama, tmp_path, flag):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -206,6 +217,35 @@ def test_a_taken_port_is_refused_by_name_before_any_shard_starts(tiny_llama, tmp
     assert f"port {port}" in result.log and flag in result.log, result.log
     assert "Starting shard" not in result.log
     assert result.seconds < 20, result.log
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the launcher as another user, which needs root")
+def test_a_cache_directory_the_service_user_cannot_write_is_named(tmp_path):
+    import tempfile
+
+    nobody = 65534
+    # Other users must be able to reach everything but the cache (pytest's tmp dirs are 0700).
+    root = Path(tempfile.mkdtemp(prefix="tgi-cache-perm-"))
+    try:
+        os.chmod(root, 0o755)
+        cache, home, sockets = root / "cache", root / "home", root / "sock"
+        cache.mkdir(mode=0o755)  # root's: nobody may read it, not write it
+        home.mkdir()
+        sockets.mkdir()
+        for d in (home, sockets):
+            os.chown(d, nobody, nobody)
+        argv = [str(LAUNCHER), "--grpc-port", str(free_port()), "--port", str(free_port()),
+                "--master-port", str(free_port()), "--shard-uds-path", str(sockets / "shard")]
+        env = {**os.environ, "HOME": str(home), "TEXT_GENERATION_CACHE": str(cache)}
+        out = subprocess.run(argv, env=env, user=nobody, capture_output=True, timeout=FAIL_WITHIN * 3)
+        log = (out.stdout + out.stderr).decode(errors="replace")
+        assert out.returncode == 1, log
+        assert str(cache) in log, log
+        assert "Traceback" not in log, log
+        assert "Starting shard" not in log
+        assert list(cache.iterdir()) == []
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_an_unusable_cache_directory_is_named_and_leaves_no_partial_checkpoint(tmp_path):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from text_generation_server import kernels
 from text_generation_server.layers import fused
-from text_generation_server.layers.embedding import quantize_int8_rows
+from text_generation_server.layers.embedding import int8_kernel_layout, quantize_int8_rows
 
 pytestmark = pytest.mark.skipif(
     not kernels.cpu_ops_status().available,
@@ -132,26 +132,47 @@ def test_paged_decode_attention_refuses_lengths_beyond_the_block_table():
 
 @pytest.mark.parametrize("n", [1, 5, 49152 // 64 + 3])
 @pytest.mark.parametrize("m", [1, 3, 4, 7])
-def test_int8_linear_equals_the_dequantized_product(m, n):
+@pytest.mark.parametrize("group", [32, 64])
+def test_int8_linear_equals_the_dequantized_product(m, n, group):
     g = gen(6)
     w = torch.randn(n, 576, generator=g)
-    codes, scales = quantize_int8_rows(w, 64)
-    dense = codes.float() * scales.repeat_interleave(64, 1)
+    codes, scales = quantize_int8_rows(w, group)
+    dense = codes.float() * scales.repeat_interleave(group, 1)
     assert (dense - w).abs().max() <= scales.max() / 2 + 1e-6
     x = torch.randn(m, 576, generator=g)
-    got = ops().int8_linear(x, codes, scales, 64)
+    got = ops().int8_linear(x, *int8_kernel_layout(codes, scales), group)[:, :n]
     ref = x @ dense.t()
     # Activations are quantized per 64 features to 16 bits: only the weights' rounding is left.
     assert float((got - ref).norm() / ref.norm()) < 1e-4
 
 
-def test_int4_linear_names_a_bad_group_size():
-    x = torch.zeros(1, 96)
-    q = torch.zeros(4, 48, dtype=torch.uint8)
-    with pytest.raises(RuntimeError, match="multiple of 32"):
-        ops().int4_linear(x, q, torch.zeros(4, 2, dtype=torch.float16), torch.zeros(4, 2, dtype=torch.uint8), 48)
-    with pytest.raises(RuntimeError, match="not a multiple of group_size"):
-        ops().int4_linear(x, q, torch.zeros(4, 1, dtype=torch.float16), torch.zeros(4, 1, dtype=torch.uint8), 64)
+def test_int4_linear_names_what_is_wrong_with_a_layout():
+    def call(group: int, groups: int, rows: int = 4, k: int = 128, meta_rows: int | None = None):
+        ops().int4_linear(
+            torch.zeros(1, k), torch.zeros(rows, k // 4, dtype=torch.int16),
+            torch.zeros((meta_rows or rows) // 4, groups, 6, dtype=torch.int16), group,
+        )
+
+    with pytest.raises(RuntimeError, match="32 or a positive multiple of 64"):
+        call(48, 2)
+    with pytest.raises(RuntimeError, match="multiple of 4"):
+        call(64, 2, rows=6)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        call(32, 3, k=96)
+    with pytest.raises(RuntimeError, match=r"meta must be contiguous int16 \[N / 4, K / group_size, 6\]"):
+        call(64, 2, rows=8, meta_rows=4)
+
+
+def test_pack_meta_lays_four_rows_scales_and_zeros_side_by_side():
+    from text_generation_server.layers.quant.gptq_kernels.cpu_native import pack_meta
+
+    scales = torch.arange(2 * 8, dtype=torch.float16).view(2, 8)  # [G, N]
+    zeros = torch.arange(2 * 8, dtype=torch.int32).view(2, 8) + 100
+    meta = pack_meta(scales, zeros)
+    assert meta.shape == (2, 2, 6)
+    tile, group = 1, 0
+    assert meta[tile, group, :4].view(torch.float16).tolist() == scales[group, 4:8].tolist()
+    assert meta[tile, group, 4:].contiguous().view(torch.uint8).tolist() == zeros[group, 4:8].tolist()
 
 
 def test_fused_helpers_take_the_torch_path_for_other_dtypes():
@@ -205,5 +226,5 @@ def test_int4_dequantize_rebuilds_the_checkpoint_weights_exactly():
 
     weights, dense = random_gptq(320, 48, group_size=64, sym=False)
     kernel = CpuInt4NativeKernel(weights)
-    got = ops().int4_dequantize(kernel.qweight, kernel.scales, kernel.zeros, kernel.group_size)
+    got = ops().int4_dequantize(kernel.qweight, kernel.meta, kernel.group_size)
     torch.testing.assert_close(got, dense, rtol=0, atol=0)

@@ -165,8 +165,9 @@ def cpu_ops_status() -> KernelStatus:
 
 
 def cpu_ops() -> Any | None:
-    """``torch.ops.tgs_cpu`` when the kernels run here, else ``None``."""
-    return torch.ops.tgs_cpu if cpu_ops_status().available else None
+    """``torch.ops.tgs_cpu`` when the kernels run here, else ``None`` (cheap: called per layer)."""
+    status = _status if _status is not None else cpu_ops_status()
+    return torch.ops.tgs_cpu if status.available else None
 
 
 def reset_for_tests() -> None:

@@ -84,6 +84,18 @@ def quantize_int8_rows(weight: torch.Tensor, group_size: int) -> tuple[torch.Ten
     return codes.clamp(-127, 127).to(torch.int8).view(n, k).contiguous(), scales.contiguous()
 
 
+def int8_kernel_layout(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and scales as ``tgs_cpu.int8_linear`` reads them: rows padded to a multiple of 4
+    (zero rows, cut from the output) and scales ``[N / 4, G, 4]``, four rows' side by side."""
+    n, g = scales.shape
+    pad = -n % 4
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad, codes.shape[1])])
+        scales = torch.cat([scales, scales.new_zeros(pad, g)])
+    tiles = scales.view(-1, 4, g).transpose(1, 2).contiguous()
+    return codes.contiguous(), tiles
+
+
 class VocabParallelEmbedding(torch.nn.Module):
     """Embedding rows ``[vocab_start, vocab_end)`` of a ``[vocab_size, hidden]`` table."""
 
@@ -229,7 +241,7 @@ class ParallelLMHead(torch.nn.Module):
             self._bf16 = self.weight.detach().to(torch.bfloat16).contiguous()
         else:
             group = 64 if self.weight.shape[1] % 64 == 0 else 32
-            codes, scales = quantize_int8_rows(self.weight, group)
+            codes, scales = int8_kernel_layout(*quantize_int8_rows(self.weight, group))
             self._int8 = (codes, scales, group)
         self.kernel = kernel
 
@@ -238,7 +250,7 @@ class ParallelLMHead(torch.nn.Module):
         if self.kernel == "int8" and self._int8 is not None:
             codes, scales, group = self._int8
             x = hidden.to(torch.float32).contiguous()
-            logits = torch.ops.tgs_cpu.int8_linear(x, codes, scales, group)
+            logits = torch.ops.tgs_cpu.int8_linear(x, codes, scales, group)[:, : self.weight.shape[0]]
         elif self.kernel == "half" and self._fp16 is not None and self._bf16 is not None:
             if hidden.shape[0] <= HALF_GEMV_MAX_ROWS:
                 logits = F.linear(hidden.to(torch.float16), self._fp16).float()

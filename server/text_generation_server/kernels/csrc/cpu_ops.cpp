@@ -116,107 +116,135 @@ void quantize_groups(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t 
 
 // ---- 4-bit weights --------------------------------------------------------------------
 //
-// Weights, per output row n, blocks of 32 input features: 16 bytes whose low
-// nibbles hold features 0..15 and high nibbles 16..31 (codes q in 0..15), with
-// an fp16 scale s and a zero point z per (row, group): w = s * (q - z). With
+// Weights, per output row n, chunks of 64 input features in 16 little-endian
+// 16-bit words: word j holds the codes (0..15) of features j, 16 + j, 32 + j
+// and 48 + j in its four nibbles, lowest first. Masks and shifts then give
+// four vectors of 16 int16 codes, each matching 16 consecutive activations,
+// without any shuffle. Rows go four at a time; each four-row tile has its
+// scales (fp16) and zero points (uint8) beside it: meta [N / 4, G, 6] int16,
+// per group 4 scales then 4 zero bytes, so a tile reads two sequential streams
+// (codes, meta) and one group's values are one load. w = s * (q - z); with
 // activations x ~ xd * xq per group (int16),
 //   y[m, n] = sum_g s_g * xd_mg * (sum_k q_k xq_k) - s_g * z_g * xs_mg,
 // where xs is the sum of the quantized group, so the zero point cancels
 // exactly what the integer dot product adds. vpmaddwd sums pairs of 16-bit
-// products into 32 bits: a block adds at most 32 * 15 * 32767 per lane.
-
-struct Codes16 {
-  __m256i lo, hi;  // features 0..15 and 16..31 as int16
-};
-
-inline Codes16 unpack16(const uint8_t* p) {
-  const __m128i low = _mm_set1_epi8(0x0F);
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return {_mm256_cvtepu8_epi16(_mm_and_si128(v, low)), _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low))};
-}
+// products into 32 bits: a chunk adds at most 64 * 15 * 32767 per lane.
+// Groups of 32 cover half a chunk (nibbles 0-1 and 2-3).
 
 inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
-struct Int4Args {
-  const int16_t* xq;       // [M, K]
-  const float* xd;         // [M, G]
-  const float* xs;         // [M, G]
-  const uint8_t* qw;       // [N, K / 2]
-  const uint16_t* scales;  // fp16 [N, G]
-  const uint8_t* zeros;    // [N, G]
-  float* y;
-  int64_t ldy, K, G, gs;
+struct Nibbles {
+  __m256i c[4];  // features 0-15, 16-31, 32-47, 48-63 of the chunk as int16
 };
 
-template <int R, int MT>
+inline Nibbles unpack_chunk(const uint16_t* p) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i m = _mm256_set1_epi16(0x000F);
+  return {{_mm256_and_si256(w, m), _mm256_and_si256(_mm256_srli_epi16(w, 4), m),
+           _mm256_and_si256(_mm256_srli_epi16(w, 8), m), _mm256_srli_epi16(w, 12)}};
+}
+
+// Sum of the 8 lanes of each of four vectors: [sum(a0), sum(a1), sum(a2), sum(a3)].
+inline __m128i hsum4(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
+  const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+struct Int4Args {
+  const int16_t* xq;     // [M, K]
+  const float* xd;       // [M, G]
+  const float* xs;       // [M, G]
+  const uint16_t* qw;    // [N, K / 4] words
+  const uint16_t* meta;  // [N / 4, G, 6]: 4 fp16 scales, 4 uint8 zeros
+  float* y;
+  int64_t N, K, G, gs;
+};
+
+inline void tile_meta(const uint16_t* meta, __m128* scales, __m128* zeros) {
+  *scales = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(meta)));
+  uint32_t z4;
+  std::memcpy(&z4, meta + 4, 4);
+  *zeros = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(static_cast<int>(z4))));
+}
+
+// Rows n..n+3 against activation rows m0..m0+MT-1; PARTS groups per 64-feature chunk
+// (2 for groups of 32). Compile-time sizes keep the accumulators in registers.
+template <int MT, int PARTS>
 void int4_tile(const Int4Args& a, int64_t n, int64_t m0) {
-  const int64_t bpg = a.gs / 32;
-  __m256 total[R][MT];
-  float tail[R][MT];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) {
-      total[r][m] = _mm256_setzero_ps();
-      tail[r][m] = 0.f;
-    }
+  const int64_t words = a.K / 4;  // per row
+  __m128 total[MT], tail[MT];
+  for (int m = 0; m < MT; ++m) total[m] = tail[m] = _mm_setzero_ps();
   const int16_t* xq = a.xq + m0 * a.K;
-  const float* xd = a.xd + m0 * a.G;
-  const float* xs = a.xs + m0 * a.G;
-  for (int64_t g = 0; g < a.G; ++g) {
-    __m256i acc[R][MT];
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_si256();
-    for (int64_t bb = 0; bb < bpg; ++bb) {
-      const int64_t b = g * bpg + bb;
-      __m256i x0[MT], x1[MT];
-      for (int m = 0; m < MT; ++m) {
-        x0[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * a.K + b * 32));
-        x1[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * a.K + b * 32 + 16));
-      }
-      for (int r = 0; r < R; ++r) {
-        const Codes16 q = unpack16(a.qw + (n + r) * (a.K / 2) + b * 16);
-        for (int m = 0; m < MT; ++m)
-          acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_add_epi32(_mm256_madd_epi16(q.lo, x0[m]),
-                                                                    _mm256_madd_epi16(q.hi, x1[m])));
+  const uint16_t* meta = a.meta + (n / 4) * a.G * 6;
+  // The next tile's codes, a tile ahead of use: four rows are one contiguous run.
+  const char* next = reinterpret_cast<const char*>(a.qw + (n + 4) * words);
+  if (n + 4 < a.N)
+    for (int64_t off = 0; off < 4 * words * 2; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+  const int64_t chunks = PARTS == 2 ? 1 : a.gs / 64;  // chunks per group
+  int64_t k = 0;  // first feature of the group
+  for (int64_t g = 0; g < a.G; g += PARTS) {
+    __m256i acc[4][MT][PARTS];
+    for (int r = 0; r < 4; ++r)
+      for (int m = 0; m < MT; ++m)
+        for (int part = 0; part < PARTS; ++part) acc[r][m][part] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < chunks; ++c, k += 64) {
+      for (int r = 0; r < 4; ++r) {
+        const Nibbles q = unpack_chunk(a.qw + (n + r) * words + k / 4);
+        for (int m = 0; m < MT; ++m) {
+          const int16_t* x = xq + m * a.K + k;
+          const __m256i p01 = _mm256_add_epi32(
+              _mm256_madd_epi16(q.c[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+              _mm256_madd_epi16(q.c[1], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
+          const __m256i p23 = _mm256_add_epi32(
+              _mm256_madd_epi16(q.c[2], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))),
+              _mm256_madd_epi16(q.c[3], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 48))));
+          if constexpr (PARTS == 2) {
+            acc[r][m][0] = _mm256_add_epi32(acc[r][m][0], p01);
+            acc[r][m][PARTS - 1] = _mm256_add_epi32(acc[r][m][PARTS - 1], p23);
+          } else {
+            acc[r][m][0] = _mm256_add_epi32(acc[r][m][0], _mm256_add_epi32(p01, p23));
+          }
+        }
       }
     }
-    for (int r = 0; r < R; ++r) {
-      const float s = half_to_float(a.scales[(n + r) * a.G + g]);
-      const float sz = s * static_cast<float>(a.zeros[(n + r) * a.G + g]);
+    for (int part = 0; part < PARTS; ++part) {
+      const int64_t gg = g + part;
+      __m128 s, z;
+      tile_meta(meta + gg * 6, &s, &z);
+      const __m128 sz = _mm_mul_ps(s, z);
       for (int m = 0; m < MT; ++m) {
-        total[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][m]), _mm256_set1_ps(s * xd[m * a.G + g]), total[r][m]);
-        tail[r][m] += sz * xs[m * a.G + g];
+        const __m128i dots = hsum4(acc[0][m][part], acc[1][m][part], acc[2][m][part], acc[3][m][part]);
+        const float xd = a.xd[(m0 + m) * a.G + gg], xs = a.xs[(m0 + m) * a.G + gg];
+        total[m] = _mm_fmadd_ps(_mm_cvtepi32_ps(dots), _mm_mul_ps(s, _mm_set1_ps(xd)), total[m]);
+        tail[m] = _mm_fmadd_ps(sz, _mm_set1_ps(xs), tail[m]);
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.ldy + n + r] = hsum(total[r][m]) - tail[r][m];
+  for (int m = 0; m < MT; ++m) _mm_storeu_ps(a.y + (m0 + m) * a.N + n, _mm_sub_ps(total[m], tail[m]));
 }
 
-template <int R, int MT>
-void int4_rows(const Int4Args& a, int64_t n0, int64_t n1, int64_t m0) {
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) int4_tile<R, MT>(a, n, m0);
-  for (; n < n1; ++n) int4_tile<1, MT>(a, n, m0);
+void check_int4(const at::Tensor& qweight, const at::Tensor& meta, int64_t group_size, int64_t K) {
+  TORCH_CHECK(qweight.scalar_type() == at::kShort && qweight.dim() == 2 && qweight.is_contiguous(),
+              "qweight must be contiguous int16 words [N, K / 4]");
+  const int64_t N = qweight.size(0);
+  TORCH_CHECK(N % 4 == 0, "the output features (", N, ") must be a multiple of 4");
+  TORCH_CHECK(K % 64 == 0, "the input features (", K, ") must be a multiple of 64");
+  TORCH_CHECK(qweight.size(1) * 4 == K, "qweight holds ", qweight.size(1) * 4, " features, expected ", K);
+  TORCH_CHECK(group_size == 32 || (group_size % 64 == 0 && group_size >= 64),
+              "group_size must be 32 or a positive multiple of 64, got ", group_size);
+  TORCH_CHECK(K % group_size == 0, "K=", K, " is not a multiple of group_size=", group_size);
+  const int64_t G = K / group_size;
+  TORCH_CHECK(meta.scalar_type() == at::kShort && meta.is_contiguous() && meta.dim() == 3 && meta.size(0) == N / 4 &&
+                  meta.size(1) == G && meta.size(2) == 6,
+              "meta must be contiguous int16 [N / 4, K / group_size, 6]");
 }
 
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                       const at::Tensor& zeros, int64_t group_size) {
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& meta, int64_t group_size) {
   check_cpu_float(x, "x");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [M, K] with contiguous rows");
-  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
-              "qweight must be contiguous uint8 [N, K / 2]");
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
-  TORCH_CHECK(group_size % 32 == 0 && group_size >= 32, "group_size must be a positive multiple of 32, got ",
-              group_size);
-  TORCH_CHECK(K % group_size == 0, "K=", K, " is not a multiple of group_size=", group_size);
-  TORCH_CHECK(qweight.size(1) * 2 == K, "qweight holds ", qweight.size(1) * 2, " features, x has ", K);
+  check_int4(qweight, meta, group_size, K);
   const int64_t G = K / group_size;
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 2 &&
-                  scales.size(0) == N && scales.size(1) == G,
-              "scales must be contiguous float16 [N, K / group_size]");
-  TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.dim() == 2 && zeros.size(0) == N &&
-                  zeros.size(1) == G,
-              "zeros must be contiguous uint8 [N, K / group_size]");
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kShort));
@@ -227,63 +255,50 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   const Int4Args a{xq.data_ptr<int16_t>(),
                    xd.data_ptr<float>(),
                    xs.data_ptr<float>(),
-                   qweight.data_ptr<uint8_t>(),
-                   reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
-                   zeros.data_ptr<uint8_t>(),
+                   reinterpret_cast<const uint16_t*>(qweight.data_ptr<int16_t>()),
+                   reinterpret_cast<const uint16_t*>(meta.data_ptr<int16_t>()),
                    y.data_ptr<float>(),
                    N,
                    K,
                    G,
                    group_size};
-  // Units of 4 rows, so tiles never straddle two threads' ranges.
-  const int64_t units = (N + 3) / 4;
-  at::parallel_for(0, units, 8, [&](int64_t ub, int64_t ue) {
-    const int64_t n0 = ub * 4, n1 = std::min(N, ue * 4);
-    if (M == 1) {
-      int4_rows<4, 1>(a, n0, n1, 0);
-      return;
+  at::parallel_for(0, N / 4, 4, [&](int64_t ub, int64_t ue) {
+    for (int64_t u = ub; u < ue; ++u) {
+      int64_t m = 0;
+      if (group_size == 32) {
+        for (; m < M; ++m) int4_tile<1, 2>(a, u * 4, m);
+      } else {
+        for (; m + 2 <= M; m += 2) int4_tile<2, 1>(a, u * 4, m);
+        for (; m < M; ++m) int4_tile<1, 1>(a, u * 4, m);
+      }
     }
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) int4_rows<2, 4>(a, n0, n1, m);
-    for (; m + 2 <= M; m += 2) int4_rows<2, 2>(a, n0, n1, m);
-    for (; m < M; ++m) int4_rows<4, 1>(a, n0, n1, m);
   });
   return y;
 }
 
 // Dense float32 [N, K] weights from the packed layout (for many-row products,
 // where a float matrix product beats the integer kernel).
-at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-                           int64_t group_size) {
-  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
-              "qweight must be contiguous uint8 [N, K / 2]");
-  const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
-  TORCH_CHECK(group_size % 32 == 0 && group_size >= 32 && K % group_size == 0, "bad group_size ", group_size);
+at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& meta, int64_t group_size) {
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 4;
+  check_int4(qweight, meta, group_size, K);
   const int64_t G = K / group_size;
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.size(0) == N && scales.size(1) == G,
-              "scales must be contiguous float16 [N, K / group_size]");
-  TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.size(0) == N && zeros.size(1) == G,
-              "zeros must be contiguous uint8 [N, K / group_size]");
   at::Tensor w = at::empty({N, K}, qweight.options().dtype(at::kFloat));
-  const uint8_t* qp = qweight.data_ptr<uint8_t>();
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  const uint8_t* zp = zeros.data_ptr<uint8_t>();
+  const uint16_t* qp = reinterpret_cast<const uint16_t*>(qweight.data_ptr<int16_t>());
+  const uint16_t* mp = reinterpret_cast<const uint16_t*>(meta.data_ptr<int16_t>());
   float* wp = w.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n) {
-      for (int64_t blk = 0; blk < K / 32; ++blk) {
-        const int64_t g = blk * 32 / group_size;
-        const __m256 s = _mm256_set1_ps(half_to_float(sp[n * G + g]));
-        const __m256 z = _mm256_set1_ps(static_cast<float>(zp[n * G + g]));
-        const Codes16 q = unpack16(qp + n * (K / 2) + blk * 16);
-        float* out = wp + n * K + blk * 32;
-        const __m256i parts[2] = {q.lo, q.hi};
-        for (int h = 0; h < 2; ++h) {
-          const __m128i lo = _mm256_castsi256_si128(parts[h]), hi = _mm256_extracti128_si256(parts[h], 1);
-          const __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(lo));
-          const __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(hi));
-          _mm256_storeu_ps(out + h * 16, _mm256_mul_ps(_mm256_sub_ps(f0, z), s));
-          _mm256_storeu_ps(out + h * 16 + 8, _mm256_mul_ps(_mm256_sub_ps(f1, z), s));
+      for (int64_t k = 0; k < K; k += 64) {
+        const Nibbles q = unpack_chunk(qp + n * (K / 4) + k / 4);
+        for (int part = 0; part < 4; ++part) {
+          const int64_t g = (k + 16 * part) / group_size;
+          const uint16_t* tm = mp + ((n / 4) * G + g) * 6;
+          const __m256 s = _mm256_set1_ps(half_to_float(tm[n % 4]));
+          const __m256 z = _mm256_set1_ps(static_cast<float>(reinterpret_cast<const uint8_t*>(tm + 4)[n % 4]));
+          const __m128i lo = _mm256_castsi256_si128(q.c[part]), hi = _mm256_extracti128_si256(q.c[part], 1);
+          float* out = wp + n * K + k + 16 * part;
+          _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(lo)), z), s));
+          _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(hi)), z), s));
         }
       }
     }
@@ -293,55 +308,76 @@ at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& scales, 
 
 // ---- 8-bit weights --------------------------------------------------------------------
 //
-// y[m, n] = sum_g ws[n, g] * xd[m, g] * sum_k w_k xq_k with int8 weights
-// sign-extended to 16 bits against int16 activations (vpmaddwd).
+// y[m, n] = sum_g ws[n, g] * xd[m, g] * sum_k w_k xq_k, int8 weights against
+// int16 activations. A 32-byte load of weights read as 16-bit words gives the
+// even features (low bytes, sign-extended by a shift pair) and the odd ones
+// (high bytes, arithmetic shift), so activations are laid out per 32-feature
+// block as its 16 even features then its 16 odd ones. Rows go four at a
+// time, their scales beside each other: [N / 4, G, 4] float32.
 
-struct Int8Args {
-  const int16_t* xq;
-  const float* xd;
-  const int8_t* w;  // [N, K]
-  const float* ws;  // [N, G]
-  float* y;
-  int64_t ldy, K, G, gs;
-};
-
-template <int R, int MT>
-void int8_tile(const Int8Args& a, int64_t n, int64_t m0) {
-  const int64_t bpg = a.gs / 16;
-  __m256 total[R][MT];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) total[r][m] = _mm256_setzero_ps();
-  const int16_t* xq = a.xq + m0 * a.K;
-  const float* xd = a.xd + m0 * a.G;
-  for (int64_t g = 0; g < a.G; ++g) {
-    __m256i acc[R][MT];
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_si256();
-    for (int64_t bb = 0; bb < bpg; ++bb) {
-      const int64_t k = (g * bpg + bb) * 16;
-      __m256i xv[MT];
-      for (int m = 0; m < MT; ++m) xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * a.K + k));
-      for (int r = 0; r < R; ++r) {
-        const __m256i w =
-            _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.w + (n + r) * a.K + k)));
-        for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(w, xv[m]));
+// Rows of x [M, K] to int16 like quantize_groups, each 32-feature block
+// stored evens first (the order the 8-bit kernel reads weights in).
+void quantize_groups_even_odd(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t gs, int16_t* xq,
+                              float* xd) {
+  std::vector<int16_t> plain(static_cast<size_t>(M * K));
+  quantize_groups(x, ldx, M, K, gs, plain.data(), xd, nullptr);
+  at::parallel_for(0, M * (K / 32), 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int16_t* src = plain.data() + i * 32;
+      int16_t* dst = xq + i * 32;
+      for (int j = 0; j < 16; ++j) {
+        dst[j] = src[2 * j];
+        dst[16 + j] = src[2 * j + 1];
       }
     }
-    for (int r = 0; r < R; ++r) {
-      const float s = a.ws[(n + r) * a.G + g];
-      for (int m = 0; m < MT; ++m)
-        total[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][m]), _mm256_set1_ps(s * xd[m * a.G + g]), total[r][m]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.ldy + n + r] = hsum(total[r][m]);
+  });
 }
 
-template <int R, int MT>
-void int8_rows(const Int8Args& a, int64_t n0, int64_t n1, int64_t m0) {
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) int8_tile<R, MT>(a, n, m0);
-  for (; n < n1; ++n) int8_tile<1, MT>(a, n, m0);
+struct Int8Args {
+  const int16_t* xq;  // [M, K], blocks of 32 as evens then odds
+  const float* xd;    // [M, G]
+  const int8_t* w;    // [N, K]
+  const float* ws;    // [N / 4, G, 4]
+  float* y;
+  int64_t N, K, G, gs;
+};
+
+template <int MT>
+void int8_tile(const Int8Args& a, int64_t n, int64_t m0) {
+  const int64_t bpg = a.gs / 32;
+  __m128 total[MT];
+  for (int m = 0; m < MT; ++m) total[m] = _mm_setzero_ps();
+  const int16_t* xq = a.xq + m0 * a.K;
+  const float* ws = a.ws + (n / 4) * a.G * 4;
+  const char* next = reinterpret_cast<const char*>(a.w + (n + 4) * a.K);
+  if (n + 4 < a.N)
+    for (int64_t off = 0; off < 4 * a.K; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+  for (int64_t g = 0; g < a.G; ++g) {
+    __m256i acc[4][MT];
+    for (int r = 0; r < 4; ++r)
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_si256();
+    for (int64_t bb = 0; bb < bpg; ++bb) {
+      const int64_t k = (g * bpg + bb) * 32;
+      for (int r = 0; r < 4; ++r) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.w + (n + r) * a.K + k));
+        const __m256i even = _mm256_srai_epi16(_mm256_slli_epi16(w, 8), 8);
+        const __m256i odd = _mm256_srai_epi16(w, 8);
+        for (int m = 0; m < MT; ++m) {
+          const int16_t* x = xq + m * a.K + k;
+          acc[r][m] = _mm256_add_epi32(
+              acc[r][m],
+              _mm256_add_epi32(_mm256_madd_epi16(even, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+                               _mm256_madd_epi16(odd, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16)))));
+        }
+      }
+    }
+    const __m128 s = _mm_loadu_ps(ws + g * 4);
+    for (int m = 0; m < MT; ++m) {
+      const __m128i dots = hsum4(acc[0][m], acc[1][m], acc[2][m], acc[3][m]);
+      total[m] = _mm_fmadd_ps(_mm_cvtepi32_ps(dots), _mm_mul_ps(s, _mm_set1_ps(a.xd[(m0 + m) * a.G + g])), total[m]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) _mm_storeu_ps(a.y + (m0 + m) * a.N + n, total[m]);
 }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t group_size) {
@@ -351,25 +387,28 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
               "weight must be contiguous int8 [N, K]");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(weight.size(1) == K, "weight has ", weight.size(1), " input features, x has ", K);
+  TORCH_CHECK(N % 4 == 0, "the output features (", N, ") must be a multiple of 4");
   TORCH_CHECK(group_size % 32 == 0 && group_size >= 32, "group_size must be a positive multiple of 32");
   TORCH_CHECK(K % group_size == 0, "K=", K, " is not a multiple of group_size=", group_size);
   const int64_t G = K / group_size;
   check_cpu_float(scales, "scales");
-  TORCH_CHECK(scales.is_contiguous() && scales.size(0) == N && scales.size(1) == G, "scales must be [N, K / group_size]");
+  TORCH_CHECK(scales.is_contiguous() && scales.dim() == 3 && scales.size(0) == N / 4 && scales.size(1) == G &&
+                  scales.size(2) == 4,
+              "scales must be contiguous float32 [N / 4, K / group_size, 4]");
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kShort));
   at::Tensor xd = at::empty({M, G}, x.options());
-  quantize_groups(x.data_ptr<float>(), x.stride(0), M, K, group_size, xq.data_ptr<int16_t>(), xd.data_ptr<float>(),
-                  nullptr);
+  quantize_groups_even_odd(x.data_ptr<float>(), x.stride(0), M, K, group_size, xq.data_ptr<int16_t>(),
+                           xd.data_ptr<float>());
   const Int8Args a{xq.data_ptr<int16_t>(), xd.data_ptr<float>(), weight.data_ptr<int8_t>(), scales.data_ptr<float>(),
                    y.data_ptr<float>(), N, K, G, group_size};
-  const int64_t units = (N + 3) / 4;
-  at::parallel_for(0, units, 16, [&](int64_t ub, int64_t ue) {
-    const int64_t n0 = ub * 4, n1 = std::min(N, ue * 4);
-    int64_t m = 0;
-    for (; m + 3 <= M; m += 3) int8_rows<2, 3>(a, n0, n1, m);
-    for (; m < M; ++m) int8_rows<4, 1>(a, n0, n1, m);
+  at::parallel_for(0, N / 4, 16, [&](int64_t ub, int64_t ue) {
+    for (int64_t u = ub; u < ue; ++u) {
+      int64_t m = 0;
+      for (; m + 2 <= M; m += 2) int8_tile<2>(a, u * 4, m);
+      for (; m < M; ++m) int8_tile<1>(a, u * 4, m);
+    }
   });
   return y;
 }
@@ -624,9 +663,8 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
 }  // namespace
 
 TORCH_LIBRARY(tgs_cpu, m) {
-  m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor",
-        &int4_linear);
-  m.def("int4_dequantize(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", &int4_dequantize);
+  m.def("int4_linear(Tensor x, Tensor qweight, Tensor meta, int group_size) -> Tensor", &int4_linear);
+  m.def("int4_dequantize(Tensor qweight, Tensor meta, int group_size) -> Tensor", &int4_dequantize);
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales, int group_size) -> Tensor", &int8_linear);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
   m.def("add_rms_norm_(Tensor x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor", &add_rms_norm_);

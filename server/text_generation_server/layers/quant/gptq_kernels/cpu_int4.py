@@ -107,6 +107,18 @@ class SortedLayout:
             padded_in=k_pad,
         )
 
+    def pad_to(self, multiple: int) -> None:
+        """Append zero-activation columns (one more kernel group each time) until ``padded_in``
+        is a multiple of ``multiple``."""
+        while self.padded_in % multiple:
+            n, kg = self.out_features, self.group_size
+            self.codes = torch.cat([self.codes, torch.full((n, kg), 8, dtype=self.codes.dtype)], 1)
+            self.groups = torch.cat([self.groups, self.groups[-1:]])
+            if self.source is not None:
+                extra = torch.full((kg,), self.in_features, dtype=self.source.dtype)
+                self.source = torch.cat([self.source, extra])
+            self.padded_in += kg
+
     def kernel_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x [T, K]`` permuted and padded to the sorted ``[T, K_pad]`` layout."""
         if self.source is not None:

@@ -4,13 +4,15 @@ Activations are quantized per kernel group to 16 bits and multiplied with
 the 4-bit codes in integer arithmetic (``vpmaddwd``), one fp16 scale and one
 zero point per (row, group) as the checkpoint stores them: within ~3e-5 of
 the float product (torch's bf16 int4 matmul: ~3e-3) and about twice its
-speed for the few rows of a decode step. From :data:`DENSE_FROM_ROWS` rows on
+speed for the few rows of a decode step. Four output rows are computed at
+once, so their group scales and zero points are single vector loads. From :data:`DENSE_FROM_ROWS` rows on
 (prefill) the weights are unpacked to float32 for the call and multiplied by
 a float matrix product instead. The weights are laid
 out once at load with the same group sorting and padding as
 ``cpu-int4pack-bf16`` (act-order, ragged groups, partial groups of a
-row-parallel shard), then packed per output row: 16 bytes per 32 input
-features, low nibbles first.
+row-parallel shard), then packed per output row in 64-feature chunks of
+16-bit words whose four nibbles hold features j, 16+j, 32+j, 48+j (so masks
+and shifts unpack them without shuffles).
 """
 
 from __future__ import annotations
@@ -32,10 +34,23 @@ DENSE_FROM_ROWS = 96
 
 
 def pack_rows(codes: torch.Tensor) -> torch.Tensor:
-    """``[N, K]`` codes 0..15 -> uint8 ``[N, K / 2]``: per 32 features, byte j = q[j] | q[16 + j] << 4."""
+    """``[N, K]`` codes 0..15 -> int16 words ``[N, K / 4]``: per 64 features, word j holds
+    features j, 16 + j, 32 + j and 48 + j in its four nibbles, lowest first."""
     n, k = codes.shape
-    blocks = codes.to(torch.uint8).view(n, k // 32, 2, 16)
-    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    chunks = codes.to(torch.int32).view(n, k // 64, 4, 16)
+    words = chunks[:, :, 0] | (chunks[:, :, 1] << 4) | (chunks[:, :, 2] << 8) | (chunks[:, :, 3] << 12)
+    # int16 holds the 16 bits as they are (values above 32767 wrap to negative).
+    return words.to(torch.int16).reshape(n, k // 4).contiguous()
+
+
+def pack_meta(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """fp16 scales and zero points ``[G, N]`` -> int16 ``[N / 4, G, 6]``: per four-row tile and
+    group, the four scales' bits, then the four zero points as bytes."""
+    g, n = scales.shape
+    s = scales.t().contiguous().view(torch.int16).view(n // 4, 4, g).transpose(1, 2)  # [N/4, G, 4]
+    z = zeros.t().to(torch.int32).contiguous().view(n // 4, 4, g).transpose(1, 2)  # [N/4, G, 4]
+    z_words = (z[..., 0::2] | (z[..., 1::2] << 8)).to(torch.int16)  # little-endian byte pairs
+    return torch.cat([s, z_words], -1).contiguous()
 
 
 class CpuInt4NativeKernel(GPTQKernel):
@@ -46,6 +61,8 @@ class CpuInt4NativeKernel(GPTQKernel):
         why = _common_unsupported(weights, device, GROUP_SIZES)
         if why is not None:
             return why
+        if weights.out_features % 4:
+            return f"multiplies 4 output rows at a time, and {weights.out_features} is not a multiple of 4"
         status = cpu_ops_status()
         if not status.available:
             return f"the native CPU kernels are unavailable ({status.reason})"
@@ -56,17 +73,17 @@ class CpuInt4NativeKernel(GPTQKernel):
         if not status.available:
             raise RuntimeError(f"the native CPU kernels are unavailable ({status.reason})")
         layout = SortedLayout.build(weights, GROUP_SIZES)
+        layout.pad_to(64)  # the kernel reads whole 64-feature chunks
         self.layout = layout
         self.group_size = layout.group_size
         self.in_features, self.out_features = layout.in_features, layout.out_features
         self.padded_in, self.pad = layout.padded_in, layout.pad
         self.qweight = pack_rows(layout.codes)
-        # Per (row, kernel group): the checkpoint's fp16 scale and its zero point.
-        self.scales = weights.scales.to(torch.float16)[layout.groups].t().contiguous()
-        zeros = layout.zeros[layout.groups].t()
+        # Per (kernel group, row): the checkpoint's fp16 scale and its zero point.
+        zeros = layout.zeros[layout.groups]
         if int(zeros.min()) < 0 or int(zeros.max()) > 255:
             raise ValueError("zero points outside 0..255")
-        self.zeros = zeros.to(torch.uint8).contiguous()
+        self.meta = pack_meta(weights.scales.to(torch.float16)[layout.groups], zeros)
         self.source = layout.source
         layout.codes = layout.zeros = layout.scales = torch.empty(0)  # the packed copy is kept
 
@@ -74,14 +91,14 @@ class CpuInt4NativeKernel(GPTQKernel):
         x32 = self.layout.kernel_input(x.to(torch.float32)).contiguous()
         ops = torch.ops.tgs_cpu
         if x32.shape[0] >= DENSE_FROM_ROWS:
-            w = ops.int4_dequantize(self.qweight, self.scales, self.zeros, self.group_size)
+            w = ops.int4_dequantize(self.qweight, self.meta, self.group_size)
             y = F.linear(x32, w)
         else:
-            y = ops.int4_linear(x32, self.qweight, self.scales, self.zeros, self.group_size)
+            y = ops.int4_linear(x32, self.qweight, self.meta, self.group_size)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        held = {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros}
+        held = {"qweight": self.qweight, "meta": self.meta}
         if self.source is not None:
             held["source"] = self.source
         return held
