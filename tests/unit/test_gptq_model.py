@@ -184,3 +184,28 @@ def test_an_act_order_checkpoint_without_g_idx_is_refused_naming_it(checkpoints,
     quantized, _ = checkpoints["g64-act-order-asym"]
     with pytest.raises(CheckpointError, match=r"g_idx"):
         served(_without_g_idx(quantized, tmp_path / "no-g_idx"))
+
+
+@pytest.mark.parametrize("layout", ["g64-act-order-asym", "g32-asym-v2"])
+def test_decode_steps_follow_the_dequantized_model_on_either_path(checkpoints, layout, cpu_kernels):
+    """Decode through the fused native layers (checkpoint order) or the modules (act-order
+    inputs are reordered, the torch path) stays with transformers on the dequantized weights."""
+    from transformers import AutoModelForCausalLM
+
+    quantized, dense = checkpoints[layout]
+    model = load_model(quantized, dtype=torch.float32, device=CPU, dist=init_distributed(0, 1), quantize="gptq")
+    fused = cpu_kernels == "native" and layout == "g32-asym-v2"
+    assert model.decode_path().startswith("fused native" if fused else "per-module"), model.decode_path()
+    ref = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
+    ids = IDS + [7, 200, 31, 5]
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0]
+    runner = PagedRunner(model, block_size=4)
+    runner.step([("a", ids[: len(IDS)])])
+    # The torch path multiplies 4-bit weights by bf16 activations (int4pack), the native one
+    # by 16-bit integers, with an 8-bit LM head where the CPU has no bf16 products.
+    tolerance = 1e-2 if cpu_kernels == "native" else 3e-2
+    for pos in range(len(IDS), len(ids)):
+        got = runner.step([("a", [ids[pos]])])[0][0]
+        assert float((got - want[pos]).norm() / want[pos].norm()) < tolerance
+        assert int(got.argmax()) == int(want[pos].argmax())

@@ -26,11 +26,14 @@ from text_generation_server.models import (
 CPU = torch.device("cpu")
 ATOL = 1e-4
 
-_loaded: dict[tuple[str, torch.dtype], object] = {}
+_loaded: dict[tuple[str, torch.dtype, bool], object] = {}
 
 
 def ours(path: Path, dtype: torch.dtype = torch.float32):
-    key = (str(path), dtype)
+    from text_generation_server.kernels import cpu_ops_status
+
+    # Models built with and without the native kernels take different decode paths.
+    key = (str(path), dtype, cpu_ops_status().available)
     if key not in _loaded:
         _loaded[key] = load_model(path, dtype=dtype, device=CPU, dist=init_distributed(0, 1))
     return _loaded[key]
@@ -70,10 +73,13 @@ def test_prefill_logits_equal_transformers(checkpoint):
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_prefill_then_paged_decode_matches_transformers(checkpoint, block_size):
+def test_prefill_then_paged_decode_matches_transformers(checkpoint, block_size, cpu_kernels):
+    """Decode steps take the fused native layers where the kernels run, the modules otherwise."""
     ids = random_ids(20, 384, seed=2)
     expected = reference_logits(checkpoint, ids)
-    runner = PagedRunner(ours(checkpoint), block_size=block_size, seed=block_size)
+    model = ours(checkpoint)
+    assert model.decode_path().startswith("fused native" if cpu_kernels == "native" else "per-module")
+    runner = PagedRunner(model, block_size=block_size, seed=block_size)
     prompt = 6
     runner.step([("a", ids[:prompt])])
     for pos in range(prompt, len(ids)):
@@ -84,7 +90,7 @@ def test_prefill_then_paged_decode_matches_transformers(checkpoint, block_size):
     assert any(b != a + 1 for a, b in zip(blocks, blocks[1:], strict=False))  # not contiguous
 
 
-def test_batch_of_sequences_equals_each_sequence_alone(checkpoint):
+def test_batch_of_sequences_equals_each_sequence_alone(checkpoint, cpu_kernels):
     model = ours(checkpoint)
     seqs = {"a": random_ids(3, 384, 3), "b": random_ids(11, 384, 4), "c": random_ids(7, 384, 5)}
     batched = PagedRunner(model)
@@ -199,7 +205,7 @@ def family_checkpoint(tmp_path: Path, kind: str) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "mistral", "llama-biases", "llama3-rope", "linear-rope"])
-def test_family_members_equal_transformers_through_prefill_and_decode(tmp_path, kind):
+def test_family_members_equal_transformers_through_prefill_and_decode(tmp_path, kind, cpu_kernels):
     path = family_checkpoint(tmp_path, kind)
     ids = random_ids(40, 384, seed=11)
     expected = reference_logits(path, ids)

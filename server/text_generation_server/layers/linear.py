@@ -22,7 +22,12 @@ from text_generation_server.layers.loading import (
     set_weight_attrs,
 )
 from text_generation_server.layers.partition import HeadPartition
-from text_generation_server.layers.quant.base import LinearSpec, QuantMethod, linear_param
+from text_generation_server.layers.quant.base import (
+    LinearSpec,
+    NativeLinear,
+    QuantMethod,
+    linear_param,
+)
 from text_generation_server.weights import CheckpointError, Weights, shard_range
 
 
@@ -100,6 +105,10 @@ class ParallelLinear(torch.nn.Module):
             )
             if not hasattr(param, "weight_loader"):
                 set_weight_attrs(param, weight_loader=self.weight_loader)
+
+    def native_linear(self) -> NativeLinear | None:
+        """This rank's weights as the native CPU operators take them, or None (see QuantMethod)."""
+        return self.quant_method.native_linear(self)
 
     def _checkpoint_shape(self, param: torch.Tensor, shard_id: Hashable) -> list[int]:
         shape = list(param.shape)

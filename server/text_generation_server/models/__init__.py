@@ -132,4 +132,7 @@ def load_model(
         f"{count / 1e6:.1f}M parameters on this rank) in {time.perf_counter() - started:.1f}s; "
         f"kernel {model.kernel}; tp plan: {model.tp_plan}"
     )
+    describe = getattr(model, "decode_path", None)
+    if describe is not None:
+        logger.info(f"Decode step: {describe()}")
     return model

@@ -33,7 +33,7 @@ from text_generation_server.layers.partition import (
     describe_partition,
     partition_heads,
 )
-from text_generation_server.layers.quant.base import QuantConfig
+from text_generation_server.layers.quant.base import NativeLinear, QuantConfig
 from text_generation_server.layers.rotary import RotaryEmbedding
 from text_generation_server.models.base import CausalLM
 from text_generation_server.weights import shard_range
@@ -150,6 +150,12 @@ class LlamaDecoderLayer(torch.nn.Module):
         self.mlp = LlamaMLP(b, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(hidden, eps, dtype=b.dtype, device=b.device)
         self.post_attention_layernorm = RMSNorm(hidden, eps, dtype=b.dtype, device=b.device)
+        self.dist = b.dist
+        self.fused_decode: FusedDecode | None = None
+
+    def finish_loading(self) -> None:
+        """Take the fused decode step where every part of the layer can (chosen once)."""
+        self.fused_decode = FusedDecode.build(self)
 
     def forward(
         self,
@@ -162,9 +168,79 @@ class LlamaDecoderLayer(torch.nn.Module):
     ) -> torch.Tensor:
         """The layer's MLP output; ``residual`` (the stream before it) gains ``hidden`` and
         the attention output, in place. The layer's output is ``residual + returned``."""
+        if self.fused_decode is not None and attn.is_decode and hidden.dtype == torch.float32:
+            return self.fused_decode(hidden, residual, cos, sin, kv_cache, attn)
         x = self.input_layernorm(hidden, residual)
         x = self.post_attention_layernorm(self.self_attn(x, cos, sin, kv_cache, attn), residual)
         return self.mlp(x)
+
+
+class FusedDecode:
+    """A decode step of one layer as two native operators (attention half, MLP half).
+
+    The same arithmetic as the module path (fused norm, linear kernels,
+    rotary, paged attention, SiLU-gate) without its per-op Python calls; the
+    row-parallel partial sums are all-reduced in between as the modules do.
+    Built only when the native CPU kernels run, every linear has a native form
+    (dense float32 or the native 4-bit kernel in checkpoint order) and the
+    row-parallel layers carry no bias.
+    """
+
+    def __init__(self, layer: LlamaDecoderLayer, linears: dict[str, NativeLinear]) -> None:
+        a = layer.self_attn
+        self.dist = layer.dist
+        self.ln1, self.ln2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.qkv, self.o = linears["qkv"], linears["o"]
+        self.gate_up, self.down = linears["gate_up"], linears["down"]
+        self.qkv_bias = a.qkv_proj.bias
+        self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
+        self.scale = a.attn.scale
+
+    @classmethod
+    def build(cls, layer: LlamaDecoderLayer) -> FusedDecode | None:
+        from text_generation_server.kernels import cpu_ops
+
+        a, m = layer.self_attn, layer.mlp
+        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        if cpu_ops() is None or any(w.dtype != torch.float32 or w.device.type != "cpu" for w in norms):
+            return None
+        if a.o_proj.bias is not None or m.down_proj.bias is not None:
+            return None
+        parts = {"qkv": a.qkv_proj, "o": a.o_proj, "gate_up": m.gate_up_proj, "down": m.down_proj}
+        linears = {name: lin.native_linear() for name, lin in parts.items()}
+        if any(v is None for v in linears.values()):
+            return None
+        if m.gate_up_proj.output_sizes[0] != m.gate_up_proj.output_sizes[1]:
+            return None
+        return cls(layer, linears)  # type: ignore[arg-type]
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        ops = torch.ops.tgs_cpu
+        t = hidden.shape[0]
+        q, o, gu, d = self.qkv, self.o, self.gate_up, self.down
+        out = ops.attention_block_decode(
+            hidden, residual, self.ln1.weight, self.ln1.eps,
+            q.kind, q.tensors, q.group_size, self.qkv_bias, o.kind, o.tensors, o.group_size,
+            self.num_heads, self.num_kv_heads, cos.reshape(t, self.head_dim), sin.reshape(t, self.head_dim),
+            kv_cache[0], kv_cache[1], attn.slot_mapping, attn.block_tables, attn.context_lens, self.scale,
+        )  # fmt: skip
+        if self.dist.world_size > 1:
+            out = self.dist.all_reduce(out)
+        out = ops.mlp_block(
+            out, residual, self.ln2.weight, self.ln2.eps, gu.kind, gu.tensors, gu.group_size,
+            d.kind, d.tensors, d.group_size,
+        )  # fmt: skip
+        if self.dist.world_size > 1:
+            out = self.dist.all_reduce(out)
+        return out
 
 
 class LlamaModel(torch.nn.Module):
@@ -267,6 +343,17 @@ class LlamaForCausalLM(CausalLM):
         mlp = "/".join(map(str, _split_sizes(self.config.intermediate_size, world, align)))
         vocab = "/".join(map(str, _split_sizes(self.vocab_size, world)))
         return f"{world} shards: {describe_partition(partitions)}, mlp {mlp}, vocab {vocab}"
+
+    def decode_path(self) -> str:
+        """How a decode step runs, for the start-up log."""
+        fused = sum(layer.fused_decode is not None for layer in self.model.layers)
+        if fused == self.num_layers:
+            return "fused native layers (one operator per attention and MLP half)"
+        if fused:
+            return f"fused native layers for {fused} of {self.num_layers} layers, modules for the rest"
+        return "per-module (no fused native layer: " + (
+            "the native CPU kernels do not run here" if self.device.type == "cpu" else f"device {self.device}"
+        ) + " or a linear kernel without a native form)"
 
     def skip_checkpoint_tensor(self, name: str) -> bool:
         # Old checkpoints store the rotary table; tied heads have no tensor of their own.

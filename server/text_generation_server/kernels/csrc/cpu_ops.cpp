@@ -660,6 +660,61 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
   return out;
 }
 
+// ---- decoder layer, decode step ------------------------------------------------------
+//
+// One Python call per half layer instead of a dozen: the steps above in the
+// order a pre-norm Llama layer runs them. A linear is (kind, tensors, group):
+//   kind 0 dense float32: [weight [N, K]] (+ optional bias in `bias`)
+//   kind 1 4-bit:         [qweight, meta] with group_size
+// Row counts from DENSE_FROM_ROWS on unpack 4-bit weights to float32 first,
+// as the Python kernel does.
+
+constexpr int64_t kDenseFromRows = 96;
+
+at::Tensor apply_linear(const at::Tensor& x, int64_t kind, const std::vector<at::Tensor>& t, int64_t group_size) {
+  if (kind == 0) {
+    TORCH_CHECK(t.size() == 1, "a dense linear takes [weight]");
+    return at::mm(x, t[0].t());
+  }
+  TORCH_CHECK(kind == 1 && t.size() == 2, "a 4-bit linear takes [qweight, meta]");
+  if (x.size(0) >= kDenseFromRows) return at::mm(x, int4_dequantize(t[0], t[1], group_size).t());
+  return int4_linear(x, t[0], t[1], group_size);
+}
+
+// residual += hidden; x = norm; qkv (+ bias); rotary on q and k; k, v into the
+// cache; attention over each sequence's blocks; returns o_proj(attention)
+// (this rank's partial sum when o_proj is row-parallel).
+at::Tensor attention_block_decode(const at::Tensor& hidden, at::Tensor& residual, const at::Tensor& norm_weight,
+                                  double eps, int64_t qkv_kind, const std::vector<at::Tensor>& qkv, int64_t qkv_group,
+                                  const c10::optional<at::Tensor>& qkv_bias, int64_t o_kind,
+                                  const std::vector<at::Tensor>& o, int64_t o_group, int64_t num_heads,
+                                  int64_t num_kv_heads, const at::Tensor& cos, const at::Tensor& sin,
+                                  at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+  const int64_t B = hidden.size(0), D = k_cache.size(3);
+  at::Tensor x = add_rms_norm_(hidden, residual, norm_weight, eps);
+  at::Tensor qkv_out = apply_linear(x, qkv_kind, qkv, qkv_group);
+  if (qkv_bias.has_value()) qkv_out.add_(*qkv_bias);
+  TORCH_CHECK(qkv_out.size(1) == (num_heads + 2 * num_kv_heads) * D, "qkv output does not match the heads");
+  at::Tensor qk = qkv_out.narrow(1, 0, (num_heads + num_kv_heads) * D).view({B, num_heads + num_kv_heads, D});
+  rotary_(qk, cos, sin);
+  at::Tensor k = qkv_out.narrow(1, num_heads * D, num_kv_heads * D).view({B, num_kv_heads, D});
+  at::Tensor v = qkv_out.narrow(1, (num_heads + num_kv_heads) * D, num_kv_heads * D).view({B, num_kv_heads, D});
+  write_kv_(k, v, k_cache, v_cache, slots);
+  at::Tensor q = qkv_out.narrow(1, 0, num_heads * D).view({B, num_heads, D});
+  at::Tensor attn = paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale);
+  return apply_linear(attn.view({B, num_heads * D}), o_kind, o, o_group);
+}
+
+// residual += attention; x = norm; returns down(silu(gate) * up) (a partial
+// sum when down_proj is row-parallel).
+at::Tensor mlp_block(const at::Tensor& attention, at::Tensor& residual, const at::Tensor& norm_weight, double eps,
+                     int64_t gate_up_kind, const std::vector<at::Tensor>& gate_up, int64_t gate_up_group,
+                     int64_t down_kind, const std::vector<at::Tensor>& down, int64_t down_group) {
+  at::Tensor x = add_rms_norm_(attention, residual, norm_weight, eps);
+  return apply_linear(silu_mul(apply_linear(x, gate_up_kind, gate_up, gate_up_group)), down_kind, down, down_group);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tgs_cpu, m) {
@@ -671,6 +726,16 @@ TORCH_LIBRARY(tgs_cpu, m) {
   m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()", &rotary_);
   m.def("silu_mul(Tensor x) -> Tensor", &silu_mul);
   m.def("write_kv_(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots) -> ()", &write_kv_);
+  m.def(
+      "attention_block_decode(Tensor hidden, Tensor(a!) residual, Tensor norm_weight, float eps, int qkv_kind, "
+      "Tensor[] qkv, int qkv_group, Tensor? qkv_bias, int o_kind, Tensor[] o, int o_group, int num_heads, "
+      "int num_kv_heads, Tensor cos, Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slots, "
+      "Tensor block_tables, Tensor context_lens, float scale) -> Tensor",
+      &attention_block_decode);
+  m.def(
+      "mlp_block(Tensor attention, Tensor(a!) residual, Tensor norm_weight, float eps, int gate_up_kind, "
+      "Tensor[] gate_up, int gate_up_group, int down_kind, Tensor[] down, int down_group) -> Tensor",
+      &mlp_block);
   m.def("paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, float scale) -> Tensor",
         &paged_attention_decode);
 }

@@ -82,6 +82,23 @@ class QuantMethod(ABC):
     def kernel_name(self, layer: torch.nn.Module) -> str:
         """Human-readable kernel name for start-up logs, e.g. ``dense-fp32``."""
 
+    def native_linear(self, layer: torch.nn.Module) -> NativeLinear | None:
+        """How the native CPU kernels multiply by this layer's weights, once loaded, or ``None``
+        when they cannot (the layer then runs through :meth:`apply` only). Default: ``None``."""
+        return None
+
+
+@dataclass(frozen=True)
+class NativeLinear:
+    """A linear layer's weights as ``tgs_cpu`` operators take them (kernels/csrc/cpu_ops.cpp)."""
+
+    DENSE: ClassVar[int] = 0  # tensors = [weight float32 [N, K]]
+    INT4: ClassVar[int] = 1  # tensors = [qweight, meta], group_size
+
+    kind: int
+    tensors: list[torch.Tensor]
+    group_size: int = 0
+
 
 class QuantConfig(ABC):
     """A model-wide quantization choice; calling it gives each layer its method."""

@@ -28,6 +28,7 @@ from loguru import logger
 from text_generation_server.layers.loading import set_weight_attrs
 from text_generation_server.layers.quant.base import (
     LinearSpec,
+    NativeLinear,
     QuantConfig,
     QuantMethod,
     linear_param,
@@ -393,6 +394,10 @@ class GPTQLinearMethod(QuantMethod):
 
     def kernel_name(self, layer: torch.nn.Module) -> str:
         return self.kernel.name if self.kernel is not None else "gptq (not loaded)"
+
+    def native_linear(self, layer: torch.nn.Module) -> NativeLinear | None:
+        native = getattr(self.kernel, "native_linear", None)
+        return native() if native is not None else None
 
     def weight_bytes(self) -> int:
         """Bytes the layer's kernel keeps for its weights on this rank."""

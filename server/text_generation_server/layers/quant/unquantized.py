@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from text_generation_server.layers.quant.base import (
     LinearSpec,
+    NativeLinear,
     QuantConfig,
     QuantMethod,
     linear_param,
@@ -38,6 +39,12 @@ class UnquantizedLinearMethod(QuantMethod):
 
     def kernel_name(self, layer: torch.nn.Module) -> str:
         return f"dense-{dtype_name(layer.weight.dtype)}"
+
+    def native_linear(self, layer: torch.nn.Module) -> NativeLinear | None:
+        w = layer.weight
+        if w.dtype != torch.float32 or w.device.type != "cpu":
+            return None
+        return NativeLinear(NativeLinear.DENSE, [w.data])
 
 
 class UnquantizedConfig(QuantConfig):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from text_generation_server.kernels import cpu_ops_status
+from text_generation_server.layers.quant.base import NativeLinear
 from text_generation_server.layers.quant.gptq_kernels.base import GPTQKernel, GPTQWeights
 from text_generation_server.layers.quant.gptq_kernels.cpu_int4 import (
     SortedLayout,
@@ -96,6 +97,12 @@ class CpuInt4NativeKernel(GPTQKernel):
         else:
             y = ops.int4_linear(x32, self.qweight, self.meta, self.group_size)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def native_linear(self) -> NativeLinear | None:
+        """These weights for the fused native steps, when the input needs no reordering."""
+        if self.source is not None or self.pad:
+            return None
+        return NativeLinear(NativeLinear.INT4, [self.qweight, self.meta], self.group_size)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         held = {"qweight": self.qweight, "meta": self.meta}
