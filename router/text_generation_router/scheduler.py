@@ -154,7 +154,14 @@ class Scheduler:
             await self._wake.wait()
 
     async def _serve_one_batch(self) -> None:
-        """Prefill what is waiting, then decode until every request of the batch is done."""
+        """Prefill what is waiting, then decode until every request of the batch is done.
+
+        Decode steps are pipelined: when no prefill is due, step n + 1 is sent as soon
+        as step n's answer arrives and step n's tokens are handled (streamed, stop
+        sequences checked) while the shards compute. A request the router stops on
+        step n's token has then had one more token computed, which is dropped, and
+        leaves the shards' cache before the step after.
+        """
         limits = self._limits
         batch = self._queue.next_batch(
             min_size=None,
@@ -167,26 +174,58 @@ class Scheduler:
             return
         cached = await self._prefill(batch)
         waiting_steps = 1
-        while cached is not None:
-            batches = [cached]
-            self._expire_waiting()
-            if len(self._queue) and not self._prefill_blocked:
-                running = len(self._running)
-                min_size = None if waiting_steps >= limits.max_waiting_tokens else int(running * limits.waiting_served_ratio)
-                new = self._queue.next_batch(
-                    min_size=min_size,
-                    max_size=self._admission_cap(running),
-                    prefill_token_budget=limits.max_batch_prefill_tokens,
-                    token_budget=limits.max_batch_total_tokens - self._running_tokens(),
-                )
-                if new is not None:
-                    new_cached = await self._prefill(new)
-                    if new_cached is not None:
-                        batches.append(new_cached)
-                    waiting_steps = 1
-            cached = await self._decode(batches)
-            waiting_steps += 1
+        pending: asyncio.Task | None = None
+        try:
+            while True:
+                if pending is None:
+                    if cached is None:
+                        break
+                    batches = [cached]
+                    self._expire_waiting()
+                    if len(self._queue) and not self._prefill_blocked:
+                        running = len(self._running)
+                        min_size = None if waiting_steps >= limits.max_waiting_tokens else int(running * limits.waiting_served_ratio)
+                        new = self._queue.next_batch(
+                            min_size=min_size,
+                            max_size=self._admission_cap(running),
+                            prefill_token_budget=limits.max_batch_prefill_tokens,
+                            token_budget=limits.max_batch_total_tokens - self._running_tokens(),
+                        )
+                        if new is not None:
+                            new_cached = await self._prefill(new)
+                            if new_cached is not None:
+                                batches.append(new_cached)
+                            waiting_steps = 1
+                    pending = asyncio.create_task(self._decode(batches))
+                    waiting_steps += 1
+                answer = await pending
+                pending = None
+                if answer is None:
+                    cached = None
+                    continue
+                cached = answer.batch if answer.HasField("batch") else None
+                if cached is not None and not self._prefill_may_be_due(waiting_steps):
+                    pending = asyncio.create_task(self._decode([cached]))
+                    waiting_steps += 1
+                    await asyncio.sleep(0)  # let the step go out before this one's tokens are handled
+                self._process(answer.generations)
+        finally:
+            if pending is not None:
+                pending.cancel()
+                try:
+                    await pending
+                except (asyncio.CancelledError, ShardError):
+                    pass
         self._update_gauges()
+
+    def _prefill_may_be_due(self, waiting_steps: int) -> bool:
+        """Whether admission might take waiting requests before the next step (then the step
+        waits for this one's tokens to be handled, and admission sees the result)."""
+        if not len(self._queue) or self._prefill_blocked:
+            return False
+        if waiting_steps >= self._limits.max_waiting_tokens:
+            return True
+        return len(self._queue) >= int(len(self._running) * self._limits.waiting_served_ratio)
 
     def _admission_cap(self, running: int) -> int | None:
         cap = None if self._limits.max_batch_size is None else self._limits.max_batch_size - running
@@ -266,11 +305,13 @@ class Scheduler:
             return
         self._queue.push_front(entries)
 
-    async def _decode(self, batches: list[generate_pb2.CachedBatch]) -> generate_pb2.CachedBatch | None:
+    async def _decode(self, batches: list[generate_pb2.CachedBatch]) -> generate_pb2.DecodeResponse | None:
+        """One decode step of ``batches`` (after dropping what the router finished); the answer,
+        or None when nothing was left to decode or the step failed (its requests failed)."""
         batches = await self._prune(batches)
         if not batches:
             return None
-        size = len(self._running)
+        size = sum(len(b.request_ids) for b in batches)
         self._metrics.batch_inference_count.labels(method="decode").inc()
         self._metrics.batch_inference_batch_size.labels(method="decode").observe(size)
         start = time.monotonic()
@@ -285,8 +326,7 @@ class Scheduler:
             return None
         self._metrics.batch_inference_success.labels(method="decode").inc()
         self._metrics.batch_inference_duration.labels(method="decode").observe(time.monotonic() - start)
-        self._process(answer.generations)
-        return answer.batch if answer.HasField("batch") else None
+        return answer
 
     async def _prune(self, batches: list[generate_pb2.CachedBatch]) -> list[generate_pb2.CachedBatch]:
         """Drop from the shards every request the router already finished (FilterBatch / ClearCache)."""

@@ -227,6 +227,22 @@ def test_stream_never_sends_text_past_an_excluded_stop_sequence(scripted):
     assert messages[-1].stop_reason == pb.STOP_SEQUENCE and messages[-1].stop_sequence == "The end"
 
 
+def test_decode_steps_are_pipelined_and_a_request_the_router_stops_loses_only_its_extra_token(scripted, hf_tokenizer):
+    """Step n + 1 goes to the shard before step n's token is handled, so a stop sequence found on
+    step n's token costs one computed-and-dropped token, then the request leaves the shards."""
+    h = scripted
+    words = len(hf_tokenizer("Hello world").input_ids)
+    resp = h.stub().Generate(batched(["Go"], stop_params(["world"])), timeout=10).responses[0]
+    assert resp.stop_reason == pb.STOP_SEQUENCE and resp.text == "Hello world"
+    assert resp.generated_token_count == words
+    assert wait_for(lambda: h.shard.tokens_held() == 0)
+    methods = h.shard.methods()
+    # Prefill makes token 1, decode steps tokens 2..words, one more step runs ahead, and the
+    # request is then cleared from the shard.
+    assert methods.count("Decode") == words, " ".join(methods)
+    assert methods[-1] == "ClearCache", " ".join(methods)
+
+
 def test_stop_sequence_is_dropped_from_the_shards_with_filter_batch(scripted):
     """The router stops a request the shard would continue: its KV must be freed."""
     h = scripted

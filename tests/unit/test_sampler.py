@@ -50,6 +50,11 @@ def test_greedy_batch_chooses_the_argmax_of_every_row():
     out = sample(logits, [SampleRow(SamplingParams()) for _ in range(6)])
     assert [t.id for t in out] == logits.argmax(-1).tolist()
     assert all(t.rank == 1 for t in out)
+    # The plain-greedy shortcut reports what the general path (asked for top-n) does.
+    general = sample(logits, [SampleRow(SamplingParams(), top_n=1) for _ in range(6)])
+    assert [(t.id, t.rank) for t in out] == [(t.id, t.rank) for t in general]
+    for fast, full in zip(out, general, strict=True):
+        assert fast.logprob == pytest.approx(full.logprob, abs=1e-5)
 
 
 @pytest.mark.parametrize("temperature", [0.3, 0.7, 1.5])

@@ -292,16 +292,29 @@ def token_stats(
     return chosen.view(-1), ranks, top_values, top_ids
 
 
+def _plain_greedy(row: SampleRow) -> bool:
+    """Greedy on the raw logits: no sampling, no repetition penalty, nothing banned."""
+    return not row.params.do_sample and row.params.repetition_penalty == 1.0 and not row.banned_ids
+
+
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[SampledToken]:
     """Choose one token per row of ``logits`` ``[N, vocab]`` (float32, raw model output)."""
     if logits.shape[0] != len(rows):
         raise ValueError(f"{logits.shape[0]} logit rows for {len(rows)} requests")
     logits = logits.float()
-    scores = process(logits, rows)
-    chosen = choose(scores, rows)
-    logprobs = torch.log_softmax(logits, dim=-1)
     max_top = max((r.top_n for r in rows), default=0)
-    lp, ranks, top_values, top_ids = token_stats(logprobs, chosen, max_top)
+    if max_top == 0 and all(_plain_greedy(r) for r in rows):
+        # The argmax of the raw logits: its logprob is max - logsumexp and its rank 1, in two
+        # passes over the vocabulary instead of a log_softmax, a gather and a comparison.
+        values, chosen = logits.max(dim=-1)
+        lp = values - torch.logsumexp(logits, dim=-1)
+        ranks = torch.ones_like(chosen)
+        top_values = top_ids = None
+    else:
+        scores = process(logits, rows)
+        chosen = choose(scores, rows)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        lp, ranks, top_values, top_ids = token_stats(logprobs, chosen, max_top)
     ids_list, lp_list, rank_list = chosen.tolist(), lp.tolist(), ranks.tolist()
     top_v = top_values.tolist() if top_values is not None else None
     top_i = top_ids.tolist() if top_ids is not None else None
