@@ -227,7 +227,7 @@ def _serve(args: argparse.Namespace, env: ShardEnv) -> None:
                 model,
                 dist,
                 model_id=args.model or DEFAULT_MODEL_ID,
-                quantize=args.quantize,
+                quantize=getattr(model, "quantize", args.quantize),
                 eos_token_ids=eos_token_ids(model.config, model_dir),
             )
         )

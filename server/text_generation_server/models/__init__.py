@@ -126,6 +126,8 @@ def load_model(
     finally:
         weights.close()
     model.eval()
+    # The method in use, also when the checkpoint chose it (a GPTQ checkpoint without --quantize).
+    model.quantize = "" if quant.name == "unquantized" else quant.name
     count = sum(p.numel() for p in model.parameters())
     logger.info(
         f"Loaded {model_dir.name} ({cls.__name__}, {model.num_layers} layers, "
