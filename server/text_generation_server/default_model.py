@@ -107,10 +107,16 @@ def ensure_default_model(cache_dir: Path) -> Path:
         ) from None
     lock = FileLock(str(cache_dir / f".{CHECKPOINT_DIR_NAME}.lock"))
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        logger.info(f"Another process is converting the default model; waiting for {lock.lock_file}")
-        lock.acquire()
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            logger.info(f"Another process is converting the default model; waiting for {lock.lock_file}")
+            lock.acquire()
+    except OSError as err:
+        raise ConversionError(
+            f"cannot write to the cache directory {cache_dir} ({err.strerror or err}); "
+            "set TEXT_GENERATION_CACHE to a writable directory"
+        ) from None
     try:
         if is_current(target, record):
             logger.info(f"Default model {DEFAULT_MODEL_ID}: using checkpoint {target} converted by another process")

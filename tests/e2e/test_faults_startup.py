@@ -248,6 +248,31 @@ def test_a_cache_directory_the_service_user_cannot_write_is_named(tmp_path):
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _refuses_new_files(directory: Path) -> bool:
+    try:
+        (directory / "tgi-probe").touch()
+    except OSError:
+        return True
+    (directory / "tgi-probe").unlink()
+    return False
+
+
+@pytest.mark.skipif(
+    not Path("/sys/kernel").is_dir() or not _refuses_new_files(Path("/sys/kernel")),
+    reason="needs a directory that refuses new files even to root (sysfs)",
+)
+def test_an_existing_cache_directory_that_refuses_writes_is_named(tmp_path):
+    # The directory exists and passes a permission check for root, yet creating a file in it
+    # fails: the launcher must name it at start, not fail mid-conversion.
+    cache = Path("/sys/kernel")
+    result = launch_and_wait(tmp_path, [], env={"TEXT_GENERATION_CACHE": str(cache)})
+    assert result.code == 1, result.log
+    assert str(cache) in result.log, result.log
+    assert "Traceback" not in result.log, result.log
+    assert "Starting shard" not in result.log
+    assert result.seconds < FAIL_WITHIN, result.log
+
+
 def test_an_unusable_cache_directory_is_named_and_leaves_no_partial_checkpoint(tmp_path):
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the cache directory should be")
