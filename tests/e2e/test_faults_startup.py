@@ -224,6 +224,10 @@ def test_a_cache_directory_the_service_user_cannot_write_is_named(tmp_path):
     import tempfile
 
     nobody = 65534
+    try:
+        subprocess.run([str(LAUNCHER), "--help"], user=nobody, capture_output=True, timeout=60, check=True)
+    except (PermissionError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"an unprivileged user cannot run this checkout's launcher ({e})")
     # Other users must be able to reach everything but the cache (pytest's tmp dirs are 0700).
     root = Path(tempfile.mkdtemp(prefix="tgi-cache-perm-"))
     try:
