@@ -9,6 +9,10 @@ input slice starts and ends on group boundaries and act-order is off, and
 otherwise kept whole, with ``g_idx`` naming the rows this rank uses. After
 loading, each layer builds its kernel once (see ``gptq_kernels``); the
 choice, any fallback and the weight memory per rank are logged.
+
+Served widths are 2, 3, 4 and 8 bits. 3-bit codes run across word
+boundaries (32 codes fill 3 words), so a rank's slice of features must start
+and end on multiples of 32; for 2, 4 and 8 bits, of ``32 / bits``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -42,7 +47,7 @@ from text_generation_server.layers.quant.gptq_kernels import (
 )
 from text_generation_server.weights import CheckpointError, Weights
 
-SERVED_BITS = (2, 4, 8)
+SERVED_BITS = (2, 3, 4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 # Names the kernel tried first for every layer (tests, benchmarks); unset: by device.
 KERNEL_ENV = "GPTQ_KERNEL"
@@ -184,9 +189,18 @@ class GPTQConfig(QuantConfig):
         return ", ".join(parts)
 
     @property
-    def rows_per_word(self) -> int:
-        """Input features packed in one int32 word of ``qweight``."""
-        return 32 // self.bits
+    def features_per_word(self) -> int | Fraction:
+        """Features packed in one int32 word of ``qweight`` (along the input) and of
+        ``qzeros`` (along the output): ``32 / bits``, a fraction for 3 bits. The
+        tensor-parallel split arithmetic divides by it exactly."""
+        return 32 // self.bits if 32 % self.bits == 0 else Fraction(32, self.bits)
+
+    @property
+    def word_unit(self) -> tuple[int, int]:
+        """The fewest features that fill whole int32 words, and those words:
+        ``(32 / bits, 1)`` for 2, 4 and 8 bits, ``(32, 3)`` for 3 bits."""
+        per = Fraction(32, self.bits)
+        return per.numerator, per.denominator
 
     def lm_head_kernel(self) -> str:
         # The other layers already multiply in 16 bits on the CPU, and the checkpoint's head is
@@ -194,9 +208,10 @@ class GPTQConfig(QuantConfig):
         return "dense" if self.kernel == "gptq-reference" else "half"
 
     def input_alignment(self) -> int:
+        features, _ = self.word_unit
         if self.group_size > 0:
-            return math.lcm(self.group_size, self.rows_per_word)
-        return self.rows_per_word
+            return math.lcm(self.group_size, features)
+        return features
 
     def get_method(self, prefix: str) -> QuantMethod:
         return GPTQLinearMethod(self, prefix)
@@ -243,20 +258,40 @@ class GPTQLinearMethod(QuantMethod):
             return None
         return start // g, -(-stop // g)
 
-    def create_weights(self, layer: torch.nn.Module, spec: LinearSpec) -> None:
+    def _check_word_alignment(self, layer: torch.nn.Module, spec: LinearSpec) -> None:
+        """Refuse a split whose slices cut through packed int32 words."""
         c = self.config
-        per = c.rows_per_word
-        if spec.in_features % per or spec.input_start % per:
+        unit, words = c.word_unit
+        each = f"{unit} features per word" if words == 1 else f"{unit} features per {words} words"
+        if spec.in_features % unit or spec.input_start % unit:
             raise ValueError(
                 f"{self.prefix}: input features [{spec.input_start}, "
-                f"{spec.input_start + spec.in_features}) do not start and end on whole "
-                f"{c.bits}-bit words of qweight ({per} features each)"
+                f"{spec.input_start + spec.in_features}) of {spec.full_in_features} on this rank do "
+                f"not start and end on whole {c.bits}-bit words of qweight ({each}); "
+                f"{c.bits}-bit layers split their inputs only at multiples of {unit}"
             )
-        if spec.out_features % per:
+        parts = getattr(layer, "parts", None) or []
+        offset = 0
+        for part in parts:
+            if part.start % unit or part.size % unit or offset % unit:
+                name = "" if part.shard_id is None else f" (part {part.shard_id})"
+                raise ValueError(
+                    f"{self.prefix}{name}: output features [{part.start}, {part.stop}) of "
+                    f"{part.full_size} on this rank do not start and end on whole {c.bits}-bit words "
+                    f"of qzeros ({each}); {c.bits}-bit layers split their outputs only at "
+                    f"multiples of {unit}"
+                )
+            offset += part.size
+        if not parts and spec.out_features % unit:
             raise ValueError(
                 f"{self.prefix}: {spec.out_features} output features on this rank do not fill "
-                f"whole {c.bits}-bit words of qzeros ({per} features each)"
+                f"whole {c.bits}-bit words of qzeros ({each})"
             )
+
+    def create_weights(self, layer: torch.nn.Module, spec: LinearSpec) -> None:
+        c = self.config
+        self._check_word_alignment(layer, spec)
+        per = c.features_per_word
         n, k = spec.out_features, spec.in_features
         group = c.group_size if c.group_size > 0 else spec.full_in_features
         groups = -(-spec.full_in_features // group)
@@ -349,7 +384,7 @@ class GPTQLinearMethod(QuantMethod):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         c = self.config
         groups = layer.scales.shape[0]
-        per = c.rows_per_word
+        per = c.features_per_word
         shard_ids = [p.shard_id for p in getattr(layer, "parts", ())] or [None]
         parts = [self.part_g_idx.get(sid, layer.g_idx.data) for sid in shard_ids]
         if all(torch.equal(parts[0], other) for other in parts[1:]):
