@@ -1,4 +1,4 @@
-"""Perplexity of the default model: float32 vs round-to-nearest vs our GPTQ.
+r"""Perplexity of the default model: float32 vs round-to-nearest vs our GPTQ.
 
 Held-out text is the KJV New Testament (public domain), calibration text the
 Old Testament, both from Debian's `bible-kjv-text` package, fetched with
@@ -16,11 +16,15 @@ Serving: with --served-kernels, each GPTQ checkpoint (ours, and any given with
 --served-checkpoint) is also scored through the server's own model code with
 each listed GPTQ kernel, and, with --peer-python, by transformers + GPTQModel
 on the same checkpoint and windows; the served figures are reported as a
-ratio to GPTQModel's (the bar is within 1%).
+ratio to GPTQModel's (the bar is within 1%). Kernels: cpu-int4-avx2 (the
+default on CPUs where the native kernels build), cpu-int4pack-bf16 (torch's
+int4 packed matmul), gptq-reference (dequantize then matmul) and gptq-triton
+(CUDA only).
 
     .venv/bin/python benchmarks/quality.py --variants "" --skip-rtn \
         --served-checkpoint .cache/quality/gptq-4b-g64-default \
-        --served-kernels cpu-int4pack-bf16,gptq-reference --peer-python .cache/peers/gptqmodel/bin/python
+        --served-kernels cpu-int4-avx2,cpu-int4pack-bf16,gptq-reference \
+        --peer-python .cache/peers/gptqmodel/bin/python
 """
 
 from __future__ import annotations
@@ -205,8 +209,9 @@ def main() -> None:
     parser.add_argument("--served-checkpoint", action="append", default=[], metavar="DIR",
                         help="a GPTQ checkpoint to score through the server's model code (see --served-kernels)")
     parser.add_argument("--served-kernels", default="",
-                        help="comma list of GPTQ kernels to serve each GPTQ checkpoint with "
-                             "(cpu-int4pack-bf16, gptq-reference; gptq-triton needs CUDA)")
+                        help="comma list of GPTQ kernels to serve each GPTQ checkpoint with: "
+                             "cpu-int4-avx2 (the CPU default), cpu-int4pack-bf16, gptq-reference; "
+                             "gptq-triton needs CUDA")
     parser.add_argument("--peer-python", default=None,
                         help="python of a venv with gptqmodel==7.6.0 + optimum: also score each served "
                              "checkpoint with transformers + GPTQModel")

@@ -1,8 +1,10 @@
 """A GPTQ checkpoint served on one shard equals transformers on the dequantized weights.
 
-Each checkpoint is written by round-to-nearest (tests/gptq_checkpoint.py)
+Most checkpoints are written by round-to-nearest (tests/gptq_checkpoint.py)
 together with a float twin holding exactly the weights the packed tensors
-encode; transformers' forward over the twin is the reference.
+encode; those our own quantizer writes (2 and 3 bits, static groups, ragged
+groups) get their twin by reading the packed tensors back with numpy
+(tests/gptq_twin.py). transformers' forward over the twin is the reference.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pytest
 import torch
 from gptq_checkpoint import write_gptq_checkpoint
 from gptq_random import default_cpu_int4_kernel
+from gptq_twin import calibration_text, dense_twin, run_quantizer
 from paged_runner import PagedRunner
 from text_generation_server.distributed import init_distributed
 from text_generation_server.layers.quant.gptq import GPTQConfig, GPTQLinearMethod
@@ -32,6 +35,27 @@ LAYOUTS = {
     "g48-ragged": dict(group_size=48),
     "8-bit-g32": dict(bits=8, group_size=32, sym=False),
 }
+
+
+# Checkpoints written by `text-generation-server quantize` (tiny_llama: 64 and 128 input features).
+QUANTIZER_RUNS = {
+    "ours-3-bit-g32": ["--bits", "3", "--groupsize", "32"],
+    "ours-3-bit-g48-ragged-act-order-asym": ["--bits", "3", "--groupsize", "48", "--act-order", "--no-sym"],
+    "ours-2-bit-g32": ["--bits", "2", "--groupsize", "32"],
+    "ours-static-groups-act-order": ["--groupsize", "32", "--act-order", "--static-groups"],
+    "ours-static-groups-act-order-g48-ragged": ["--groupsize", "48", "--act-order", "--static-groups"],
+}
+
+
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory, tiny_llama) -> dict[str, tuple[Path, Path]]:
+    root = tmp_path_factory.mktemp("gptq-ours")
+    corpus = calibration_text(root / "calib.txt")
+    runs = {}
+    for name, flags in QUANTIZER_RUNS.items():
+        quantized = run_quantizer(tiny_llama, root / name, corpus, *flags)
+        runs[name] = (quantized, dense_twin(quantized, root / f"{name}-dense"))
+    return runs
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +123,39 @@ def test_other_widths_are_served_through_the_reference_kernel(checkpoints):
     assert model.kernel == "gptq-reference"
 
 
+@pytest.mark.parametrize("run", [r for r in QUANTIZER_RUNS if "-bit-" in r])
+def test_2_and_3_bit_checkpoints_of_our_quantizer_serve_exactly_their_dequantized_model(monkeypatch, ours, run):
+    """No GPTQ kernel preference: the CPU kernels decline 2/3 bits and the reference takes them
+    (the LM head is pinned to fp32 so the comparison can be exact)."""
+    monkeypatch.setenv("LM_HEAD_KERNEL", "dense")
+    quantized, dense = ours[run]
+    bits = json.loads((quantized / "config.json").read_text())["quantization_config"]["bits"]
+    assert bits == int(run.split("-")[1])
+    model, logits = served(quantized)
+    assert model.kernel == "gptq-reference"
+    torch.testing.assert_close(logits, transformers_logits(dense), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("run", [r for r in QUANTIZER_RUNS if r.startswith("ours-static-groups")])
+def test_static_groups_act_order_checkpoints_of_our_quantizer_serve_their_dequantized_model(
+    monkeypatch, ours, run
+):
+    quantized, dense = ours[run]
+    qc = json.loads((quantized / "quantize_config.json").read_text())
+    assert qc["desc_act"] is True and qc["static_groups"] is True
+    monkeypatch.setenv("GPTQ_KERNEL", "gptq-reference")
+    model, logits = served(quantized)
+    assert model.kernel == "gptq-reference"
+    want = transformers_logits(dense)
+    torch.testing.assert_close(logits, want, atol=1e-4, rtol=0)
+    # The default 4-bit CPU kernel, within its rounding.
+    monkeypatch.delenv("GPTQ_KERNEL")
+    model, logits = served(quantized)
+    assert model.kernel == default_cpu_int4_kernel()
+    assert float((logits - want).norm() / want.norm()) < 2e-2
+    assert torch.equal(logits.argmax(-1), want.argmax(-1))
+
+
 def test_4_bit_weights_take_about_a_quarter_of_fp16(checkpoints, cpu_kernel):
     model, _ = served(checkpoints["g32-sym-v1"][0])
     methods = [m.quant_method for m in model.modules() if isinstance(getattr(m, "quant_method", None), GPTQLinearMethod)]
@@ -127,7 +184,7 @@ def test_other_quantize_flags_refuse_a_gptq_checkpoint():
 @pytest.mark.parametrize(
     "config,message",
     [
-        ({"bits": 3, "group_size": 128}, "bits=3.*supported: 2, 4, 8"),
+        ({"bits": 5, "group_size": 128}, "bits=5.*supported: 2, 3, 4, 8"),
         ({"bits": 4, "group_size": 128, "checkpoint_format": "marlin"}, "supported: gptq, gptq_v2"),
         ({"bits": 4, "group_size": -2}, "group_size=-2"),
         ({"bits": 4}, "lacks 'bits' or 'group_size'"),
@@ -149,6 +206,16 @@ def test_config_reads_every_setting():
         4, 64, True, False, "gptq_v2", True
     )
     assert c.input_alignment() == 64
+
+
+@pytest.mark.parametrize(
+    "bits,group_size,alignment",
+    [(4, 64, 64), (4, -1, 8), (2, -1, 16), (8, 2, 4), (3, 128, 128), (3, 48, 96), (3, -1, 32)],
+)
+def test_row_parallel_splits_align_to_groups_and_whole_packed_words(bits, group_size, alignment):
+    """3-bit codes cross word boundaries: only 32 features (3 words) make a whole unit."""
+    c = GPTQConfig.from_checkpoint({"quant_method": "gptq", "bits": bits, "group_size": group_size})
+    assert c.input_alignment() == alignment
 
 
 def test_legacy_config_file_is_read(checkpoints):

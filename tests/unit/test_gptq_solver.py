@@ -64,7 +64,7 @@ def naive_obq(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec) -> torch.Tensor
     return out.float()
 
 
-@pytest.mark.parametrize("group_size", [16, -1])
+@pytest.mark.parametrize("group_size", [16, -1, 20], ids=["g16", "g-1", "g20-ragged"])
 def test_blocked_solver_equals_naive_sequential_reference(group_size):
     w, x = make_layer(0, out_f=6, in_f=48, n=400)
     h = hessian_of(x)
@@ -117,6 +117,52 @@ def test_result_round_trips_through_the_checkpoint_layout(act_order, static):
     dense = dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4)
     # scales are fitted as float16, so the checkpoint holds exactly the solver's weights
     torch.testing.assert_close(dense, r.dequant, rtol=0, atol=0)
+
+
+RAGGED_SPECS = [
+    QuantSpec(bits=4, group_size=64),
+    QuantSpec(bits=4, group_size=64, group_aware_order=True),
+    QuantSpec(bits=4, group_size=64, act_order=True),
+    QuantSpec(bits=4, group_size=64, act_order=True, static_groups=True),
+    QuantSpec(bits=4, group_size=64, static_groups=True),
+    QuantSpec(bits=3, group_size=64, sym=False, act_order=True),
+]
+RAGGED_IDS = ["plain", "group-aware", "act-order", "act-order-static", "static", "3bit-asym-act-order"]
+
+
+@pytest.mark.parametrize("spec", RAGGED_SPECS, ids=RAGGED_IDS)
+def test_a_group_size_that_does_not_divide_the_width_gives_a_short_last_group(spec):
+    """160 columns in groups of 64: G = 3, the last group 32 columns (AutoGPTQ's layout)."""
+    w, x = make_layer(8, out_f=64, in_f=160)
+    h = hessian_of(x)
+    r = gptq_quantize(w, h, spec)
+    assert r.scales.shape == (3, 64) and r.zeros.shape == (3, 64)
+    assert torch.bincount(r.g_idx.long()).tolist() == [64, 64, 32]
+    natural = torch.arange(160, dtype=torch.int32) // 64
+    if spec.act_order and not spec.static_groups:
+        # groups follow the processing order: by descending Hessian diagonal
+        order = torch.argsort(h.diagonal(), descending=True, stable=True)
+        assert torch.equal(r.g_idx[order], natural)
+    else:
+        assert torch.equal(r.g_idx, natural)
+    # the packed checkpoint holds exactly the solver's weights, and they beat rounding
+    t = pack_gptq(r.codes, r.scales.half(), r.zeros, r.g_idx, spec.bits)
+    assert tuple(t["qzeros"].shape) == (3, 64 * spec.bits // 32)
+    dense = dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], spec.bits)
+    torch.testing.assert_close(dense, r.dequant, rtol=0, atol=0)
+    assert output_error(w, r.dequant, x) < 0.9 * output_error(w, quantize_rtn(w, spec).dequant, x)
+
+
+def test_each_group_of_a_ragged_layer_is_fitted_on_its_own_columns():
+    """Round-to-nearest's grid of each group spans only that group: the short last group's
+    scale comes from its own 16 columns, not from its neighbours."""
+    w = torch.randn(4, 80, generator=torch.Generator().manual_seed(0))
+    w[:, 64:] *= 0.01  # a quiet last group
+    r = quantize_rtn(w, QuantSpec(bits=4, group_size=32))
+    assert r.scales.shape == (3, 4)
+    want = torch.maximum(-w[:, 64:].min(1).values.clamp(max=0), w[:, 64:].max(1).values.clamp(min=0)) * 2 / 15
+    torch.testing.assert_close(r.scales[2], want.half().float(), rtol=0, atol=0)
+    assert float((r.dequant - w)[:, 64:].abs().max()) < float(want.max())
 
 
 def test_asymmetric_zero_points_stay_storable_in_v1():
@@ -193,16 +239,18 @@ def test_spec_rejects_unsupported_settings():
         QuantSpec(percdamp=2.0)
 
 
-def test_group_aware_order_keeps_g_idx_monotonic_and_beats_plain_order():
+@pytest.mark.parametrize("in_f,group_size", [(128, 32), (160, 64)], ids=["g32", "g64-ragged"])
+def test_group_aware_order_keeps_g_idx_monotonic_and_beats_plain_order(in_f, group_size):
     """Visiting whole groups by activity keeps the plain layout; on inputs with
-    uneven column energy it lowers the error of the natural order."""
+    uneven column energy it lowers the error of the natural order (a short
+    last group included)."""
     wins = 0
     for seed in range(4):
-        w, x = make_layer(seed)
+        w, x = make_layer(seed, in_f=in_f)
         h = hessian_of(x)
-        plain = gptq_quantize(w, h, QuantSpec(bits=4, group_size=32))
-        aware = gptq_quantize(w, h, QuantSpec(bits=4, group_size=32, group_aware_order=True))
-        assert torch.equal(aware.g_idx, torch.arange(128, dtype=torch.int32) // 32)
+        plain = gptq_quantize(w, h, QuantSpec(bits=4, group_size=group_size))
+        aware = gptq_quantize(w, h, QuantSpec(bits=4, group_size=group_size, group_aware_order=True))
+        assert torch.equal(aware.g_idx, torch.arange(in_f, dtype=torch.int32) // group_size)
         t = pack_gptq(aware.codes, aware.scales.half(), aware.zeros, aware.g_idx, 4)
         dense = dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4)
         torch.testing.assert_close(dense, aware.dequant, rtol=0, atol=0)
@@ -217,3 +265,8 @@ def test_group_aware_permutation_keeps_groups_contiguous():
     perm = group_aware_permutation(diag, 4)
     # group 1 holds the largest value (9) and goes first, each group sorted inside
     assert perm.tolist() == [4, 7, 6, 5, 1, 2, 0, 3]
+    # a short last group (columns 6, 7 in groups of 3) takes its place by activity like the others
+    perm = group_aware_permutation(diag, 3)
+    assert perm.tolist() == [4, 3, 5, 1, 2, 0, 7, 6]
+    perm = group_aware_permutation(torch.tensor([1.0, 5.0, 2.0, 0.5, 0.2, 0.1, 3.0, 9.0]), 3)
+    assert perm.tolist() == [7, 6, 1, 2, 0, 3, 4, 5]

@@ -281,16 +281,120 @@ def test_overwrite_replaces_the_output_dir(tiny_llama, corpus, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]
 
 
-def test_group_size_that_does_not_divide_names_the_layer_and_sizes(tiny_llama, corpus, tmp_path, capfd):
-    assert quantize(tiny_llama, tmp_path / "q", corpus, "--groupsize", "48") == 1
+# ---- group sizes that do not divide a layer's width (AutoGPTQ's ragged last group) ------------------
+
+RAGGED_LINEARS = {
+    "self_attn.q_proj": (192, 192),  # (out, in) for hidden 192 = 128 + 64, 6 heads of 32, 2 KV heads
+    "self_attn.k_proj": (64, 192),
+    "self_attn.v_proj": (64, 192),
+    "self_attn.o_proj": (192, 192),
+    "mlp.gate_proj": (320, 192),
+    "mlp.up_proj": (320, 192),
+    "mlp.down_proj": (192, 320),  # 320 = 2 x 128 + 64
+}
+# The default --groupsize (128) in every run.
+RAGGED_RUNS = {"g128": [], "g128-act-order": ["--act-order"], "g128-static-groups": ["--act-order", "--static-groups"]}
+
+
+@pytest.fixture(scope="module")
+def ragged_llama(tmp_path_factory) -> Path:
+    from tiny_model import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("ragged-llama"), hidden_size=192, num_attention_heads=6,
+                            num_key_value_heads=2, intermediate_size=320)
+
+
+@pytest.fixture(scope="module")
+def ragged(ragged_llama, corpus, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ragged")
+    runs = {}
+    for name, flags in RAGGED_RUNS.items():
+        assert quantize(ragged_llama, root / name, corpus, *flags) == 0, name
+        runs[name] = root / name
+    return runs
+
+
+@pytest.mark.parametrize("run", list(RAGGED_RUNS))
+def test_ragged_group_size_writes_ceil_in_over_g_groups_with_a_short_last_one(ragged, run):
+    out = ragged[run]
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert qc["group_size"] == 128 and qc["desc_act"] == ("act-order" in run or "static" in run)
+    t = read_tensors(out)
+    for layer in range(2):
+        for lin, (out_f, in_f) in RAGGED_LINEARS.items():
+            stem = f"model.layers.{layer}.{lin}"
+            groups = math.ceil(in_f / 128)
+            assert tuple(t[f"{stem}.qweight"].shape) == (in_f * 4 // 32, out_f)
+            assert tuple(t[f"{stem}.qzeros"].shape) == (groups, out_f * 4 // 32)
+            assert tuple(t[f"{stem}.scales"].shape) == (groups, out_f)
+            g_idx = t[f"{stem}.g_idx"]
+            sizes = [min(128, in_f - g * 128) for g in range(groups)]
+            assert torch.bincount(g_idx.long(), minlength=groups).tolist() == sizes
+            if run == "g128-act-order":
+                # groups are formed in activation order: g_idx is a permutation of i // 128
+                assert not torch.equal(g_idx, torch.arange(in_f, dtype=torch.int32) // 128)
+            else:
+                assert torch.equal(g_idx, torch.arange(in_f, dtype=torch.int32) // 128)
+
+
+@pytest.mark.parametrize("run", list(RAGGED_RUNS))
+def test_ragged_group_checkpoint_beats_round_to_nearest_with_the_same_groups(ragged, ragged_llama, run):
+    from text_generation_server.quantize.gptq import QuantSpec
+    from transformers import LlamaForCausalLM
+
+    ids = prompt_ids(ragged_llama)
+    original = logits_of(LlamaForCausalLM.from_pretrained(ragged_llama, dtype=torch.float32).eval(), ids)
+    err = float((logits_of(dequantized_llama(ragged_llama, ragged[run]), ids) - original).norm())
+    err_rtn = float((logits_of(rtn_llama(ragged_llama, QuantSpec(bits=4, group_size=128)), ids) - original).norm())
+    assert err < 0.8 * err_rtn, (err, err_rtn)
+
+
+@pytest.mark.parametrize("run", list(RAGGED_RUNS))
+def test_ragged_group_checkpoint_serves_through_the_gptq_loader(ragged, run, tmp_path, monkeypatch):
+    """The server's GPTQ layers (reference kernel, then the default 4-bit CPU kernel, which pads the
+    short group) compute transformers' forward over the weights the checkpoint encodes."""
+    from gptq_random import default_cpu_int4_kernel
+    from gptq_twin import dense_twin
+    from paged_runner import PagedRunner
+    from text_generation_server.distributed import init_distributed
+    from text_generation_server.models import load_model
+    from transformers import LlamaForCausalLM
+
+    ids = prompt_ids(ragged[run], 16)[0].tolist()
+    want = logits_of(LlamaForCausalLM.from_pretrained(dense_twin(ragged[run], tmp_path / "dense"),
+                                                      dtype=torch.float32).eval(), torch.tensor([ids]))[0]
+
+    def serve():
+        model = load_model(ragged[run], dtype=torch.float32, device=torch.device("cpu"),
+                           dist=init_distributed(0, 1), quantize="gptq")
+        return model.kernel, PagedRunner(model).step([("a", ids)])[0]
+
+    monkeypatch.setenv("GPTQ_KERNEL", "gptq-reference")
+    kernel, got = serve()
+    assert kernel == "gptq-reference"
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    monkeypatch.delenv("GPTQ_KERNEL")
+    kernel, got = serve()
+    assert kernel == default_cpu_int4_kernel()
+    assert float((got - want).norm() / want.norm()) < 2e-2
+
+
+def test_a_group_size_that_does_not_divide_a_width_is_logged_not_refused(tiny_llama, corpus, tmp_path, capfd):
+    assert quantize(tiny_llama, tmp_path / "q", corpus, "--groupsize", "48") == 0
     err = capfd.readouterr().err
-    assert "--groupsize 48 does not divide the 64 input features of self_attn.q_proj" in err
-    assert not (tmp_path / "q").exists()
+    assert ("Group size 48 leaves a shorter last group in self_attn.q_proj (64 = 1x48 + 16), "
+            "self_attn.k_proj (64 = 1x48 + 16)") in err
+    assert "mlp.down_proj (128 = 2x48 + 32)" in err
+    t = read_tensors(tmp_path / "q")
+    assert tuple(t["model.layers.0.mlp.down_proj.scales"].shape) == (3, 64)
 
 
 @pytest.mark.parametrize(
     "flag,value,message",
-    [("--bits", "5", "choose one of 2, 3, 4, 8"), ("--groupsize", "0", "positive group size or -1"),
+    [("--bits", "5", "choose one of 2, 3, 4, 8"), ("--groupsize", "0", "positive group size"),
+     ("--groupsize", "-2", "-2 is not allowed: use a positive group size (input columns per group, e.g. 32, 64 "
+                           "or 128) or -1 (one group per row)"),
+     ("--groupsize", "x", "expected an integer, got 'x'"),
      ("--percdamp", "3", "must lie in [0, 1]"), ("--nsamples", "0", "expected an integer >= 1, got '0'")],
 )
 def test_bad_flag_values_are_rejected_by_the_parser(flag, value, message, tmp_path, capsys):
@@ -435,3 +539,76 @@ def test_jsonl_dataset_reads_the_text_field_and_names_bad_lines(tmp_path):
         load_text(str(bad))
     with pytest.raises(DatasetError, match="fewer than one window"):
         calibration_windows(torch.arange(10), 4, 64, 0)
+
+
+class FakeHubDataset:
+    """What `datasets.load_dataset(..., split=...)` returns, as far as the quantizer reads it."""
+
+    def __init__(self, columns: dict[str, list]) -> None:
+        self._columns = columns
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self._columns)
+
+    def __getitem__(self, column: str) -> list:
+        return list(self._columns[column])
+
+
+def fake_datasets(monkeypatch, columns) -> list[tuple]:
+    """Install a fake `datasets` module whose every split holds ``columns(split)``; returns its calls."""
+    import types
+
+    calls: list[tuple] = []
+
+    def load_dataset(repo, config=None, *, split):
+        calls.append((repo, config, split))
+        return FakeHubDataset(columns(split))
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    return calls
+
+
+def test_hub_dataset_reads_the_text_column_of_the_train_split_for_calibration_and_test_for_eval(monkeypatch):
+    from text_generation_server.quantize.data import _hub_dataset
+
+    calls = fake_datasets(monkeypatch, lambda split: {"id": [1, 2], "text": [f"{split} one", f"{split} two"]})
+    calib = _hub_dataset("someone/corpus", "train")
+    assert calib.text == "train one\n\ntrain two"
+    assert calib.source == "hub dataset someone/corpus [train]"
+    held_out = _hub_dataset("someone/corpus:small", "eval")
+    assert held_out.text == "test one\n\ntest two"
+    assert held_out.source == "hub dataset someone/corpus/small [test]"
+    # the quantizer's --dataset resolves a name that is no local file to the hub, wikitext2 to its config
+    assert load_text("wikitext2", "train").text == "train one\n\ntrain two"
+    assert calls == [("someone/corpus", None, "train"), ("someone/corpus", "small", "test"),
+                     ("wikitext", "wikitext-2-raw-v1", "train")]
+
+
+def test_hub_dataset_without_a_text_column_names_its_columns(monkeypatch):
+    from text_generation_server.quantize.data import _hub_dataset
+
+    fake_datasets(monkeypatch, lambda split: {"content": ["x"], "id": [1]})
+    with pytest.raises(DatasetError, match=r"'someone/code' has no 'text' column \(columns: content, id\)"):
+        _hub_dataset("someone/code", "train")
+
+
+def test_hub_dataset_without_the_datasets_package_says_which_extra_to_install(monkeypatch, tiny_llama, tmp_path,
+                                                                             capfd):
+    import tomllib
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
+    with pytest.raises(DatasetError) as err:
+        load_text("someone/corpus", "train")
+    message = str(err.value)
+    assert "needs the `datasets` package, which is not installed" in message
+    assert "run `pip install 'text-generation-server[quantize]'`" in message
+    assert "python-docs" in message
+    extras = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert any(dep.startswith("datasets") for dep in extras["quantize"])
+    # the CLI reports it as a user error, before any work
+    assert run_cli("quantize", tiny_llama, tmp_path / "q", "--dataset", "someone/corpus") == 1
+    err = capfd.readouterr().err
+    assert "pip install 'text-generation-server[quantize]'" in err and "Traceback" not in err
+    assert not (tmp_path / "q").exists()

@@ -10,20 +10,37 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 from loguru import logger
 
-from text_generation_server.quantize.data import BUILTIN_DATASET
+from text_generation_server.quantize.data import BUILTIN_DATASET, HUB_DATASETS_INSTALL
 from text_generation_server.quantize.packing import SUPPORTED_BITS
 from text_generation_server.utils.argtypes import integer, number, positive_int
 from text_generation_server.utils.log import setup_logging
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults and wraps help at spaces only, so names like text-generation-server and
+    python-docs stay whole (and a command in the help can be copied)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(
+            " ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False
+        )
+
+
 def _group_size(value: str) -> int:
     size = integer(value)
     if size != -1 and size < 1:
-        raise argparse.ArgumentTypeError(f"{size} is not allowed: use a positive group size or -1 (one group per row)")
+        raise argparse.ArgumentTypeError(
+            f"{size} is not allowed: use a positive group size (input columns per group, e.g. 32, 64 or 128) "
+            "or -1 (one group per row)"
+        )
     return size
 
 
@@ -58,7 +75,10 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
                    help="dampening added to the Hessian diagonal, as a fraction of its mean (raised automatically if needed)")
     p.add_argument("--act-order", action="store_true",
                    help="quantize columns by decreasing activation energy (desc_act; g_idx becomes non-monotonic)")
-    p.add_argument("--groupsize", type=_group_size, default=128, help="input columns per quantization group; -1 for one group per row")
+    p.add_argument("--groupsize", type=_group_size, default=128,
+                   help="input columns per quantization group; a layer whose width it does not divide gets "
+                        "ceil(width / groupsize) groups, the last one shorter (the AutoGPTQ layout); "
+                        "-1 for one group per row")
     p.add_argument("--bits", type=_bits, default=4, help=f"bits per weight, one of {', '.join(map(str, SUPPORTED_BITS))}")
     p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True,
                    help="symmetric quantization grid (--no-sym: asymmetric with a per-group zero point)")
@@ -72,7 +92,7 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
                    help="within a layer calibrate o, gate/up and down on the outputs of the already quantized q/k/v, o, gate/up")
     p.add_argument("--dataset", default=BUILTIN_DATASET,
                    help=f"calibration text: '{BUILTIN_DATASET}' (built in, offline), a .txt or .jsonl ('text' field) file, "
-                        "or a Hugging Face dataset name (needs `datasets` and a network)")
+                        f"or a Hugging Face dataset name (needs the network and `{HUB_DATASETS_INSTALL}`)")
     p.add_argument("--nsamples", type=positive_int, default=128, help="number of calibration windows")
     p.add_argument("--seqlen", type=positive_int, default=2048,
                    help="tokens per calibration window (clamped to the model's max positions)")
@@ -88,7 +108,8 @@ def add_perplexity_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model repository's own config code")
     p.add_argument("--dataset", default=BUILTIN_DATASET,
                    help=f"evaluation text: '{BUILTIN_DATASET}' (its held-out split, disjoint from calibration), "
-                        "a .txt or .jsonl file, or a Hugging Face dataset name (test split)")
+                        f"a .txt or .jsonl file, or a Hugging Face dataset name (its test split; needs the network and "
+                        f"`{HUB_DATASETS_INSTALL}`)")
     p.add_argument("--seqlen", type=positive_int, default=512, help="tokens per non-overlapping window")
     p.add_argument("--nsamples", type=positive_int, default=128, help="number of windows scored (from the start of the text)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="windows per forward pass (default: ~2048 tokens)")
@@ -97,7 +118,7 @@ def add_perplexity_arguments(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers) -> None:
     """Add the ``quantize`` and ``perplexity`` subcommands (with ``func`` defaults)."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     q = subparsers.add_parser("quantize", help="GPTQ-quantize a model into an AutoGPTQ-layout checkpoint",
                               description="GPTQ-quantize MODEL_ID layer by layer and write an AutoGPTQ v1 checkpoint "
                                           "to OUTPUT_DIR.", formatter_class=fmt)

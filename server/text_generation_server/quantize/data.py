@@ -10,7 +10,8 @@ default, so quality numbers are never measured on calibration text.
 
 Other sources: a local ``.txt`` file (read whole) or ``.jsonl`` file (the
 ``text`` field of each line), or a Hugging Face dataset name where the
-``datasets`` package and a network are available.
+network is available and the ``datasets`` package is installed (the
+``quantize`` extra: ``pip install 'text-generation-server[quantize]'``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ _EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages"
 _MIN_DOCSTRING = 40
 # Hugging Face names with a well-known config and text column
 _HUB_ALIASES = {"wikitext2": ("wikitext", "wikitext-2-raw-v1")}
+# How to get the optional `datasets` package that hub datasets need.
+HUB_DATASETS_INSTALL = "pip install 'text-generation-server[quantize]'"
 
 
 class DatasetError(ValueError):
@@ -156,7 +159,8 @@ def _hub_dataset(name: str, split: str) -> Text:
         import datasets
     except ModuleNotFoundError as err:
         raise DatasetError(
-            f"{hint}; reading it from the Hugging Face hub needs the `datasets` package, which is not installed"
+            f"{hint}; reading it from the Hugging Face hub needs the `datasets` package, which is not installed: "
+            f"run `{HUB_DATASETS_INSTALL}`, or pass '{BUILTIN_DATASET}' or a .txt/.jsonl file"
         ) from err
     repo, config = _HUB_ALIASES.get(name, (name, None))
     if config is None and ":" in repo:

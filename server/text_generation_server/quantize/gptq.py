@@ -12,6 +12,7 @@ Python loop runs once instead of three times.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -206,13 +207,20 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, name: str = "
 def group_aware_permutation(diag: torch.Tensor, group_size: int) -> torch.Tensor:
     """Processing order that keeps each group of ``group_size`` columns contiguous:
     groups by descending largest Hessian diagonal, columns within a group by
-    descending diagonal."""
-    groups = diag.numel() // group_size
-    d = diag.view(groups, group_size)
+    descending diagonal. A width ``group_size`` does not divide ends in a
+    shorter last group, which takes its place by activity like any other."""
+    n = diag.numel()
+    groups = -(-n // group_size)
+    # Pad the short last group with -inf: its padding sorts after its real
+    # columns and never wins the group's maximum, and is dropped below.
+    padded = torch.full((groups * group_size,), float("-inf"), dtype=diag.dtype)
+    padded[:n] = diag
+    d = padded.view(groups, group_size)
     local = torch.argsort(d, dim=1, descending=True, stable=True)
     order = torch.argsort(d.max(dim=1).values, descending=True, stable=True)
     starts = (order * group_size).unsqueeze(1)
-    return (starts + local[order]).reshape(-1)
+    perm = (starts + local[order]).reshape(-1)
+    return perm[perm < n]
 
 
 @contextmanager
@@ -231,11 +239,14 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     """Quantize ``weight [out, in]`` with GPTQ given the input Hessian ``[in, in]``.
 
     Columns whose Hessian diagonal is 0 (inputs never active) are "dead": they
-    are quantized as zeros and take no part in error propagation. With
-    ``act_order`` columns are processed by descending Hessian diagonal and
+    are quantized as zeros and take no part in error propagation. Groups hold
+    ``group_size`` columns, ``G = ceil(in / group_size)`` of them; when the
+    size does not divide ``in`` the last group is shorter (without act-order
+    ``g_idx[i] = i // group_size``). With ``act_order`` columns are processed
+    by descending Hessian diagonal, groups are formed in that order and
     ``g_idx`` records each column's group; with ``static_groups`` the group
     grids are fitted on the original weight in natural column order, so
-    ``g_idx`` stays monotonic even with ``act_order``.
+    ``g_idx`` stays ``i // group_size`` even with ``act_order``.
     """
     with _one_thread():
         return _gptq_quantize(weight, hessian, spec, name)
@@ -266,7 +277,7 @@ def _gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     perm = None
     if spec.act_order:
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)
-    elif spec.group_aware_order and grouped and not spec.static_groups and in_f % size == 0:
+    elif spec.group_aware_order and grouped and not spec.static_groups:
         perm = group_aware_permutation(h.diagonal(), size)
     if perm is not None:
         w = w[:, perm]
@@ -275,28 +286,33 @@ def _gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     # Group of each processed column. Full act-order forms groups in
     # processing order (g_idx becomes non-monotonic); otherwise groups are
     # the natural column ranges, whichever order their columns are visited in.
+    # Either way group g has min(size, in_f - g * size) columns: when size
+    # does not divide in_f the last group is shorter (AutoGPTQ's layout).
     if spec.act_order and grouped and not spec.static_groups:
         col_group = torch.arange(in_f) // size
     else:
         natural = torch.arange(in_f) if perm is None else perm
         col_group = natural // size
     col_group_list = col_group.tolist()
+    group_len = [min(size, in_f - g * size) for g in range(groups)]
 
     u, used_pct = inverse_hessian_factor(h, spec.percdamp, name)
 
-    # Keep group starts on block boundaries so a group's grid is fitted on
-    # columns that already carry every earlier column's error update.
-    block = spec.block_size
-    if grouped and not spec.static_groups:
-        block = size * max(1, spec.block_size // size)
+    fit_groups = grouped and not spec.static_groups
+    if fit_groups:
+        # Groups fitted during the solve are contiguous in processing order.
+        # Blocks hold whole groups, so a group's grid is fitted on columns that
+        # already carry every earlier column's error update.
+        group_starts = [k for k in range(in_f) if k == 0 or col_group_list[k] != col_group_list[k - 1]]
+        bounds = group_starts[::max(1, spec.block_size // size)] + [in_f]
+    else:
+        bounds = [*range(0, in_f, spec.block_size), in_f]
 
     codes = torch.empty(out_f, in_f)
     losses = torch.zeros(out_f)
-    fit_groups = grouped and not spec.static_groups
     scale_col = zero_col = None
     last_group = -1
-    for i1 in range(0, in_f, block):
-        i2 = min(i1 + block, in_f)
+    for i1, i2 in itertools.pairwise(bounds):
         w1 = w[:, i1:i2]
         u1 = u[i1:i2, i1:i2]
         err1 = torch.empty(out_f, i2 - i1)
@@ -305,7 +321,7 @@ def _gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
             g = col_group_list[col]
             if g != last_group:
                 if fit_groups:
-                    scales[g], zeros[g] = find_params(w1[:, i:i + size], spec)
+                    scales[g], zeros[g] = find_params(w1[:, i:i + group_len[g]], spec)
                 scale_col, zero_col = scales[g], zeros[g]
                 last_group = g
             x = w1[:, i]

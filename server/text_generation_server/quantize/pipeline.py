@@ -107,7 +107,13 @@ def quantize_checkpoint(
             f"{model_path} is already quantized ({method}); quantize the unquantized checkpoint instead"
         )
     config = load_config(model_path, trust_remote_code)
-    check_shapes(config, spec)
+    ragged = check_shapes(config, spec)
+    if ragged:
+        g = spec.group_size
+        layers = ", ".join(
+            f"{name} ({in_f} = {in_f // g}x{g} + {in_f % g})" for name, in_f in ragged.items()
+        )
+        logger.info(f"Group size {g} leaves a shorter last group in {layers}")
 
     seqlen = calibration.seqlen
     max_pos = getattr(config, "max_position_embeddings", None)

@@ -85,8 +85,13 @@ def _submodule(root: torch.nn.Module, dotted: str) -> torch.nn.Module:
     return root.get_submodule(dotted)
 
 
-def check_shapes(config, spec: QuantSpec) -> None:
-    """Refuse settings the checkpoint layout cannot hold, naming the layer and sizes."""
+def check_shapes(config, spec: QuantSpec) -> dict[str, int]:
+    """Refuse settings the checkpoint layout cannot hold, naming the layer and sizes.
+
+    A group size need not divide a layer's input features: the layer then
+    gets ``ceil(in / group_size)`` groups, the last one shorter (the
+    AutoGPTQ layout). Returns those layers' input features by name.
+    """
     hidden = config.hidden_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
@@ -101,12 +106,10 @@ def check_shapes(config, spec: QuantSpec) -> None:
         "mlp.up_proj": (inter, hidden),
         "mlp.down_proj": (hidden, inter),
     }
+    ragged = {}
     for name, (out_f, in_f) in shapes.items():
-        if spec.group_size != -1 and in_f % spec.group_size:
-            raise QuantizationConfigError(
-                f"--groupsize {spec.group_size} does not divide the {in_f} input features of {name} "
-                f"(weight {out_f}x{in_f}); use a divisor of {in_f} or -1"
-            )
+        if 0 < spec.group_size < in_f and in_f % spec.group_size:
+            ragged[name] = in_f
         try:
             packed_length(in_f, spec.bits)
             packed_length(out_f, spec.bits)
@@ -114,6 +117,7 @@ def check_shapes(config, spec: QuantSpec) -> None:
             raise QuantizationConfigError(
                 f"{spec.bits}-bit packing cannot hold {name} (weight {out_f}x{in_f}): {err}"
             ) from err
+    return ragged
 
 
 class _LayerInputs:
