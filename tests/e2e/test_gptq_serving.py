@@ -5,8 +5,9 @@
   the same greedy tokens on both shard counts, the CPU int4 kernel and the
   per-shard weight memory in the start-up log.
 - A group-size-128 checkpoint of the 576-wide model (the last group of every
-  576-input layer is half full, which GPTQModel's CPU path refuses and our
-  quantizer does not write, so it is built by round-to-nearest): it serves on
+  576-input layer is half full, which GPTQModel's CPU path refuses; built
+  here by round-to-nearest, our quantizer's own is in
+  test_quantize_default_groupsize.py): it serves on
   2 shards and its logits match transformers on the dequantized weights.
 - ``--quantize gptq`` on the float default model stops before any shard starts.
 """

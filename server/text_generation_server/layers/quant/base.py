@@ -13,7 +13,8 @@ parallelism with attributes (see :func:`linear_param`):
   features, or ``None`` when the tensor is not split along them (e.g. GPTQ
   ``scales`` kept whole in a row-parallel layer with act-order);
 - ``output_pack`` / ``input_pack``: features per stored element along those
-  dims (8 for int4 packed in int32, the group size for per-group scales).
+  dims (8 for int4 packed in int32, the group size for per-group scales; a
+  ``Fraction`` where codes run across words, 32/3 for 3-bit).
 """
 
 from __future__ import annotations
