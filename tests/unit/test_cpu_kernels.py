@@ -228,3 +228,14 @@ def test_int4_dequantize_rebuilds_the_checkpoint_weights_exactly():
     kernel = CpuInt4NativeKernel(weights)
     got = ops().int4_dequantize(kernel.qweight, kernel.meta, kernel.group_size)
     torch.testing.assert_close(got, dense, rtol=0, atol=0)
+
+
+def test_int4_dequantize_bf16_rounds_the_checkpoint_weights_to_nearest_even():
+    from gptq_random import random_gptq
+    from text_generation_server.layers.quant.gptq_kernels.cpu_native import CpuInt4NativeKernel
+
+    weights, dense = random_gptq(320, 48, group_size=64, sym=False, seed=3)
+    kernel = CpuInt4NativeKernel(weights)
+    got = ops().int4_dequantize_bf16(kernel.qweight, kernel.meta, kernel.group_size)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, dense.to(torch.bfloat16), rtol=0, atol=0)

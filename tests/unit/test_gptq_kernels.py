@@ -77,6 +77,18 @@ def cpu_int4(request):
 CPU_INT4_TOLERANCE = {"cpu-int4pack-bf16": 1e-2, "cpu-int4-avx2": 2e-4}
 
 
+@pytest.fixture(autouse=True)
+def float32_prefill(monkeypatch):
+    """The native kernel's calls of many rows in float32 here, whatever this CPU prefers;
+    its bfloat16 prefill has tests of its own below."""
+    from text_generation_server.layers.quant.gptq_kernels import cpu_native
+
+    monkeypatch.setenv(cpu_native.PREFILL_DTYPE_ENV, "float32")
+    cpu_native.prefill_dtype.cache_clear()
+    yield
+    cpu_native.prefill_dtype.cache_clear()
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("k", [256, 576], ids=["k256", "k576-ragged-at-g128"])
 @pytest.mark.parametrize("n", [48, 40, 8], ids=["n48", "n40-padded", "n8"])
@@ -99,6 +111,51 @@ def test_cpu_int4_kernels_handle_wide_batches_and_bf16_inputs(cpu_int4, rows):
     y = kernel(x[:5].to(torch.bfloat16))
     assert y.dtype == torch.bfloat16
     assert relative_error(y.float(), x[:5] @ dense.t()) < 1e-2  # bf16 in and out
+
+
+def native_kernel_or_skip():
+    from text_generation_server.kernels import cpu_ops_status
+    from text_generation_server.layers.quant.gptq_kernels.cpu_native import CpuInt4NativeKernel
+
+    if not cpu_ops_status().available:
+        pytest.skip(f"native CPU kernels unavailable: {cpu_ops_status().reason}")
+    return CpuInt4NativeKernel
+
+
+@pytest.mark.parametrize("rows", [96, 300])
+def test_native_kernel_prefill_in_bfloat16_is_within_bf16_rounding_of_the_float_product(monkeypatch, rows):
+    from text_generation_server.layers.quant.gptq_kernels import cpu_native
+
+    kernel_cls = native_kernel_or_skip()
+    monkeypatch.setenv(cpu_native.PREFILL_DTYPE_ENV, "bfloat16")
+    cpu_native.prefill_dtype.cache_clear()
+    assert cpu_native.prefill_dtype() == torch.bfloat16
+    weights, dense = random_gptq(576, 96, group_size=64, sym=False, desc_act=True)
+    x = activations(rows, 576)
+    got = kernel_cls(weights)(x)
+    assert got.dtype == torch.float32
+    want = x @ dense.t()
+    err = relative_error(got, want)
+    # Both operands rounded to bf16 (8 significant bits): ~2e-3 relative, never the float path's 1e-5.
+    assert 1e-4 < err < 1e-2, err
+    # The same product as torch's own bf16 matmul of the rounded operands.
+    ref = (x.to(torch.bfloat16) @ dense.to(torch.bfloat16).t()).float()
+    assert relative_error(got, ref) < 1e-2
+
+
+def test_prefill_dtype_follows_the_cpu_unless_pinned(monkeypatch):
+    from text_generation_server.layers.quant.gptq_kernels import cpu_native
+    from text_generation_server.utils import cpu
+
+    for flags, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setenv(cpu_native.PREFILL_DTYPE_ENV, "auto")
+        monkeypatch.setattr(cpu, "host_has_bf16_instructions", lambda flags=flags: flags)
+        cpu_native.prefill_dtype.cache_clear()
+        assert cpu_native.prefill_dtype() == want
+    monkeypatch.setenv(cpu_native.PREFILL_DTYPE_ENV, "float16")
+    cpu_native.prefill_dtype.cache_clear()
+    with pytest.raises(ValueError, match="expected one of auto, float32, bfloat16"):
+        cpu_native.prefill_dtype()
 
 
 def test_cpu_int4_kernels_keep_zero_activations_exactly_zero(cpu_int4):

@@ -8,6 +8,8 @@
 //  - int4_linear: GPTQ 4-bit weights (repacked once at load) times activations
 //    quantized per group to 16 bits, integer dot products (vpmaddwd), the
 //    checkpoint's fp16 scale and zero point per (row, group).
+//  - int4_dequantize, int4_dequantize_bf16: the same weights unpacked to
+//    float32 or bfloat16, the operand of a float matrix product (prefill).
 //  - int8_linear: symmetric 8-bit weights, per-group scales (the LM head of a
 //    quantized model).
 //  - rms_norm, add_rms_norm_, rotary_, silu_mul, write_kv_: the elementwise
@@ -278,14 +280,27 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
 
 // Dense float32 [N, K] weights from the packed layout (for many-row products,
 // where a float matrix product beats the integer kernel).
-at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& meta, int64_t group_size) {
+// float32 lanes to bfloat16, rounding to nearest even (finite inputs).
+inline __m128i float_to_bf16(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  // packus works within 128-bit lanes: the halves of the result are lanes 0 and 1's four words each.
+  const __m256i packed = _mm256_packus_epi32(rounded, rounded);
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0xD8));
+}
+
+// The dense [N, K] weights of a 4-bit layer, float32 or (bf16 = true) bfloat16:
+// the float matrix product's operand for calls of many rows (prefill).
+at::Tensor int4_dequantize_as(const at::Tensor& qweight, const at::Tensor& meta, int64_t group_size, bool bf16) {
   const int64_t N = qweight.size(0), K = qweight.size(1) * 4;
   check_int4(qweight, meta, group_size, K);
   const int64_t G = K / group_size;
-  at::Tensor w = at::empty({N, K}, qweight.options().dtype(at::kFloat));
+  at::Tensor w = at::empty({N, K}, qweight.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
   const uint16_t* qp = reinterpret_cast<const uint16_t*>(qweight.data_ptr<int16_t>());
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(meta.data_ptr<int16_t>());
-  float* wp = w.data_ptr<float>();
+  float* wp = bf16 ? nullptr : w.data_ptr<float>();
+  uint16_t* bp = bf16 ? reinterpret_cast<uint16_t*>(w.data_ptr<at::BFloat16>()) : nullptr;
   at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n) {
       for (int64_t k = 0; k < K; k += 64) {
@@ -296,14 +311,29 @@ at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& meta, in
           const __m256 s = _mm256_set1_ps(half_to_float(tm[n % 4]));
           const __m256 z = _mm256_set1_ps(static_cast<float>(reinterpret_cast<const uint8_t*>(tm + 4)[n % 4]));
           const __m128i lo = _mm256_castsi256_si128(q.c[part]), hi = _mm256_extracti128_si256(q.c[part], 1);
-          float* out = wp + n * K + k + 16 * part;
-          _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(lo)), z), s));
-          _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(hi)), z), s));
+          const __m256 w0 = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(lo)), z), s);
+          const __m256 w1 = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(hi)), z), s);
+          const int64_t at = n * K + k + 16 * part;
+          if (bf16) {
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(bp + at), float_to_bf16(w0));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(bp + at + 8), float_to_bf16(w1));
+          } else {
+            _mm256_storeu_ps(wp + at, w0);
+            _mm256_storeu_ps(wp + at + 8, w1);
+          }
         }
       }
     }
   });
   return w;
+}
+
+at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& meta, int64_t group_size) {
+  return int4_dequantize_as(qweight, meta, group_size, false);
+}
+
+at::Tensor int4_dequantize_bf16(const at::Tensor& qweight, const at::Tensor& meta, int64_t group_size) {
+  return int4_dequantize_as(qweight, meta, group_size, true);
 }
 
 // ---- 8-bit weights --------------------------------------------------------------------
@@ -720,6 +750,7 @@ at::Tensor mlp_block(const at::Tensor& attention, at::Tensor& residual, const at
 TORCH_LIBRARY(tgs_cpu, m) {
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor meta, int group_size) -> Tensor", &int4_linear);
   m.def("int4_dequantize(Tensor qweight, Tensor meta, int group_size) -> Tensor", &int4_dequantize);
+  m.def("int4_dequantize_bf16(Tensor qweight, Tensor meta, int group_size) -> Tensor", &int4_dequantize_bf16);
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales, int group_size) -> Tensor", &int8_linear);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
   m.def("add_rms_norm_(Tensor x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor", &add_rms_norm_);
