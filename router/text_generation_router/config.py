@@ -43,7 +43,7 @@ class RouterArgs:
 
     model_id: str | None = None
     tokenizer: str | None = None
-    shard_uds_path: str = "/tmp/text-generation-server"
+    shard_uds_path: str = "/tmp/text-generation-server/shard"
     grpc_port: int = 8033
     port: int = 3000
     hostname: str = "0.0.0.0"
@@ -103,7 +103,7 @@ _FLAGS: list[tuple[tuple[str, ...], tuple[str, ...], Callable[[str], object] | N
      "Name of the served model, reported in logs (any model_id a client sends is accepted)."),
     (("--tokenizer", "--tokenizer-name"), ("TOKENIZER", "TOKENIZER_NAME"), str, None,
      "Local directory holding the tokenizer files (default: --model-id when it is a directory)."),
-    (("--shard-uds-path",), ("SHARD_UDS_PATH",), str, "/tmp/text-generation-server",
+    (("--shard-uds-path",), ("SHARD_UDS_PATH",), str, "/tmp/text-generation-server/shard",
      "Prefix of the shard sockets; the router connects to {path}-0 and discovers the rest."),
     (("--grpc-port",), ("GRPC_PORT",), port_or_zero, 8033, "Port of the public gRPC API."),
     (("--port",), ("PORT",), port_or_zero, 3000, "Port of the HTTP /health and /metrics endpoints."),

@@ -3,22 +3,29 @@
 glibc keeps freed heap memory in per-thread arenas, so a burst of huge
 requests (megabyte prompts, messages over the receive limit) would leave the
 router's resident memory at its high-water mark for good, a little higher
-after every burst. Two arenas bound that retention, and trimming while no
-request runs returns the rest. Both are no-ops where the C library is not
-glibc.
+after every burst. Two arenas and a fixed mmap threshold (large blocks get
+their own mapping, returned when freed) bound that retention; while no
+request runs, unreachable Python objects are collected and the heap is
+trimmed. The glibc settings and the trim are no-ops where the C library is
+not glibc.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import sys
 from collections.abc import Callable
 
 from loguru import logger
 
-# mallopt parameter: the most arenas glibc creates.
+# mallopt parameters: the most arenas glibc creates; the size from which blocks get their own mapping.
 _M_ARENA_MAX = -8
+_M_MMAP_THRESHOLD = -3
+# Fixed (glibc otherwise raises it up to 32 MiB after freeing a large block, so the next megabyte-sized
+# prompts land in the heap and fragment it); blocks this large and up are returned to the OS when freed.
+_MMAP_THRESHOLD_BYTES = 256 * 1024
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -34,13 +41,22 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def limit_arenas(count: int = 2) -> bool:
-    """Cap glibc's malloc arenas (call early, before threads allocate); True when applied."""
+    """Cap glibc's malloc arenas and fix its mmap threshold (call early, before threads allocate); True when applied."""
     libc = _glibc()
-    return bool(libc is not None and libc.mallopt(_M_ARENA_MAX, count) == 1)
+    if libc is None:
+        return False
+    return libc.mallopt(_M_ARENA_MAX, count) == 1 and libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) == 1
 
 
 def release_freed_memory() -> bool:
-    """Return free heap memory to the operating system; True when some was released."""
+    """Collect unreachable Python objects, then return free heap memory to the OS; True when some was released.
+
+    The collection comes first: a refused request's exception keeps its
+    frames, and with them the request's text (up to the 64 MiB message
+    limit), in a reference cycle that only the cyclic collector frees, and
+    it runs its full pass rarely.
+    """
+    gc.collect()
     libc = _glibc()
     return bool(libc is not None and libc.malloc_trim(0) == 1)
 

@@ -140,7 +140,7 @@ class Router:
             f"tokens ({warm.num_blocks} blocks of {warm.block_size}); limits: max_input_tokens "
             f"{limits.max_input_tokens}, max_total_tokens {limits.max_total_tokens}, max_batch_prefill_tokens "
             f"{limits.max_batch_prefill_tokens}, max_batch_total_tokens {limits.max_batch_total_tokens} "
-            f"({'--max-batch-total-tokens' if args.max_batch_total_tokens else 'derived from the KV capacity'}), "
+            f"({'from --max-batch-total-tokens' if args.max_batch_total_tokens else 'from the KV cache capacity'}), "
             f"max_new_tokens {limits.max_new_tokens}"
         )
         self.scheduler = Scheduler(self.client, self.tokenizer, limits, self.metrics, on_fatal=self._on_fatal)

@@ -125,14 +125,20 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         cid = correlation_id(context)
         return f" (x-correlation-id {cid})" if cid else ""
 
+    @staticmethod
+    def _log(context: grpc.aio.ServicerContext):
+        """loguru's logger with the call's ``correlation_id`` in the record's extra, as Entry.log binds it."""
+        cid = correlation_id(context)
+        return logger.bind(correlation_id=cid) if cid else logger
+
     def _invalid(self, err: ValidationError, context: grpc.aio.ServicerContext) -> ApiError:
         self._state.metrics.request_failure.labels(err="validation").inc()
-        logger.warning(f"Rejected request{self._who(context)}: {err}")
+        self._log(context).warning(f"Rejected request{self._who(context)}: {err}")
         return ApiError(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
     def _internal(self, method: str, err: Exception, context: grpc.aio.ServicerContext) -> ApiError:
         self._state.metrics.request_failure.labels(err="internal").inc()
-        logger.opt(exception=err).error(
+        self._log(context).opt(exception=err).error(
             f"{method}{self._who(context)} failed unexpectedly: {type(err).__name__}: {err}"
         )
         return ApiError(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(err).__name__}: {err}")
@@ -150,7 +156,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         limit = state.limits.max_concurrent_requests
         if state.in_flight + prompts > limit:
             state.metrics.request_failure.labels(err="conc_limit").inc(prompts)
-            logger.warning(
+            self._log(context).warning(
                 f"Model is overloaded: {state.in_flight} prompts in flight, limit {limit}; "
                 f"refused a call of {prompts}{self._who(context)}"
             )

@@ -168,7 +168,9 @@ def test_sigterm_drains_eight_streams_refuses_new_work_and_exits_zero(tiny_llama
             generation_pb2_grpc.GenerationServiceStub(channel).Generate(
                 pb.BatchedGenerationRequest(requests=[pb.GenerationRequest(text="too late")]), timeout=30
             )
+    # Refused by the draining router itself (not a connection failure), saying why.
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+    assert "shutting down" in (refused.value.details() or ""), refused.value.details()
 
     for thread in threads:
         thread.join(timeout=120)

@@ -16,7 +16,7 @@ from text_generation_router.config import (
 def test_defaults_follow_tgi_and_tgis():
     args = parse_args([], env={})
     assert (args.grpc_port, args.port, args.hostname) == (8033, 3000, "0.0.0.0")
-    assert args.shard_uds_path == "/tmp/text-generation-server"
+    assert args.shard_uds_path == "/tmp/text-generation-server/shard"
     assert args.max_concurrent_requests == 128 and args.max_best_of == 2
     assert args.max_stop_sequences == 4 and args.max_top_n_tokens == 5
     assert args.max_new_tokens == 1024 and args.default_max_new_tokens == 20

@@ -34,3 +34,28 @@ def test_arena_cap_and_trim_are_accepted_by_glibc():
         pytest.skip("not glibc")
     assert memory.limit_arenas(2) is True
     assert memory.release_freed_memory() in (True, False)
+
+
+def test_release_collects_unreachable_cycles_first():
+    """A cycle (as an exception's traceback makes with its frames) holding a request's text is freed by the trim."""
+    import gc
+    import weakref
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.self = holder
+    holder.text = "x" * 2**20
+    alive = weakref.ref(holder)
+    enabled = gc.isenabled()
+    gc.disable()  # only the trim may collect it
+    try:
+        del holder
+        assert alive() is not None
+        memory.release_freed_memory()
+        assert alive() is None
+    finally:
+        if enabled:
+            gc.enable()
+

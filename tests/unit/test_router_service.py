@@ -650,7 +650,57 @@ def test_x_correlation_id_is_in_the_log_lines_of_its_request(harness):
     assert any("req-7f3a" in line and "finished" in line for line in lines), lines
     assert any("str-1" in line and "finished" in line for line in lines), lines
     assert any("bad-9" in line and "Rejected" in line for line in lines), lines
-    assert {"req-7f3a", "str-1"} <= set(tagged)  # a field of its own in --json-output records
+    # A field of its own in --json-output records, for served and rejected requests alike.
+    assert {"req-7f3a", "str-1", "bad-9"} <= set(tagged)
+    rejected = [cid for line, cid in zip(lines, tagged, strict=True) if "Rejected" in line]
+    assert rejected == ["bad-9"], list(zip(lines, tagged, strict=True))
+
+
+def test_x_correlation_id_is_a_field_of_the_overloaded_log_line(harness):
+    from loguru import logger
+
+    records: list[tuple[str, str]] = []
+    sink = logger.add(
+        lambda m: records.append((m.record["message"], m.record["extra"].get("correlation_id", ""))),
+        level="WARNING",
+    )
+    try:
+        h = harness(FakeModel(step_delay=0.02), max_concurrent_requests=1)
+        stub = h.stub()
+        running = stub.Generate.future(batched(["a"], params(40)), timeout=20)
+        assert wait_for(lambda: h.shard.tokens_held() > 0)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(batched(["b"], params(2)), timeout=10, metadata=(("x-correlation-id", "busy-3"),))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        h.model.step_delay = 0.0005
+        running.result()
+    finally:
+        logger.remove(sink)
+    overloaded = [(message, cid) for message, cid in records if "overloaded" in message]
+    assert len(overloaded) == 1, records
+    message, cid = overloaded[0]
+    assert cid == "busy-3" and "x-correlation-id busy-3" in message, overloaded
+
+
+@pytest.mark.parametrize(
+    "router_args, expected",
+    [
+        ({}, "max_batch_total_tokens 100000 (from the KV cache capacity)"),
+        ({"max_batch_total_tokens": 5000}, "max_batch_total_tokens 5000 (from --max-batch-total-tokens)"),
+    ],
+)
+def test_start_up_log_states_max_batch_total_tokens_and_where_it_came_from(harness, router_args, expected):
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="INFO")
+    try:
+        harness(FakeModel(kv_capacity=100_000), **router_args)
+    finally:
+        logger.remove(sink)
+    warmup = [line for line in lines if line.startswith("Warmup done")]
+    assert len(warmup) == 1, lines
+    assert "KV capacity 100000 tokens" in warmup[0] and expected in warmup[0], warmup[0]
 
 
 # ---- shard failures -----------------------------------------------------------------------------
