@@ -55,7 +55,7 @@ class Outcome:
 
 def launch_and_wait(tmp: Path, args: list[str], env: dict[str, str] | None = None) -> Outcome:
     uds = str(tmp / "sock" / "shard")
-    (tmp / "sock").mkdir(exist_ok=True)
+    (tmp / "sock").mkdir(mode=0o700, exist_ok=True)
     argv = [
         str(LAUNCHER),
         "--grpc-port", str(free_port()),
@@ -143,6 +143,26 @@ def larger_than_memory(model: Path) -> None:
         f.truncate(8 + len(new_header) + end + huge)
 
 
+def memory_refusal(model: Path, shards: int) -> list[str]:
+    """The refusal's own words and its per-shard figure, computed from the file itself.
+
+    Every tensor of the tiny checkpoint (and the added one) is F32 and served
+    in float32 on the CPU, so the weights take exactly the file's data bytes.
+    """
+    path = model / "model.safetensors"
+    with open(path, "rb") as f:
+        header_len = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(header_len))
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F32"}
+    per_shard = -(-(path.stat().st_size - 8 - header_len) // shards)
+    return [
+        "model too large for memory:",
+        f"each shard needs {per_shard / 2**30:.2f} GiB for its weights",
+        f"in float32 over {shards} shards) but only",
+        "is available to it",
+    ]
+
+
 def two_heads_two_kv_heads(model: Path) -> None:
     """2 query heads with a KV head each cannot go to 3 ranks: two would share one query head."""
     from tiny_model import build_tiny_llama
@@ -151,14 +171,14 @@ def two_heads_two_kv_heads(model: Path) -> None:
 
 
 CHECKPOINT_FAULTS = [
-    # (id, break the checkpoint, shards, words the log must contain)
+    # (id, break the checkpoint, shards, words the log must contain, or a function of (model, shards) giving them)
     ("missing-tensor", missing_tensor, 2, ["missing 1 tensor", "model.layers.1.mlp.down_proj.weight"]),
     ("bad-shape", bad_shape, 2, ["model.layers.0.self_attn.o_proj.weight", "shape"]),
     ("corrupt-header", corrupt_header, 1, ["model.safetensors"]),
     ("truncated", truncated, 2, ["model.safetensors"]),
     ("unsupported-architecture", unsupported_architecture, 1, ["GPT2LMHeadModel", "LlamaForCausalLM"]),
     ("missing-tokenizer", no_tokenizer, 1, ["tokenizer"]),
-    ("larger-than-memory", larger_than_memory, 2, ["GiB", "available"]),
+    ("larger-than-memory", larger_than_memory, 2, memory_refusal),
     ("impossible-head-split", two_heads_two_kv_heads, 3,
      ["num_attention_heads=2", "num_key_value_heads=2", "world_size=3"]),
 ]
@@ -177,6 +197,8 @@ def test_broken_checkpoint_stops_the_launch_with_its_error(tiny_llama, tmp_path,
     assert result.code != 0, result.log
     assert result.seconds < FAIL_WITHIN, result.log
     assert result.error_to_exit < STOP_WITHIN, result.log[-3000:]
+    if callable(needles):
+        needles = needles(model, shards)
     for needle in needles:
         assert needle in result.log, (needle, result.log[-3000:])
     assert "Traceback" not in result.log, result.log[-3000:]
@@ -235,7 +257,7 @@ def test_a_cache_directory_the_service_user_cannot_write_is_named(tmp_path):
         cache, home, sockets = root / "cache", root / "home", root / "sock"
         cache.mkdir(mode=0o755)  # root's: nobody may read it, not write it
         home.mkdir()
-        sockets.mkdir()
+        sockets.mkdir(mode=0o700)
         for d in (home, sockets):
             os.chown(d, nobody, nobody)
         argv = [str(LAUNCHER), "--grpc-port", str(free_port()), "--port", str(free_port()),
