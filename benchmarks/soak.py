@@ -7,7 +7,11 @@ or any model directory), keeps ``--concurrency`` clients busy for
 GenerateStream (some cancelled by the client after a few tokens), Tokenize,
 and invalid requests. Every ``--sample-every`` seconds it reads the private
 RSS (RssAnon) of the router and of each shard from /proc and the KV blocks in
-use from the router's /metrics.
+use from the router's /metrics. It also reads that memory once before the
+load starts (after one call of each kind and an idle pause, so the router
+has trimmed) and once after it (after the same pause), and reports both. It
+exits 1 at once if it cannot find the router and every shard among the
+launcher's children, since it would have nothing to measure.
 
 Pass criteria (exit 1 otherwise): after the first third of the run (warm-up),
 no process's private memory grows by more than ``--max-growth-mib``, neither
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import random
 import re
 import signal
@@ -59,8 +64,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The router returns freed memory to the OS after 10 s without requests in flight.
+IDLE_TRIM_WAIT_S = 12.0
+
+
 def private_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    """Private resident memory (RssAnon) of ``pid`` in MiB; NaN when /proc does not say."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return float("nan")
+    for line in lines:
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) / 1024
     return float("nan")
@@ -117,66 +131,103 @@ class Tally:
                 self.latencies.append((started, time.monotonic() - started))
 
 
-def client(address: str, stop: threading.Event, tally: Tally, seed: int, new_tokens: int) -> None:
+KINDS = ["generate", "sample", "stream-cancel", "tokenize", "invalid"]
+KIND_WEIGHTS = [4, 3, 2, 1, 1]
+
+
+def one_call(stub, kind: str, prompt: str, new_tokens: int, tally: Tally) -> None:
+    """One call of the mix, its outcome recorded in ``tally``."""
     from text_generation_server.pb.fmaas import generation_pb2 as pb
+
+    ok = {grpc.StatusCode.OK}
+    started = time.monotonic()
+    stopping = pb.StoppingCriteria(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    try:
+        if kind == "generate":
+            stub.Generate(
+                pb.BatchedGenerationRequest(requests=[pb.GenerationRequest(text=prompt)],
+                                            params=pb.Parameters(stopping=stopping)),
+                timeout=300,
+            )
+        elif kind == "sample":
+            stub.Generate(
+                pb.BatchedGenerationRequest(
+                    requests=[pb.GenerationRequest(text=prompt)],
+                    params=pb.Parameters(
+                        method=pb.SAMPLE,
+                        sampling=pb.SamplingParameters(temperature=0.9, top_k=20, top_p=0.9),
+                        stopping=stopping,
+                    ),
+                ),
+                timeout=300,
+            )
+        elif kind == "stream-cancel":
+            call = stub.GenerateStream(
+                pb.SingleGenerationRequest(request=pb.GenerationRequest(text=prompt),
+                                           params=pb.Parameters(stopping=stopping)),
+                timeout=300,
+            )
+            for i, _ in enumerate(call):
+                if i >= 2:
+                    call.cancel()
+                    break
+            tally.record(kind, grpc.StatusCode.OK, ok, started)
+            return
+        elif kind == "tokenize":
+            stub.Tokenize(pb.BatchedTokenizeRequest(requests=[pb.TokenizeRequest(text=prompt)]), timeout=60)
+        else:
+            stub.Generate(
+                pb.BatchedGenerationRequest(
+                    requests=[pb.GenerationRequest(text=prompt)],
+                    params=pb.Parameters(method=pb.SAMPLE, sampling=pb.SamplingParameters(temperature=-1)),
+                ),
+                timeout=60,
+            )
+        tally.record(kind, grpc.StatusCode.OK, ok if kind != "invalid" else set(), started)
+    except grpc.RpcError as err:
+        expected = {grpc.StatusCode.INVALID_ARGUMENT} if kind == "invalid" else set()
+        if kind == "stream-cancel" and err.code() == grpc.StatusCode.CANCELLED:
+            expected = {grpc.StatusCode.CANCELLED}
+        tally.record(kind, err.code(), expected, started, err.details() or "")
+
+
+def client(address: str, stop: threading.Event, tally: Tally, seed: int, new_tokens: int) -> None:
     from text_generation_server.pb.fmaas import generation_pb2_grpc
 
     rng = random.Random(seed)
-    ok = {grpc.StatusCode.OK}
     with grpc.insecure_channel(address) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         while not stop.is_set():
             prompt = rng.choice(PROMPTS)
-            kind = rng.choices(["generate", "sample", "stream-cancel", "tokenize", "invalid"], [4, 3, 2, 1, 1])[0]
-            started = time.monotonic()
-            stopping = pb.StoppingCriteria(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-            try:
-                if kind == "generate":
-                    stub.Generate(
-                        pb.BatchedGenerationRequest(requests=[pb.GenerationRequest(text=prompt)],
-                                                    params=pb.Parameters(stopping=stopping)),
-                        timeout=300,
-                    )
-                elif kind == "sample":
-                    stub.Generate(
-                        pb.BatchedGenerationRequest(
-                            requests=[pb.GenerationRequest(text=prompt)],
-                            params=pb.Parameters(
-                                method=pb.SAMPLE,
-                                sampling=pb.SamplingParameters(temperature=0.9, top_k=20, top_p=0.9),
-                                stopping=stopping,
-                            ),
-                        ),
-                        timeout=300,
-                    )
-                elif kind == "stream-cancel":
-                    call = stub.GenerateStream(
-                        pb.SingleGenerationRequest(request=pb.GenerationRequest(text=prompt),
-                                                   params=pb.Parameters(stopping=stopping)),
-                        timeout=300,
-                    )
-                    for i, _ in enumerate(call):
-                        if i >= 2:
-                            call.cancel()
-                            break
-                    tally.record(kind, grpc.StatusCode.OK, ok, started)
-                    continue
-                elif kind == "tokenize":
-                    stub.Tokenize(pb.BatchedTokenizeRequest(requests=[pb.TokenizeRequest(text=prompt)]), timeout=60)
-                else:
-                    stub.Generate(
-                        pb.BatchedGenerationRequest(
-                            requests=[pb.GenerationRequest(text=prompt)],
-                            params=pb.Parameters(method=pb.SAMPLE, sampling=pb.SamplingParameters(temperature=-1)),
-                        ),
-                        timeout=60,
-                    )
-                tally.record(kind, grpc.StatusCode.OK, ok if kind != "invalid" else set(), started)
-            except grpc.RpcError as err:
-                expected = {grpc.StatusCode.INVALID_ARGUMENT} if kind == "invalid" else set()
-                if kind == "stream-cancel" and err.code() == grpc.StatusCode.CANCELLED:
-                    expected = {grpc.StatusCode.CANCELLED}
-                tally.record(kind, err.code(), expected, started, err.details() or "")
+            kind = rng.choices(KINDS, KIND_WEIGHTS)[0]
+            one_call(stub, kind, prompt, new_tokens, tally)
+
+
+def warm_up(address: str, new_tokens: int) -> Tally:
+    """One call of each kind in the mix, one after the other (what the first seconds of load would allocate)."""
+    from text_generation_server.pb.fmaas import generation_pb2_grpc
+
+    tally = Tally()
+    with grpc.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        for kind, prompt in zip(KINDS, PROMPTS, strict=False):
+            one_call(stub, kind, prompt, new_tokens, tally)
+    return tally
+
+
+def measurable(pids: dict[str, int], num_shard: int) -> str | None:
+    """Why the soak cannot measure these processes, or None when the router and every shard were found."""
+    wanted = ["router", *(f"shard-{rank}" for rank in range(max(1, num_shard)))]
+    missing = [name for name in wanted if name not in pids]
+    if missing:
+        return (
+            f"cannot find the {', '.join(missing)} process(es) among the launcher's children "
+            f"(found: {pids or 'none'}); the soak measures their memory and would measure nothing"
+        )
+    unreadable = [name for name, pid in pids.items() if math.isnan(private_mib(pid))]
+    if unreadable:
+        return f"cannot read the private memory (RssAnon in /proc/PID/status) of {', '.join(unreadable)}"
+    return None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -260,6 +311,19 @@ def run(args: argparse.Namespace, proc: subprocess.Popen, grpc_port: int, http_p
     address = f"127.0.0.1:{grpc_port}"
     wait_serving(address, proc, log_path)
     pids = children(proc.pid)
+    problem = measurable(pids, args.num_shard)
+    if problem is None:
+        warmup_tally = warm_up(address, args.new_tokens)
+        if warmup_tally.unexpected:
+            problem = f"the warm-up calls got unexpected outcomes: {warmup_tally.unexpected}"
+    if problem is not None:
+        print(f"SOAK FAILED: {problem}", file=sys.stderr)
+        if args.out:
+            args.out.write_text(json.dumps({"processes": pids, "failures": [problem]}, indent=2) + "\n")
+        return 1
+    time.sleep(IDLE_TRIM_WAIT_S)
+    before_load = {name: private_mib(pid) for name, pid in pids.items()}
+    print("private memory before load (MiB): " + "  ".join(f"{n} {m:.1f}" for n, m in sorted(before_load.items())))
     print(f"serving; processes {pids}; {args.concurrency} clients for {args.duration:.0f} s")
     tally = Tally()
     stop = threading.Event()
@@ -286,7 +350,7 @@ def run(args: argparse.Namespace, proc: subprocess.Popen, grpc_port: int, http_p
     stop.set()
     for t in threads:
         t.join(timeout=300)
-    time.sleep(2)
+    time.sleep(IDLE_TRIM_WAIT_S)
     kv_idle = kv_blocks_used(http_port)
     final_mem = {name: private_mib(pid) for name, pid in pids.items()}
 
@@ -296,15 +360,18 @@ def run(args: argparse.Namespace, proc: subprocess.Popen, grpc_port: int, http_p
     baseline = warm[0][1]
     report: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                     "memory_mib": {}, "kv_blocks": {}, "latency_s": [], "outcomes": {}}
-    print("\nprivate memory (MiB): after warm-up -> highest in the last third -> end of load -> idle")
+    print("\nprivate memory (MiB): before load -> after warm-up -> highest in the last third -> end of load "
+          "-> after load (idle)")
     for name in sorted(pids):
         peak_last = max(s[1][name] for s in last)
         growth = final_mem[name] - baseline[name]
         growth_loaded = peak_last - baseline[name]
-        print(f"  {name:8s} {baseline[name]:8.1f} -> {peak_last:8.1f} -> {warm[-1][1][name]:8.1f} -> "
-              f"{final_mem[name]:8.1f}  (growth under load {growth_loaded:+.1f}, idle {growth:+.1f})")
-        report["memory_mib"][name] = {"after_warmup": baseline[name], "last_third_peak": peak_last,
-                                      "end_of_load": warm[-1][1][name], "idle": final_mem[name]}
+        print(f"  {name:8s} {before_load[name]:8.1f} -> {baseline[name]:8.1f} -> {peak_last:8.1f} -> "
+              f"{warm[-1][1][name]:8.1f} -> {final_mem[name]:8.1f}  (growth under load {growth_loaded:+.1f}, "
+              f"idle {growth:+.1f}; after load vs before load {final_mem[name] - before_load[name]:+.1f})")
+        report["memory_mib"][name] = {"before_load": before_load[name], "after_warmup": baseline[name],
+                                      "last_third_peak": peak_last, "end_of_load": warm[-1][1][name],
+                                      "after_load": final_mem[name], "idle": final_mem[name]}
         for what, value in (("under load", growth_loaded), ("once idle", growth)):
             if value > args.max_growth_mib:
                 failures.append(f"{name} private memory grew {value:.0f} MiB {what} (limit {args.max_growth_mib:.0f})")
