@@ -27,6 +27,8 @@ from text_generation_server.utils.argtypes import (
     readable_file,
 )
 
+# Sockets {path}-{rank} in a directory of their own that the launcher creates with mode 0700.
+DEFAULT_SHARD_UDS_PATH = "/tmp/text-generation-server/shard"
 QUANTIZE_CHOICES = ("gptq", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4")
 DTYPE_CHOICES = ("float16", "bfloat16", "float32")
 
@@ -66,7 +68,7 @@ class LauncherArgs:
     port: int = 3000
     grpc_port: int = 8033
     hostname: str = "0.0.0.0"
-    shard_uds_path: str = "/tmp/text-generation-server"
+    shard_uds_path: str = DEFAULT_SHARD_UDS_PATH
     master_addr: str = "localhost"
     master_port: int = 29500
     huggingface_hub_cache: str | None = None
@@ -166,7 +168,11 @@ _FLAGS: list[_Flag] = [
           f"Compute dtype: {'|'.join(DTYPE_CHOICES)}. Not allowed with --quantize gptq.", metavar="DTYPE",
           shown="float16 on CUDA, float32 on CPU"),
     _Flag(("--trust-remote-code",), ("TRUST_REMOTE_CODE",), parse_bool,
-          "Allow the checkpoint's own Python code (configs/tokenizers) to run.", default=False, switch=True),
+          "Accepted for TGI compatibility and passed to the shards, where it changes nothing: no Python code "
+          "from the checkpoint ever runs (architectures are built in; configs and tokenizers load with "
+          "transformers' own classes) and serving never unpickles weights. To convert pickle (.bin) weights, "
+          "consent with `text-generation-server download-weights MODEL --trust-remote-code`.",
+          default=False, switch=True),
     _Flag(("--max-concurrent-requests",), ("MAX_CONCURRENT_REQUESTS",), positive_int,
           "Requests in flight before new ones are refused.", shown="128"),
     _Flag(("--max-best-of",), ("MAX_BEST_OF",), positive_int, "Accepted for TGI compatibility.", shown="2"),
@@ -215,9 +221,13 @@ _FLAGS: list[_Flag] = [
           "Needs --tls-cert-path and --tls-key-path.", metavar="FILE"),
     _Flag(("--hostname",), ("HOSTNAME",), non_empty, "Address the router listens on.", default="0.0.0.0"),
     _Flag(("--shard-uds-path",), ("SHARD_UDS_PATH",), non_empty,
-          "Prefix of the shard unix sockets ({path}-{rank}).", default="/tmp/text-generation-server"),
+          "Prefix of the shard unix sockets ({path}-{rank}). Their directory is created with mode 0700 when "
+          "missing; an existing one must belong to this user and be closed to group and others.",
+          default=DEFAULT_SHARD_UDS_PATH),
     _Flag(("--master-addr",), ("MASTER_ADDR",), non_empty,
-          "Address of rank 0 for torch.distributed.", default="localhost"),
+          "Address of rank 0 for torch.distributed; the shards listen only on it (gloo, and NCCL on CUDA, "
+          "use the interface that holds it unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME are set).",
+          default="localhost"),
     _Flag(("--master-port",), ("MASTER_PORT",), port, "Port of rank 0 for torch.distributed.", default=29500),
     _Flag(("--huggingface-hub-cache",), ("HUGGINGFACE_HUB_CACHE",), non_empty,
           "Hugging Face hub cache directory to find --model-id in.", metavar="DIR",

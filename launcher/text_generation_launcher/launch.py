@@ -215,13 +215,15 @@ def _tls_note(args: LauncherArgs) -> str:
 
 
 def _preflight(args: LauncherArgs, sockets: list[str]) -> None:
+    """Ports free, the socket directory private to this user (created 0700 if missing), no live socket."""
     check_port_free(args.hostname, args.grpc_port, "--grpc-port")
     check_port_free(args.hostname, args.port, "--port")
     if args.num_shard > 1:
         check_port_free(args.master_addr, args.master_port, "--master-port", only_if_local=True)
     for path in sockets:
-        if prepare_socket_dir(str(Path(path).parent)):
-            logger.info(f"Created socket directory {Path(path).parent} (mode 0700)")
+        directory = Path(path).parent
+        if prepare_socket_dir(str(directory)):
+            logger.info(f"Created socket directory {directory} (mode 0700)")
         if clear_stale_socket(path):
             logger.info(f"Removed stale socket {path} left by an earlier run")
 

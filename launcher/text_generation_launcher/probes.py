@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
 import socket
 import stat
+from pathlib import Path
 
 
 def shard_socket(uds_path: str, rank: int) -> str:
@@ -131,29 +133,68 @@ def clear_stale_socket(path: str) -> bool:
 
 
 def prepare_socket_dir(directory: str, flag: str = "--shard-uds-path") -> bool:
-    """Make sure shard sockets can live in ``directory`` without other users replacing them.
+    """Make sure shard sockets live in a directory only this user can open.
 
-    A missing directory is created with mode 0700 (True is returned). An
-    existing one must not let other users delete entries: writable by group or
-    others is refused unless the sticky bit is set (as on /tmp, where the
-    sockets' own 0600 mode keeps other users out). Raises SocketInUseError
-    with a message naming ``flag``.
+    A missing directory is created with mode 0700 (True is returned; missing
+    parents are created as usual). An existing one must be a real directory
+    (not a symbolic link), owned by the current user, with no permission bits
+    for group or others: anyone who can open it could see, and with write
+    access replace, the shard sockets. Raises SocketInUseError with a
+    message naming ``flag``, the directory, its owner and mode, and the fix.
     """
+    path = Path(directory)
+    created = False
     try:
-        info = os.stat(directory)
-    except FileNotFoundError:
-        try:
-            os.makedirs(directory, mode=0o700)
-        except OSError as err:
-            raise SocketInUseError(f"{flag}: cannot create the socket directory {directory} ({err.strerror})") from None
-        os.chmod(directory, 0o700)
-        return True
-    if not stat.S_ISDIR(info.st_mode):
-        raise SocketInUseError(f"{flag}: {directory} is not a directory")
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+        info = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        created = _make_private_dir(path, flag)
+        info = os.lstat(path)
+    fix = (
+        f"pass {flag} DIR/shard with a DIR that does not exist yet (the launcher creates it with mode 0700) "
+        f"or that only this user can open"
+    )
+    if stat.S_ISLNK(info.st_mode):
         raise SocketInUseError(
-            f"{flag}: the socket directory {directory} is writable by other users (mode "
-            f"{stat.S_IMODE(info.st_mode):04o}) without the sticky bit, so they could replace the shard sockets; "
-            f"use a directory only this user can write (e.g. mode 0700)"
+            f"{flag}: the socket directory {path} is a symbolic link (to {os.readlink(path)}); "
+            f"whoever controls the link controls where the shard sockets are; {fix}"
         )
-    return False
+    if not stat.S_ISDIR(info.st_mode):
+        raise SocketInUseError(f"{flag}: {path} is not a directory; {fix}")
+    me = os.geteuid()
+    mode = stat.S_IMODE(info.st_mode)
+    described = f"owner {_user_name(info.st_uid)}, mode {mode:04o}"
+    if info.st_uid != me:
+        raise SocketInUseError(
+            f"{flag}: the socket directory {path} ({described}) does not belong to this user "
+            f"({_user_name(me)}), so its owner could reach or replace the shard sockets; {fix}"
+        )
+    if mode & 0o077:
+        raise SocketInUseError(
+            f"{flag}: the socket directory {path} ({described}) can be opened by group or other users; "
+            f"shard sockets need a directory only this user can open: run `chmod 700 {path}`, or {fix}"
+        )
+    return created
+
+
+def _make_private_dir(path: Path, flag: str) -> bool:
+    """Create ``path`` with mode 0700; False if it appeared meanwhile (then the caller checks it as found)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SocketInUseError(f"{flag}: cannot create the socket directory {path} ({err.strerror})") from None
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return False
+    except OSError as err:
+        raise SocketInUseError(f"{flag}: cannot create the socket directory {path} ({err.strerror})") from None
+    # mkdir's mode is filtered through the umask; make it exactly 0700 whatever the umask is.
+    os.chmod(path, 0o700)
+    return True
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"

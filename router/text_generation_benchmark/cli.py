@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard-uds-path",
         metavar="PATH",
         help="benchmark the shards directly over their unix sockets PATH-0, PATH-1, ... "
-        "(the launcher's --shard-uds-path, e.g. /tmp/text-generation-server)",
+        "(the launcher's --shard-uds-path, e.g. /tmp/text-generation-server/shard)",
     )
     parser.add_argument("--batch-size", "-b", type=positive_int, nargs="+", action="extend",
                         help="requests sent together (repeatable; default 1 2 4 8)")

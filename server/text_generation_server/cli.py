@@ -25,7 +25,8 @@ from text_generation_server.utils.log import setup_logging
 if TYPE_CHECKING:  # torch loads only when a command needs it
     import torch
 
-DEFAULT_UDS_PATH = "/tmp/text-generation-server"
+# The launcher's default too: sockets {path}-{rank} in a directory of their own, mode 0700.
+DEFAULT_UDS_PATH = "/tmp/text-generation-server/shard"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Optional subcommand modules exposing ``register(subparsers)``.
 EXTRA_COMMANDS = ("text_generation_server.quantize.cli",)
@@ -164,6 +165,19 @@ def memory_status(status: Path = Path("/proc/self/status")) -> dict[str, int]:
     return figures
 
 
+def make_socket_dir(directory: Path) -> None:
+    """Create the socket directory with mode 0700 when it is missing (the launcher has made it otherwise)."""
+    if directory.exists():
+        return
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(mode=0o700)
+    except FileExistsError:
+        return  # another rank made it first
+    directory.chmod(0o700)
+    logger.info(f"Created socket directory {directory} (mode 0700)")
+
+
 def resolve_model_dir(model: str | None, revision: str | None) -> Path:
     from text_generation_server.model_source import resolve_model
 
@@ -231,6 +245,7 @@ def _serve(args: argparse.Namespace, env: ShardEnv) -> None:
                 eos_token_ids=eos_token_ids(model.config, model_dir),
             )
         )
+        make_socket_dir(Path(args.uds_path).parent)
         asyncio.run(
             serve(generator, uds_path=args.uds_path, rank=env.rank, world_size=env.world_size, worker=worker)
         )
@@ -302,7 +317,7 @@ def download_command(args: argparse.Namespace) -> int:
     from text_generation_server.model_source import download_weights
 
     try:
-        path = download_weights(args.model, args.revision)
+        path = download_weights(args.model, args.revision, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as error:
         logger.error(f"Cannot download {args.model or 'the default model'}: {error}")
         return 1
@@ -356,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--trust-remote-code",
         action="store_true",
-        help="accepted for TGI compatibility; no remote code is ever run",
+        help="accepted for TGI compatibility; changes nothing: no code from the checkpoint is ever run "
+        "and serving never unpickles weights",
     )
     serve.add_argument("--json-output", action="store_true", help="log one JSON object per line")
     serve.set_defaults(func=serve_command)
@@ -369,6 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
         "model", nargs="?", metavar="MODEL", help="Hugging Face model id (omitted: default model)"
     )
     download.add_argument("--revision", help="hub revision")
+    download.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="consent to converting pickle (pytorch_model*.bin) weights to safetensors: converting means "
+        "unpickling them (with torch.load(weights_only=True)), so pass it only for a checkpoint you trust; "
+        "without it a model with only .bin weights is refused (hub: its .bin files are not downloaded)",
+    )
     download.add_argument("--json-output", action="store_true", help="log one JSON object per line")
     download.set_defaults(func=download_command)
 

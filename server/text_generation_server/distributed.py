@@ -8,8 +8,9 @@ gloo otherwise.
 
 Nothing listens beyond ``master_addr``: rank 0 binds the store's socket to
 that address itself (torch's own store would listen on every interface), and
-with a loopback master address gloo's connections stay on the loopback
-interface too.
+gloo (and NCCL's sockets on CUDA) are pinned to the interface that holds the
+master address: ``lo`` for a loopback one, else the local interface with
+that address, unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME are set already.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import datetime
 import errno
 import os
 import socket
+import struct
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
@@ -150,19 +153,99 @@ def _listen_on(master_addr: str, master_port: int) -> int:
     return sock.detach()
 
 
-def _keep_gloo_on_loopback(master_addr: str) -> None:
-    """With a loopback master address, gloo binds to the loopback interface instead of the host name's address."""
-    if "GLOO_SOCKET_IFNAME" in os.environ:
-        return
+_SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's (primary) IPv4 address
+
+
+def _ipv4_interface(address: str) -> str | None:
+    import fcntl
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for _, name in socket.if_nameindex():
+            request = struct.pack("256s", name.encode()[:15])
+            try:
+                reply = fcntl.ioctl(probe.fileno(), _SIOCGIFADDR, request)
+            except OSError:  # the interface has no IPv4 address
+                continue
+            if socket.inet_ntoa(reply[20:24]) == address:
+                return name
+    return None
+
+
+def _ipv6_interface(address: str, table: Path = Path("/proc/net/if_inet6")) -> str | None:
+    wanted = socket.inet_pton(socket.AF_INET6, address.split("%", 1)[0]).hex()
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(master_addr, None, type=socket.SOCK_STREAM)}
+        lines = table.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        # address, ifindex, prefix length, scope, flags, name
+        if len(fields) >= 6 and fields[0].lower() == wanted:
+            return fields[5]
+    return None
+
+
+def interface_of(address: str) -> str | None:
+    """The local network interface holding ``address`` (a literal IPv4 or IPv6 address), or None.
+
+    IPv4 is matched against each interface's primary address (SIOCGIFADDR),
+    IPv6 against /proc/net/if_inet6; None where neither knows the address.
+    """
+    try:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        socket.inet_pton(family, address.split("%", 1)[0])
+    except OSError:
+        return None
+    try:
+        return _ipv6_interface(address) if family == socket.AF_INET6 else _ipv4_interface(address)
+    except OSError:
+        return None
+
+
+def _is_loopback(address: str) -> bool:
+    return address.startswith("127.") or address in ("::1", "::ffff:127.0.0.1")
+
+
+def pin_to_master_interface(master_addr: str, device: torch.device) -> str | None:
+    """Keep gloo (and NCCL on CUDA) on the interface of ``master_addr``; returns the interface chosen.
+
+    A loopback master address pins to ``lo``; another one to the local
+    interface holding it. Variables the user set are kept. Nothing is set
+    when the address is not one of this host's (a remote master).
+    """
+    variables = ["GLOO_SOCKET_IFNAME"] + (["NCCL_SOCKET_IFNAME"] if device.type == "cuda" else [])
+    preset = [name for name in variables if os.environ.get(name)]
+    for name in preset:
+        logger.info(f"{name}={os.environ[name]} from the environment: kept")
+    todo = [name for name in variables if name not in preset]
+    if not todo:
+        return None
+    try:
+        infos = socket.getaddrinfo(master_addr, None, type=socket.SOCK_STREAM)
     except socket.gaierror:
-        return
-    if not addresses or not all(a.startswith("127.") or a == "::1" for a in addresses):
-        return
-    names = [name for _, name in socket.if_nameindex()]
-    if "lo" in names:
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        return None  # _listen_on / the store report an unresolvable address
+    addresses = [info[4][0] for info in infos]
+    # The address the store listens on (_listen_on binds the first one).
+    first = addresses[0] if addresses else None
+    names = {name for _, name in socket.if_nameindex()}
+    if addresses and all(_is_loopback(a) for a in addresses):
+        interface = "lo" if "lo" in names else None
+    else:
+        interface = interface_of(first) if first is not None else None
+    if interface is None:
+        logger.info(
+            f"No interface of this host holds the master address {master_addr} ({first}): "
+            f"{', '.join(todo)} left unset"
+        )
+        return None
+    for name in todo:
+        os.environ[name] = interface
+    settings = ", ".join(f"{name}={interface}" for name in todo)
+    logger.info(
+        f"torch.distributed sockets on interface {interface}, which holds the master address "
+        f"{master_addr} ({first}): {settings}"
+    )
+    return interface
 
 
 def _choose_backend(device: torch.device) -> str:
@@ -197,7 +280,7 @@ def init_distributed(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     listen_fd = _listen_on(master_addr, master_port) if rank == 0 else None
-    _keep_gloo_on_loopback(master_addr)
+    pin_to_master_interface(master_addr, device)
     try:
         store = tdist.TCPStore(
             master_addr,

@@ -2,12 +2,14 @@
 
 :func:`resolve_model` never touches the network, so a server start is
 reproducible and works offline; :func:`download_weights` is the one explicit
-step that downloads (and converts ``.bin`` weights to safetensors).
+step that downloads, and converts ``.bin`` weights to safetensors when the
+caller consents to unpickling them (``trust_remote_code``, as in TGI).
 A resolved path always holds ``config.json`` and safetensors weights.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import pickle
@@ -27,6 +29,7 @@ from .safetensors_conversion import (
 __all__ = [
     "DEFAULT_MODEL_ID",
     "ModelNotFoundError",
+    "PickleConsentError",
     "default_cache_dir",
     "download_weights",
     "hub_cache_dir",
@@ -48,6 +51,19 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 
 class ModelNotFoundError(FileNotFoundError):
     """The model cannot be used as given; the message names it and says what to do."""
+
+
+class PickleConsentError(ModelNotFoundError):
+    """The model's weights are pickle files and converting them was not consented to (--trust-remote-code)."""
+
+
+def _pickle_refusal(name: str, where: str, note: str = "") -> str:
+    return (
+        f"model {name} has only PyTorch .bin weights {where}: they are pickle files, and converting them to "
+        f"safetensors means unpickling them, which can run code of their author's choosing{note}. If you "
+        "trust this checkpoint, pass --trust-remote-code to consent to the conversion "
+        f"(`text-generation-server download-weights {name} --trust-remote-code`)"
+    )
 
 
 def default_cache_dir() -> Path:
@@ -105,18 +121,23 @@ def resolve_model(model_id: str | None, revision: str | None = None) -> Path:
     return check_checkpoint_dir(snapshot, model_id=model_id)
 
 
-def download_weights(model_id: str | None, revision: str | None = None) -> Path:
+def download_weights(model_id: str | None, revision: str | None = None, *, trust_remote_code: bool = False) -> Path:
     """Download ``model_id`` (config, tokenizer, safetensors) into the Hugging Face cache and return its path.
 
-    Repositories with only ``pytorch_model*.bin`` weights are downloaded and
-    converted to safetensors locally. A local directory with only ``.bin``
-    weights is converted in place. None means the built-in default model.
+    Weights that exist only as ``pytorch_model*.bin`` (pickle) files are
+    converted to safetensors, which means unpickling them, so only with
+    ``trust_remote_code``: a hub repository's .bin files are then downloaded
+    and converted locally, a local directory is converted in place. Without
+    it such a model raises :class:`PickleConsentError` (for the hub, before
+    any .bin file is downloaded). None means the built-in default model.
     """
     if model_id is None or not model_id.strip():
         return _default_model()
     local = Path(model_id).expanduser()
     if local.exists():
         if local.is_dir() and not _safetensors_files(local) and bin_weight_files(local):
+            if not trust_remote_code:
+                raise PickleConsentError(_pickle_refusal(model_id, f"({bin_weight_files(local)[0].name})"))
             _convert_bins(local, model_id)
         return check_checkpoint_dir(local)
     if _looks_like_path(model_id) or not _HUB_ID.match(model_id):
@@ -127,7 +148,12 @@ def download_weights(model_id: str | None, revision: str | None = None) -> Path:
     try:
         snapshot = _download(model_id, revision, _METADATA_PATTERNS + _SAFETENSORS_PATTERNS)
         if not _safetensors_files(snapshot):
-            logger.info(f"{model_id} has no safetensors weights; downloading its PyTorch .bin weights to convert them")
+            if not trust_remote_code:
+                _refuse_hub_pickles(model_id, revision)
+            logger.info(
+                f"{model_id} has no safetensors weights; downloading its PyTorch .bin weights to convert them "
+                "(--trust-remote-code: they will be unpickled)"
+            )
             snapshot = _download(model_id, revision, _BIN_PATTERNS)
             if not bin_weight_files(snapshot):
                 raise ModelNotFoundError(
@@ -142,6 +168,21 @@ def download_weights(model_id: str | None, revision: str | None = None) -> Path:
     path = check_checkpoint_dir(snapshot, model_id=model_id)
     logger.info(f"Downloaded {model_id} to {path}")
     return path
+
+
+def _refuse_hub_pickles(model_id: str, revision: str | None) -> None:
+    """Raise for a hub repository without safetensors weights, naming its .bin files when the hub lists them."""
+    from huggingface_hub import list_repo_files
+
+    try:
+        bins = sorted(f for f in list_repo_files(model_id, revision=revision) if fnmatch.fnmatch(f, "pytorch_model*.bin"))
+    except Exception as err:  # the listing only sharpens the message; the refusal stands without it
+        logger.debug(f"cannot list the files of {model_id} on the hub: {err}")
+        bins = None
+    if bins == []:
+        raise ModelNotFoundError(f"model {model_id} has neither *.safetensors nor pytorch_model*.bin weights on the hub")
+    where = f"on the hub ({bins[0]}{', ...' if len(bins) > 1 else ''})" if bins else "on the hub (no *.safetensors)"
+    raise PickleConsentError(_pickle_refusal(model_id, where, "; none of them was downloaded"))
 
 
 def check_checkpoint_dir(path: Path, model_id: str | None = None) -> Path:
@@ -177,8 +218,9 @@ def check_checkpoint_dir(path: Path, model_id: str | None = None) -> Path:
     if bins:
         raise ModelNotFoundError(
             f"model directory {path} has only PyTorch .bin weights ({bins[0].name}); this server loads "
-            f"safetensors only: run `text-generation-server download-weights {name}`, which converts them "
-            "to model*.safetensors beside the .bin files"
+            "safetensors only and never unpickles weights. They are pickle files: if you trust the "
+            f"checkpoint, run `text-generation-server download-weights {name} --trust-remote-code`, which "
+            "unpickles them once and writes model*.safetensors beside the .bin files"
         )
     ggufs = sorted(path.glob("*.gguf"))
     if ggufs:

@@ -3,7 +3,9 @@
 Shards read safetensors only (they memory-map and slice tensors without
 unpickling anything). Repositories that publish only ``pytorch_model*.bin``
 are converted once, next to the original files, by the explicit
-``download-weights`` step.
+``download-weights`` step, and only with ``--trust-remote-code``: a ``.bin``
+file is a pickle, and even ``torch.load(weights_only=True)`` unpickles it,
+so the user must consent (the caller checks; this module converts).
 """
 
 from __future__ import annotations

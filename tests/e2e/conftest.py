@@ -58,7 +58,8 @@ class ServerProcess:
     def __init__(self, tmp: Path, args: list[str], env: dict[str, str] | None = None):
         self.grpc_port = free_port()
         self.http_port = free_port()
-        self.uds_path = str(tmp / "shard")
+        # A directory the launcher creates (mode 0700) whatever the mode of ``tmp``.
+        self.uds_path = str(tmp / "sockets" / "shard")
         self.log_path = tmp / "launcher.log"
         self.args = [
             str(LAUNCHER),
@@ -200,3 +201,19 @@ def launch(tmp_path) -> Iterator:
     for server in started:
         if server.proc is not None and server.proc.poll() is None:
             server.stop()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Figures a test recorded with ``record_property("figures: ...", value)`` appear in the summary, pass or fail."""
+    lines = []
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) != "call":
+                continue
+            for name, value in getattr(report, "user_properties", ()):
+                if str(name).startswith("figures"):
+                    lines.append(f"{report.nodeid}: {name[len('figures'):].lstrip(': ')}: {value}")
+    if lines:
+        terminalreporter.section("figures")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -1,10 +1,11 @@
 """Isolation through the real launcher: who can reach the shards, what listens where, what gets loaded.
 
-- the socket directory the launcher creates is 0700 and each shard socket is
-  0600: another user cannot connect to a shard;
-- torch.distributed listens on the master address only (loopback by default);
+- the socket directory the launcher creates (the default one included) is
+  0700 and each shard socket is 0600: another user cannot connect to a shard;
+- torch.distributed listens on the master address only (loopback by default,
+  or a non-loopback --master-addr of this host);
 - a directory with only pickle (.bin) weights is refused without unpickling
-  anything; a socket directory other users can write to is refused.
+  anything; a socket directory group or other users can open is refused.
 """
 
 from __future__ import annotations
@@ -141,10 +142,12 @@ def test_shards_are_reachable_only_by_this_user_and_the_store_only_on_loopback(t
         assert server.stop() == 0, server.log_tail()
 
 
-def test_a_socket_directory_others_can_write_is_refused(tiny_llama, tmp_path):
+# World-writable; sticky like /tmp (the old default's directory); only readable by the group.
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o750], ids=["0777", "1777", "0750"])
+def test_a_socket_directory_group_or_others_can_open_is_refused(tiny_llama, tmp_path, mode):
     shared = tmp_path / "shared"
     shared.mkdir()
-    os.chmod(shared, 0o777)
+    os.chmod(shared, mode)
     out = subprocess.run(
         [
             str(LAUNCHER), "--model-id", str(tiny_llama), "--shard-uds-path", str(shared / "shard"),
@@ -156,9 +159,90 @@ def test_a_socket_directory_others_can_write_is_refused(tiny_llama, tmp_path):
     )
     assert out.returncode == 1, out.stderr
     log = out.stdout + out.stderr
-    assert "writable by other users" in log and "--shard-uds-path" in log, log
+    assert f"--shard-uds-path: the socket directory {shared} (owner " in log, log
+    assert f"mode {mode:04o}) can be opened by group or other users" in log, log
+    assert f"chmod 700 {shared}" in log, log
     assert "Starting shard" not in log
     assert processes_mentioning(str(shared)) == []
+    assert list(shared.iterdir()) == [] and stat.S_IMODE(shared.stat().st_mode) == mode
+
+
+def test_the_default_socket_directory_is_created_0700_and_holds_the_sockets(tiny_llama):
+    default_dir = Path("/tmp/text-generation-server")
+    existed = default_dir.exists()
+    if existed:
+        info = default_dir.lstat()
+        if info.st_uid != os.geteuid() or stat.S_IMODE(info.st_mode) != 0o700 or not stat.S_ISDIR(info.st_mode):
+            pytest.skip(f"{default_dir} exists from elsewhere (mode {stat.S_IMODE(info.st_mode):04o}, "
+                        f"uid {info.st_uid}); the launcher refuses it, as the test above shows")
+        if any(default_dir.iterdir()):
+            pytest.skip(f"{default_dir} is in use by another launch")
+    work = Path(tempfile.mkdtemp(prefix="tgi-default-uds-"))
+    server = ServerProcess(work, ["--model-id", str(tiny_llama)])
+    at = server.args.index("--shard-uds-path")
+    del server.args[at : at + 2]  # the launcher's default
+    server.uds_path = str(default_dir / "shard")
+    server.start()
+    try:
+        info = default_dir.lstat()
+        assert stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700, oct(info.st_mode)
+        assert info.st_uid == os.geteuid()
+        assert sorted(p.name for p in default_dir.iterdir()) == ["shard-0"]
+        assert stat.S_IMODE((default_dir / "shard-0").stat().st_mode) == 0o600
+        if not existed:
+            assert f"Created socket directory {default_dir} (mode 0700)" in server.log_path.read_text()
+        assert server.greedy(["Hello"], 2, 0).tokens[0], server.log_tail()
+    finally:
+        assert server.stop() == 0, server.log_tail()
+        if not existed:
+            default_dir.rmdir()  # empty again: the launcher removed its sockets
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def first_non_loopback_ipv4() -> str | None:
+    """This host's first IPv4 address outside 127.0.0.0/8 (`ip -o -4 addr`, else the default route's source)."""
+    if shutil.which("ip"):
+        out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=10)
+        for line in out.stdout.splitlines():
+            address = line.split()[3].split("/")[0]
+            if not address.startswith("127."):
+                return address
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("203.0.113.1", 9))  # sends nothing; picks the route's source address
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def test_a_non_loopback_master_address_is_the_only_address_the_shards_listen_on(tiny_llama_tied, tmp_path):
+    address = first_non_loopback_ipv4()
+    if address is None:
+        pytest.skip("this host has no IPv4 address outside loopback")
+    server = ServerProcess(
+        tmp_path, ["--model-id", str(tiny_llama_tied), "--sharded", "true", "--num-shard", "2", "--master-addr", address]
+    )
+    master_port = int(server.args[server.args.index("--master-port") + 1])
+    server.start()
+    try:
+        shards = [
+            pid for pid in processes_mentioning(server.uds_path)
+            if b"serve" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        ]
+        assert len(shards) == 2, processes_mentioning(server.uds_path)
+        held = {pid: listeners_of(pid) for pid in shards}
+        # The store (rank 0) and gloo's own listeners: all on the master address, none on a wildcard or loopback.
+        assert any((address, master_port) in found for found in held.values()), held
+        for pid, found in held.items():
+            assert found and all(a in (address, f"::ffff:{address}") for a, _ in found), (address, pid, found)
+        log = server.log_path.read_text(errors="replace")
+        assert "torch.distributed sockets on interface " in log and f"master address {address}" in log, log[-3000:]
+        answer = server.greedy(["Hello there", "Once upon"], 4, 0)
+        assert [len(t) for t in answer.tokens] == [4, 4], server.log_tail()
+    finally:
+        assert server.stop() == 0, server.log_tail()
 
 
 class _Marker:

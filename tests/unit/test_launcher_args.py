@@ -33,7 +33,7 @@ def test_defaults_match_tgi_and_tgis():
     a = parse([])
     assert a.model_id is None and a.num_shard == 1 and a.sharded is None
     assert (a.grpc_port, a.port, a.hostname) == (8033, 3000, "0.0.0.0")
-    assert a.shard_uds_path == "/tmp/text-generation-server"
+    assert a.shard_uds_path == "/tmp/text-generation-server/shard"
     assert (a.master_addr, a.master_port) == ("localhost", 29500)
     assert a.quantize is None and a.dtype is None and a.trust_remote_code is False and a.json_output is False
     assert a.served_model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"

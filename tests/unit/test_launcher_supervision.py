@@ -93,7 +93,7 @@ def launch(tiny_llama, tmp_path):
 
     def start(extra: list[str] | None = None, env: dict[str, str] | None = None, **kw) -> Launch:
         run_dir = tmp_path / f"run{len(runs)}"
-        run_dir.mkdir()
+        run_dir.mkdir(mode=0o700)  # holds the sockets: only this user may open it
         run = Launch(run_dir, kw.pop("model", tiny_llama), extra or [], env, **kw)
         runs.append(run)
         return run
@@ -253,7 +253,7 @@ def test_missing_model_is_one_clear_line_and_exit_1(launch, tmp_path):
 
 def test_stale_socket_is_removed_and_a_live_one_refused(launch, tmp_path):
     stale_dir = tmp_path / "stale"
-    stale_dir.mkdir()
+    stale_dir.mkdir(mode=0o700)
     path = stale_dir / "shard-0"
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(path))  # bound, never listening, then closed: a dead server's socket file
@@ -304,7 +304,7 @@ def test_shard_command_carries_quantize_dtype_and_switches():
     args = parse_args(["--quantize", "bitsandbytes-nf4", "--dtype", "bfloat16", "--trust-remote-code"], env={},
                       cuda_device_count=lambda: 0)
     argv = shard_argv(args, Path("/models/m"), Commands(server=("tgs",), router=("tgr",)))
-    assert argv == ["tgs", "serve", "/models/m", "--uds-path", "/tmp/text-generation-server", "--dtype", "bfloat16",
+    assert argv == ["tgs", "serve", "/models/m", "--uds-path", "/tmp/text-generation-server/shard", "--dtype", "bfloat16",
                     "--quantize", "bitsandbytes-nf4", "--trust-remote-code"]
 
 

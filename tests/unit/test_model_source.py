@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import pickle
 import shutil
 import socket
 import time
@@ -16,6 +17,7 @@ from text_generation_server import default_model, model_source
 from text_generation_server.model_source import (
     DEFAULT_MODEL_ID,
     ModelNotFoundError,
+    PickleConsentError,
     default_cache_dir,
     download_weights,
     resolve_model,
@@ -97,8 +99,8 @@ def test_directory_with_only_pytorch_bin_says_to_run_download_weights(tiny_llama
     with pytest.raises(ModelNotFoundError) as err:
         resolve_model(str(ckpt))
     message = str(err.value)
-    assert "pytorch_model.bin" in message and "safetensors only" in message
-    assert f"text-generation-server download-weights {ckpt}" in message
+    assert "pytorch_model.bin" in message and "safetensors only" in message and "pickle" in message
+    assert f"text-generation-server download-weights {ckpt} --trust-remote-code" in message
 
 
 def test_missing_directory_is_named(tmp_path):
@@ -190,6 +192,33 @@ def test_download_of_unknown_repo_offline_is_a_clear_error(hub_cache, no_network
 # ---- .bin conversion (download-weights) --------------------------------------------------------------
 
 
+class _Marker:
+    """Unpickling this creates a file: proof that a pickle was executed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_download_weights_refuses_a_local_pickle_checkpoint_without_consent_and_unpickles_nothing(tiny_llama, tmp_path):
+    ckpt = copy_checkpoint(tiny_llama, tmp_path / "pickled")
+    (ckpt / "model.safetensors").unlink()
+    marker = tmp_path / "pickle-ran"
+    with open(ckpt / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"model.embed_tokens.weight": _Marker(str(marker))}, f)
+    before = sorted(p.name for p in ckpt.iterdir())
+
+    with pytest.raises(PickleConsentError) as err:
+        download_weights(str(ckpt))
+    message = str(err.value)
+    assert "pytorch_model.bin" in message and "pickle" in message and "unpickling" in message
+    assert "--trust-remote-code" in message
+    assert not marker.exists(), "a pickle from the checkpoint was executed"
+    assert sorted(p.name for p in ckpt.iterdir()) == before  # nothing converted, nothing written
+
+
 def test_download_weights_converts_local_bin_checkpoint_with_tied_weights(tiny_llama, tmp_path):
     ckpt = copy_checkpoint(tiny_llama, tmp_path / "bin")
     state = load_file(str(ckpt / "model.safetensors"))
@@ -197,7 +226,7 @@ def test_download_weights_converts_local_bin_checkpoint_with_tied_weights(tiny_l
     torch.save(state, ckpt / "pytorch_model.bin")
     (ckpt / "model.safetensors").unlink()
 
-    assert download_weights(str(ckpt)) == ckpt
+    assert download_weights(str(ckpt), trust_remote_code=True) == ckpt
     converted = load_file(str(ckpt / "model.safetensors"))
     assert converted.keys() == state.keys()
     for name, tensor in state.items():
@@ -217,7 +246,7 @@ def test_sharded_bin_checkpoint_converts_with_its_index(tiny_llama, tmp_path):
     weight_map = {k: file for file, keys in parts.items() for k in keys}
     (ckpt / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
-    download_weights(str(ckpt))
+    download_weights(str(ckpt), trust_remote_code=True)
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
     for name, file in index["weight_map"].items():
@@ -372,13 +401,18 @@ def test_default_model_conversion_is_smollm2_and_answers_paris(tmp_path, monkeyp
 
 @pytest.fixture
 def fake_hub(tmp_path, monkeypatch, hub_cache):
-    """snapshot_download replaced by a copy from local "remote" repositories, honouring allow_patterns."""
+    """snapshot_download (and list_repo_files) replaced by local "remote" repositories, honouring allow_patterns."""
     import fnmatch
 
     import huggingface_hub
 
     remotes: dict[str, Path] = {}
     calls: list[list[str]] = []
+
+    def list_repo_files(repo_id, *, revision=None, **kwargs):
+        return sorted(f.name for f in remotes[repo_id].iterdir())
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
 
     def snapshot_download(repo_id, *, revision=None, cache_dir=None, allow_patterns=None, **kwargs):
         from huggingface_hub.errors import RepositoryNotFoundError
@@ -420,11 +454,58 @@ def test_download_weights_converts_a_bin_only_repository(fake_hub, tiny_llama, t
     (remote / "model.safetensors").unlink()
     remotes["org/binonly"] = remote
 
-    path = download_weights("org/binonly")
+    path = download_weights("org/binonly", trust_remote_code=True)
     assert len(calls) == 2 and "pytorch_model*.bin" in calls[1]
     converted = load_file(str(path / "model.safetensors"))
     assert all(torch.equal(converted[k], v) for k, v in state.items())
     assert resolve_model("org/binonly") == path
+
+
+def bin_only_remote(tiny_llama: Path, where: Path) -> Path:
+    remote = copy_checkpoint(tiny_llama, where)
+    torch.save(load_file(str(remote / "model.safetensors")), remote / "pytorch_model.bin")
+    (remote / "model.safetensors").unlink()
+    return remote
+
+
+def test_download_weights_refuses_a_bin_only_repository_without_consent_before_downloading_the_bins(
+    fake_hub, tiny_llama, tmp_path, hub_cache
+):
+    remotes, calls = fake_hub
+    remotes["org/binonly"] = bin_only_remote(tiny_llama, tmp_path / "remote-bin")
+
+    with pytest.raises(PickleConsentError) as err:
+        download_weights("org/binonly")
+    message = str(err.value)
+    assert "org/binonly" in message and "pytorch_model.bin" in message
+    assert "pickle" in message and "unpickling" in message and "--trust-remote-code" in message
+    assert len(calls) == 1 and not any("bin" in p for p in calls[0])  # the .bin patterns were never asked for
+    assert list(hub_cache.rglob("*.bin")) == []
+
+
+def test_the_refusal_stands_when_the_hub_cannot_list_the_repository(fake_hub, tiny_llama, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    remotes, calls = fake_hub
+    remotes["org/binonly"] = bin_only_remote(tiny_llama, tmp_path / "remote-bin")
+
+    def unlisted(*args, **kwargs):
+        raise OSError("listing unavailable")
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", unlisted)
+    with pytest.raises(PickleConsentError, match="--trust-remote-code"):
+        download_weights("org/binonly")
+    assert len(calls) == 1
+
+
+def test_a_repository_without_any_weights_is_named_as_such_without_consent(fake_hub, tiny_llama, tmp_path):
+    remotes, _ = fake_hub
+    remote = copy_checkpoint(tiny_llama, tmp_path / "remote-empty")
+    (remote / "model.safetensors").unlink()
+    remotes["org/empty"] = remote
+    with pytest.raises(ModelNotFoundError, match=r"neither \*\.safetensors nor pytorch_model\*\.bin") as err:
+        download_weights("org/empty")
+    assert not isinstance(err.value, PickleConsentError)
 
 
 def test_download_weights_of_a_missing_repository_names_it(fake_hub):

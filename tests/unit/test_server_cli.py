@@ -101,6 +101,26 @@ def test_download_weights_of_a_missing_directory_exits_1():
     assert_clean_failure(result, "/nonexistent/model")
 
 
+def test_download_weights_converts_pickle_weights_only_with_trust_remote_code(tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "binonly"
+    shutil.copytree(tiny_llama, ckpt)
+    state = load_file(str(ckpt / "model.safetensors"))
+    torch.save(state, ckpt / "pytorch_model.bin")
+    (ckpt / "model.safetensors").unlink()
+
+    refused = run(["download-weights", str(ckpt)])
+    assert_clean_failure(refused, "pickle", "unpickling", "--trust-remote-code")
+    assert not (ckpt / "model.safetensors").exists()
+
+    done = run(["download-weights", str(ckpt), "--trust-remote-code"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(ckpt)
+    converted = load_file(str(ckpt / "model.safetensors"))
+    assert converted.keys() == state.keys()
+
+
 def test_auto_dtype_is_float32_on_cpu_and_explicit_choices_are_kept():
     cpu = torch.device("cpu")
     assert cli.resolve_dtype("auto", cpu) == torch.float32
