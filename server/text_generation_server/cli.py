@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
+from text_generation_server.utils.cpu import host_has_bf16_instructions
 from text_generation_server.utils.log import setup_logging
 
 if TYPE_CHECKING:  # torch loads only when a command needs it
@@ -83,26 +84,13 @@ def choose_device(env: ShardEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def cpu_has_bf16_instructions(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """True when the CPU advertises AVX-512 bf16 or AMX bf16."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[-1].split())
-            return bool(flags & {"avx512_bf16", "amx_bf16"})
-    return False
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The compute dtype for ``--dtype`` on ``device`` (``auto``: float16 on CUDA, float32 on CPU)."""
     import torch
 
     if device.type == "cpu":
         capability = torch.backends.cpu.get_cpu_capability()
-        bf16 = cpu_has_bf16_instructions()
+        bf16 = host_has_bf16_instructions()
         found = f"capability {capability}, bf16 instructions {'present' if bf16 else 'absent'}"
         if name == "auto":
             logger.info(
