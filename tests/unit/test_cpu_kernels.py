@@ -239,3 +239,43 @@ def test_int4_dequantize_bf16_rounds_the_checkpoint_weights_to_nearest_even():
     got = ops().int4_dequantize_bf16(kernel.qweight, kernel.meta, kernel.group_size)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got, dense.to(torch.bfloat16), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "gptq"])
+def test_decode_through_the_fused_stack_equals_fused_layers_and_modules(quantized, tmp_path):
+    """One native call for the whole stack, two per layer, or the torch modules: the same decode."""
+    from gptq_checkpoint import write_gptq_checkpoint
+    from paged_runner import PagedRunner
+    from text_generation_server.distributed import init_distributed
+    from text_generation_server.models import load_model
+    from tiny_model import build_tiny_llama
+
+    # Widths the native 4-bit kernel takes (multiples of 64); 3 layers, 4/2 heads, tied head.
+    path = build_tiny_llama(tmp_path / "tiny", hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    if quantized:
+        path, _ = write_gptq_checkpoint(path, tmp_path / "gptq", group_size=32)
+    model = load_model(path, dtype=torch.float32, device=torch.device("cpu"), dist=init_distributed(0, 1),
+                       quantize="gptq" if quantized else None)
+    assert model.fused_stack is not None, model.decode_path()
+    assert "in one operator call" in model.decode_path()
+    stack, layers = model.fused_stack, [layer.fused_decode for layer in model.model.layers]
+
+    def decode(mode: str) -> list[torch.Tensor]:
+        model.fused_stack = stack if mode == "stack" else None
+        for layer, own in zip(model.model.layers, layers, strict=True):
+            layer.fused_decode = None if mode == "modules" else own
+        runner = PagedRunner(model, seed=3)
+        prompts = {"a": [5, 9, 14, 3, 27], "b": [8, 1]}
+        last = {k: int(v[-1].argmax()) for k, v in zip(prompts, runner.step(list(prompts.items())), strict=True)}
+        out = []
+        for _ in range(6):
+            logits = runner.step([(k, [t]) for k, t in last.items()])
+            out.append(torch.cat(logits))
+            last = {k: int(v[-1].argmax()) for k, v in zip(last, logits, strict=True)}
+        return out
+
+    via_stack, via_layers, via_modules = decode("stack"), decode("layers"), decode("modules")
+    for a, b, c in zip(via_stack, via_layers, via_modules, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)

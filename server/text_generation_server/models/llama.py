@@ -243,6 +243,56 @@ class FusedDecode:
         return out
 
 
+class FusedStack:
+    """The decode step of every decoder layer in one native call (one rank, no all-reduce).
+
+    Built when every layer has a :class:`FusedDecode` and the model is not
+    split: the per-layer tensors and settings are flattened once, so a decode
+    step crosses from Python into the kernels once instead of twice a layer.
+    """
+
+    def __init__(self, layers: list[FusedDecode]) -> None:
+        tensors: list[torch.Tensor] = []
+        ints: list[int] = []
+        floats: list[float] = []
+        for f in layers:
+            q, o, gu, d = f.qkv, f.o, f.gate_up, f.down
+            tensors += [f.ln1.weight, *q.tensors]
+            if f.qkv_bias is not None:
+                tensors.append(f.qkv_bias)
+            tensors += [*o.tensors, f.ln2.weight, *gu.tensors, *d.tensors]
+            ints += [q.kind, len(q.tensors), q.group_size, int(f.qkv_bias is not None),
+                     o.kind, len(o.tensors), o.group_size, gu.kind, len(gu.tensors), gu.group_size,
+                     d.kind, len(d.tensors), d.group_size, f.num_heads, f.num_kv_heads]  # fmt: skip
+            floats += [float(f.ln1.eps), float(f.ln2.eps), float(f.scale)]
+        self.tensors, self.ints, self.floats = tensors, ints, floats
+        self.head_dim = layers[0].head_dim
+
+    @classmethod
+    def build(cls, model: LlamaForCausalLM) -> FusedStack | None:
+        fused = [layer.fused_decode for layer in model.model.layers]
+        if model.dist.world_size > 1 or not fused or any(f is None for f in fused):
+            return None
+        return cls(fused)  # type: ignore[arg-type]
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        t = hidden.shape[0]
+        return torch.ops.tgs_cpu.decoder_stack_decode(
+            hidden, residual, self.tensors, self.ints, self.floats,
+            cos.reshape(t, self.head_dim), sin.reshape(t, self.head_dim),
+            [k for k, _ in kv_caches], [v for _, v in kv_caches],
+            attn.slot_mapping, attn.block_tables, attn.context_lens,
+        )  # fmt: skip
+
+
 class LlamaModel(torch.nn.Module):
     def __init__(self, b: LlamaBuild) -> None:
         super().__init__()
@@ -317,6 +367,11 @@ class LlamaForCausalLM(CausalLM):
             kernel=quant.lm_head_kernel(),
         )
         self.tp_plan = self._describe_plan(build, partitions)
+        self.fused_stack: FusedStack | None = None
+
+    def finish_loading(self) -> None:
+        """After every layer chose its fused step: the whole stack in one call where it can."""
+        self.fused_stack = FusedStack.build(self)
 
     @classmethod
     def _biases(cls, config: Any) -> dict[str, bool]:
@@ -347,6 +402,8 @@ class LlamaForCausalLM(CausalLM):
     def decode_path(self) -> str:
         """How a decode step runs, for the start-up log."""
         fused = sum(layer.fused_decode is not None for layer in self.model.layers)
+        if self.fused_stack is not None:
+            return f"fused native layers, all {self.num_layers} in one operator call"
         if fused == self.num_layers:
             return "fused native layers (one operator per attention and MLP half)"
         if fused:
@@ -375,8 +432,11 @@ class LlamaForCausalLM(CausalLM):
         # Each layer adds its input to the residual stream as its first step (fused with the
         # norm), so layer 0 starts from a zero addend.
         hidden = torch.zeros_like(residual)
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            hidden = layer(hidden, residual, cos, sin, kv_cache, attn)
+        if self.fused_stack is not None and attn.is_decode and hidden.dtype == torch.float32:
+            hidden = self.fused_stack(hidden, residual, cos, sin, kv_caches, attn)
+        else:
+            for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+                hidden = layer(hidden, residual, cos, sin, kv_cache, attn)
         return self.model.norm(hidden, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -278,8 +278,6 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   return y;
 }
 
-// Dense float32 [N, K] weights from the packed layout (for many-row products,
-// where a float matrix product beats the integer kernel).
 // float32 lanes to bfloat16, rounding to nearest even (finite inputs).
 inline __m128i float_to_bf16(__m256 v) {
   const __m256i bits = _mm256_castps_si256(v);
@@ -745,6 +743,55 @@ at::Tensor mlp_block(const at::Tensor& attention, at::Tensor& residual, const at
   return apply_linear(silu_mul(apply_linear(x, gate_up_kind, gate_up, gate_up_group)), down_kind, down, down_group);
 }
 
+// The decode step of a whole stack of decoder layers on one rank (no all-reduce
+// between halves), one call instead of two per layer. Per layer, in order:
+//   ints:    qkv_kind, qkv_count, qkv_group, has_qkv_bias, o_kind, o_count, o_group,
+//            gate_up_kind, gate_up_count, gate_up_group, down_kind, down_count, down_group,
+//            num_heads, num_kv_heads                                   (kStackInts values)
+//   floats:  input norm eps, post-attention norm eps, attention scale   (kStackFloats values)
+//   tensors: input norm weight, qkv tensors [, qkv bias], o tensors, post-attention norm
+//            weight, gate_up tensors, down tensors
+// Returns the last layer's MLP output; residual holds the stream before it.
+constexpr size_t kStackInts = 15, kStackFloats = 3;
+
+at::Tensor decoder_stack_decode(const at::Tensor& hidden, at::Tensor& residual, const std::vector<at::Tensor>& tensors,
+                                const std::vector<int64_t>& ints, const std::vector<double>& floats,
+                                const at::Tensor& cos, const at::Tensor& sin, const std::vector<at::Tensor>& k_caches,
+                                const std::vector<at::Tensor>& v_caches, const at::Tensor& slots,
+                                const at::Tensor& block_tables, const at::Tensor& context_lens) {
+  const size_t layers = k_caches.size();
+  TORCH_CHECK(v_caches.size() == layers && ints.size() == layers * kStackInts && floats.size() == layers * kStackFloats,
+              "decoder_stack_decode: ", layers, " caches do not match ", ints.size(), " ints and ", floats.size(),
+              " floats");
+  at::Tensor out = hidden;
+  size_t at = 0;
+  auto take = [&](int64_t count) {
+    TORCH_CHECK(count >= 0 && at + static_cast<size_t>(count) <= tensors.size(), "decoder_stack_decode: too few tensors");
+    std::vector<at::Tensor> part(tensors.begin() + at, tensors.begin() + at + count);
+    at += count;
+    return part;
+  };
+  for (size_t l = 0; l < layers; ++l) {
+    const int64_t* c = ints.data() + l * kStackInts;
+    const double* f = floats.data() + l * kStackFloats;
+    const at::Tensor ln1 = take(1)[0];
+    const std::vector<at::Tensor> qkv = take(c[1]);
+    c10::optional<at::Tensor> bias;
+    if (c[3]) bias = take(1)[0];
+    const std::vector<at::Tensor> o = take(c[5]);
+    const at::Tensor ln2 = take(1)[0];
+    const std::vector<at::Tensor> gate_up = take(c[8]);
+    const std::vector<at::Tensor> down = take(c[11]);
+    at::Tensor k_cache = k_caches[l], v_cache = v_caches[l];
+    at::Tensor attention =
+        attention_block_decode(out, residual, ln1, f[0], c[0], qkv, c[2], bias, c[4], o, c[6], c[13], c[14], cos, sin,
+                               k_cache, v_cache, slots, block_tables, context_lens, f[2]);
+    out = mlp_block(attention, residual, ln2, f[1], c[7], gate_up, c[9], c[10], down, c[12]);
+  }
+  TORCH_CHECK(at == tensors.size(), "decoder_stack_decode: ", tensors.size() - at, " tensors left over");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tgs_cpu, m) {
@@ -767,6 +814,11 @@ TORCH_LIBRARY(tgs_cpu, m) {
       "mlp_block(Tensor attention, Tensor(a!) residual, Tensor norm_weight, float eps, int gate_up_kind, "
       "Tensor[] gate_up, int gate_up_group, int down_kind, Tensor[] down, int down_group) -> Tensor",
       &mlp_block);
+  m.def(
+      "decoder_stack_decode(Tensor hidden, Tensor(a!) residual, Tensor[] tensors, int[] ints, float[] floats, "
+      "Tensor cos, Tensor sin, Tensor(b!)[] k_caches, Tensor(c!)[] v_caches, Tensor slots, Tensor block_tables, "
+      "Tensor context_lens) -> Tensor",
+      &decoder_stack_decode);
   m.def("paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, float scale) -> Tensor",
         &paged_attention_decode);
 }
