@@ -279,3 +279,40 @@ def test_decode_through_the_fused_stack_equals_fused_layers_and_modules(quantize
     for a, b, c in zip(via_stack, via_layers, via_modules, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("k", "n", "group"), [(576, 96, 64), (1536, 64, 64), (512, 32, 128), (1024, 16, 256)])
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_the_avx512_vnni_4_bit_kernel_gives_the_avx2_kernels_result_bit_for_bit(k, n, group, rows):
+    from gptq_random import random_gptq
+    from text_generation_server.layers.quant.gptq_kernels.cpu_native import CpuInt4NativeKernel
+
+    try:
+        ops().set_int4_isa("avx512-vnni")
+    except RuntimeError as err:
+        pytest.skip(str(err).splitlines()[0])
+    try:
+        weights, dense = random_gptq(k, n, group_size=group, sym=False, seed=k + n)
+        kernel = CpuInt4NativeKernel(weights)
+        x = torch.randn(rows, k, generator=gen(rows)) * 3
+        x32 = kernel.layout.kernel_input(x).contiguous()
+        wide = ops().int4_linear(x32, kernel.qweight, kernel.meta, kernel.group_size)
+        assert ops().set_int4_isa("avx2") == "avx2"
+        narrow = ops().int4_linear(x32, kernel.qweight, kernel.meta, kernel.group_size)
+    finally:
+        ops().set_int4_isa("auto")
+    torch.testing.assert_close(wide, narrow, rtol=0, atol=0)
+    assert float((wide - x @ dense.t()).norm() / (x @ dense.t()).norm()) < 2e-4
+
+
+def test_an_unknown_int4_isa_is_refused(monkeypatch):
+    monkeypatch.setenv(kernels.ISA_ENV, "sse2")
+    kernels.reset_for_tests()
+    try:
+        with pytest.raises(ValueError, match="expected one of auto, avx2, avx512-vnni"):
+            kernels.cpu_ops_status()
+    finally:
+        monkeypatch.delenv(kernels.ISA_ENV)
+        kernels.reset_for_tests()
+    with pytest.raises(RuntimeError, match="int4 ISA must be auto, avx2 or avx512-vnni"):
+        ops().set_int4_isa("sse2")

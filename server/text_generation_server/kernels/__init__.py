@@ -11,6 +11,11 @@ when the kernels cannot run here; :func:`cpu_ops_status` says which and why,
 and is logged once by the shard at start-up. ``CPU_KERNELS=off`` turns them
 off (every caller then uses its plain torch formulation), ``CPU_KERNELS=on``
 makes a failure to build them an error instead of a fallback.
+
+The 4-bit kernel has an AVX-512 VNNI form, used where the CPU has AVX-512
+BW, VL and VNNI (same integer arithmetic, fewer instructions);
+``CPU_KERNELS_ISA`` (auto, avx2, avx512-vnni) pins the choice, which the
+status reports.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import torch
 from loguru import logger
 
 ENV = "CPU_KERNELS"
+ISA_ENV = "CPU_KERNELS_ISA"
+ISAS = ("auto", "avx2", "avx512-vnni")
 LIBRARY = "tgs_cpu_ops"
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_ops.cpp"
 PACKAGE_BUILD_DIR = Path(__file__).resolve().parent / "_build"
@@ -146,7 +153,7 @@ def cpu_ops_status() -> KernelStatus:
     with _lock:
         if _status is not None:
             return _status
-        mode = _mode()
+        mode, isa = _mode(), _isa()
         if mode == "off":
             _status = KernelStatus(False, f"{ENV}=off")
             return _status
@@ -154,14 +161,26 @@ def cpu_ops_status() -> KernelStatus:
         if why is None:
             try:
                 path = build()
-                _status = KernelStatus(True, f"loaded from {path.parent}")
             except Exception as err:  # a compiler or toolchain problem: fall back, say why
                 why = f"they failed to build ({type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else err})"
+            else:
+                try:
+                    chosen = torch.ops.tgs_cpu.set_int4_isa(isa)
+                except RuntimeError as err:
+                    raise ValueError(f"{ISA_ENV}={isa}: {str(err).splitlines()[0]}") from None
+                _status = KernelStatus(True, f"loaded from {path.parent}; 4-bit kernel {chosen}")
         if why is not None:
             if mode == "on":
                 raise RuntimeError(f"{ENV}=on but the CPU kernels cannot run: {why}")
             _status = KernelStatus(False, why)
         return _status
+
+
+def _isa() -> str:
+    value = os.environ.get(ISA_ENV, "auto").strip().lower() or "auto"
+    if value not in ISAS:
+        raise ValueError(f"{ISA_ENV}={value!r}: expected one of {', '.join(ISAS)}")
+    return value
 
 
 def cpu_ops() -> Any | None:

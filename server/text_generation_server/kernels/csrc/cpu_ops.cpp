@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
@@ -241,6 +242,134 @@ void check_int4(const at::Tensor& qweight, const at::Tensor& meta, int64_t group
               "meta must be contiguous int16 [N / 4, K / group_size, 6]");
 }
 
+// ---- 4-bit weights, AVX-512 VNNI ------------------------------------------------------
+//
+// Where the CPU has AVX-512 BW and VNNI, a row's 32 words of chunks c and c+1
+// (128 features, one 512-bit load) unpack to four vectors whose low half is
+// chunk c's features 16p..16p+15 and whose high half is chunk c+1's; the
+// activations are laid out to match once per call (per chunk pair and p:
+// chunk c's 16 values, then chunk c+1's), and vpdpwssd multiplies and
+// accumulates in one instruction. The integer products and sums are the
+// AVX2 kernel's, so both give the same result. Groups of 64 (a pair holds
+// two groups, one per half) and multiples of 128 (whole pairs); an odd last
+// chunk goes through the AVX2 steps.
+
+#define TGS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+// 0: the AVX2 kernel; 1: AVX-512 VNNI where the CPU has it (set_int4_isa).
+int g_int4_isa = -1;
+
+bool cpu_has_avx512_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+bool use_avx512(int64_t group_size) {
+  if (g_int4_isa < 0) g_int4_isa = cpu_has_avx512_vnni() ? 1 : 0;
+  return g_int4_isa == 1 && (group_size == 64 || group_size % 128 == 0);
+}
+
+// "auto", "avx2" or "avx512-vnni"; returns the one in use ("avx512-vnni" only where the CPU has it).
+std::string set_int4_isa(const std::string& name) {
+  TORCH_CHECK(name == "auto" || name == "avx2" || name == "avx512-vnni",
+              "int4 ISA must be auto, avx2 or avx512-vnni, got ", name);
+  const bool can = cpu_has_avx512_vnni();
+  TORCH_CHECK(name != "avx512-vnni" || can, "this CPU has no AVX-512 VNNI (needs avx512f, bw, vl and vnni)");
+  g_int4_isa = (name == "avx2" || !can) ? 0 : 1;
+  return g_int4_isa == 1 ? "avx512-vnni" : "avx2";
+}
+
+// xq [M, K] (natural order) -> the chunk-pair order above; an odd last chunk stays as it is.
+void pair_layout(const int16_t* xq, int64_t M, int64_t K, int16_t* xp) {
+  const int64_t pairs = K / 128;
+  for (int64_t m = 0; m < M; ++m) {
+    const int16_t* src = xq + m * K;
+    int16_t* dst = xp + m * K;
+    for (int64_t q = 0; q < pairs; ++q)
+      for (int p = 0; p < 4; ++p)
+        for (int h = 0; h < 2; ++h)
+          std::memcpy(dst + q * 128 + p * 32 + h * 16, src + (2 * q + h) * 64 + 16 * p, 16 * sizeof(int16_t));
+    std::memcpy(dst + pairs * 128, src + pairs * 128, (K - pairs * 128) * sizeof(int16_t));
+  }
+}
+
+// The scale step of one group for rows n..n+3 (dots: their four integer sums).
+inline void group_step(const Int4Args& a, const uint16_t* meta, int64_t g, int64_t m, __m128i dots, __m128& total,
+                       __m128& tail) {
+  __m128 s, z;
+  tile_meta(meta + g * 6, &s, &z);
+  const float xd = a.xd[m * a.G + g], xs = a.xs[m * a.G + g];
+  total = _mm_fmadd_ps(_mm_cvtepi32_ps(dots), _mm_mul_ps(s, _mm_set1_ps(xd)), total);
+  tail = _mm_fmadd_ps(_mm_mul_ps(s, z), _mm_set1_ps(xs), tail);
+}
+
+template <int MT>
+TGS_AVX512 void int4_tile_512(const Int4Args& a, const int16_t* xp, int64_t n, int64_t m0) {
+  const int64_t words = a.K / 4, pairs = a.K / 128;
+  __m128 total[MT], tail[MT];
+  for (int m = 0; m < MT; ++m) total[m] = tail[m] = _mm_setzero_ps();
+  const uint16_t* meta = a.meta + (n / 4) * a.G * 6;
+  const char* next = reinterpret_cast<const char*>(a.qw + (n + 4) * words);
+  if (n + 4 < a.N)
+    for (int64_t off = 0; off < 4 * words * 2; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+  const __m512i mask = _mm512_set1_epi16(0x000F);
+  const int64_t span = a.gs == 64 ? 1 : a.gs / 128;  // pairs per epilogue
+  for (int64_t q = 0; q < pairs; q += span) {
+    __m512i acc[4][MT];
+    for (int r = 0; r < 4; ++r)
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_si512();
+    for (int64_t e = q; e < q + span; ++e) {
+      for (int r = 0; r < 4; ++r) {
+        const __m512i w = _mm512_loadu_si512(a.qw + (n + r) * words + e * 32);
+        const __m512i c0 = _mm512_and_si512(w, mask), c1 = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
+        const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(w, 8), mask), c3 = _mm512_srli_epi16(w, 12);
+        for (int m = 0; m < MT; ++m) {
+          const int16_t* x = xp + (m0 + m) * a.K + e * 128;
+          __m512i t = _mm512_dpwssd_epi32(acc[r][m], c0, _mm512_loadu_si512(x));
+          t = _mm512_dpwssd_epi32(t, c1, _mm512_loadu_si512(x + 32));
+          t = _mm512_dpwssd_epi32(t, c2, _mm512_loadu_si512(x + 64));
+          acc[r][m] = _mm512_dpwssd_epi32(t, c3, _mm512_loadu_si512(x + 96));
+        }
+      }
+    }
+    for (int m = 0; m < MT; ++m) {
+      const __m256i lo[4] = {_mm512_castsi512_si256(acc[0][m]), _mm512_castsi512_si256(acc[1][m]),
+                             _mm512_castsi512_si256(acc[2][m]), _mm512_castsi512_si256(acc[3][m])};
+      const __m256i hi[4] = {_mm512_extracti64x4_epi64(acc[0][m], 1), _mm512_extracti64x4_epi64(acc[1][m], 1),
+                             _mm512_extracti64x4_epi64(acc[2][m], 1), _mm512_extracti64x4_epi64(acc[3][m], 1)};
+      if (a.gs == 64) {  // the low half is group 2q, the high half group 2q + 1
+        group_step(a, meta, 2 * q, m0 + m, hsum4(lo[0], lo[1], lo[2], lo[3]), total[m], tail[m]);
+        group_step(a, meta, 2 * q + 1, m0 + m, hsum4(hi[0], hi[1], hi[2], hi[3]), total[m], tail[m]);
+      } else {
+        const __m128i dots = hsum4(_mm256_add_epi32(lo[0], hi[0]), _mm256_add_epi32(lo[1], hi[1]),
+                                   _mm256_add_epi32(lo[2], hi[2]), _mm256_add_epi32(lo[3], hi[3]));
+        group_step(a, meta, q * 128 / a.gs, m0 + m, dots, total[m], tail[m]);
+      }
+    }
+  }
+  if (a.K % 128) {  // the odd last chunk: a group of 64 of its own
+    const int64_t k = a.K - 64, g = k / 64;
+    __m256i acc[4][MT];
+    for (int r = 0; r < 4; ++r) {
+      const Nibbles w = unpack_chunk(a.qw + (n + r) * words + k / 4);
+      for (int m = 0; m < MT; ++m) {
+        const int16_t* x = xp + (m0 + m) * a.K + k;
+        const __m256i p01 = _mm256_add_epi32(
+            _mm256_madd_epi16(w.c[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+            _mm256_madd_epi16(w.c[1], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
+        const __m256i p23 = _mm256_add_epi32(
+            _mm256_madd_epi16(w.c[2], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))),
+            _mm256_madd_epi16(w.c[3], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 48))));
+        acc[r][m] = _mm256_add_epi32(p01, p23);
+      }
+    }
+    for (int m = 0; m < MT; ++m)
+      group_step(a, meta, g, m0 + m, hsum4(acc[0][m], acc[1][m], acc[2][m], acc[3][m]), total[m], tail[m]);
+  }
+  for (int m = 0; m < MT; ++m) _mm_storeu_ps(a.y + (m0 + m) * a.N + n, _mm_sub_ps(total[m], tail[m]));
+}
+
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& meta, int64_t group_size) {
   check_cpu_float(x, "x");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [M, K] with contiguous rows");
@@ -264,6 +393,19 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
                    K,
                    G,
                    group_size};
+  if (use_avx512(group_size)) {
+    at::Tensor xp = at::empty({M, K}, x.options().dtype(at::kShort));
+    pair_layout(xq.data_ptr<int16_t>(), M, K, xp.data_ptr<int16_t>());
+    const int16_t* xpp = xp.data_ptr<int16_t>();
+    at::parallel_for(0, N / 4, 4, [&](int64_t ub, int64_t ue) {
+      for (int64_t u = ub; u < ue; ++u) {
+        int64_t m = 0;
+        for (; m + 2 <= M; m += 2) int4_tile_512<2>(a, xpp, u * 4, m);
+        for (; m < M; ++m) int4_tile_512<1>(a, xpp, u * 4, m);
+      }
+    });
+    return y;
+  }
   at::parallel_for(0, N / 4, 4, [&](int64_t ub, int64_t ue) {
     for (int64_t u = ub; u < ue; ++u) {
       int64_t m = 0;
@@ -796,6 +938,7 @@ at::Tensor decoder_stack_decode(const at::Tensor& hidden, at::Tensor& residual, 
 
 TORCH_LIBRARY(tgs_cpu, m) {
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor meta, int group_size) -> Tensor", &int4_linear);
+  m.def("set_int4_isa(str name) -> str", &set_int4_isa);
   m.def("int4_dequantize(Tensor qweight, Tensor meta, int group_size) -> Tensor", &int4_dequantize);
   m.def("int4_dequantize_bf16(Tensor qweight, Tensor meta, int group_size) -> Tensor", &int4_dequantize_bf16);
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales, int group_size) -> Tensor", &int8_linear);

@@ -1,4 +1,5 @@
-"""4-bit GPTQ on the CPU through the project's own AVX2 kernel (``tgs_cpu.int4_linear``).
+"""4-bit GPTQ on the CPU through the project's own AVX2 kernel (``tgs_cpu.int4_linear``;
+an AVX-512 VNNI form of it, with the same integer arithmetic, where the CPU has that).
 
 Activations are quantized per kernel group to 16 bits and multiplied with
 the 4-bit codes in integer arithmetic (``vpmaddwd``), one fp16 scale and one
