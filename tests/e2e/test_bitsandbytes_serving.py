@@ -84,14 +84,16 @@ def serve(tmp_path_factory):
     """``serve(mode, n)``: start, query and stop one server per (mode, shard count), once."""
     cache: dict[tuple[str | None, int], Served] = {}
 
-    def _serve(mode: str | None, n: int) -> Served:
-        if (mode, n) not in cache:
+    def _serve(mode: str | None, n: int, dtype: str | None = None) -> Served:
+        if (mode, n, dtype) not in cache:
             args = ["--max-batch-total-tokens", KV_TOKENS]
             if mode is not None:
                 args += ["--quantize", mode]
             if n > 1:
                 args += ["--sharded", "true", "--num-shard", str(n)]
-            tmp = tmp_path_factory.mktemp(f"{mode or 'dense'}-{n}")
+            if dtype is not None:
+                args += ["--dtype", dtype]
+            tmp = tmp_path_factory.mktemp(f"{mode or 'dense'}-{n}-{dtype or 'auto'}")
             server = ServerProcess(tmp, args).start(timeout=900)
             try:
                 answer = server.greedy(PROMPTS, NEW_TOKENS, TOP_N)
@@ -101,11 +103,14 @@ def serve(tmp_path_factory):
                 code = server.stop()
             log = server.log_path.read_text(errors="replace")
             assert code == 0, server.log_tail()
-            cache[(mode, n)] = Served(tokens, top, memory, log)
-        return cache[(mode, n)]
+            cache[(mode, n, dtype)] = Served(tokens, top, memory, log)
+        return cache[(mode, n, dtype)]
 
     yield _serve
-    report = {f"{mode or 'unquantized'} x{n}": served.memory for (mode, n), served in cache.items()}
+    report = {
+        f"{mode or 'unquantized'} x{n}" + (f" {dtype}" if dtype else ""): served.memory
+        for (mode, n, dtype), served in cache.items()
+    }
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(json.dumps(report, indent=2) + "\n")
     for name, ranks in report.items():
@@ -160,6 +165,20 @@ def test_start_up_log_names_the_bitsandbytes_backend_and_kernel(serve, mode, n):
     assert re.search(r"bitsandbytes \S+ backend CPU", log), log[-2000:]
     kernel = "bnb-llm.int8-cpu" if mode == "bitsandbytes" else f"bnb-{mode[-3:]}-b64-cpu"
     assert f"kernel {kernel}" in log
+
+
+@pytest.mark.parametrize("mode", ["bitsandbytes", "bitsandbytes-nf4"])
+def test_bfloat16_compute_serves_and_names_its_kernel(serve, mode):
+    """--dtype bfloat16 with bitsandbytes: the non-quantized parts and the compute in bf16;
+    4-bit layers use bitsandbytes' AVX-512 BF16 kernel where the CPU has it."""
+    from text_generation_server.layers.quant.bnb_runtime import cpu_4bit_kernel_available
+
+    served = serve(mode, 1, "bfloat16")
+    assert "dtype bfloat16" in served.log, served.log[-2000:]
+    assert "Paris" in text_of(served.tokens[0]), (mode, served.tokens[0])
+    if mode == "bitsandbytes-nf4":
+        how = "avx512-bf16-gemm" if cpu_4bit_kernel_available() else "dequantize+torch-matmul"
+        assert f"bnb-nf4-b64-cpu[{how}, bf16]" in served.log, re.findall(r"kernel \S+", served.log)
 
 
 _READY = re.compile(
