@@ -110,9 +110,9 @@ def assert_nothing_left(server: ServerProcess, shm_before: set[str]) -> None:
     assert shm_entries() - shm_before == set()
 
 
-@pytest.mark.parametrize("victim", ["shard-1", "router"])
+@pytest.mark.parametrize("victim", ["shard-0", "shard-1", "router"])
 def test_a_killed_process_mid_generation_ends_streams_unavailable_and_the_launch_non_zero(
-    tiny_llama_tied, tmp_path, victim
+    tiny_llama_tied, tmp_path, victim, record_property
 ):
     shm_before = shm_entries()
     server = ServerProcess(
@@ -140,9 +140,14 @@ def test_a_killed_process_mid_generation_ends_streams_unavailable_and_the_launch
     errors = [line for line in log.splitlines() if "stopping everything" in line]
     assert len(errors) == 1 and f"{name} exited with signal SIGKILL" in errors[0], log[-3000:]
     assert_nothing_left(server, shm_before)
+    record_property(
+        f"figures: kill -9 {victim} mid-generation",
+        f"4 streams ended {sorted({c.name for c, _, _ in codes})} after {[t for _, _, t in codes]} tokens; "
+        f"launcher exit {code} {took:.1f} s after the kill; no process, socket or /dev/shm entry left",
+    )
 
 
-def test_sigterm_drains_eight_streams_refuses_new_work_and_exits_zero(tiny_llama, tmp_path):
+def test_sigterm_drains_eight_streams_refuses_new_work_and_exits_zero(tiny_llama, tmp_path, record_property):
     from text_generation_server.pb.fmaas import generation_pb2 as pb
     from text_generation_server.pb.fmaas import generation_pb2_grpc
 
@@ -181,3 +186,8 @@ def test_sigterm_drains_eight_streams_refuses_new_work_and_exits_zero(tiny_llama
     server.stop()
     assert not_serving_after < 2.0, not_serving_after
     assert_nothing_left(server, shm_before)
+    record_property(
+        "figures: SIGTERM during 8 streams",
+        f"NOT_SERVING after {not_serving_after:.2f} s; a new request refused UNAVAILABLE; "
+        f"8 streams finished OK with {[s.tokens for s in streams]} tokens; exit 0",
+    )

@@ -187,7 +187,9 @@ CHECKPOINT_FAULTS = [
 @pytest.mark.parametrize(
     "name, breaker, shards, needles", CHECKPOINT_FAULTS, ids=[row[0] for row in CHECKPOINT_FAULTS]
 )
-def test_broken_checkpoint_stops_the_launch_with_its_error(tiny_llama, tmp_path, name, breaker, shards, needles):
+def test_broken_checkpoint_stops_the_launch_with_its_error(
+    tiny_llama, tmp_path, name, breaker, shards, needles, record_property
+):
     model = copy_model(tiny_llama, tmp_path / "model")
     breaker(model)
     args = ["--model-id", str(model)]
@@ -203,6 +205,10 @@ def test_broken_checkpoint_stops_the_launch_with_its_error(tiny_llama, tmp_path,
         assert needle in result.log, (needle, result.log[-3000:])
     assert "Traceback" not in result.log, result.log[-3000:]
     assert "Ready:" not in result.log
+    record_property(
+        f"figures: start-up fault {name}",
+        f"exit {result.code} after {result.seconds:.1f} s, {result.error_to_exit:.1f} s from the first error",
+    )
 
 
 def test_a_failing_shard_is_named_in_the_launchers_error(tiny_llama, tmp_path):

@@ -130,7 +130,9 @@ def test_server_starts_idle_with_a_kv_cache_sized_for_the_cpu(server):
     assert 2 * MAX_TOTAL / 16 <= total <= 16384 / 16, total
 
 
-def test_64_concurrent_streams_of_mixed_lengths_all_complete_with_the_right_stop_reason(server, stub, pb):
+def test_64_concurrent_streams_of_mixed_lengths_all_complete_with_the_right_stop_reason(
+    server, stub, pb, record_property
+):
     before = wait_idle(server)
     # The room a long prompt leaves under max_total_tokens, counted by the server's own tokenizer.
     long_prompt = "The history of the lighthouse keepers on the northern coast is long. " * 14
@@ -207,6 +209,11 @@ def test_64_concurrent_streams_of_mixed_lengths_all_complete_with_the_right_stop
     records = [json.loads(line)["record"] for line in server.log_path.read_text().splitlines() if line.strip()]
     tagged = {r["extra"].get("correlation_id") for r in records if r["extra"].get("component") == "router"}
     assert {f"load-{i}" for i in range(64)} <= tagged
+    record_property(
+        "figures: 64 concurrent streams",
+        f"{len(results)} completed, 0 failed, {generated} tokens; stop reasons {dict(sorted(reasons.items()))}; "
+        f"KV blocks in use afterwards {after['tgi_kv_cache_blocks_used']:.0f}",
+    )
 
 
 def test_16_streams_cancelled_midway_free_their_kv_and_leave_the_others_unaffected(server, stub, pb):
