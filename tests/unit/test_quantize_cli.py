@@ -516,6 +516,48 @@ def test_module_runs_as_a_script_with_exit_code_1_on_user_error(tmp_path):
     assert "none" in proc.stderr and "Traceback" not in proc.stderr
 
 
+_FREED_BUFFERS_SCRIPT = """
+import sys
+import torch
+from text_generation_server.quantize import memory
+
+def anon_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) / 1024
+
+if sys.argv[1] == "mapped" and not memory.map_large_buffers():
+    print("unsupported")
+    raise SystemExit
+base = anon_mib()
+survivors = []
+for step in range(8):
+    buffer = torch.ones((24 - step) << 18)  # 24, 23, ... 17 MiB: a stage's activations
+    survivors.append(torch.ones(1 << 16))  # 256 KiB kept after each, as a stage's outputs
+    del buffer
+print(anon_mib() - base)
+"""
+
+
+def _retained_mib(mode: str) -> str:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/status")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _FREED_BUFFERS_SCRIPT, mode],
+                          capture_output=True, text=True, env=env, timeout=120, check=True)
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_freed_activation_buffers_leave_the_process_once_large_buffers_are_mapped():
+    """glibc's default serves buffers like these from the heap after the first
+    one is freed and keeps them resident; the quantizer's setting must not."""
+    mapped = _retained_mib("mapped")
+    if mapped == "unsupported":
+        pytest.skip("the C library is not glibc")
+    default = float(_retained_mib("default"))
+    assert default > 16, f"the default allocator kept only {default:.1f} MiB: the test no longer tells the two apart"
+    assert float(mapped) < 4  # the 2 MiB of survivors, nothing of the freed buffers
+
+
 def test_builtin_corpus_splits_are_disjoint_and_windows_deterministic():
     train, held_out = python_docs("train"), python_docs("eval")
     assert len(train.text) > 200_000 and len(held_out.text) > 50_000

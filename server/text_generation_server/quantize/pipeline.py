@@ -7,7 +7,6 @@ Every check that can fail on user input runs before the long computation.
 from __future__ import annotations
 
 import os
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from text_generation_server.quantize.data import (
     tokenize,
 )
 from text_generation_server.quantize.gptq import QuantSpec
+from text_generation_server.quantize.memory import peak_rss_mib
 from text_generation_server.quantize.runner import (
     LINEAR_GROUPS,
     LinearReport,
@@ -53,11 +53,6 @@ class CalibrationSettings:
     seed: int = 0
 
 
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (MiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def set_threads() -> int:
     """Use every core unless OMP_NUM_THREADS says otherwise; returns the count."""
     if not os.environ.get("OMP_NUM_THREADS"):
@@ -80,6 +75,25 @@ def load_tokenizer(path: Path, trust_remote_code: bool):
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load the tokenizer of {path}: {err}") from err
+
+
+def calibration_data(
+    model_path: Path, calibration: CalibrationSettings, seqlen: int, trust_remote_code: bool
+) -> tuple[torch.Tensor, str]:
+    """The calibration windows ``[nsamples, seqlen]`` and a description of their text.
+
+    The tokenizer, the text and its full tokenization are dropped on return,
+    before the GPTQ pass needs the memory.
+    """
+    tokenizer = load_tokenizer(model_path, trust_remote_code)
+    text = load_text(calibration.dataset, "train")
+    tokens = tokenize(tokenizer, text)
+    windows = calibration_windows(tokens, calibration.nsamples, seqlen, calibration.seed, text.source)
+    logger.info(
+        f"Calibration: {windows.shape[0]} random windows of {seqlen} tokens (seed {calibration.seed}) "
+        f"from {text.source}, {tokens.numel()} tokens in total"
+    )
+    return windows, text.source
 
 
 def quantize_checkpoint(
@@ -121,14 +135,7 @@ def quantize_checkpoint(
         logger.info(f"--seqlen {seqlen} exceeds the model's {max_pos} positions; using {max_pos}")
         seqlen = max_pos
 
-    tokenizer = load_tokenizer(model_path, trust_remote_code)
-    text = load_text(calibration.dataset, "train")
-    tokens = tokenize(tokenizer, text)
-    windows = calibration_windows(tokens, calibration.nsamples, seqlen, calibration.seed, text.source)
-    logger.info(
-        f"Calibration: {windows.shape[0]} random windows of {seqlen} tokens (seed {calibration.seed}) "
-        f"from {text.source}, {tokens.numel()} tokens in total"
-    )
+    windows, source = calibration_data(model_path, calibration, seqlen, trust_remote_code)
     threads = set_threads()
     logger.info(
         f"Quantizing {model_path} ({config.architectures[0]}, {config.num_hidden_layers} layers) to "
@@ -146,7 +153,7 @@ def quantize_checkpoint(
     t_quant = time.perf_counter() - t_quant
 
     calib_meta = {
-        "dataset": text.source,
+        "dataset": source,
         "nsamples": int(windows.shape[0]),
         "seqlen": int(seqlen),
         "seed": calibration.seed,

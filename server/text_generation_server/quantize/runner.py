@@ -16,10 +16,6 @@ from one forward of the unquantized layer (AutoGPTQ's non-sequential mode).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +36,11 @@ from text_generation_server.quantize.gptq import (
     QuantSpec,
     gptq_quantize,
     relative_output_error,
+)
+from text_generation_server.quantize.memory import (
+    map_large_buffers,
+    peak_rss_mib,
+    return_freed_memory,
 )
 from text_generation_server.quantize.packing import pack_gptq, packed_length
 
@@ -333,6 +334,7 @@ def quantize_model(
     packed tensors (checkpoint names) and a per-linear error report; the
     caller writes the checkpoint.
     """
+    map_large_buffers()
     checkpoint = SafetensorsCheckpoint(model_path)
     model = meta_model(config, trust_remote_code)
     batch_size = max(1, batch_tokens // windows.shape[1])
@@ -359,43 +361,19 @@ def quantize_model(
             run = _quantize_layer_sequential if true_sequential else _quantize_layer_parallel
             hidden = run(layer, quantizer, hidden, kwargs)
             release(layer)
-            _return_freed_memory()
+            return_freed_memory()
             errors = " ".join(
                 f"{r.name.rsplit('.', 1)[-1].removesuffix('_proj')}={r.rel_error:.4f}"
                 for r in result.reports[-len(QUANTIZED_LINEARS):]
             )
             logger.info(
                 f"layer {index + 1}/{len(layers)} ({mode}) {time.perf_counter() - t_layer:.1f} s, "
-                f"peak RSS {_peak_rss_mib():.0f} MiB: rel. output error {errors}"
+                f"peak RSS {peak_rss_mib():.0f} MiB: rel. output error {errors}"
             )
             bar.update(1)
     finally:
         bar.close()
     return result
-
-
-@functools.cache
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or None on other C libraries."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    trim = getattr(libc, "malloc_trim", None)
-    if trim is None:
-        logger.debug("malloc_trim is not available; freed activation memory stays with the allocator")
-    return trim
-
-
-def _return_freed_memory() -> None:
-    """Hand freed activation buffers back to the OS between layers: glibc
-    otherwise keeps them in fragmented heaps and the resident size creeps up
-    layer after layer."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _slice_kwargs(kwargs: dict, n: int) -> dict:

@@ -1,0 +1,58 @@
+"""How the quantizer's process uses the C allocator, and what it reports.
+
+Calibration activations are megabyte buffers (a batch of windows times the
+hidden or MLP width), allocated and freed many times per layer in sizes that
+change from stage to stage. glibc's malloc raises its mmap threshold each
+time such a buffer is freed (up to 32 MiB), so after the first few they all
+come from the heap, whose holes the next stage's differently sized buffers
+fit badly: the resident size grows by hundreds of MiB over the live
+activations, and varies from run to run. With a fixed threshold every such
+buffer gets its own mapping and is returned to the OS when freed. All of
+this is a no-op where the C library is not glibc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import resource
+
+from loguru import logger
+
+_M_MMAP_THRESHOLD = -3  # mallopt parameter
+# Activation buffers are MiB-sized and up; the solver's per-column tensors
+# (kilobytes, thousands per linear) stay in the heap.
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        libc = None
+    if libc is None or not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
+        logger.debug("glibc's mallopt/malloc_trim are not available: freed activation memory stays with the allocator")
+        return None
+    return libc
+
+
+def map_large_buffers() -> bool:
+    """Give every allocation of ``MMAP_THRESHOLD_BYTES`` and up its own mapping,
+    returned to the OS when freed, for the rest of the process; True when applied."""
+    libc = _libc()
+    return libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+
+
+def return_freed_memory() -> None:
+    """Hand free heap pages (the smaller allocations) back to the OS."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
