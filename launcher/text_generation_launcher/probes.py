@@ -9,10 +9,12 @@ import socket
 import stat
 from pathlib import Path
 
-
-def shard_socket(uds_path: str, rank: int) -> str:
-    """The unix socket path of shard ``rank``."""
-    return f"{uds_path}-{rank}"
+from text_generation_server.utils.sockets import (  # noqa: F401  (re-exported for the launcher)
+    SocketInUseError,
+    clear_stale_socket,
+    make_private_dir,
+    shard_socket,
+)
 
 
 def shard_answers_health(socket_path: str, timeout: float = 2.0) -> bool:
@@ -104,34 +106,6 @@ def check_port_free(host: str, port: int, flag: str, *, only_if_local: bool = Fa
             raise PortInUseError(f"{flag}: cannot listen on {host}:{port} ({err.strerror})") from None
 
 
-class SocketInUseError(RuntimeError):
-    """A shard socket path is served by a running process."""
-
-
-def clear_stale_socket(path: str) -> bool:
-    """Remove a socket file nobody listens on (left by a killed shard); True if one was removed.
-
-    Raises SocketInUseError if a process answers on it, and for a path that
-    exists but is not a socket (the launcher never deletes other files).
-    """
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISSOCK(mode):
-        raise SocketInUseError(f"{path} exists and is not a socket; choose another --shard-uds-path")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)
-            return True
-    raise SocketInUseError(
-        f"{path} is in use by another running server; stop it or choose another --shard-uds-path"
-    )
-
-
 def prepare_socket_dir(directory: str, flag: str = "--shard-uds-path") -> bool:
     """Make sure shard sockets live in a directory only this user can open.
 
@@ -179,18 +153,9 @@ def prepare_socket_dir(directory: str, flag: str = "--shard-uds-path") -> bool:
 def _make_private_dir(path: Path, flag: str) -> bool:
     """Create ``path`` with mode 0700; False if it appeared meanwhile (then the caller checks it as found)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        return make_private_dir(path)
     except OSError as err:
         raise SocketInUseError(f"{flag}: cannot create the socket directory {path} ({err.strerror})") from None
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        return False
-    except OSError as err:
-        raise SocketInUseError(f"{flag}: cannot create the socket directory {path} ({err.strerror})") from None
-    # mkdir's mode is filtered through the umask; make it exactly 0700 whatever the umask is.
-    os.chmod(path, 0o700)
-    return True
 
 
 def _user_name(uid: int) -> str:

@@ -13,39 +13,20 @@ not glibc.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
-import sys
 from collections.abc import Callable
 
 from loguru import logger
+from text_generation_server.utils import glibc
 
-# mallopt parameters: the most arenas glibc creates; the size from which blocks get their own mapping.
-_M_ARENA_MAX = -8
-_M_MMAP_THRESHOLD = -3
 # Fixed (glibc otherwise raises it up to 32 MiB after freeing a large block, so the next megabyte-sized
 # prompts land in the heap and fragment it); blocks this large and up are returned to the OS when freed.
 _MMAP_THRESHOLD_BYTES = 256 * 1024
 
 
-def _glibc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None)
-    except OSError:
-        return None
-    if not (hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt")):
-        return None
-    return libc
-
-
 def limit_arenas(count: int = 2) -> bool:
     """Cap glibc's malloc arenas and fix its mmap threshold (call early, before threads allocate); True when applied."""
-    libc = _glibc()
-    if libc is None:
-        return False
-    return libc.mallopt(_M_ARENA_MAX, count) == 1 and libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) == 1
+    return glibc.limit_arenas(count) and glibc.set_mmap_threshold(_MMAP_THRESHOLD_BYTES)
 
 
 def release_freed_memory() -> bool:
@@ -57,13 +38,12 @@ def release_freed_memory() -> bool:
     it runs its full pass rarely.
     """
     gc.collect()
-    libc = _glibc()
-    return bool(libc is not None and libc.malloc_trim(0) == 1)
+    return glibc.trim()
 
 
 async def trim_when_idle(is_idle: Callable[[], bool], interval: float = 10.0) -> None:
     """Every ``interval`` seconds with no request in flight, release freed memory (until cancelled)."""
-    if _glibc() is None:
+    if glibc.glibc() is None:
         logger.debug("malloc_trim is not available: freed memory stays with the allocator")
         return
     while True:

@@ -155,15 +155,12 @@ def memory_status(status: Path = Path("/proc/self/status")) -> dict[str, int]:
 
 def make_socket_dir(directory: Path) -> None:
     """Create the socket directory with mode 0700 when it is missing (the launcher has made it otherwise)."""
+    from text_generation_server.utils.sockets import make_private_dir
+
     if directory.exists():
         return
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        directory.mkdir(mode=0o700)
-    except FileExistsError:
-        return  # another rank made it first
-    directory.chmod(0o700)
-    logger.info(f"Created socket directory {directory} (mode 0700)")
+    if make_private_dir(directory):  # False: another rank made it first
+        logger.info(f"Created socket directory {directory} (mode 0700)")
 
 
 def resolve_model_dir(model: str | None, revision: str | None) -> Path:

@@ -16,8 +16,6 @@ import errno
 import os
 import queue
 import signal
-import socket
-import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -29,15 +27,12 @@ from loguru import logger
 from text_generation_server.engine.generator import Generator
 from text_generation_server.interceptor import ExceptionInterceptor
 from text_generation_server.pb.generate.v1 import generate_pb2, generate_pb2_grpc
+from text_generation_server.utils.sockets import clear_stale_socket, shard_socket, shard_url
 
 T = TypeVar("T")
 
 # Seconds in-flight RPCs get to finish once the shard is asked to stop.
 STOP_GRACE_S = 3.0
-
-
-def shard_url(uds_path: str, rank: int) -> str:
-    return f"unix://{uds_path}-{rank}"
 
 
 class ModelWorker:
@@ -164,21 +159,9 @@ class ShardServicer(generate_pb2_grpc.TextGenerationServiceServicer):
 
 def prepare_socket_path(path: Path) -> None:
     """Remove a socket file a dead shard left behind; refuse a live one or a non-socket."""
-    if not path.exists() and not path.is_symlink():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return
-    if not stat.S_ISSOCK(path.lstat().st_mode):
-        raise OSError(
-            errno.EEXIST, f"{path} exists and is not a socket; remove it or pick another --uds-path"
-        )
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            logger.info(f"Removing stale socket {path}")
-            path.unlink(missing_ok=True)
-            return
-    raise OSError(errno.EADDRINUSE, f"{path} is in use by another running server")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if clear_stale_socket(path, flag="--uds-path"):
+        logger.info(f"Removed stale socket {path}")
 
 
 class ShardServer:
@@ -196,7 +179,7 @@ class ShardServer:
         self.generator = generator
         self.rank = rank
         self.url = shard_url(uds_path, rank)
-        self.socket_path = Path(f"{uds_path}-{rank}")
+        self.socket_path = Path(shard_socket(uds_path, rank))
         self.urls = [shard_url(uds_path, r) for r in range(world_size)]
         self.worker = worker or ModelWorker()
         self._server: grpc.aio.Server | None = None

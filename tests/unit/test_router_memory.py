@@ -7,10 +7,11 @@ import sys
 
 import pytest
 from text_generation_router import memory
+from text_generation_server.utils import glibc
 
 
 def test_trim_runs_when_idle_and_never_while_busy(monkeypatch):
-    if memory._glibc() is None:
+    if glibc.glibc() is None:
         pytest.skip("needs glibc")
     calls: list[bool] = []
     busy = {"now": True}
@@ -30,7 +31,7 @@ def test_trim_runs_when_idle_and_never_while_busy(monkeypatch):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_arena_cap_and_trim_are_accepted_by_glibc():
-    if memory._glibc() is None:
+    if glibc.glibc() is None:
         pytest.skip("not glibc")
     assert memory.limit_arenas(2) is True
     assert memory.release_freed_memory() in (True, False)

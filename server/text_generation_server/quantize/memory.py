@@ -13,44 +13,29 @@ this is a no-op where the C library is not glibc.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import resource
 
 from loguru import logger
 
-_M_MMAP_THRESHOLD = -3  # mallopt parameter
+from text_generation_server.utils import glibc
+
 # Activation buffers are MiB-sized and up; the solver's per-column tensors
 # (kilobytes, thousands per linear) stay in the heap.
 MMAP_THRESHOLD_BYTES = 1 << 20
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        libc = None
-    if libc is None or not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
-        logger.debug("glibc's mallopt/malloc_trim are not available: freed activation memory stays with the allocator")
-        return None
-    return libc
-
-
 def map_large_buffers() -> bool:
     """Give every allocation of ``MMAP_THRESHOLD_BYTES`` and up its own mapping,
     returned to the OS when freed, for the rest of the process; True when applied."""
-    libc = _libc()
-    return libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+    applied = glibc.set_mmap_threshold(MMAP_THRESHOLD_BYTES)
+    if not applied:
+        logger.debug("glibc's mallopt is not available: freed activation memory stays with the allocator")
+    return applied
 
 
 def return_freed_memory() -> None:
     """Hand free heap pages (the smaller allocations) back to the OS."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    glibc.trim()
 
 
 def peak_rss_mib() -> float:

@@ -12,35 +12,25 @@ any moment.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 from abc import abstractmethod
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 
 import torch
 
 from text_generation_server.layers.loading import set_weight_attrs
 from text_generation_server.layers.quant.base import LinearSpec, QuantMethod, linear_param
+from text_generation_server.utils import glibc
 from text_generation_server.weights import CheckpointError, Weights
 
 # Attributes the layer's weight loader reads to slice a checkpoint tensor.
 _SLICING_ATTRS = ("output_dim", "input_dim", "output_pack", "input_pack", "checkpoint_shapes")
 
 
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-
-
 def _return_freed_memory() -> None:
     """Give the freed float slice back to the OS. glibc otherwise keeps it in a heap
     that the small quantized tensors allocated after it fragment, and the resident
     size creeps up layer after layer by about what quantizing was meant to save."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    glibc.trim()
 
 
 class QuantizeOnLoadMethod(QuantMethod):
