@@ -1,6 +1,7 @@
 """A minimal paged-KV driver for model tests: allocates blocks out of order,
 builds AttentionMetadata for prefill, decode and chunked steps, and returns
-logits per sequence. Independent of the engine package on purpose."""
+logits per sequence. Independent of the engine package on purpose. Runs the
+model's execution plan as the engine does (``plan``: another one to compare)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from text_generation_server.layers.attention import AttentionMetadata
 
 
 class PagedRunner:
-    def __init__(self, model, *, num_blocks: int = 64, block_size: int = 4, seed: int = 0):
+    def __init__(self, model, *, num_blocks: int = 64, block_size: int = 4, seed: int = 0, plan=None):
         self.model = model
+        self.forward = (plan or getattr(model, "plan", None) or model).forward
         self.block_size = block_size
         shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
         self.kv_caches = [
@@ -54,7 +56,7 @@ class PagedRunner:
             query_lens=query_lens,
         )
         with torch.inference_mode():
-            hidden = self.model(
+            hidden = self.forward(
                 torch.tensor(ids, dtype=torch.int64),
                 torch.tensor(positions, dtype=torch.int64),
                 self.kv_caches,

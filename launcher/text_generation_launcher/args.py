@@ -354,11 +354,11 @@ def resolve_num_shard(sharded: bool | None, num_shard: int | None, cuda_device_c
 
 def check(args: LauncherArgs) -> None:
     """Refuse flag combinations that cannot work, naming the flags."""
-    if args.quantize == "gptq" and args.dtype is not None:
-        raise ArgsError(
-            f"--dtype {args.dtype} cannot be combined with --quantize gptq: a GPTQ checkpoint fixes its own "
-            "compute dtype; drop --dtype"
-        )
+    from text_generation_server.layers.quant.registry import dtype_flag_refusal
+
+    refusal = dtype_flag_refusal(args.quantize, args.dtype, f"--quantize {args.quantize}")
+    if refusal is not None:
+        raise ArgsError(refusal)
     if args.max_input_tokens is not None and args.max_total_tokens is not None:
         if args.max_input_tokens >= args.max_total_tokens:
             raise ArgsError(

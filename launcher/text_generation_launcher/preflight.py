@@ -28,6 +28,7 @@ def check_quantization(args: LauncherArgs, model_dir: Path) -> str:
     """
     from text_generation_server.layers.quant.registry import (
         checkpoint_quant_config,
+        dtype_flag_refusal,
         get_quant_method,
     )
 
@@ -45,11 +46,9 @@ def check_quantization(args: LauncherArgs, model_dir: Path) -> str:
             f"Checkpoint {model_dir.name} is quantized with quant_method "
             f"'{checkpoint.get('quant_method')}': serving it as --quantize {method}"
         )
-    if method == "gptq" and args.dtype is not None:
-        raise PreflightError(
-            f"--dtype {args.dtype} cannot be combined with a GPTQ checkpoint ({model_dir.name}): "
-            "it fixes its own compute dtype; drop --dtype"
-        )
+    refusal = dtype_flag_refusal(method, args.dtype, f"a {method.upper()} checkpoint ({model_dir.name})")
+    if refusal is not None:
+        raise PreflightError(refusal)
     return method
 
 

@@ -26,8 +26,6 @@ _DTYPES: dict[str, tuple[int, bool]] = {
     "I64": (8, False), "I32": (4, False), "I16": (2, False), "I8": (1, False),
     "U64": (8, False), "U32": (4, False), "U16": (2, False), "U8": (1, False), "BOOL": (1, False),
 }
-# Quantization applied while loading makes the resident weights smaller than this estimate.
-_QUANTIZED_AT_LOAD = ("bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4")
 
 
 class ModelTooLargeError(RuntimeError):
@@ -89,7 +87,10 @@ def check_model_fits(
     shared by the ``world_size`` shards starting on it. Returns the estimate,
     or None when it does not apply (CUDA, or weights quantized while loading).
     """
-    if device.type != "cpu" or quantize in _QUANTIZED_AT_LOAD:
+    from text_generation_server.layers.quant.registry import quantizes_at_load
+
+    # Quantization applied while loading makes the resident weights smaller than this estimate.
+    if device.type != "cpu" or quantizes_at_load(quantize):
         return None
     from text_generation_server.engine.kv_cache import host_available_bytes
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from text_generation_server import kernels
 from text_generation_server.layers import fused
-from text_generation_server.layers.embedding import int8_kernel_layout, quantize_int8_rows
+from text_generation_server.layers.lm_head_kernels import int8_kernel_layout, quantize_int8_rows
 
 pytestmark = pytest.mark.skipif(
     not kernels.cpu_ops_status().available,
@@ -214,7 +214,7 @@ def test_an_unknown_cpu_kernels_value_is_refused(monkeypatch):
     monkeypatch.setenv(kernels.ENV, "fast")
     kernels.reset_for_tests()
     try:
-        with pytest.raises(ValueError, match="expected auto, on or off"):
+        with pytest.raises(ValueError, match="expected one of auto, on, off"):
             kernels.cpu_ops_status()
     finally:
         kernels.reset_for_tests()
@@ -242,11 +242,14 @@ def test_int4_dequantize_bf16_rounds_the_checkpoint_weights_to_nearest_even():
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "gptq"])
-def test_decode_through_the_fused_stack_equals_fused_layers_and_modules(quantized, tmp_path):
+def test_decode_through_the_native_stack_equals_native_layers_and_modules(quantized, tmp_path):
     """One native call for the whole stack, two per layer, or the torch modules: the same decode."""
     from gptq_checkpoint import write_gptq_checkpoint
     from paged_runner import PagedRunner
     from text_generation_server.distributed import init_distributed
+    from text_generation_server.execution import ModulePlan
+    from text_generation_server.execution.native import NativeCpuLayersPlan
+    from text_generation_server.kernels.config import KernelConfig
     from text_generation_server.models import load_model
     from tiny_model import build_tiny_llama
 
@@ -257,15 +260,16 @@ def test_decode_through_the_fused_stack_equals_fused_layers_and_modules(quantize
         path, _ = write_gptq_checkpoint(path, tmp_path / "gptq", group_size=32)
     model = load_model(path, dtype=torch.float32, device=torch.device("cpu"), dist=init_distributed(0, 1),
                        quantize="gptq" if quantized else None)
-    assert model.fused_stack is not None, model.decode_path()
-    assert "in one operator call" in model.decode_path()
-    stack, layers = model.fused_stack, [layer.fused_decode for layer in model.model.layers]
+    assert model.plan.name == "native-cpu-stack", model.plan.describe()
+    assert "in one native call" in model.plan.describe()
+    plans = {
+        "stack": model.plan,
+        "layers": NativeCpuLayersPlan.build(model, KernelConfig()),
+        "modules": ModulePlan(model),
+    }
 
     def decode(mode: str) -> list[torch.Tensor]:
-        model.fused_stack = stack if mode == "stack" else None
-        for layer, own in zip(model.model.layers, layers, strict=True):
-            layer.fused_decode = None if mode == "modules" else own
-        runner = PagedRunner(model, seed=3)
+        runner = PagedRunner(model, seed=3, plan=plans[mode])
         prompts = {"a": [5, 9, 14, 3, 27], "b": [8, 1]}
         last = {k: int(v[-1].argmax()) for k, v in zip(prompts, runner.step(list(prompts.items())), strict=True)}
         out = []

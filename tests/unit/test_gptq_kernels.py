@@ -77,16 +77,8 @@ def cpu_int4(request):
 CPU_INT4_TOLERANCE = {"cpu-int4pack-bf16": 1e-2, "cpu-int4-avx2": 2e-4}
 
 
-@pytest.fixture(autouse=True)
-def float32_prefill(monkeypatch):
-    """The native kernel's calls of many rows in float32 here, whatever this CPU prefers;
-    its bfloat16 prefill has tests of its own below."""
-    from text_generation_server.layers.quant.gptq_kernels import cpu_native
-
-    monkeypatch.setenv(cpu_native.PREFILL_DTYPE_ENV, "float32")
-    cpu_native.prefill_dtype.cache_clear()
-    yield
-    cpu_native.prefill_dtype.cache_clear()
+# The native kernel built directly multiplies calls of many rows in float32, whatever this CPU
+# prefers (a shard passes GPTQ_PREFILL_DTYPE's choice); its bfloat16 prefill has tests below.
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -124,15 +116,15 @@ def native_kernel_or_skip():
 
 @pytest.mark.parametrize("rows", [96, 300])
 def test_native_kernel_prefill_in_bfloat16_is_within_bf16_rounding_of_the_float_product(monkeypatch, rows):
-    from text_generation_server.layers.quant.gptq_kernels import cpu_native
+    from text_generation_server.kernels.config import KernelConfig
 
     kernel_cls = native_kernel_or_skip()
-    monkeypatch.setenv(cpu_native.PREFILL_DTYPE_ENV, "bfloat16")
-    cpu_native.prefill_dtype.cache_clear()
-    assert cpu_native.prefill_dtype() == torch.bfloat16
+    monkeypatch.setenv("GPTQ_PREFILL_DTYPE", "bfloat16")
+    kernels = KernelConfig.from_env()
+    assert kernels.prefill_dtype()[0] == torch.bfloat16
     weights, dense = random_gptq(576, 96, group_size=64, sym=False, desc_act=True)
     x = activations(rows, 576)
-    got = kernel_cls(weights)(x)
+    got = kernel_cls.from_config(weights, kernels)(x)
     assert got.dtype == torch.float32
     want = x @ dense.t()
     err = relative_error(got, want)
@@ -144,18 +136,16 @@ def test_native_kernel_prefill_in_bfloat16_is_within_bf16_rounding_of_the_float_
 
 
 def test_prefill_dtype_follows_the_cpu_unless_pinned(monkeypatch):
-    from text_generation_server.layers.quant.gptq_kernels import cpu_native
+    from text_generation_server.kernels.config import KernelConfig
     from text_generation_server.utils import cpu
 
     for flags, want in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setenv(cpu_native.PREFILL_DTYPE_ENV, "auto")
+        monkeypatch.setenv("GPTQ_PREFILL_DTYPE", "auto")
         monkeypatch.setattr(cpu, "host_has_bf16_instructions", lambda flags=flags: flags)
-        cpu_native.prefill_dtype.cache_clear()
-        assert cpu_native.prefill_dtype() == want
-    monkeypatch.setenv(cpu_native.PREFILL_DTYPE_ENV, "float16")
-    cpu_native.prefill_dtype.cache_clear()
+        assert KernelConfig.from_env().prefill_dtype()[0] == want
+    monkeypatch.setenv("GPTQ_PREFILL_DTYPE", "float16")
     with pytest.raises(ValueError, match="expected one of auto, float32, bfloat16"):
-        cpu_native.prefill_dtype()
+        KernelConfig.from_env()
 
 
 def test_cpu_int4_kernels_keep_zero_activations_exactly_zero(cpu_int4):

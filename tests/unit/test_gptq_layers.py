@@ -11,6 +11,7 @@ import torch
 from gptq_random import activations, cpu_int4_kernels, random_gptq
 from safetensors.torch import save_file
 from text_generation_server.distributed import Distributed
+from text_generation_server.kernels.config import KernelConfig
 from text_generation_server.layers.linear import ColumnParallelLinear, RowParallelLinear
 from text_generation_server.layers.quant.gptq import GPTQConfig
 from text_generation_server.weights import CheckpointError, Weights, shard_range
@@ -34,7 +35,7 @@ def checkpoint(tmp_path, k: int, n: int, **layout) -> tuple[Weights, torch.Tenso
     config = GPTQConfig(
         bits=layout.get("bits", 4), group_size=layout.get("group_size", 64),
         desc_act=layout.get("desc_act", False), sym=layout.get("sym", True),
-        checkpoint_format=layout.get("fmt", "gptq"), kernel="gptq-reference",
+        checkpoint_format=layout.get("fmt", "gptq"), kernels=KernelConfig(gptq_kernel="gptq-reference"),
     )
     return Weights([path], device=CPU, dtype=torch.float32, dist=NoCommDistributed(0, 1)), dense, config
 

@@ -255,14 +255,14 @@ def test_an_act_order_checkpoint_without_g_idx_is_refused_naming_it(checkpoints,
 
 @pytest.mark.parametrize("layout", ["g64-act-order-asym", "g32-asym-v2"])
 def test_decode_steps_follow_the_dequantized_model_on_either_path(checkpoints, layout, cpu_kernels):
-    """Decode through the fused native layers (checkpoint order) or the modules (act-order
+    """Decode through the native decoder stack (checkpoint order) or the modules (act-order
     inputs are reordered, the torch path) stays with transformers on the dequantized weights."""
     from transformers import AutoModelForCausalLM
 
     quantized, dense = checkpoints[layout]
     model = load_model(quantized, dtype=torch.float32, device=CPU, dist=init_distributed(0, 1), quantize="gptq")
     fused = cpu_kernels == "native" and layout == "g32-asym-v2"
-    assert model.decode_path().startswith("fused native" if fused else "per-module"), model.decode_path()
+    assert model.plan.name == ("native-cpu-stack" if fused else "modules"), model.plan.describe()
     ref = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
     ids = IDS + [7, 200, 31, 5]
     with torch.no_grad():

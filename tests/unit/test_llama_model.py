@@ -74,11 +74,11 @@ def test_prefill_logits_equal_transformers(checkpoint):
 
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_prefill_then_paged_decode_matches_transformers(checkpoint, block_size, cpu_kernels):
-    """Decode steps take the fused native layers where the kernels run, the modules otherwise."""
+    """Decode steps take the native decoder stack where the kernels run, the modules otherwise."""
     ids = random_ids(20, 384, seed=2)
     expected = reference_logits(checkpoint, ids)
     model = ours(checkpoint)
-    assert model.decode_path().startswith("fused native" if cpu_kernels == "native" else "per-module")
+    assert model.plan.name == ("native-cpu-stack" if cpu_kernels == "native" else "modules"), model.plan.describe()
     runner = PagedRunner(model, block_size=block_size, seed=block_size)
     prompt = 6
     runner.step([("a", ids[:prompt])])

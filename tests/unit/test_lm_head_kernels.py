@@ -17,11 +17,12 @@ import pytest
 import torch
 from gptq_checkpoint import write_gptq_checkpoint
 from text_generation_server.distributed import init_distributed
-from text_generation_server.layers.embedding import (
+from text_generation_server.kernels.config import KernelConfig
+from text_generation_server.layers.embedding import ParallelLMHead
+from text_generation_server.layers.lm_head_kernels import (
     HALF_GEMV_MAX_ROWS,
     INT8_MAX_ROWS,
     RESCORED_TOP,
-    ParallelLMHead,
     half_head_unsupported,
     int8_error_bound,
     int8_head_unsupported,
@@ -39,7 +40,7 @@ def head(kernel: str) -> ParallelLMHead:
     h = ParallelLMHead(VOCAB, HIDDEN, dist=init_distributed(0, 1), dtype=torch.float32, device=CPU, kernel=kernel)
     # fp16-representable weights, as a GPTQ checkpoint stores them.
     h.weight.data.copy_((torch.randn(VOCAB, HIDDEN, generator=g) * 0.1).half().float())
-    h.finish_loading()
+    h.choose_kernel(KernelConfig.from_env())
     return h
 
 
@@ -76,7 +77,7 @@ def test_the_environment_forces_a_kernel_and_an_unknown_one_is_refused(monkeypat
     monkeypatch.setenv("LM_HEAD_KERNEL", "dense")
     assert head("half").kernel == "dense"
     monkeypatch.setenv("LM_HEAD_KERNEL", "int3")
-    with pytest.raises(ValueError, match=r"LM_HEAD_KERNEL='int3'.*known: dense, half, int8, int8-bf16"):
+    with pytest.raises(ValueError, match=r"LM_HEAD_KERNEL='int3'.*one of dense, half, int8, int8-bf16"):
         head("dense")
 
 
@@ -141,7 +142,7 @@ def test_int8_head_picks_the_dense_heads_token_and_rescores_the_top_exactly(rows
     w = outlier_weights(VOCAB, HIDDEN, 7)
     for h in (h_dense, h_int8):
         h.weight.data.copy_(w)
-        h.finish_loading()
+        h.choose_kernel(KernelConfig.from_env())
     # Near-ties on purpose: rows whose best two tokens differ by far less than 8-bit rounding.
     hidden = torch.randn(rows, HIDDEN, generator=g) * 2
     want = h_dense(hidden)
@@ -151,14 +152,14 @@ def test_int8_head_picks_the_dense_heads_token_and_rescores_the_top_exactly(rows
     top = want.topk(RESCORED_TOP, dim=-1).indices
     torch.testing.assert_close(got.gather(1, top), want.gather(1, top), rtol=1e-5, atol=1e-5)
     # Elsewhere the 8-bit logits, within their bound.
-    bound = int8_error_bound(h_int8._int8_scales, hidden, h_int8._int8[2])
+    bound = int8_error_bound(h_int8.impl.scales, hidden, h_int8.impl.group)
     assert bool(((got - want).abs() <= bound).all())
     # Two tokens a hair apart: the 8-bit scores cannot tell them apart, the rescoring does.
     close = torch.randn(1, HIDDEN, generator=g)
     a, b = want[0].topk(2).indices.tolist()
     for h in (h_dense, h_int8):
         h.weight.data[b] = h.weight.data[a] + 1e-4 * torch.sign(close[0])
-        h.finish_loading()
+        h.choose_kernel(KernelConfig.from_env())
     assert torch.equal(h_int8(hidden[:1]).argmax(-1), h_dense(hidden[:1]).argmax(-1))
 
 
@@ -187,9 +188,9 @@ def test_the_int8_head_names_why_it_cannot_run():
 
 @needs_int8
 def test_a_gptq_model_gets_the_int8_head_where_the_half_one_cannot_run(tmp_path, tiny_llama, monkeypatch):
-    import text_generation_server.layers.embedding as embedding
+    import text_generation_server.layers.lm_head_kernels as lm_head_kernels
 
-    monkeypatch.setattr(embedding, "half_head_unsupported", lambda device: "no native bf16 matrix products")
+    monkeypatch.setattr(lm_head_kernels, "half_head_unsupported", lambda device: "no native bf16 matrix products")
     quantized, _ = write_gptq_checkpoint(tiny_llama, tmp_path / "gptq", group_size=32)
     gptq = load_model(quantized, dtype=torch.float32, device=CPU, dist=init_distributed(0, 1), quantize="gptq")
     assert gptq.lm_head.kernel == "int8"

@@ -30,6 +30,7 @@ from text_generation_server.engine.kv_cache import (
 from text_generation_server.engine.sampler import SampledToken, sample, token_stats
 from text_generation_server.engine.stopping import NOT_FINISHED
 from text_generation_server.engine.stopping import eos_token_ids as config_eos_token_ids
+from text_generation_server.execution import ModulePlan
 from text_generation_server.layers.attention import AttentionMetadata
 from text_generation_server.models.base import CausalLM
 from text_generation_server.pb.generate.v1 import generate_pb2
@@ -64,6 +65,8 @@ class Generator:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.model = model
+        # The execution plan load_model chose; a model built without it runs on its modules.
+        self.plan = getattr(model, "plan", None) or ModulePlan(model)
         self.dist = dist
         self.block_size = block_size
         self.model_id = model_id
@@ -164,8 +167,8 @@ class Generator:
             )
             with torch.inference_mode():
                 ids = torch.zeros(1, dtype=torch.int64, device=self.device)
-                hidden = self.model(ids, torch.zeros_like(ids), self.cache.layers, attn)
-                logits = self.model.compute_logits(hidden)
+                hidden = self.plan.forward(ids, torch.zeros_like(ids), self.cache.layers, attn)
+                logits = self.plan.compute_logits(hidden)
             if not bool(torch.isfinite(logits).all()):
                 raise RuntimeError("the model produced non-finite logits in the health check")
         finally:
@@ -306,9 +309,9 @@ class Generator:
         assert self.cache is not None and self.allocator is not None
         with torch.inference_mode():
             forward_start = time.perf_counter_ns()
-            hidden = self.model(inputs.input_ids, inputs.positions, self.cache.layers, inputs.attn)
+            hidden = self.plan.forward(inputs.input_ids, inputs.positions, self.cache.layers, inputs.attn)
             last = torch.tensor(inputs.last_indices, device=hidden.device)
-            logits = self.model.compute_logits(hidden[last])
+            logits = self.plan.compute_logits(hidden[last])
             prompt_stats = self._prompt_logprobs(batch, inputs, hidden) if prefill else {}
             forward_ns = time.perf_counter_ns() - forward_start
             chosen = sample(logits, [r.sample_row() for r in batch.requests])
@@ -362,7 +365,7 @@ class Generator:
         for c in range(0, len(rows), self.logits_chunk_rows):
             idx = torch.tensor(rows[c : c + self.logits_chunk_rows], device=hidden.device)
             tgt = torch.tensor(targets[c : c + self.logits_chunk_rows], device=hidden.device)
-            lp = torch.log_softmax(self.model.compute_logits(hidden[idx]).float(), dim=-1)
+            lp = torch.log_softmax(self.plan.compute_logits(hidden[idx]).float(), dim=-1)
             values, rank, _, _ = token_stats(lp, tgt)
             logprobs.extend(values.tolist())
             ranks.extend(rank.tolist())

@@ -1,4 +1,12 @@
-"""Native CPU kernels for the decode fast path (``csrc/cpu_ops.cpp``).
+"""Native CPU kernels for the decode fast path (``csrc/``: one file per operator family).
+
+``int4.cpp`` (GPTQ 4-bit matmul and unpacking), ``int8.cpp`` (8-bit LM head),
+``norm_rotary.cpp`` (RMSNorm, rotary, SiLU-gate), ``attention.cpp`` (paged KV
+write and decode attention), ``decoder.cpp`` (a decoder layer's decode step
+over typed descriptions, ``torch.classes.tgs_cpu.Linear`` / ``DecoderLayer`` /
+``DecoderStack``) and ``bindings.cpp``, which registers them all. Which of
+them a model runs is the execution plan's choice (``execution/``); switches
+are parsed in ``kernels/config.py``.
 
 They need an x86-64 CPU with AVX2 and FMA, and a C++ compiler the first time:
 the library is compiled once per source version and torch version, into the
@@ -31,11 +39,15 @@ from typing import Any
 import torch
 from loguru import logger
 
+from text_generation_server.kernels.config import CPU_KERNELS_ISAS, KernelConfig
+
 ENV = "CPU_KERNELS"
 ISA_ENV = "CPU_KERNELS_ISA"
-ISAS = ("auto", "avx2", "avx512-vnni")
+ISAS = CPU_KERNELS_ISAS
 LIBRARY = "tgs_cpu_ops"
-SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_ops.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = tuple(sorted(CSRC.glob("*.cpp")))
+HEADERS = tuple(sorted(CSRC.glob("*.h")))
 PACKAGE_BUILD_DIR = Path(__file__).resolve().parent / "_build"
 # -fopenmp: at::parallel_for is inline OpenMP; the library then needs libgomp.so.1, which
 # resolves to the copy torch has already loaded, so both share one thread pool.
@@ -53,16 +65,14 @@ _lock = threading.Lock()
 _status: KernelStatus | None = None
 
 
-def _mode() -> str:
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if value not in ("auto", "on", "off"):
-        raise ValueError(f"{ENV}={value!r}: expected auto, on or off")
-    return value
 
 
 def build_key() -> str:
     """Identifies one build: the source, the flags and the torch it links against."""
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for path in SOURCES + HEADERS:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
     h.update(" ".join(CFLAGS + LDFLAGS).encode())
     h.update(torch.__version__.encode())
     return h.hexdigest()[:16]
@@ -112,7 +122,8 @@ def _compile(directory: Path) -> Path:
     logger.info(f"Compiling the CPU kernels into {directory} (once per version; about a minute)")
     load(
         name=LIBRARY,
-        sources=[str(SOURCE)],
+        sources=[str(p) for p in SOURCES],
+        extra_include_paths=[str(CSRC)],
         extra_cflags=list(CFLAGS),
         extra_ldflags=list(LDFLAGS),
         build_directory=str(directory),
@@ -153,7 +164,8 @@ def cpu_ops_status() -> KernelStatus:
     with _lock:
         if _status is not None:
             return _status
-        mode, isa = _mode(), _isa()
+        config = KernelConfig.from_env()
+        mode, isa = config.cpu_kernels, config.cpu_kernels_isa
         if mode == "off":
             _status = KernelStatus(False, f"{ENV}=off")
             return _status
@@ -174,13 +186,6 @@ def cpu_ops_status() -> KernelStatus:
                 raise RuntimeError(f"{ENV}=on but the CPU kernels cannot run: {why}")
             _status = KernelStatus(False, why)
         return _status
-
-
-def _isa() -> str:
-    value = os.environ.get(ISA_ENV, "auto").strip().lower() or "auto"
-    if value not in ISAS:
-        raise ValueError(f"{ISA_ENV}={value!r}: expected one of {', '.join(ISAS)}")
-    return value
 
 
 def cpu_ops() -> Any | None:

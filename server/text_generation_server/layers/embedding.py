@@ -5,42 +5,12 @@ the ids in its range, zeroes the rest and all-reduces; the LM head computes
 the logits of its rows and all-gathers them, so every rank ends with the full
 vocabulary. A tied LM head reuses the embedding's shard.
 
-The head is the largest single matmul of a decode step (vocabulary x hidden)
-and, for a 4-bit model on the CPU, most of the step's weight bytes. Its
-kernel is chosen once loading is done (:meth:`ParallelLMHead.finish_loading`):
-
-- ``dense``: ``F.linear`` on the serving dtype's weight (exact; the default);
-- ``half``: CPU only, for quantized models whose other layers already run in
-  16 bits. Up to :data:`HALF_GEMV_MAX_ROWS` rows go through an fp16 copy of
-  the weight (ATen's fp16 matrix-vector kernel accumulates in fp32 and reads
-  half the bytes; fp16 logits keep 11 bits, ~0.005 at a logit of 20), more
-  rows through a bf16 copy (native bf16 dot products). Either copy holds the
-  checkpoint's own fp16 values exactly when the checkpoint is fp16, as GPTQ
-  checkpoints are.
-- ``int8``: CPU only, where the native CPU kernels run: a symmetric 8-bit
-  copy of the weight with one scale per 64 (or 32) hidden features,
-  multiplied by activations quantized the same way
-  (``tgs_cpu.int8_linear``): a quarter of the fp32 bytes. Every 8-bit logit
-  is within a bound computed from its row's scales and the activations
-  (:func:`int8_error_bound`); each row's candidates for the largest logit
-  (every token whose bound reaches the best lower bound) and its
-  :data:`RESCORED_TOP` best scores are then recomputed exactly from the
-  serving-dtype weight. So the largest logit, the greedy token and the top
-  tokens' values are the dense head's own, and the rest are within their
-  bound (about 0.5% of the largest logit's magnitude).
-- ``int8-bf16``: CPU only, for quantized models where both of the above
-  can run: up to :data:`INT8_MAX_ROWS` rows (decode steps) through ``int8``,
-  more rows through the bf16 copy, as ``half`` does. Memory: the 8-bit and
-  bf16 copies, 3 bytes per weight against ``half``'s 4.
-
-A quantized model asks for ``half`` and gets ``int8-bf16`` where both kernels
-run, else ``half``, else ``int8``. ``LM_HEAD_KERNEL`` names the kernel to use
-instead of the automatic choice.
+Its kernel (``layers/lm_head_kernels.py``) is chosen once loading is done,
+by the execution plan (:meth:`ParallelLMHead.choose_kernel`).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Hashable
 
 import torch
@@ -48,81 +18,19 @@ import torch.nn.functional as F
 from loguru import logger
 
 from text_generation_server.distributed import Distributed
+from text_generation_server.kernels.config import KernelConfig
+from text_generation_server.layers.lm_head_kernels import (
+    FALLBACKS,
+    DenseHead,
+    LMHeadKernel,
+    build_lm_head_kernel,
+)
 from text_generation_server.layers.loading import (
     check_checkpoint_tensor,
     copy_checked,
     set_weight_attrs,
 )
 from text_generation_server.weights import Weights, shard_range
-
-LM_HEAD_KERNELS = ("dense", "half", "int8", "int8-bf16")
-LM_HEAD_KERNEL_ENV = "LM_HEAD_KERNEL"
-# fp16 matrix-vector products win while the head is memory-bound; beyond this
-# many rows bf16 matrix products do.
-HALF_GEMV_MAX_ROWS = 4
-# Up to this many rows the 8-bit kernel beats bf16 matrix products (int8-bf16 head).
-INT8_MAX_ROWS = 4
-# Each row's best scores of the 8-bit head that are recomputed exactly (top tokens' logprobs).
-RESCORED_TOP = 8
-
-
-def half_head_unsupported(device: torch.device) -> str | None:
-    """Why the ``half`` LM head cannot run on ``device``, or None."""
-    if device.type != "cpu":
-        return f"runs on the CPU only, not {device.type}"
-    if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return "this CPU has no native bf16 matrix products"
-    return None
-
-
-def int8_head_unsupported(device: torch.device, hidden_size: int) -> str | None:
-    """Why the ``int8`` LM head cannot run, or None."""
-    from text_generation_server.kernels import cpu_ops_status
-
-    if device.type != "cpu":
-        return f"runs on the CPU only, not {device.type}"
-    if hidden_size % 32:
-        return f"needs a hidden size that is a multiple of 32, not {hidden_size}"
-    status = cpu_ops_status()
-    if not status.available:
-        return f"needs the native CPU kernels ({status.reason})"
-    return None
-
-
-def quantize_int8_rows(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric 8-bit codes ``[N, K]`` and float32 scales ``[N, K / group_size]`` of ``weight``."""
-    n, k = weight.shape
-    w = weight.detach().float().view(n, k // group_size, group_size)
-    scales = w.abs().amax(-1) / 127.0
-    codes = torch.round(w / scales.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(-1))
-    return codes.clamp(-127, 127).to(torch.int8).view(n, k).contiguous(), scales.contiguous()
-
-
-def int8_error_bound(scales: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``[M, N]``: how far ``tgs_cpu.int8_linear``'s logit of each row may be from the exact one.
-
-    Weights carry at most half a step (``scale / 2``) of error each, and the
-    activations, quantized per group to 16 bits, at most half of ``max|x_g| /
-    32767``, against weights of at most ``127 * scale``; so the error of
-    row ``n`` is below ``sum_g scale[n, g] * (|x_g|_1 / 2 + 0.125 max|x_g|)``
-    (64 * 127 / 65534 < 0.125 covers the activation term and their product).
-    A relative margin covers float rounding of both results.
-    """
-    xg = x.float().view(x.shape[0], -1, group_size).abs()
-    per_group = xg.sum(-1) * 0.5 + xg.amax(-1) * 0.125
-    return (per_group @ scales.t()) * 1.001 + 1e-6
-
-
-def int8_kernel_layout(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and scales as ``tgs_cpu.int8_linear`` reads them: rows padded to a multiple of 4
-    (zero rows, cut from the output) and scales ``[N / 4, G, 4]``, four rows' side by side."""
-    n, g = scales.shape
-    pad = -n % 4
-    if pad:
-        codes = torch.cat([codes, codes.new_zeros(pad, codes.shape[1])])
-        scales = torch.cat([scales, scales.new_zeros(pad, g)])
-    tiles = scales.view(-1, 4, g).transpose(1, 2).contiguous()
-    return codes.contiguous(), tiles
 
 
 class VocabParallelEmbedding(torch.nn.Module):
@@ -203,18 +111,12 @@ class ParallelLMHead(torch.nn.Module):
         kernel: str = "dense",
     ) -> None:
         super().__init__()
-        if kernel not in LM_HEAD_KERNELS:
-            raise ValueError(f"unknown LM head kernel {kernel!r} (known: {', '.join(LM_HEAD_KERNELS)})")
+        if kernel not in FALLBACKS:
+            raise ValueError(f"unknown LM head kernel {kernel!r} (known: {', '.join(FALLBACKS)})")
         self.dist = dist
         self.vocab_size = vocab_size
         self.device = device
         self.preferred_kernel = kernel
-        self.kernel = "dense"
-        # The ``half`` / ``int8`` kernels' copies of the weight, built by finish_loading.
-        self._fp16: torch.Tensor | None = None
-        self._bf16: torch.Tensor | None = None
-        self._int8: tuple[torch.Tensor, torch.Tensor, int] | None = None
-        self._int8_scales: torch.Tensor | None = None  # [rows, groups], for the error bound
         if tied_to is not None:
             if (tied_to.vocab_size, tied_to.hidden_size) != (vocab_size, hidden_size):
                 raise ValueError(
@@ -231,88 +133,23 @@ class ParallelLMHead(torch.nn.Module):
             self.vocab_sizes = table.vocab_sizes
             self.weight = table.weight
             self.tied = False
+        # Dense until the plan chooses (the weight is empty before loading).
+        self.impl: LMHeadKernel = DenseHead(self.weight)
 
-    def finish_loading(self) -> None:
-        """Choose the kernel now that the weight is loaded (``LM_HEAD_KERNEL`` overrides); logs it."""
-        forced = os.environ.get(LM_HEAD_KERNEL_ENV, "").strip().lower()
-        if forced and forced not in LM_HEAD_KERNELS:
-            raise ValueError(
-                f"{LM_HEAD_KERNEL_ENV}={forced!r} is not an LM head kernel (known: {', '.join(LM_HEAD_KERNELS)})"
-            )
-        wanted = forced or self.preferred_kernel
-        self.kernel, self._fp16, self._bf16, self._int8, self._int8_scales = "dense", None, None, None, None
-        rows, hidden = self.weight.shape
-        candidates = [wanted] if forced or wanted != "half" else ["int8-bf16", "half", "int8"]
-        for kernel in candidates:
-            if kernel == "dense":
-                break
-            why = self._unsupported(kernel, hidden)
-            if why is None:
-                self._build(kernel)
-                break
-            if forced:
-                raise ValueError(f"{LM_HEAD_KERNEL_ENV}={kernel}: the {kernel} LM head {why}")
-            logger.info(f"LM head: the {kernel} kernel {why}")
-        if self.kernel == "half":
-            how = f"fp16 up to {HALF_GEMV_MAX_ROWS} rows, bf16 above, {2 * rows * hidden * 2 / 2**20:.0f} MiB"
-        elif self.kernel == "int8" and self._int8 is not None:
-            how = (f"8-bit, one scale per {self._int8[2]} features, candidates rescored exactly, "
-                   f"{rows * hidden / 2**20:.0f} MiB")
-        elif self.kernel == "int8-bf16" and self._int8 is not None:
-            how = (f"8-bit with candidates rescored exactly up to {INT8_MAX_ROWS} rows, bf16 above, "
-                   f"{3 * rows * hidden / 2**20:.0f} MiB")
-        else:
-            how = str(self.weight.dtype).removeprefix("torch.")
-        logger.info(f"LM head kernel: {self.kernel} ({how}; {rows} vocabulary rows on this rank)")
-
-    def _unsupported(self, kernel: str, hidden: int) -> str | None:
-        if kernel == "half":
-            return half_head_unsupported(self.device)
-        if kernel == "int8":
-            return int8_head_unsupported(self.device, hidden)
-        return half_head_unsupported(self.device) or int8_head_unsupported(self.device, hidden)
-
-    def _build(self, kernel: str) -> None:
-        if kernel == "half":
-            self._fp16 = self.weight.detach().to(torch.float16).contiguous()
-        if kernel in ("half", "int8-bf16"):
-            self._bf16 = self.weight.detach().to(torch.bfloat16).contiguous()
-        if kernel in ("int8", "int8-bf16"):
-            group = 64 if self.weight.shape[1] % 64 == 0 else 32
-            codes, plain_scales = quantize_int8_rows(self.weight, group)
-            codes, scales = int8_kernel_layout(codes, plain_scales)
-            self._int8 = (codes, scales, group)
-            self._int8_scales = plain_scales
-        self.kernel = kernel
-
-    def _int8_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """8-bit logits with each row's candidates for the top (and its best scores) exact."""
-        assert self._int8 is not None and self._int8_scales is not None
-        codes, scales, group = self._int8
-        x = hidden.to(torch.float32).contiguous()
+    def choose_kernel(self, kernels: KernelConfig) -> str:
+        """Build the kernel once the weight is loaded (``LM_HEAD_KERNEL`` in ``kernels`` overrides
+        the requested one); returns a line for the start-up log."""
+        self.impl, reasons = build_lm_head_kernel(self.weight, self.preferred_kernel, kernels.lm_head_kernel)
+        for why in reasons:
+            logger.info(f"LM head: {why}")
         rows = self.weight.shape[0]
-        logits = torch.ops.tgs_cpu.int8_linear(x, codes, scales, group)[:, :rows]
-        bound = int8_error_bound(self._int8_scales, x, group)
-        floor = (logits - bound).amax(-1, keepdim=True)
-        picked = logits + bound >= floor
-        picked.scatter_(1, logits.topk(min(RESCORED_TOP, rows), dim=-1).indices, True)
-        m, v = picked.nonzero(as_tuple=True)
-        w = self.weight.index_select(0, v)
-        exact = (w * x.to(w.dtype).index_select(0, m)).sum(-1)
-        logits.index_put_((m, v), exact.float())
-        return logits
+        return f"{self.kernel} ({self.impl.describe()}; {rows} vocabulary rows on this rank)"
+
+    @property
+    def kernel(self) -> str:
+        return self.impl.name
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, hidden]`` -> ``[N, vocab_size]`` float32 logits, identical on every rank."""
-        if self.kernel == "int8-bf16" and self._bf16 is not None and hidden.shape[0] > INT8_MAX_ROWS:
-            logits = F.linear(hidden.to(torch.bfloat16), self._bf16).float()
-        elif self.kernel in ("int8", "int8-bf16") and self._int8 is not None:
-            logits = self._int8_logits(hidden)
-        elif self.kernel == "half" and self._fp16 is not None and self._bf16 is not None:
-            if hidden.shape[0] <= HALF_GEMV_MAX_ROWS:
-                logits = F.linear(hidden.to(torch.float16), self._fp16).float()
-            else:
-                logits = F.linear(hidden.to(torch.bfloat16), self._bf16).float()
-        else:
-            logits = F.linear(hidden, self.weight).float()
+        logits = self.impl(hidden)
         return self.dist.all_gather(logits, dim=-1, sizes=self.vocab_sizes)

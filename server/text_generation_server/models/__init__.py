@@ -14,6 +14,8 @@ import torch
 from loguru import logger
 
 from text_generation_server.distributed import Distributed
+from text_generation_server.execution import choose_plan
+from text_generation_server.kernels.config import KernelConfig
 from text_generation_server.layers.quant.registry import (
     checkpoint_quant_config,
     get_quant_method,
@@ -81,8 +83,14 @@ def load_model(
     device: torch.device,
     dist: Distributed,
     quantize: str | None = None,
+    kernels: KernelConfig | None = None,
+    plan: str | None = None,
 ) -> CausalLM:
-    """Build this rank's shard of the model in ``model_path`` and load its weights.
+    """Build this rank's shard of the model in ``model_path``, load its weights and choose
+    its execution plan (``model.plan``).
+
+    ``kernels``: the kernel switches (default: parsed from the environment once here);
+    ``plan``: limit the plan choice to this one and the module plan (tests, benchmarks).
 
     Raises :class:`UnsupportedModelError` for an architecture without an
     implementation, :class:`CheckpointError` for a missing or misshapen
@@ -103,7 +111,10 @@ def load_model(
         config = AutoConfig.from_pretrained(model_dir)
     except (ValueError, KeyError, OSError) as e:
         raise UnsupportedModelError(f"transformers cannot read {config_path}: {e}") from e
-    quant = get_quant_method(quantize, _checkpoint_quant_config(model_dir, raw_config))
+    if kernels is None:
+        kernels = KernelConfig.from_env()
+    logger.info(f"Kernel switches: {kernels.describe()}")
+    quant = get_quant_method(quantize, _checkpoint_quant_config(model_dir, raw_config), kernels)
     quant.check_supported(dtype, device)
     weights = Weights(checkpoint_files(model_dir), device=device, dtype=dtype, dist=dist)
     tie = bool(getattr(config, "tie_word_embeddings", False))
@@ -134,7 +145,5 @@ def load_model(
         f"{count / 1e6:.1f}M parameters on this rank) in {time.perf_counter() - started:.1f}s; "
         f"kernel {model.kernel}; tp plan: {model.tp_plan}"
     )
-    describe = getattr(model, "decode_path", None)
-    if describe is not None:
-        logger.info(f"Decode step: {describe()}")
+    model.plan = choose_plan(model, kernels, prefer=plan)
     return model

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from text_generation_server.layers.attention import AttentionMetadata
+
+if TYPE_CHECKING:
+    from text_generation_server.execution import ExecutionPlan
+    from text_generation_server.models.spec import ModelSpec
 
 
 class UnsupportedModelError(ValueError):
@@ -21,6 +25,11 @@ class CausalLM(torch.nn.Module):
     the KV cache), ``head_dim``, ``dtype``, ``device``, ``vocab_size`` (full
     vocabulary), ``kernel`` (linear kernel in use) and ``tp_plan`` (how heads,
     MLP and vocabulary are split across ranks).
+
+    The model is plain torch modules: ``forward`` is its arithmetic on any
+    device and dtype. :meth:`spec` declares its decoder layers for the
+    execution plan, which ``load_model`` chooses and sets as ``plan``; the
+    engine runs forwards through ``plan.forward``.
     """
 
     # Checkpoint module name -> (fused module name, part id), e.g. q_proj -> (qkv_proj, "q").
@@ -35,6 +44,7 @@ class CausalLM(torch.nn.Module):
     vocab_size: int
     kernel: str = "unloaded"
     tp_plan: str
+    plan: ExecutionPlan  # set by load_model
 
     def skip_checkpoint_tensor(self, name: str) -> bool:
         """True for checkpoint tensors the model knowingly does not use."""
@@ -48,6 +58,22 @@ class CausalLM(torch.nn.Module):
         attn: AttentionMetadata,
     ) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` after the final norm for the flattened tokens ``[T]``."""
+        raise NotImplementedError
+
+    def spec(self) -> ModelSpec | None:
+        """The decoder layers as the execution plan reads them (``models/spec.py``); ``None``
+        keeps every step on the modules."""
+        return None
+
+    def prepare(
+        self, input_ids: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the first decoder layer takes: ``(hidden, residual, cos, sin)`` for the tokens
+        (a zero ``hidden``, the embedded tokens as the residual stream, the rotary tables)."""
+        raise NotImplementedError
+
+    def finish(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The final norm over the last layer's output joined to the residual stream."""
         raise NotImplementedError
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

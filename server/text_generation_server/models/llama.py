@@ -33,9 +33,10 @@ from text_generation_server.layers.partition import (
     describe_partition,
     partition_heads,
 )
-from text_generation_server.layers.quant.base import NativeLinear, QuantConfig
+from text_generation_server.layers.quant.base import QuantConfig
 from text_generation_server.layers.rotary import RotaryEmbedding
 from text_generation_server.models.base import CausalLM
+from text_generation_server.models.spec import AttentionSpec, DecoderLayerSpec, MLPSpec, ModelSpec
 from text_generation_server.weights import shard_range
 
 
@@ -150,12 +151,18 @@ class LlamaDecoderLayer(torch.nn.Module):
         self.mlp = LlamaMLP(b, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(hidden, eps, dtype=b.dtype, device=b.device)
         self.post_attention_layernorm = RMSNorm(hidden, eps, dtype=b.dtype, device=b.device)
-        self.dist = b.dist
-        self.fused_decode: FusedDecode | None = None
 
-    def finish_loading(self) -> None:
-        """Take the fused decode step where every part of the layer can (chosen once)."""
-        self.fused_decode = FusedDecode.build(self)
+    def spec(self) -> DecoderLayerSpec:
+        a, m = self.self_attn, self.mlp
+        return DecoderLayerSpec(
+            attention=AttentionSpec(
+                qkv=a.qkv_proj, o=a.o_proj, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
+                head_dim=a.head_dim, scale=a.attn.scale, rotary="neox",
+            ),
+            mlp=MLPSpec(gate_up=m.gate_up_proj, down=m.down_proj, activation="silu"),
+            attention_norm=self.input_layernorm,
+            mlp_norm=self.post_attention_layernorm,
+        )
 
     def forward(
         self,
@@ -168,140 +175,20 @@ class LlamaDecoderLayer(torch.nn.Module):
     ) -> torch.Tensor:
         """The layer's MLP output; ``residual`` (the stream before it) gains ``hidden`` and
         the attention output, in place. The layer's output is ``residual + returned``."""
-        if self.fused_decode is not None and attn.is_decode and hidden.dtype == torch.float32:
-            return self.fused_decode(hidden, residual, cos, sin, kv_cache, attn)
         x = self.input_layernorm(hidden, residual)
         x = self.post_attention_layernorm(self.self_attn(x, cos, sin, kv_cache, attn), residual)
         return self.mlp(x)
 
 
-class FusedDecode:
-    """A decode step of one layer as two native operators (attention half, MLP half).
-
-    The same arithmetic as the module path (fused norm, linear kernels,
-    rotary, paged attention, SiLU-gate) without its per-op Python calls; the
-    row-parallel partial sums are all-reduced in between as the modules do.
-    Built only when the native CPU kernels run, every linear has a native form
-    (dense float32 or the native 4-bit kernel in checkpoint order) and the
-    row-parallel layers carry no bias.
-    """
-
-    def __init__(self, layer: LlamaDecoderLayer, linears: dict[str, NativeLinear]) -> None:
-        a = layer.self_attn
-        self.dist = layer.dist
-        self.ln1, self.ln2 = layer.input_layernorm, layer.post_attention_layernorm
-        self.qkv, self.o = linears["qkv"], linears["o"]
-        self.gate_up, self.down = linears["gate_up"], linears["down"]
-        self.qkv_bias = a.qkv_proj.bias
-        self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
-        self.scale = a.attn.scale
-
-    @classmethod
-    def build(cls, layer: LlamaDecoderLayer) -> FusedDecode | None:
-        from text_generation_server.kernels import cpu_ops
-
-        a, m = layer.self_attn, layer.mlp
-        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-        if cpu_ops() is None or any(w.dtype != torch.float32 or w.device.type != "cpu" for w in norms):
-            return None
-        if a.o_proj.bias is not None or m.down_proj.bias is not None:
-            return None
-        parts = {"qkv": a.qkv_proj, "o": a.o_proj, "gate_up": m.gate_up_proj, "down": m.down_proj}
-        linears = {name: lin.native_linear() for name, lin in parts.items()}
-        if any(v is None for v in linears.values()):
-            return None
-        if m.gate_up_proj.output_sizes[0] != m.gate_up_proj.output_sizes[1]:
-            return None
-        return cls(layer, linears)  # type: ignore[arg-type]
-
-    def __call__(
-        self,
-        hidden: torch.Tensor,
-        residual: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-        attn: AttentionMetadata,
-    ) -> torch.Tensor:
-        ops = torch.ops.tgs_cpu
-        t = hidden.shape[0]
-        q, o, gu, d = self.qkv, self.o, self.gate_up, self.down
-        out = ops.attention_block_decode(
-            hidden, residual, self.ln1.weight, self.ln1.eps,
-            q.kind, q.tensors, q.group_size, self.qkv_bias, o.kind, o.tensors, o.group_size,
-            self.num_heads, self.num_kv_heads, cos.reshape(t, self.head_dim), sin.reshape(t, self.head_dim),
-            kv_cache[0], kv_cache[1], attn.slot_mapping, attn.block_tables, attn.context_lens, self.scale,
-        )  # fmt: skip
-        if self.dist.world_size > 1:
-            out = self.dist.all_reduce(out)
-        out = ops.mlp_block(
-            out, residual, self.ln2.weight, self.ln2.eps, gu.kind, gu.tensors, gu.group_size,
-            d.kind, d.tensors, d.group_size,
-        )  # fmt: skip
-        if self.dist.world_size > 1:
-            out = self.dist.all_reduce(out)
-        return out
-
-
-class FusedStack:
-    """The decode step of every decoder layer in one native call (one rank, no all-reduce).
-
-    Built when every layer has a :class:`FusedDecode` and the model is not
-    split: the per-layer tensors and settings are flattened once, so a decode
-    step crosses from Python into the kernels once instead of twice a layer.
-    """
-
-    def __init__(self, layers: list[FusedDecode]) -> None:
-        tensors: list[torch.Tensor] = []
-        ints: list[int] = []
-        floats: list[float] = []
-        for f in layers:
-            q, o, gu, d = f.qkv, f.o, f.gate_up, f.down
-            tensors += [f.ln1.weight, *q.tensors]
-            if f.qkv_bias is not None:
-                tensors.append(f.qkv_bias)
-            tensors += [*o.tensors, f.ln2.weight, *gu.tensors, *d.tensors]
-            ints += [q.kind, len(q.tensors), q.group_size, int(f.qkv_bias is not None),
-                     o.kind, len(o.tensors), o.group_size, gu.kind, len(gu.tensors), gu.group_size,
-                     d.kind, len(d.tensors), d.group_size, f.num_heads, f.num_kv_heads]  # fmt: skip
-            floats += [float(f.ln1.eps), float(f.ln2.eps), float(f.scale)]
-        self.tensors, self.ints, self.floats = tensors, ints, floats
-        self.head_dim = layers[0].head_dim
-
-    @classmethod
-    def build(cls, model: LlamaForCausalLM) -> FusedStack | None:
-        fused = [layer.fused_decode for layer in model.model.layers]
-        if model.dist.world_size > 1 or not fused or any(f is None for f in fused):
-            return None
-        return cls(fused)  # type: ignore[arg-type]
-
-    def __call__(
-        self,
-        hidden: torch.Tensor,
-        residual: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        attn: AttentionMetadata,
-    ) -> torch.Tensor:
-        t = hidden.shape[0]
-        return torch.ops.tgs_cpu.decoder_stack_decode(
-            hidden, residual, self.tensors, self.ints, self.floats,
-            cos.reshape(t, self.head_dim), sin.reshape(t, self.head_dim),
-            [k for k, _ in kv_caches], [v for _, v in kv_caches],
-            attn.slot_mapping, attn.block_tables, attn.context_lens,
-        )  # fmt: skip
-
-
 class LlamaModel(torch.nn.Module):
-    def __init__(self, b: LlamaBuild) -> None:
+    def __init__(self, b: LlamaBuild, layer_cls: type[LlamaDecoderLayer]) -> None:
         super().__init__()
         config = b.config
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, **b.tensor_args()
         )
         self.layers = torch.nn.ModuleList(
-            LlamaDecoderLayer(b, f"model.layers.{i}") for i in range(config.num_hidden_layers)
+            layer_cls(b, f"model.layers.{i}") for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=b.dtype, device=b.device)
 
@@ -320,6 +207,9 @@ class LlamaForCausalLM(CausalLM):
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
     }
+    # The decoder layer: a family member with another layer (norm placement, extra norms)
+    # names its own class and spec here; the rest of the model is shared.
+    decoder_layer_cls: ClassVar[type[LlamaDecoderLayer]] = LlamaDecoderLayer
 
     def __init__(
         self,
@@ -358,7 +248,7 @@ class LlamaForCausalLM(CausalLM):
             head_dim=self.head_dim,
             **self._biases(config),
         )
-        self.model = LlamaModel(build)
+        self.model = LlamaModel(build, self.decoder_layer_cls)
         self.lm_head = ParallelLMHead(
             config.vocab_size,
             config.hidden_size,
@@ -367,11 +257,6 @@ class LlamaForCausalLM(CausalLM):
             kernel=quant.lm_head_kernel(),
         )
         self.tp_plan = self._describe_plan(build, partitions)
-        self.fused_stack: FusedStack | None = None
-
-    def finish_loading(self) -> None:
-        """After every layer chose its fused step: the whole stack in one call where it can."""
-        self.fused_stack = FusedStack.build(self)
 
     @classmethod
     def _biases(cls, config: Any) -> dict[str, bool]:
@@ -399,18 +284,14 @@ class LlamaForCausalLM(CausalLM):
         vocab = "/".join(map(str, _split_sizes(self.vocab_size, world)))
         return f"{world} shards: {describe_partition(partitions)}, mlp {mlp}, vocab {vocab}"
 
-    def decode_path(self) -> str:
-        """How a decode step runs, for the start-up log."""
-        fused = sum(layer.fused_decode is not None for layer in self.model.layers)
-        if self.fused_stack is not None:
-            return f"fused native layers, all {self.num_layers} in one operator call"
-        if fused == self.num_layers:
-            return "fused native layers (one operator per attention and MLP half)"
-        if fused:
-            return f"fused native layers for {fused} of {self.num_layers} layers, modules for the rest"
-        return "per-module (no fused native layer: " + (
-            "the native CPU kernels do not run here" if self.device.type == "cpu" else f"device {self.device}"
-        ) + " or a linear kernel without a native form)"
+    def spec(self) -> ModelSpec:
+        return ModelSpec(
+            layers=[layer.spec() for layer in self.model.layers],
+            hidden_size=self.config.hidden_size,
+            device=self.device,
+            dtype=self.dtype,
+            world_size=self.dist.world_size,
+        )
 
     def skip_checkpoint_tensor(self, name: str) -> bool:
         # Old checkpoints store the rotary table; tied heads have no tensor of their own.
@@ -427,16 +308,21 @@ class LlamaForCausalLM(CausalLM):
     ) -> torch.Tensor:
         if len(kv_caches) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} KV cache layers, got {len(kv_caches)}")
+        hidden, residual, cos, sin = self.prepare(input_ids, positions)
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            hidden = layer(hidden, residual, cos, sin, kv_cache, attn)
+        return self.finish(hidden, residual)
+
+    def prepare(
+        self, input_ids: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         residual = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, residual.dtype)
         # Each layer adds its input to the residual stream as its first step (fused with the
         # norm), so layer 0 starts from a zero addend.
-        hidden = torch.zeros_like(residual)
-        if self.fused_stack is not None and attn.is_decode and hidden.dtype == torch.float32:
-            hidden = self.fused_stack(hidden, residual, cos, sin, kv_caches, attn)
-        else:
-            for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-                hidden = layer(hidden, residual, cos, sin, kv_cache, attn)
+        return torch.zeros_like(residual), residual, cos, sin
+
+    def finish(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.model.norm(hidden, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -111,11 +111,6 @@ def load_weights(model: CausalLM, weights: Weights) -> None:
         method = getattr(module, "quant_method", None)
         if method is not None:
             method.process_weights_after_loading(module)
-    # Children first: a module's finish_loading may build on what its parts chose.
-    for module in reversed(list(model.modules())):
-        finish = getattr(module, "finish_loading", None)
-        if finish is not None:
-            finish()
     model.kernel = describe_kernels(model)
 
 

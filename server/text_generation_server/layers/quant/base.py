@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from text_generation_server.kernels.config import KernelConfig
 from text_generation_server.layers.loading import set_weight_attrs
 
 
@@ -91,14 +92,33 @@ class QuantMethod(ABC):
 
 @dataclass(frozen=True)
 class NativeLinear:
-    """A linear layer's weights as ``tgs_cpu`` operators take them (kernels/csrc/cpu_ops.cpp)."""
+    """A linear layer's weights in a form the native CPU decoder layers multiply
+    (``tgs_cpu.Linear``, ``kernels/csrc/decoder.h``); the execution plan builds that from this.
 
-    DENSE: ClassVar[int] = 0  # tensors = [weight float32 [N, K]]
-    INT4: ClassVar[int] = 1  # tensors = [qweight, meta], group_size
+    ``dense``: ``weight`` float32 ``[N, K]``. ``int4``: ``qweight`` / ``meta`` as the native
+    4-bit kernel packs them, its ``group_size``, ``in_features`` and the dtype of its
+    products of many rows (``prefill_dtype``).
+    """
 
-    kind: int
-    tensors: list[torch.Tensor]
+    kind: str  # "dense" or "int4"
+    weight: torch.Tensor | None = None
+    qweight: torch.Tensor | None = None
+    meta: torch.Tensor | None = None
     group_size: int = 0
+    in_features: int = 0
+    prefill_dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def dense(cls, weight: torch.Tensor) -> NativeLinear:
+        return cls("dense", weight=weight, in_features=weight.shape[1])
+
+    @classmethod
+    def int4(
+        cls, qweight: torch.Tensor, meta: torch.Tensor, group_size: int, in_features: int,
+        prefill_dtype: torch.dtype,
+    ) -> NativeLinear:
+        return cls("int4", qweight=qweight, meta=meta, group_size=group_size, in_features=in_features,
+                   prefill_dtype=prefill_dtype)
 
 
 class QuantConfig(ABC):
@@ -108,11 +128,30 @@ class QuantConfig(ABC):
     name: ClassVar[str]
     # ``quant_method`` values in a checkpoint's quantization config this loads.
     checkpoint_methods: ClassVar[tuple[str, ...]] = ()
+    # Quantizes a float checkpoint while it loads (the resident weights are smaller than the
+    # checkpoint's floats); False for methods that read an already quantized checkpoint.
+    quantizes_at_load: ClassVar[bool] = False
+    # Whether ``--dtype`` may choose the compute dtype; a method whose checkpoint fixes it says no.
+    dtype_flag_allowed: ClassVar[bool] = True
 
     @classmethod
     @abstractmethod
-    def from_checkpoint(cls, checkpoint_quant_config: dict[str, Any] | None) -> QuantConfig:
-        """Build from the checkpoint's own quantization config (``None`` when it has none)."""
+    def from_checkpoint(
+        cls, checkpoint_quant_config: dict[str, Any] | None, kernels: KernelConfig | None = None
+    ) -> QuantConfig:
+        """Build from the checkpoint's own quantization config (``None`` when it has none) and the
+        shard's kernel switches (``None``: everything automatic)."""
+
+    @classmethod
+    def dtype_flag_refusal(cls, dtype_flag: str, what: str) -> str | None:
+        """Why ``--dtype dtype_flag`` cannot be combined with this method (``what`` names the
+        checkpoint or flag for the message), or ``None`` when it can."""
+        if cls.dtype_flag_allowed:
+            return None
+        return (
+            f"--dtype {dtype_flag} cannot be combined with {what}: a {cls.name.upper()} checkpoint "
+            "fixes its own compute dtype; drop --dtype"
+        )
 
     @abstractmethod
     def get_method(self, prefix: str) -> QuantMethod:

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from text_generation_server.kernels.config import KernelConfig
 from text_generation_server.layers.quant.base import QuantConfig, QuantMethod
 from text_generation_server.layers.quant.bnb_4bit import DEFAULT_BLOCKSIZE, BitsAndBytes4bitMethod
 from text_generation_server.layers.quant.bnb_int8 import DEFAULT_THRESHOLD, BitsAndBytesInt8Method
@@ -22,6 +23,7 @@ from text_generation_server.layers.quant.bnb_runtime import check_device, log_ba
 class _BitsAndBytesConfig(QuantConfig):
     # Quantize-on-load: no checkpoint is ever quantized with these.
     checkpoint_methods: ClassVar[tuple[str, ...]] = ()
+    quantizes_at_load = True
     int8: ClassVar[bool] = False
 
     def check_supported(self, dtype: torch.dtype, device: torch.device) -> None:
@@ -40,7 +42,7 @@ class BitsAndBytes8bitConfig(_BitsAndBytesConfig):
 
     @classmethod
     def from_checkpoint(
-        cls, checkpoint_quant_config: dict[str, Any] | None
+        cls, checkpoint_quant_config: dict[str, Any] | None, kernels: KernelConfig | None = None
     ) -> BitsAndBytes8bitConfig:
         return cls()
 
@@ -56,7 +58,7 @@ class _BitsAndBytes4bitConfig(_BitsAndBytesConfig):
 
     @classmethod
     def from_checkpoint(
-        cls, checkpoint_quant_config: dict[str, Any] | None
+        cls, checkpoint_quant_config: dict[str, Any] | None, kernels: KernelConfig | None = None
     ) -> _BitsAndBytes4bitConfig:
         return cls()
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import os
 from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from loguru import logger
 
+from text_generation_server.kernels.config import DENSE_FROM_ROWS, KernelConfig
 from text_generation_server.layers.loading import set_weight_attrs
 from text_generation_server.layers.quant.base import (
     LinearSpec,
@@ -43,14 +43,11 @@ from text_generation_server.layers.quant.gptq_kernels import (
     GPTQKernel,
     GPTQWeights,
     build_kernel,
-    kernel_names,
 )
 from text_generation_server.weights import CheckpointError, Weights
 
 SERVED_BITS = (2, 3, 4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
-# Names the kernel tried first for every layer (tests, benchmarks); unset: by device.
-KERNEL_ENV = "GPTQ_KERNEL"
 _PARAMS = ("qweight", "qzeros", "scales", "g_idx")
 
 
@@ -87,6 +84,7 @@ class GPTQConfig(QuantConfig):
 
     name = "gptq"
     checkpoint_methods = ("gptq",)
+    dtype_flag_allowed = False
 
     def __init__(
         self,
@@ -97,8 +95,10 @@ class GPTQConfig(QuantConfig):
         sym: bool = True,
         checkpoint_format: str = "gptq",
         static_groups: bool = False,
-        kernel: str | None = None,
+        kernels: KernelConfig | None = None,
     ) -> None:
+        """``kernels``: the shard's kernel switches (``GPTQ_KERNEL`` names the kernel tried
+        first for every layer; ``GPTQ_PREFILL_DTYPE``); default: chosen by device."""
         if bits not in SERVED_BITS:
             raise ValueError(
                 f"GPTQ checkpoint has bits={bits}, which this server cannot serve; "
@@ -116,22 +116,20 @@ class GPTQConfig(QuantConfig):
                 f"GPTQ checkpoint has checkpoint_format '{checkpoint_format}', which this server "
                 f"cannot load; supported: {', '.join(CHECKPOINT_FORMATS)}"
             )
-        if kernel is not None and kernel not in kernel_names():
-            raise ValueError(
-                f"{KERNEL_ENV}={kernel} is not a GPTQ kernel; choose one of: "
-                f"{', '.join(kernel_names())}"
-            )
         self.bits = bits
         self.group_size = group_size
         self.desc_act = desc_act
         self.sym = sym
         self.checkpoint_format = checkpoint_format
         self.static_groups = static_groups
-        self.kernel = kernel
+        self.kernels = kernels or KernelConfig()
+        self.kernel = self.kernels.gptq_kernel
         self.report = _LoadReport()
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_quant_config: dict[str, Any] | None) -> GPTQConfig:
+    def from_checkpoint(
+        cls, checkpoint_quant_config: dict[str, Any] | None, kernels: KernelConfig | None = None
+    ) -> GPTQConfig:
         if not checkpoint_quant_config:
             raise ValueError(
                 "--quantize gptq needs a GPTQ checkpoint, but this one has no quantization "
@@ -165,7 +163,6 @@ class GPTQConfig(QuantConfig):
                 "serve; quantize every module with one setting"
             )
         fmt = c.get("checkpoint_format") or c.get("format") or "gptq"
-        kernel = os.environ.get(KERNEL_ENV) or None
         config = cls(
             bits=_int(c, "bits"),
             group_size=_int(c, "group_size"),
@@ -173,7 +170,7 @@ class GPTQConfig(QuantConfig):
             sym=_bool(c, "sym", True),
             checkpoint_format=fmt,
             static_groups=_bool(c, "static_groups", False),
-            kernel=kernel,
+            kernels=kernels,
         )
         logger.info(f"GPTQ checkpoint: {config.describe()}")
         return config
@@ -185,7 +182,7 @@ class GPTQConfig(QuantConfig):
             parts.append("act-order" + (" (static groups)" if self.static_groups else ""))
         parts.append(f"format {self.checkpoint_format}")
         if self.kernel:
-            parts.append(f"kernel {self.kernel} requested by {KERNEL_ENV}")
+            parts.append(f"kernel {self.kernel} requested by GPTQ_KERNEL")
         return ", ".join(parts)
 
     @property
@@ -227,6 +224,12 @@ class GPTQConfig(QuantConfig):
                 r.fallbacks[reason] = prefix
                 logger.info(f"GPTQ {prefix}: {reason}; using {kernel.name}")
         if r.processed == r.created:
+            if "cpu-int4-avx2" in r.kernels:
+                dtype, why = self.kernels.prefill_dtype()
+                logger.info(
+                    f"cpu-int4-avx2: calls of {DENSE_FROM_ROWS}+ rows (prefill) unpack the 4-bit weights and "
+                    f"multiply in {str(dtype).removeprefix('torch.')} ({why}); fewer rows use the integer kernel"
+                )
             kernels = ", ".join(f"{n} ({c} layers)" for n, c in r.kernels.items())
             logger.info(
                 f"GPTQ linear weights on this rank: {r.kernel_bytes / 2**20:.1f} MiB vs "
@@ -403,7 +406,7 @@ class GPTQLinearMethod(QuantMethod):
                 bits=c.bits,
                 checkpoint_format=c.checkpoint_format,
             )
-            kernel, why = build_kernel(weights, self.device, c.kernel)
+            kernel, why = build_kernel(weights, self.device, c.kernel, kernels=c.kernels)
             kernels.append(kernel)
             reasons += [r for r in why if r not in reasons]
         self.kernel = kernels[0] if len(kernels) == 1 else ConcatKernel(kernels)

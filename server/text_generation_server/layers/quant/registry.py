@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from text_generation_server.kernels.config import KernelConfig
 from text_generation_server.layers.quant.base import QuantConfig
 from text_generation_server.layers.quant.bitsandbytes import BITSANDBYTES_CONFIGS
 from text_generation_server.layers.quant.gptq import GPTQConfig
@@ -31,14 +32,37 @@ def _supported_text() -> str:
     return ", ".join(names) if names else "none yet; serve unquantized weights (no --quantize)"
 
 
+def quant_config_class(quantize: str) -> type[QuantConfig]:
+    """The config class behind a ``--quantize`` value; ``ValueError`` listing the supported ones."""
+    cls = _QUANT_CONFIGS.get(quantize)
+    if cls is None:
+        raise ValueError(f"unsupported quantization '{quantize}'; supported: {_supported_text()}")
+    return cls
+
+
+def quantizes_at_load(quantize: str | None) -> bool:
+    """Whether ``--quantize quantize`` quantizes a float checkpoint while loading it."""
+    return quantize is not None and quantize in _QUANT_CONFIGS and _QUANT_CONFIGS[quantize].quantizes_at_load
+
+
+def dtype_flag_refusal(quantize: str | None, dtype_flag: str | None, what: str) -> str | None:
+    """Why ``--dtype`` cannot go with this quantization (``what`` names it in the message), or None."""
+    if quantize is None or dtype_flag is None or quantize not in _QUANT_CONFIGS:
+        return None
+    return _QUANT_CONFIGS[quantize].dtype_flag_refusal(dtype_flag, what)
+
+
 def get_quant_method(
-    quantize: str | None, checkpoint_quant_config: dict[str, Any] | None
+    quantize: str | None,
+    checkpoint_quant_config: dict[str, Any] | None,
+    kernels: KernelConfig | None = None,
 ) -> QuantConfig:
     """The model-wide quantization config, callable as ``config(prefix) -> QuantMethod``.
 
     ``quantize`` is the user's flag; ``checkpoint_quant_config`` the
     checkpoint's own quantization config (``config.json``'s
-    ``quantization_config`` or ``quantize_config.json``). Without a flag a
+    ``quantization_config`` or ``quantize_config.json``); ``kernels`` the
+    shard's kernel switches. Without a flag a
     quantized checkpoint selects its method itself. Unknown or conflicting
     values raise ``ValueError`` listing what is supported.
     """
@@ -47,17 +71,15 @@ def get_quant_method(
         checkpoint_method = checkpoint_quant_config.get("quant_method")
     if quantize is None:
         if checkpoint_method is None:
-            return UnquantizedConfig.from_checkpoint(None)
+            return UnquantizedConfig.from_checkpoint(None, kernels)
         for cls in _QUANT_CONFIGS.values():
             if checkpoint_method in cls.checkpoint_methods:
-                return cls.from_checkpoint(checkpoint_quant_config)
+                return cls.from_checkpoint(checkpoint_quant_config, kernels)
         raise ValueError(
             f"the checkpoint is quantized with quant_method '{checkpoint_method}', which this "
             f"server cannot load; supported quantizations: {_supported_text()}"
         )
-    cls = _QUANT_CONFIGS.get(quantize)
-    if cls is None:
-        raise ValueError(f"unsupported quantization '{quantize}'; supported: {_supported_text()}")
+    cls = quant_config_class(quantize)
     if checkpoint_method is not None and not cls.checkpoint_methods:
         raise ValueError(_already_quantized(quantize, checkpoint_method))
     if checkpoint_method is not None and checkpoint_method not in cls.checkpoint_methods:
@@ -65,7 +87,7 @@ def get_quant_method(
             f"--quantize {quantize} does not match the checkpoint, which is quantized with "
             f"quant_method '{checkpoint_method}'"
         )
-    return cls.from_checkpoint(checkpoint_quant_config)
+    return cls.from_checkpoint(checkpoint_quant_config, kernels)
 
 
 def _already_quantized(quantize: str, checkpoint_method: str) -> str:

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from text_generation_server.kernels.config import KernelConfig
 from text_generation_server.layers.quant.base import (
     LinearSpec,
     NativeLinear,
@@ -44,7 +45,7 @@ class UnquantizedLinearMethod(QuantMethod):
         w = layer.weight
         if w.dtype != torch.float32 or w.device.type != "cpu":
             return None
-        return NativeLinear(NativeLinear.DENSE, [w.data])
+        return NativeLinear.dense(w.data)
 
 
 class UnquantizedConfig(QuantConfig):
@@ -53,7 +54,9 @@ class UnquantizedConfig(QuantConfig):
     name = "unquantized"
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_quant_config: dict[str, Any] | None) -> UnquantizedConfig:
+    def from_checkpoint(
+        cls, checkpoint_quant_config: dict[str, Any] | None, kernels: KernelConfig | None = None
+    ) -> UnquantizedConfig:
         return cls()
 
     def get_method(self, prefix: str) -> QuantMethod:

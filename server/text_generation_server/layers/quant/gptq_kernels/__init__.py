@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from text_generation_server.kernels.config import KernelConfig
 from text_generation_server.layers.quant.gptq_kernels.base import (
     ConcatKernel,
     GPTQKernel,
@@ -46,12 +47,18 @@ def _preferred(device: torch.device) -> list[type[GPTQKernel]]:
 
 
 def build_kernel(
-    weights: GPTQWeights, device: torch.device, prefer: str | None = None
+    weights: GPTQWeights,
+    device: torch.device,
+    prefer: str | None = None,
+    kernels: KernelConfig | None = None,
 ) -> tuple[GPTQKernel, list[str]]:
     """The first kernel that takes ``weights``, and why each one tried before it did not.
 
-    ``prefer`` (a name from :func:`kernel_names`) is tried first.
+    ``prefer`` (a name from :func:`kernel_names`; by default ``kernels.gptq_kernel``, i.e.
+    ``GPTQ_KERNEL``) is tried first; ``kernels`` carries the other switches (prefill dtype).
     """
+    kernels = kernels or KernelConfig()
+    prefer = prefer or kernels.gptq_kernel
     order = _preferred(device)
     if prefer is not None:
         if prefer not in KERNELS:
@@ -64,7 +71,7 @@ def build_kernel(
         why = cls.unsupported(weights, device)
         if why is None:
             try:
-                return cls(weights), reasons
+                return cls.from_config(weights, kernels), reasons
             except (RuntimeError, ValueError) as err:
                 # A constraint the kernel did not declare: fall back rather than fail the load.
                 why = f"refused the layer at load ({err})"

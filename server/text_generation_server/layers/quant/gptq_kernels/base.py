@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from text_generation_server.kernels.config import KernelConfig
 from text_generation_server.quantize.packing import unpack_gptq
 
 
@@ -59,6 +60,11 @@ class GPTQKernel(ABC):
     @abstractmethod
     def unsupported(cls, weights: GPTQWeights, device: torch.device) -> str | None:
         """Why this kernel cannot take ``weights`` on ``device``, or ``None`` when it can."""
+
+    @classmethod
+    def from_config(cls, weights: GPTQWeights, kernels: KernelConfig) -> GPTQKernel:
+        """Build for ``weights`` with the shard's kernel switches (most kernels have none)."""
+        return cls(weights)  # type: ignore[call-arg]
 
     @abstractmethod
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,8 @@ once, so their group scales and zero points are single vector loads. From :data:
 matrix product instead: in bfloat16 where the CPU has native bf16 dot
 products (AVX-512 BF16 or AMX; two to four times float32's speed there, with
 bf16's rounding of activations and weights, as GPTQModel's CPU path has in
-every call), else in float32 (:func:`prefill_dtype`, chosen once per process
-and logged; ``GPTQ_PREFILL_DTYPE`` pins it). The weights are laid
+every call), else in float32 (``KernelConfig.prefill_dtype``, chosen once at
+load and logged; ``GPTQ_PREFILL_DTYPE`` pins it). The weights are laid
 out once at load with the same group sorting and padding as
 ``cpu-int4pack-bf16`` (act-order, ragged groups, partial groups of a
 row-parallel shard), then packed per output row in 64-feature chunks of
@@ -22,14 +22,11 @@ and shifts unpack them without shuffles).
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import torch.nn.functional as F
-from loguru import logger
 
 from text_generation_server.kernels import cpu_ops_status
+from text_generation_server.kernels.config import DENSE_FROM_ROWS, KernelConfig
 from text_generation_server.layers.quant.base import NativeLinear
 from text_generation_server.layers.quant.gptq_kernels.base import GPTQKernel, GPTQWeights
 from text_generation_server.layers.quant.gptq_kernels.cpu_int4 import (
@@ -38,37 +35,6 @@ from text_generation_server.layers.quant.gptq_kernels.cpu_int4 import (
 )
 
 GROUP_SIZES = (256, 128, 64, 32)
-# From this many rows on (prefill), unpacking the weights to float32 once per call and
-# running a float matrix product beats the integer kernel (measured crossover: 64-128).
-DENSE_FROM_ROWS = 96
-PREFILL_DTYPE_ENV = "GPTQ_PREFILL_DTYPE"
-PREFILL_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-@functools.cache
-def prefill_dtype() -> torch.dtype:
-    """The dtype of the float matrix product for calls of :data:`DENSE_FROM_ROWS`+ rows.
-
-    bfloat16 where the CPU multiplies it natively, else float32; the
-    ``GPTQ_PREFILL_DTYPE`` variable (auto, float32, bfloat16) pins it.
-    """
-    from text_generation_server.utils.cpu import host_has_bf16_instructions
-
-    value = os.environ.get(PREFILL_DTYPE_ENV, "auto").strip().lower() or "auto"
-    if value not in PREFILL_DTYPES:
-        raise ValueError(f"{PREFILL_DTYPE_ENV}={value!r}: expected one of {', '.join(PREFILL_DTYPES)}")
-    pinned = PREFILL_DTYPES[value]
-    if pinned is not None:
-        dtype, why = pinned, f"{PREFILL_DTYPE_ENV}={value}"
-    elif host_has_bf16_instructions():
-        dtype, why = torch.bfloat16, "this CPU has native bf16 dot products"
-    else:
-        dtype, why = torch.float32, "this CPU has no native bf16 dot products"
-    logger.info(
-        f"cpu-int4-avx2: calls of {DENSE_FROM_ROWS}+ rows (prefill) unpack the 4-bit weights and multiply "
-        f"in {str(dtype).removeprefix('torch.')} ({why}); fewer rows use the integer kernel"
-    )
-    return dtype
 
 
 def pack_rows(codes: torch.Tensor) -> torch.Tensor:
@@ -107,6 +73,9 @@ class CpuInt4NativeKernel(GPTQKernel):
         return None
 
     def __init__(self, weights: GPTQWeights) -> None:
+        # The float product's dtype for calls of DENSE_FROM_ROWS+ rows: exact float32 unless
+        # the shard's switches choose bfloat16 (from_config).
+        self.prefill_dtype = torch.float32
         status = cpu_ops_status()
         if not status.available:
             raise RuntimeError(f"the native CPU kernels are unavailable ({status.reason})")
@@ -129,7 +98,7 @@ class CpuInt4NativeKernel(GPTQKernel):
         x32 = self.layout.kernel_input(x.to(torch.float32)).contiguous()
         ops = torch.ops.tgs_cpu
         if x32.shape[0] >= DENSE_FROM_ROWS:
-            if prefill_dtype() == torch.bfloat16:
+            if self.prefill_dtype == torch.bfloat16:
                 w = ops.int4_dequantize_bf16(self.qweight, self.meta, self.group_size)
                 y = F.linear(x32.to(torch.bfloat16), w).to(torch.float32)
             else:
@@ -138,11 +107,17 @@ class CpuInt4NativeKernel(GPTQKernel):
             y = ops.int4_linear(x32, self.qweight, self.meta, self.group_size)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
+    @classmethod
+    def from_config(cls, weights: GPTQWeights, kernels: KernelConfig) -> CpuInt4NativeKernel:
+        kernel = cls(weights)
+        kernel.prefill_dtype = kernels.prefill_dtype()[0]
+        return kernel
+
     def native_linear(self) -> NativeLinear | None:
-        """These weights for the fused native steps, when the input needs no reordering."""
+        """These weights for the native decoder layers, when the input needs no reordering."""
         if self.source is not None or self.pad:
             return None
-        return NativeLinear(NativeLinear.INT4, [self.qweight, self.meta], self.group_size)
+        return NativeLinear.int4(self.qweight, self.meta, self.group_size, self.in_features, self.prefill_dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         held = {"qweight": self.qweight, "meta": self.meta}

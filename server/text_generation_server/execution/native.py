@@ -1,0 +1,214 @@
+"""Decode steps through the native CPU decoder layers (``kernels/csrc/decoder.cpp``).
+
+Each decoder layer of the model's spec becomes one ``tgs_cpu.DecoderLayer``,
+built once at load from typed parts: every linear as a ``tgs_cpu.Linear``
+(dense float32 or the native 4-bit kernel's packing, from the quantization
+method's :meth:`~text_generation_server.layers.quant.base.QuantMethod.native_linear`),
+its norms by slot, its heads, rotary and activation. Decode steps then run
+
+- on one unsplit model, the whole stack in one call (:class:`NativeCpuStackPlan`);
+- on several shards, each half layer in one call with the row-parallel
+  all-reduce between them (:class:`NativeCpuLayersPlan`).
+
+The arithmetic is the modules' own (the same kernels: fused norm, 4-bit or
+dense products, rotary in place, paged attention in place, SiLU-gate) minus
+the Python calls between them. Steps that are not pure decode (prefill,
+mixed) and other dtypes run through the modules.
+
+A layer is taken when :func:`native_layer_unsupported` has nothing against
+it; what it refuses is logged with the plan line.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from text_generation_server.execution.plan import ExecutionPlan, ModulePlan
+from text_generation_server.kernels import cpu_ops_status
+from text_generation_server.kernels.config import DENSE_FROM_ROWS, KernelConfig
+from text_generation_server.layers.attention import AttentionMetadata
+from text_generation_server.layers.linear import ParallelLinear
+from text_generation_server.layers.quant.base import NativeLinear
+from text_generation_server.models.spec import DecoderLayerSpec, ModelSpec
+
+if TYPE_CHECKING:
+    from text_generation_server.models.base import CausalLM
+
+def _linear_unsupported(name: str, layer: ParallelLinear, row_parallel: bool) -> str | None:
+    if row_parallel and layer.bias is not None:
+        return f"{name} has a bias, added once after the all-reduce, which the native layer does not do"
+    if layer.native_linear() is None:
+        return f"{name}'s kernel ({layer.quant_method.kernel_name(layer)}) has no native form"
+    return None
+
+
+def native_layer_unsupported(layer: DecoderLayerSpec) -> str | None:
+    """Why the native decoder layer cannot run ``layer``, or ``None``."""
+    a, m = layer.attention, layer.mlp
+    if a.rotary != "neox":
+        return f"rotary '{a.rotary}' is not built natively (neox only)"
+    if m.activation != "silu":
+        return f"activation '{m.activation}' is not built natively (silu only)"
+    if m.gate_up.output_sizes[0] != m.gate_up.output_sizes[1]:
+        return "gate and up have different widths"
+    if a.head_dim % 8 or a.head_dim > 512:
+        return f"head_dim {a.head_dim} is not a multiple of 8 up to 512"
+    for name, lin, row in (("qkv", a.qkv, False), ("o", a.o, True), ("gate_up", m.gate_up, False),
+                           ("down", m.down, True)):
+        why = _linear_unsupported(name, lin, row)
+        if why is not None:
+            return why
+    for slot, norm in layer.norms().items():
+        if norm.weight.dtype != torch.float32 or norm.weight.device.type != "cpu":
+            return f"the {slot} norm is {norm.weight.dtype} on {norm.weight.device}, not float32 on the CPU"
+    return None
+
+
+def model_unsupported(spec: ModelSpec | None) -> str | None:
+    """Why no native layer can run this model at all, or ``None``."""
+    if spec is None:
+        return "the model declares no spec"
+    if spec.device.type != "cpu":
+        return f"the native layers run on the CPU, not {spec.device.type}"
+    if spec.dtype != torch.float32:
+        return f"the native layers run float32, not {str(spec.dtype).removeprefix('torch.')}"
+    status = cpu_ops_status()
+    if not status.available:
+        return f"the native CPU kernels do not run here ({status.reason})"
+    for i, layer in enumerate(spec.layers):
+        why = native_layer_unsupported(layer)
+        if why is not None:
+            return f"layer {i}: {why}"
+    return None
+
+
+def build_linear(native: NativeLinear, bias: torch.Tensor | None) -> Any:
+    """A ``tgs_cpu.Linear`` holding ``native``'s weights (shared, not copied)."""
+    lin = torch.classes.tgs_cpu.Linear()
+    if native.kind == "dense":
+        lin.set_dense(native.weight)
+    elif native.kind == "int4":
+        lin.set_int4(native.qweight, native.meta, native.group_size, native.in_features, DENSE_FROM_ROWS,
+                     native.prefill_dtype == torch.bfloat16)
+    else:
+        raise ValueError(f"unknown native linear kind {native.kind!r}")
+    if bias is not None:
+        lin.set_bias(bias.data)
+    return lin
+
+
+def build_layer(layer: DecoderLayerSpec) -> Any:
+    """A ``tgs_cpu.DecoderLayer`` for ``layer`` (checked by :func:`native_layer_unsupported` first)."""
+    a, m = layer.attention, layer.mlp
+
+    def linear(lin: ParallelLinear) -> Any:
+        native = lin.native_linear()
+        assert native is not None
+        return build_linear(native, lin.bias)
+
+    out = torch.classes.tgs_cpu.DecoderLayer()
+    for slot, norm in layer.norms().items():
+        out.set_norm(slot, norm.weight.data, float(norm.eps))
+    out.set_attention(linear(a.qkv), linear(a.o), a.num_heads, a.num_kv_heads, a.head_dim, float(a.scale))
+    out.set_mlp(linear(m.gate_up), linear(m.down), m.activation)
+    out.check()
+    return out
+
+
+class _NativeCpuPlan(ExecutionPlan):
+    """Decode steps natively; every other step through the modules."""
+
+    def __init__(self, model: CausalLM, spec: ModelSpec) -> None:
+        super().__init__(model)
+        self.spec = spec
+        self.layers = [build_layer(layer) for layer in spec.layers]
+        self.head_dim = spec.layers[0].attention.head_dim
+        self.modules = ModulePlan(model)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        if not attn.is_decode:
+            return self.modules.forward(input_ids, positions, kv_caches, attn)
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(f"expected {len(self.layers)} KV cache layers, got {len(kv_caches)}")
+        hidden, residual, cos, sin = self.model.prepare(input_ids, positions)
+        t = hidden.shape[0]
+        cos, sin = cos.reshape(t, self.head_dim), sin.reshape(t, self.head_dim)
+        hidden = self.decode(hidden, residual, cos, sin, kv_caches, attn)
+        return self.model.finish(hidden, residual)
+
+    def decode(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class NativeCpuLayersPlan(_NativeCpuPlan):
+    """Decode steps one native call per half layer, all-reduced in between (any shard count)."""
+
+    name = "native-cpu-layers"
+
+    @classmethod
+    def build(cls, model: CausalLM, kernels: KernelConfig) -> ExecutionPlan | str:
+        spec = model.spec()
+        why = model_unsupported(spec)
+        return why if why is not None else cls(model, spec)  # type: ignore[arg-type]
+
+    def decode(self, hidden, residual, cos, sin, kv_caches, attn):  # type: ignore[no-untyped-def]
+        dist = self.model.dist
+        reduce = dist.world_size > 1
+        for layer, (k, v) in zip(self.layers, kv_caches, strict=True):
+            out = layer.attention(hidden, residual, cos, sin, k, v, attn.slot_mapping, attn.block_tables,
+                                  attn.context_lens)
+            if reduce:
+                out = dist.all_reduce(out)
+            out = layer.mlp(layer.finish_attention(out), residual)
+            if reduce:
+                out = dist.all_reduce(out)
+            hidden = layer.finish_mlp(out)
+        return hidden
+
+    def describe(self) -> str:
+        n = len(self.layers)
+        return f"decode steps through {n} native decoder layers (one call per half layer), prefill through modules"
+
+
+class NativeCpuStackPlan(_NativeCpuPlan):
+    """Decode steps of the whole decoder stack in one native call (one unsplit model)."""
+
+    name = "native-cpu-stack"
+
+    def __init__(self, model: CausalLM, spec: ModelSpec) -> None:
+        super().__init__(model, spec)
+        self.stack = torch.classes.tgs_cpu.DecoderStack()
+        for layer in self.layers:
+            self.stack.append(layer)
+
+    @classmethod
+    def build(cls, model: CausalLM, kernels: KernelConfig) -> ExecutionPlan | str:
+        spec = model.spec()
+        if spec is not None and spec.world_size > 1:
+            return f"the model is split over {spec.world_size} shards (an all-reduce sits between half layers)"
+        why = model_unsupported(spec)
+        return why if why is not None else cls(model, spec)  # type: ignore[arg-type]
+
+    def decode(self, hidden, residual, cos, sin, kv_caches, attn):  # type: ignore[no-untyped-def]
+        return self.stack.decode(hidden, residual, cos, sin, [k for k, _ in kv_caches], [v for _, v in kv_caches],
+                                 attn.slot_mapping, attn.block_tables, attn.context_lens)
+
+    def describe(self) -> str:
+        n = len(self.layers)
+        return f"decode steps of all {n} decoder layers in one native call, prefill through modules"

@@ -1,0 +1,131 @@
+// The paged KV cache: writing new keys and values, and decode attention that
+// reads every sequence's context in place.
+#include "common.h"
+#include "ops.h"
+
+namespace tgs {
+
+// k, v [T, kv_heads, D] (rows any stride) stored at cache rows `slots`.
+void write_kv_(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+               const at::Tensor& slots) {
+  check_cpu_float(k, "k");
+  check_cpu_float(v, "v");
+  check_cpu_float(k_cache, "k_cache");
+  check_cpu_float(v_cache, "v_cache");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous(), "slots must be contiguous int64");
+  const int64_t T = k.size(0), row = k.size(1) * k.size(2);
+  TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2),
+              "k and v must have packed heads");
+  TORCH_CHECK(k_cache.numel() % row == 0 && slots.numel() == T, "cache rows do not match k");
+  const int64_t rows = k_cache.numel() / row;
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t s = sp[t];
+    TORCH_CHECK(s >= 0 && s < rows, "slot ", s, " outside the cache of ", rows, " rows");
+    std::memcpy(kc + s * row, kp + t * k.stride(0), row * sizeof(float));
+    std::memcpy(vc + s * row, vp + t * v.stride(0), row * sizeof(float));
+  }
+}
+
+// One query per sequence: q [B, H, D] (packed heads, any row stride) attends
+// to the first context_lens[b] tokens of its blocks in k/v cache
+// [num_blocks, block_size, KVH, D]; query heads h*G..h*G+G-1 share KV head h.
+at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+  check_cpu_float(q, "q");
+  check_cpu_float(k_cache, "k_cache");
+  check_cpu_float(v_cache, "v_cache");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q must be [B, H, D] with packed heads");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(),
+              "k/v caches must be contiguous [blocks, block_size, kv_heads, D]");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() && block_tables.dim() == 2,
+              "block_tables must be contiguous int64 [B, max_blocks]");
+  TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.is_contiguous(), "context_lens must be int64");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t NB = k_cache.size(0), BS = k_cache.size(1), KVH = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D, "head_dim of q and cache differ");
+  TORCH_CHECK(H % KVH == 0, H, " query heads do not group over ", KVH, " kv heads");
+  TORCH_CHECK(D % 8 == 0 && D <= 512, "head_dim must be a multiple of 8 up to 512");
+  TORCH_CHECK(block_tables.size(0) == B && context_lens.numel() == B, "one block table and length per sequence");
+  const int64_t GQ = H / KVH, MAXB = block_tables.size(1);
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= MAXB * BS, "context length ", lens[b], " does not fit the block table");
+    for (int64_t j = 0; j < (lens[b] + BS - 1) / BS; ++j)
+      TORCH_CHECK(tables[b * MAXB + j] >= 0 && tables[b * MAXB + j] < NB, "block id outside the cache");
+  }
+  at::Tensor out = at::empty({B, H, D}, q.options());
+  const float *qp = q.data_ptr<float>(), *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ldq = q.stride(0), tok = KVH * D;
+  const float sc = static_cast<float>(scale);
+  const int64_t nv = D / 8;
+  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / KVH, h = task % KVH, L = lens[b];
+      scores.resize(static_cast<size_t>(GQ * L));
+      const int64_t* table = tables + b * MAXB;
+      for (int64_t g = 0; g < GQ; ++g) {
+        const float* qh = qp + b * ldq + (h * GQ + g) * D;
+        float* srow = scores.data() + g * L;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < L; ++t) {
+          const float* kt = kc + (table[t / BS] * BS + t % BS) * tok + h * D;
+          __m256 acc = _mm256_setzero_ps();
+          for (int64_t i = 0; i < nv; ++i) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * i), _mm256_loadu_ps(kt + 8 * i), acc);
+          const float s = hsum(acc) * sc;
+          srow[t] = s;
+          mx = std::max(mx, s);
+        }
+        const __m256 mv = _mm256_set1_ps(mx);
+        __m256 sum = _mm256_setzero_ps();
+        int64_t t = 0;
+        for (; t + 8 <= L; t += 8) {
+          const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(srow + t), mv));
+          _mm256_storeu_ps(srow + t, e);
+          sum = _mm256_add_ps(sum, e);
+        }
+        float total = hsum(sum);
+        for (; t < L; ++t) {
+          srow[t] = exp_scalar(srow[t] - mx);
+          total += srow[t];
+        }
+        const float inv = 1.f / total;
+        for (t = 0; t < L; ++t) srow[t] *= inv;
+      }
+      // out[g] = sum_t p[g, t] v_t, value rows read once for the whole group.
+      __m256 acc[64];  // the group's outputs while GQ * D <= 512 floats
+      const bool local = GQ * nv <= 64;
+      std::vector<float> wide;
+      if (!local) wide.assign(static_cast<size_t>(GQ * D), 0.f);
+      if (local)
+        for (int64_t i = 0; i < GQ * nv; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t t = 0; t < L; ++t) {
+        const float* vt = vc + (table[t / BS] * BS + t % BS) * tok + h * D;
+        for (int64_t g = 0; g < GQ; ++g) {
+          const __m256 p = _mm256_set1_ps(scores[g * L + t]);
+          if (local) {
+            for (int64_t i = 0; i < nv; ++i) acc[g * nv + i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8 * i), acc[g * nv + i]);
+          } else {
+            float* w = wide.data() + g * D;
+            for (int64_t i = 0; i < nv; ++i)
+              _mm256_storeu_ps(w + 8 * i, _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8 * i), _mm256_loadu_ps(w + 8 * i)));
+          }
+        }
+      }
+      for (int64_t g = 0; g < GQ; ++g) {
+        float* o = op + (b * H + h * GQ + g) * D;
+        for (int64_t i = 0; i < nv; ++i)
+          _mm256_storeu_ps(o + 8 * i, local ? acc[g * nv + i] : _mm256_loadu_ps(wide.data() + g * D + 8 * i));
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace tgs

@@ -1,0 +1,182 @@
+// Decoder layers' decode step over the typed descriptions of decoder.h.
+#include "decoder.h"
+
+#include "ops.h"
+
+namespace tgs {
+
+void Linear::set_dense(const at::Tensor& w) {
+  check_cpu_float(w, "dense weight");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "a dense weight must be contiguous [out, in]");
+  kind = Kind::kDense;
+  weight = w;
+  out_features = w.size(0);
+  in_features = w.size(1);
+}
+
+void Linear::set_int4(const at::Tensor& q, const at::Tensor& m, int64_t group, int64_t in, int64_t from_rows,
+                      bool bf16) {
+  TORCH_CHECK(q.scalar_type() == at::kShort && q.dim() == 2 && q.is_contiguous(), "qweight must be int16 [N, K / 4]");
+  TORCH_CHECK(m.scalar_type() == at::kShort && m.dim() == 3, "meta must be int16 [N / 4, G, 6]");
+  TORCH_CHECK(q.size(1) * 4 == in, "qweight holds ", q.size(1) * 4, " input features, not ", in);
+  TORCH_CHECK(group > 0 && in % group == 0, "group size ", group, " does not divide ", in, " input features");
+  TORCH_CHECK(from_rows > 0, "dense_from_rows must be positive");
+  kind = Kind::kInt4;
+  qweight = q;
+  meta = m;
+  group_size = group;
+  dense_from_rows = from_rows;
+  prefill_bf16 = bf16;
+  out_features = q.size(0);
+  in_features = in;
+}
+
+void Linear::set_bias(const at::Tensor& b) {
+  TORCH_CHECK(kind != Kind::kUnset, "set the weights before the bias");
+  check_cpu_float(b, "bias");
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == out_features, "bias must be [", out_features, "]");
+  bias = b;
+}
+
+at::Tensor Linear::apply(const at::Tensor& x) const {
+  at::Tensor y;
+  switch (kind) {
+    case Kind::kDense:
+      y = at::mm(x, weight.t());
+      break;
+    case Kind::kInt4:
+      if (x.size(0) < dense_from_rows) {
+        y = int4_linear(x, qweight, meta, group_size);
+      } else if (prefill_bf16) {
+        y = at::mm(x.to(at::kBFloat16), int4_dequantize_bf16(qweight, meta, group_size).t()).to(at::kFloat);
+      } else {
+        y = at::mm(x, int4_dequantize(qweight, meta, group_size).t());
+      }
+      break;
+    default:
+      TORCH_CHECK(false, "a Linear was used before its weights were set");
+  }
+  if (bias.has_value()) y.add_(*bias);
+  return y;
+}
+
+std::string Linear::describe() const {
+  const std::string shape = std::to_string(out_features) + "x" + std::to_string(in_features);
+  if (kind == Kind::kDense) return "dense " + shape;
+  if (kind == Kind::kInt4) return "int4 g" + std::to_string(group_size) + " " + shape;
+  return "unset";
+}
+
+void DecoderLayer::set_norm(const std::string& slot, const at::Tensor& weight, double eps) {
+  check_cpu_float(weight, "norm weight");
+  TORCH_CHECK(weight.dim() == 1 && weight.is_contiguous(), "a norm weight must be contiguous [hidden]");
+  TORCH_CHECK(eps > 0, "norm eps must be positive");
+  Norm* n = slot == "attention"       ? &attention_norm
+            : slot == "attention_out" ? &attention_out_norm
+            : slot == "mlp"           ? &mlp_norm
+            : slot == "mlp_out"       ? &mlp_out_norm
+                                      : nullptr;
+  TORCH_CHECK(n != nullptr, "unknown norm slot '", slot, "'; expected attention, attention_out, mlp or mlp_out");
+  n->weight = weight;
+  n->eps = eps;
+}
+
+void DecoderLayer::set_attention(const c10::intrusive_ptr<Linear>& qkv_, const c10::intrusive_ptr<Linear>& o_,
+                                 int64_t heads, int64_t kv_heads, int64_t dim, double scale_) {
+  TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0, heads, " query heads do not group over ", kv_heads,
+              " kv heads");
+  TORCH_CHECK(dim % 8 == 0 && dim <= 512, "head_dim must be a multiple of 8 up to 512, not ", dim);
+  TORCH_CHECK(qkv_->out_features == (heads + 2 * kv_heads) * dim, "qkv has ", qkv_->out_features,
+              " outputs, the heads need ", (heads + 2 * kv_heads) * dim);
+  TORCH_CHECK(o_->in_features == heads * dim, "o takes ", o_->in_features, " inputs, the heads give ", heads * dim);
+  TORCH_CHECK(!o_->bias.has_value(), "o's bias belongs after the all-reduce; the native layer takes none");
+  qkv = qkv_;
+  o = o_;
+  num_heads = heads;
+  num_kv_heads = kv_heads;
+  head_dim = dim;
+  scale = scale_;
+}
+
+void DecoderLayer::set_mlp(const c10::intrusive_ptr<Linear>& gate_up_, const c10::intrusive_ptr<Linear>& down_,
+                           const std::string& activation) {
+  TORCH_CHECK(activation == "silu", "the native MLP computes silu(gate) * up, not ", activation);
+  TORCH_CHECK(gate_up_->out_features == 2 * down_->in_features, "gate_up gives ", gate_up_->out_features,
+              " outputs, down takes twice ", down_->in_features);
+  TORCH_CHECK(!down_->bias.has_value(), "down's bias belongs after the all-reduce; the native layer takes none");
+  gate_up = gate_up_;
+  down = down_;
+}
+
+void DecoderLayer::check() const {
+  TORCH_CHECK(qkv && o, "the layer's attention is not set");
+  TORCH_CHECK(gate_up && down, "the layer's MLP is not set");
+  TORCH_CHECK(o->out_features == down->out_features, "o and down give different hidden sizes");
+}
+
+namespace {
+
+// residual += x, then the norm of the stream where the slot has one (else the stream itself).
+at::Tensor enter_block(const Norm& norm, const at::Tensor& x, at::Tensor& residual) {
+  if (norm.present()) return add_rms_norm_(x, residual, norm.weight, norm.eps);
+  residual.add_(x);
+  return residual;
+}
+
+at::Tensor leave_block(const Norm& norm, const at::Tensor& x) {
+  return norm.present() ? rms_norm(x, norm.weight, norm.eps) : x;
+}
+
+}  // namespace
+
+at::Tensor DecoderLayer::attention(const at::Tensor& hidden, at::Tensor residual, const at::Tensor& cos,
+                                   const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache,
+                                   const at::Tensor& slots, const at::Tensor& block_tables,
+                                   const at::Tensor& context_lens) const {
+  const int64_t B = hidden.size(0), H = num_heads, KVH = num_kv_heads, D = head_dim;
+  TORCH_CHECK(k_cache.size(3) == D, "the cache's head_dim is ", k_cache.size(3), ", the layer's ", D);
+  at::Tensor x = enter_block(attention_norm, hidden, residual);
+  at::Tensor qkv_out = qkv->apply(x);
+  at::Tensor qk = qkv_out.narrow(1, 0, (H + KVH) * D).view({B, H + KVH, D});
+  rotary_(qk, cos, sin);
+  at::Tensor k = qkv_out.narrow(1, H * D, KVH * D).view({B, KVH, D});
+  at::Tensor v = qkv_out.narrow(1, (H + KVH) * D, KVH * D).view({B, KVH, D});
+  write_kv_(k, v, k_cache, v_cache, slots);
+  at::Tensor q = qkv_out.narrow(1, 0, H * D).view({B, H, D});
+  at::Tensor attn = paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale);
+  return o->apply(attn.view({B, H * D}));
+}
+
+at::Tensor DecoderLayer::finish_attention(const at::Tensor& x) const { return leave_block(attention_out_norm, x); }
+
+at::Tensor DecoderLayer::mlp(const at::Tensor& attention, at::Tensor residual) const {
+  at::Tensor x = enter_block(mlp_norm, attention, residual);
+  return down->apply(silu_mul(gate_up->apply(x)));
+}
+
+at::Tensor DecoderLayer::finish_mlp(const at::Tensor& x) const { return leave_block(mlp_out_norm, x); }
+
+void DecoderStack::append(const c10::intrusive_ptr<DecoderLayer>& layer) {
+  layer->check();
+  if (!layers.empty())
+    TORCH_CHECK(layer->o->out_features == layers[0]->o->out_features, "layers of different hidden sizes");
+  layers.push_back(layer);
+}
+
+at::Tensor DecoderStack::decode(const at::Tensor& hidden, at::Tensor residual, const at::Tensor& cos,
+                                const at::Tensor& sin, const std::vector<at::Tensor>& k_caches,
+                                const std::vector<at::Tensor>& v_caches, const at::Tensor& slots,
+                                const at::Tensor& block_tables, const at::Tensor& context_lens) const {
+  TORCH_CHECK(k_caches.size() == layers.size() && v_caches.size() == layers.size(), "the stack has ", layers.size(),
+              " layers but ", k_caches.size(), " k and ", v_caches.size(), " v caches");
+  at::Tensor out = hidden;
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const DecoderLayer& layer = *layers[l];
+    at::Tensor a = layer.finish_attention(
+        layer.attention(out, residual, cos, sin, k_caches[l], v_caches[l], slots, block_tables, context_lens));
+    out = layer.finish_mlp(layer.mlp(a, residual));
+  }
+  return out;
+}
+
+}  // namespace tgs

@@ -1,0 +1,88 @@
+// A decoder layer's decode step, described once at load as typed objects
+// (torch custom classes, torch.classes.tgs_cpu.*) and then run in one call per
+// half layer, or for the whole stack of one rank in one call.
+//
+// The Python side (text_generation_server/execution/native.py) builds these from
+// the model's declarative spec: each Linear from its weights, each DecoderLayer
+// from its norms, linears, heads and activation. Every setter checks what it is
+// given; nothing is passed by position in a flat list.
+#pragma once
+
+#include <torch/custom_class.h>
+
+#include "common.h"
+
+namespace tgs {
+
+// One linear layer's weights as the native kernels multiply them (x @ W.T + bias).
+struct Linear : torch::CustomClassHolder {
+  enum class Kind { kUnset, kDense, kInt4 };
+  Kind kind = Kind::kUnset;
+  at::Tensor weight;         // dense: float32 [N, K]
+  at::Tensor qweight, meta;  // 4-bit: see int4.cpp
+  int64_t group_size = 0;
+  int64_t dense_from_rows = 0;  // 4-bit: calls of this many rows unpack the weights for a float product
+  bool prefill_bf16 = false;    // ... in bfloat16 (else float32)
+  c10::optional<at::Tensor> bias;
+  int64_t out_features = 0, in_features = 0;
+
+  void set_dense(const at::Tensor& weight);
+  void set_int4(const at::Tensor& qweight, const at::Tensor& meta, int64_t group_size, int64_t in_features,
+                int64_t dense_from_rows, bool prefill_bf16);
+  void set_bias(const at::Tensor& bias);
+  at::Tensor apply(const at::Tensor& x) const;
+  std::string describe() const;
+};
+
+// A norm slot of a layer; absent when its weight is undefined.
+struct Norm {
+  at::Tensor weight;
+  double eps = 0;
+  bool present() const { return weight.defined(); }
+};
+
+// Where each norm sits in a pre-norm residual layer:
+//   attention_norm: on the residual stream before attention (Llama's input_layernorm);
+//   attention_out_norm: on attention's output before it joins the stream;
+//   mlp_norm / mlp_out_norm: the same around the MLP.
+// A layer's input is the previous block's output, which it adds to the residual
+// stream first (fused with attention_norm); without a pre-norm the block reads the
+// stream itself.
+struct DecoderLayer : torch::CustomClassHolder {
+  Norm attention_norm, attention_out_norm, mlp_norm, mlp_out_norm;
+  c10::intrusive_ptr<Linear> qkv, o, gate_up, down;
+  int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
+  double scale = 0;
+
+  void set_norm(const std::string& slot, const at::Tensor& weight, double eps);
+  void set_attention(const c10::intrusive_ptr<Linear>& qkv, const c10::intrusive_ptr<Linear>& o, int64_t num_heads,
+                     int64_t num_kv_heads, int64_t head_dim, double scale);
+  void set_mlp(const c10::intrusive_ptr<Linear>& gate_up, const c10::intrusive_ptr<Linear>& down,
+               const std::string& activation);
+  void check() const;
+
+  // residual += hidden; x = attention_norm; qkv; rotary on q and k; k, v into the cache;
+  // attention over each sequence's blocks; returns o(attention) (this rank's partial sum
+  // when o is row-parallel: all-reduce it, then finish_attention).
+  at::Tensor attention(const at::Tensor& hidden, at::Tensor residual, const at::Tensor& cos, const at::Tensor& sin,
+                       at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
+                       const at::Tensor& block_tables, const at::Tensor& context_lens) const;
+  at::Tensor finish_attention(const at::Tensor& x) const;  // attention_out_norm, where present
+  // residual += attention; x = mlp_norm; returns down(silu(gate) * up) (a partial sum when
+  // down is row-parallel: all-reduce it, then finish_mlp).
+  at::Tensor mlp(const at::Tensor& attention, at::Tensor residual) const;
+  at::Tensor finish_mlp(const at::Tensor& x) const;  // mlp_out_norm, where present
+};
+
+// The decode step of every decoder layer of one unsplit model, one call.
+struct DecoderStack : torch::CustomClassHolder {
+  std::vector<c10::intrusive_ptr<DecoderLayer>> layers;
+
+  void append(const c10::intrusive_ptr<DecoderLayer>& layer);
+  // Returns the last layer's block output; residual holds the stream before it.
+  at::Tensor decode(const at::Tensor& hidden, at::Tensor residual, const at::Tensor& cos, const at::Tensor& sin,
+                    const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
+                    const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& context_lens) const;
+};
+
+}  // namespace tgs

@@ -1,0 +1,34 @@
+// The operators every kernel file defines, registered in bindings.cpp as
+// torch.ops.tgs_cpu.*. Every one takes float32 activations on the CPU.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+
+namespace tgs {
+
+// int4.cpp: GPTQ 4-bit weights repacked at load (per output row, 64-feature chunks
+// of 16-bit words; four-row tiles of fp16 scales and uint8 zero points beside them).
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& meta, int64_t group_size);
+at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& meta, int64_t group_size);
+at::Tensor int4_dequantize_bf16(const at::Tensor& qweight, const at::Tensor& meta, int64_t group_size);
+// "auto", "avx2" or "avx512-vnni"; returns the form in use.
+std::string set_int4_isa(const std::string& name);
+
+// int8.cpp: symmetric 8-bit weights, per-group scales in four-row tiles.
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t group_size);
+
+// norm_rotary.cpp
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor add_rms_norm_(const at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps);
+void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor silu_mul(const at::Tensor& x);
+
+// attention.cpp
+void write_kv_(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+               const at::Tensor& slots);
+at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale);
+
+}  // namespace tgs
