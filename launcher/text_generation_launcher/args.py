@@ -177,7 +177,7 @@ _FLAGS: list[_Flag] = [
           "Requests in flight before new ones are refused.", shown="128"),
     _Flag(("--max-best-of",), ("MAX_BEST_OF",), positive_int, "Accepted for TGI compatibility.", shown="2"),
     _Flag(("--max-stop-sequences",), ("MAX_STOP_SEQUENCES",), non_negative_int,
-          "Stop sequences allowed per request.", shown="4"),
+          "Stop sequences allowed per request (TGIS clients send up to 6).", shown="6"),
     _Flag(("--max-top-n-tokens",), ("MAX_TOP_N_TOKENS",), non_negative_int,
           "Largest top_n_tokens a request may ask for.", shown="5"),
     _Flag(("--max-input-tokens", "--max-input-length"), ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), positive_int,

@@ -49,7 +49,7 @@ class RouterArgs:
     hostname: str = "0.0.0.0"
     max_concurrent_requests: int = 128
     max_best_of: int = 2
-    max_stop_sequences: int = 4
+    max_stop_sequences: int = 6
     max_top_n_tokens: int = 5
     max_input_tokens: int | None = None
     max_total_tokens: int | None = None
@@ -112,8 +112,8 @@ _FLAGS: list[tuple[tuple[str, ...], tuple[str, ...], Callable[[str], object] | N
      "Requests in flight (queued or generating) before new ones get RESOURCE_EXHAUSTED."),
     (("--max-best-of",), ("MAX_BEST_OF",), positive_int, 2,
      "Accepted for TGI compatibility; the TGIS API has no best_of."),
-    (("--max-stop-sequences",), ("MAX_STOP_SEQUENCES",), non_negative_int, 4,
-     "Stop sequences allowed per request."),
+    (("--max-stop-sequences",), ("MAX_STOP_SEQUENCES",), non_negative_int, 6,
+     "Stop sequences allowed per request (TGIS clients send up to 6)."),
     (("--max-top-n-tokens",), ("MAX_TOP_N_TOKENS",), non_negative_int, 5,
      "Largest top_n_tokens a request may ask for."),
     (("--max-input-tokens", "--max-input-length"), ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), positive_int, None,

@@ -3,7 +3,8 @@
 Semantics follow TGIS: ``max_new_tokens`` 0 means the server default;
 sampling parameters count only with method SAMPLE (they are ignored, not
 rejected, for GREEDY); with SAMPLE an unset temperature is 1.0 and an
-explicit 0.0 means greedy; ``top_p``/``typical_p``/``repetition_penalty`` 0
+explicit 0.0 means greedy, and a positive one must be at least
+:data:`MIN_TEMPERATURE` (as must a repetition penalty); ``top_p``/``typical_p``/``repetition_penalty`` 0
 mean disabled; a sampling request without a seed gets a random 32-bit one,
 reported back; an input that does not leave room for max_new_tokens gets
 max_new_tokens lowered so input + output fits max_total_tokens, and then
@@ -24,6 +25,10 @@ from .tokenization import Tokenizer
 
 # TGIS limits a stop sequence's length in UTF-8 bytes.
 MAX_STOP_SEQUENCE_BYTES = 240
+# Below these, logits divided by the temperature or penalty overflow float32 (inf - inf = NaN
+# probabilities); TGIS refuses sampling temperatures below 0.05 too.
+MIN_TEMPERATURE = 0.05
+MIN_PENALTY = 0.05
 
 
 class ValidationError(ValueError):
@@ -98,8 +103,10 @@ class Validator:
 
         decoding = params.decoding
         repetition_penalty = decoding.repetition_penalty
-        if not _finite(repetition_penalty) or repetition_penalty < 0:
-            raise ValidationError(f"repetition_penalty must be > 0.0, or 0 for none (got {repetition_penalty})")
+        if not _finite(repetition_penalty) or repetition_penalty < 0 or 0 < repetition_penalty < MIN_PENALTY:
+            raise ValidationError(
+                f"repetition_penalty must be >= {MIN_PENALTY} and finite, or 0 for none (got {repetition_penalty})"
+            )
         if decoding.HasField("length_penalty"):
             raise ValidationError("length_penalty is not supported by this server; leave it unset")
         guided = decoding.WhichOneof("guided")
@@ -161,8 +168,10 @@ class Validator:
             return greedy, False
         s = params.sampling
         temperature = s.temperature if s.HasField("temperature") else 1.0
-        if not _finite(temperature) or temperature < 0:
-            raise ValidationError(f"temperature must be >= 0.0 and finite, 0 meaning greedy (got {temperature})")
+        if not _finite(temperature) or temperature < 0 or 0 < temperature < MIN_TEMPERATURE:
+            raise ValidationError(
+                f"temperature must be >= {MIN_TEMPERATURE} and finite, or 0 meaning greedy (got {temperature})"
+            )
         if not _finite(s.top_p) or not 0 <= s.top_p <= 1:
             raise ValidationError(f"top_p must be > 0.0 and <= 1.0, or 0 for disabled (got {s.top_p})")
         if not _finite(s.typical_p) or not 0 <= s.typical_p <= 1:

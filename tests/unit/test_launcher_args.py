@@ -248,3 +248,20 @@ def test_cuda_visible_devices_is_counted_when_a_driver_is_present(monkeypatch, t
     monkeypatch.setattr(launcher_args, "_GPU_DRIVER_PATHS", (str(tmp_path),))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     assert visible_cuda_devices() == count
+
+
+def test_the_quantize_choices_are_the_registrys_and_the_dtype_rule_is_its_own():
+    """--quantize lists what the shards' registry serves; --dtype refusals come from the method."""
+    from text_generation_launcher.args import QUANTIZE_CHOICES
+    from text_generation_server.layers.quant.registry import (
+        dtype_flag_refusal,
+        quantizes_at_load,
+        supported_quantizations,
+    )
+
+    assert sorted(QUANTIZE_CHOICES) == supported_quantizations()
+    for name in QUANTIZE_CHOICES:
+        refusal = dtype_flag_refusal(name, "float16", f"--quantize {name}")
+        assert (refusal is not None) == (name == "gptq"), (name, refusal)
+        assert quantizes_at_load(name) == name.startswith("bitsandbytes")
+    assert dtype_flag_refusal(None, "float16", "no flag") is None and not quantizes_at_load(None)

@@ -18,7 +18,8 @@ def test_defaults_follow_tgi_and_tgis():
     assert (args.grpc_port, args.port, args.hostname) == (8033, 3000, "0.0.0.0")
     assert args.shard_uds_path == "/tmp/text-generation-server/shard"
     assert args.max_concurrent_requests == 128 and args.max_best_of == 2
-    assert args.max_stop_sequences == 4 and args.max_top_n_tokens == 5
+    # TGIS's default: its clients send up to 6 stop sequences.
+    assert args.max_stop_sequences == 6 and args.max_top_n_tokens == 5
     assert args.max_new_tokens == 1024 and args.default_max_new_tokens == 20
     assert args.waiting_served_ratio == 0.3 and args.max_waiting_tokens == 20
     assert args.max_input_tokens is None and args.max_total_tokens is None

@@ -109,11 +109,26 @@ def test_stop_sequence_options(tokenizer):
         (pb.Parameters(method=7), "method must be GREEDY"),
         (pb.Parameters(method=pb.SAMPLE, sampling=pb.SamplingParameters(temperature=float("inf"))), "temperature"),
         (pb.Parameters(decoding=pb.DecodingParameters(repetition_penalty=float("nan"))), "repetition_penalty"),
+        # Positive but tiny: the logits would overflow to NaN probabilities in the sampler.
+        (pb.Parameters(method=pb.SAMPLE, sampling=pb.SamplingParameters(temperature=1e-40)),
+         r"temperature must be >= 0.05 and finite, or 0 meaning greedy \(got "),
+        (pb.Parameters(method=pb.SAMPLE, sampling=pb.SamplingParameters(temperature=0.049)),
+         "temperature must be >= 0.05"),
+        (pb.Parameters(decoding=pb.DecodingParameters(repetition_penalty=1e-40)),
+         "repetition_penalty must be >= 0.05 and finite, or 0 for none"),
     ],
 )
 def test_unsupported_or_invalid_options_are_refused_by_name(tokenizer, params, message):
     with pytest.raises(ValidationError, match=message):
         validate(tokenizer, params)
+
+
+def test_the_lowest_allowed_temperature_and_penalty_are_served(tokenizer):
+    params = pb.Parameters(method=pb.SAMPLE, sampling=pb.SamplingParameters(temperature=0.05),
+                           decoding=pb.DecodingParameters(repetition_penalty=0.05))
+    [req] = validate(tokenizer, params)
+    sampling = req.sampling
+    assert (sampling.temperature, sampling.repetition_penalty) == pytest.approx((0.05, 0.05))
 
 
 def test_plain_text_format_is_accepted(tokenizer):

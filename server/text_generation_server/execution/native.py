@@ -124,6 +124,8 @@ class _NativeCpuPlan(ExecutionPlan):
         super().__init__(model)
         self.spec = spec
         self.layers = [build_layer(layer) for layer in spec.layers]
+        # Which layers norm a block's output after its all-reduce (a call skipped where none does).
+        self.out_norms = [(s.attention_out_norm is not None, s.mlp_out_norm is not None) for s in spec.layers]
         self.head_dim = spec.layers[0].attention.head_dim
         self.modules = ModulePlan(model)
 
@@ -170,15 +172,17 @@ class NativeCpuLayersPlan(_NativeCpuPlan):
     def decode(self, hidden, residual, cos, sin, kv_caches, attn):  # type: ignore[no-untyped-def]
         dist = self.model.dist
         reduce = dist.world_size > 1
-        for layer, (k, v) in zip(self.layers, kv_caches, strict=True):
+        for layer, (k, v), (attn_out, mlp_out) in zip(self.layers, kv_caches, self.out_norms, strict=True):
             out = layer.attention(hidden, residual, cos, sin, k, v, attn.slot_mapping, attn.block_tables,
                                   attn.context_lens)
             if reduce:
                 out = dist.all_reduce(out)
-            out = layer.mlp(layer.finish_attention(out), residual)
+            if attn_out:
+                out = layer.finish_attention(out)
+            out = layer.mlp(out, residual)
             if reduce:
                 out = dist.all_reduce(out)
-            hidden = layer.finish_mlp(out)
+            hidden = layer.finish_mlp(out) if mlp_out else out
         return hidden
 
     def describe(self) -> str:

@@ -3,6 +3,12 @@
 Parameter names follow the checkpoint's (``model.layers.N.self_attn...``)
 except where projections are fused: q/k/v -> ``qkv_proj`` and gate/up ->
 ``gate_up_proj`` (see ``packed_modules_mapping``).
+
+The modules are the arithmetic on any device and dtype; :meth:`LlamaDecoderLayer.spec`
+declares the same layer for the execution plan (``execution/``), which decides once at
+load whether decode steps run through native kernels instead. A family member with
+another layer shape subclasses the layer (its modules, ``forward`` and ``spec``) and
+names it in ``decoder_layer_cls``.
 """
 
 from __future__ import annotations
@@ -153,6 +159,7 @@ class LlamaDecoderLayer(torch.nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden, eps, dtype=b.dtype, device=b.device)
 
     def spec(self) -> DecoderLayerSpec:
+        """Pre-norm: input_layernorm before attention, post_attention_layernorm before the MLP."""
         a, m = self.self_attn, self.mlp
         return DecoderLayerSpec(
             attention=AttentionSpec(
