@@ -65,10 +65,20 @@ def refuse_adapter(adapter_id: str) -> None:
 class Validator:
     """Checks requests against the router's limits and tokenizes them."""
 
-    def __init__(self, limits: Limits, tokenizer: Tokenizer, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        tokenizer: Tokenizer,
+        rng: random.Random | None = None,
+        model_vocab_size: int | None = None,
+    ) -> None:
+        """``model_vocab_size``: the rows of the model's embedding (the shards' Info); a token id
+        the tokenizer produces at or beyond it is refused here, in its own request, instead of
+        failing the whole prefill batch it would join."""
         self._limits = limits
         self._tokenizer = tokenizer
         self._rng = rng or random.SystemRandom()
+        self._vocab = model_vocab_size or None
 
     async def validate(
         self,
@@ -198,6 +208,12 @@ class Validator:
         ids = (await self._tokenizer.encode_async(text)).ids
         if 0 < p.truncate_input_tokens < len(ids):
             ids = ids[-p.truncate_input_tokens :]
+        if self._vocab is not None and ids and max(ids) >= self._vocab:
+            bad = next(i for i in ids if i >= self._vocab)
+            raise ValidationError(
+                f"{where}: the tokenizer gave token id {bad} ({self._tokenizer.id_to_token(bad)!r}), outside the "
+                f"model's vocabulary of {self._vocab} ids; the tokenizer does not match the model's embedding"
+            )
         n = len(ids)
         if n > limits.max_input_tokens:
             raise ValidationError(

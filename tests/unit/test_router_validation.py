@@ -152,3 +152,16 @@ def test_a_request_that_could_never_fit_the_kv_budget_is_rejected_and_max_new_is
         validate(tokenizer, pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=40, min_new_tokens=33 - n)), texts=[text], limits=tight)
     [req] = validate(tokenizer, pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=40)), texts=[text], limits=tight)
     assert req.max_new_tokens == 32 - n and req.max_is_token_limit
+
+
+def test_a_token_id_outside_the_models_vocabulary_is_refused_in_its_own_request(tokenizer):
+    """A tokenizer larger than the embedding: the request is refused here, naming the id, instead of
+    joining a prefill batch the shards would refuse whole."""
+    ids = asyncio.run(tokenizer.encode_async("Hello world")).ids
+    small = max(ids)  # the largest id of the text is one past this vocabulary
+    validator = Validator(LIMITS, tokenizer, rng=random.Random(7), model_vocab_size=small)
+    with pytest.raises(ValidationError, match=rf"token id {small} .*outside the model's vocabulary of {small} ids"):
+        asyncio.run(validator.validate(["Hello world"], pb.Parameters()))
+    fits = Validator(LIMITS, tokenizer, rng=random.Random(7), model_vocab_size=small + 1)
+    [req] = asyncio.run(fits.validate(["Hello world"], pb.Parameters()))
+    assert list(req.input_ids) == ids
