@@ -103,6 +103,31 @@ def gguf_path() -> Path | None:
     return path if path.is_file() else None
 
 
+_PROBE = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=256, n_threads=1, verbose=False)
+llm("The capital of France is", max_tokens=4)
+"""
+
+
+def llama_cpp_repack_runs() -> tuple[bool, str]:
+    """Whether llama.cpp's extra CPU buffer types (weights repacked for AMX / AVX-512 at load)
+    generate without crashing here, probed in a child process; and what was seen.
+
+    Some llama.cpp builds crash in them on some CPUs (seen: a segmentation fault at the first
+    token with llama-cpp-python 0.3.36 on a CPU with AMX-INT8); the peer then runs without them,
+    and the report names it.
+    """
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _PROBE, str(gguf_path())], capture_output=True, timeout=300)
+    if done.returncode == 0:
+        return True, "ok"
+    return False, f"the probe exited with {done.returncode} (signal {-done.returncode})" if done.returncode < 0 else \
+        f"the probe exited with {done.returncode}"
+
+
 class LlamaCppPeer:
     """llama.cpp (llama-cpp-python) on the default model's own Q4_1 GGUF.
 
@@ -113,20 +138,35 @@ class LlamaCppPeer:
 
     name = "llama.cpp Q4_1"
 
-    def __init__(self, threads: int, max_context: int = 2048) -> None:
+    def __init__(self, threads: int, max_context: int = 2048, repack: bool = True) -> None:
         import llama_cpp
+        import llama_cpp.llama as llama_module
 
         self.lib = llama_cpp
         self.threads = threads
         self.version = getattr(llama_cpp, "__version__", "unknown")
-        self.llm = llama_cpp.Llama(
-            model_path=str(gguf_path()),
-            n_ctx=max_context,
-            n_batch=512,
-            n_threads=threads,
-            n_threads_batch=threads,
-            verbose=False,
-        )
+        if not repack:
+            self.name = "llama.cpp Q4_1 (no repack)"
+        default_params = llama_cpp.llama_model_default_params
+
+        def model_params():  # Llama() takes no flag for it: its defaults, extra buffer types off
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+
+        if not repack:
+            llama_module.llama_cpp.llama_model_default_params = model_params
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(gguf_path()),
+                n_ctx=max_context,
+                n_batch=512,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+            )
+        finally:
+            llama_module.llama_cpp.llama_model_default_params = default_params
         self.n_vocab = self.llm._model.n_vocab()
 
     def _stream(self, ids: list[int], n: int) -> list[float]:

@@ -40,7 +40,12 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from bench_ours import Launcher, LaunchError, OurServer  # noqa: E402
-from bench_peers import LlamaCppPeer, TransformersPeer, llama_cpp_unavailable  # noqa: E402
+from bench_peers import (  # noqa: E402
+    LlamaCppPeer,
+    TransformersPeer,
+    llama_cpp_repack_runs,
+    llama_cpp_unavailable,
+)
 from bench_prompts import PromptBook  # noqa: E402
 from bench_report import Contestant, floors, ratios, summary_text, write_chart, write_json  # noqa: E402
 
@@ -246,8 +251,15 @@ async def run(opts) -> int:
         if why:
             lc.why_unavailable = why
         else:
-            lpeer = LlamaCppPeer(opts.threads, max_context=opts.ttft_prompt_tokens + opts.new_tokens + 64)
-            lc.info = {"version": lpeer.version, "batching": "one multi-sequence batch"}
+            repack, seen = llama_cpp_repack_runs()
+            if not repack:
+                logger.warning(f"llama.cpp crashes in its repacked (AMX/AVX-512) weight buffers on this CPU ({seen}); "
+                               f"measuring it without them")
+            lpeer = LlamaCppPeer(opts.threads, max_context=opts.ttft_prompt_tokens + opts.new_tokens + 64,
+                                 repack=repack)
+            lc.name = lpeer.name
+            lc.info = {"version": lpeer.version, "batching": "one multi-sequence batch",
+                       "repacked_weights": repack if repack else f"off: {seen}"}
         rows.append(lc)
         contestants.append((lc, lpeer))
 
