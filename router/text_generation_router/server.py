@@ -34,6 +34,9 @@ from .wire import UndecodableRequestInterceptor
 _SERVER_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # gRPC sets SO_REUSEPORT by default, so a second router on the same port would share it
+    # (each getting part of the connections) instead of being refused.
+    ("grpc.so_reuseport", 0),
 ]
 
 

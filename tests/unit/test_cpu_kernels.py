@@ -320,3 +320,32 @@ def test_an_unknown_int4_isa_is_refused(monkeypatch):
         kernels.reset_for_tests()
     with pytest.raises(RuntimeError, match="int4 ISA must be auto, avx2 or avx512-vnni"):
         ops().set_int4_isa("sse2")
+
+
+def test_a_built_library_another_user_could_have_written_is_not_loaded(tmp_path):
+    """As the shard socket directory: whoever can replace the library runs code in every shard."""
+    import os
+    import shutil
+
+    if not kernels.cpu_ops_status().available:
+        pytest.skip(f"native CPU kernels unavailable: {kernels.cpu_ops_status().reason}")
+    built = kernels.build()  # the library this process loaded
+    root = tmp_path / "cache"
+    target = root / kernels.build_key()
+    target.mkdir(parents=True)
+    os.chmod(root, 0o755)
+    library = target / built.name
+    shutil.copy(built, library)
+    (target / "complete").write_text(kernels.build_key() + "\n")
+    os.chmod(target, 0o755)
+    os.chmod(library, 0o755)
+    kernels.check_trusted(library)  # this user's, closed to others: fine
+
+    os.chmod(target, 0o777)
+    with pytest.raises(kernels.UntrustedLibraryError, match=rf"{target} \(owner \S+, mode 0777\).*chmod go-w"):
+        kernels.build(root)
+    os.chmod(target, 0o755)
+    if os.geteuid() == 0:
+        os.chown(library, 65534, 65534)
+        with pytest.raises(kernels.UntrustedLibraryError, match=rf"{library} \(owner \S+, mode 0755\)"):
+            kernels.build(root)

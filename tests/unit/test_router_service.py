@@ -568,6 +568,18 @@ def test_health_is_not_serving_until_warmup_then_serving(harness):
     assert h.http_get("/health") == (200, "ok\n")
 
 
+def test_a_second_router_on_a_taken_grpc_port_is_refused_and_the_first_keeps_serving(harness):
+    """gRPC's default SO_REUSEPORT would let both listen and split the connections between them."""
+    from text_generation_router.server import BindError
+
+    first = harness()
+    port = first.router.grpc_port
+    with pytest.raises(BindError, match=rf"cannot listen for gRPC on \S+:{port}"):
+        harness(grpc_port=port)
+    assert health_status(first) == health_pb2.HealthCheckResponse.SERVING
+    assert len(first.stub().Generate(batched(["hi"]), timeout=10).responses) == 1
+
+
 def test_reflection_lists_generation_health_and_reflection_services(harness):
     h = harness()
     stub = reflection_pb2_grpc.ServerReflectionStub(h.channel())

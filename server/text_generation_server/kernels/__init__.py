@@ -133,8 +133,43 @@ def _compile(directory: Path) -> Path:
     return directory / f"{LIBRARY}.so"
 
 
+class UntrustedLibraryError(PermissionError):
+    """A built library (or a directory above it) that another user could have written."""
+
+
+def check_trusted(library: Path) -> None:
+    """Refuse to load ``library`` unless it, its build directory and that directory's parent
+    belong to this user (or root) and no one else can write them: whoever can replace the file
+    runs code in every shard. Raises :class:`UntrustedLibraryError` naming the path, its owner
+    and mode, and the fix."""
+    import pwd
+    import stat
+
+    me = os.geteuid()
+    for path in (library, library.parent, library.parent.parent):
+        info = os.stat(path)
+        mode = stat.S_IMODE(info.st_mode)
+        if info.st_uid not in (me, 0) or mode & 0o022:
+            try:
+                owner = pwd.getpwuid(info.st_uid).pw_name
+            except KeyError:
+                owner = f"uid {info.st_uid}"
+            raise UntrustedLibraryError(
+                f"{path} (owner {owner}, mode {mode:04o}) could have been written by another user, so the CPU "
+                f"kernel library under it is not loaded; remove {library.parent} to rebuild it, or make "
+                f"{path} this user's and not writable by group or others (chmod go-w)"
+            )
+
+
+def _load(library: Path) -> Path:
+    check_trusted(library)
+    torch.ops.load_library(str(library))
+    return library
+
+
 def build(directory: Path | None = None) -> Path:
-    """Compile (if not done yet) and load the library; returns its path. Raises on failure."""
+    """Compile (if not done yet) and load the library; returns its path. Raises on failure,
+    :class:`UntrustedLibraryError` for a library others could have written."""
     from filelock import FileLock
 
     key = build_key()
@@ -142,8 +177,7 @@ def build(directory: Path | None = None) -> Path:
     for root in roots:
         library = root / key / f"{LIBRARY}.so"
         if library.exists() and (root / key / "complete").exists():
-            torch.ops.load_library(str(library))
-            return library
+            return _load(library)
     root = next((r for r in roots if _writable(r)), None)
     if root is None:
         raise OSError(f"no writable directory to build the CPU kernels in (tried {', '.join(map(str, roots))})")
@@ -151,11 +185,21 @@ def build(directory: Path | None = None) -> Path:
     with FileLock(str(root / f"{key}.lock")):
         library = target / f"{LIBRARY}.so"
         if library.exists() and (target / "complete").exists():
-            torch.ops.load_library(str(library))
-            return library
-        library = _compile(target)
+            return _load(library)
+        library = _compile(target)  # also loads it
+        for path in (library, target, root):
+            _clear_group_other_write(path)
         (target / "complete").write_text(key + "\n")
     return library
+
+
+def _clear_group_other_write(path: Path) -> None:
+    """What a build leaves must pass :func:`check_trusted` whatever the umask was (e.g. 002)."""
+    import stat
+
+    info = os.stat(path)
+    if info.st_uid == os.geteuid() and info.st_mode & 0o022:
+        os.chmod(path, stat.S_IMODE(info.st_mode) & ~0o022)
 
 
 def cpu_ops_status() -> KernelStatus:
@@ -173,6 +217,8 @@ def cpu_ops_status() -> KernelStatus:
         if why is None:
             try:
                 path = build()
+            except UntrustedLibraryError as err:
+                why = f"the built library is not loaded: {err}"
             except Exception as err:  # a compiler or toolchain problem: fall back, say why
                 why = f"they failed to build ({type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else err})"
             else:
