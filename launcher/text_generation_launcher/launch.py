@@ -240,12 +240,16 @@ def _stop(args: LauncherArgs, supervisor: Supervisor, router: Child | None, shar
 
 
 def _remove_sockets(sockets: list[str]) -> None:
+    """Remove the shard socket files our stopped shards left; one that still answers belongs to
+    another server (a second launch on the same --shard-uds-path) and stays."""
     for path in sockets:
         try:
-            os.unlink(path)
-        except FileNotFoundError:
+            removed = clear_stale_socket(path)
+        except SocketInUseError as err:
+            logger.warning(f"Leaving {path} in place: {err}")
             continue
         except OSError as err:
             logger.warning(f"Cannot remove socket {path}: {err.strerror}")
             continue
-        logger.info(f"Removed leftover socket {path}")
+        if removed:
+            logger.info(f"Removed leftover socket {path}")

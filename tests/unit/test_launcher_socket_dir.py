@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,29 @@ def test_a_directory_that_cannot_be_created_is_named(tmp_path):
     blocker.write_text("x")
     with pytest.raises(SocketInUseError, match=f"cannot create the socket directory {blocker / 'sockets'}"):
         prepare_socket_dir(str(blocker / "sockets"))
+
+
+def test_a_launch_removes_only_sockets_nobody_answers_on(tmp_path):
+    """On its way out a launch removes what its stopped shards left, never a live socket of another
+    launch on the same --shard-uds-path, nor a file that is not a socket."""
+    import socket
+
+    from text_generation_launcher.launch import _remove_sockets
+
+    base = Path(tempfile.mkdtemp(prefix="s", dir="/tmp"))  # unix socket paths must stay short
+    try:
+        stale, live, plain = base / "shard-0", base / "shard-1", base / "shard-2"
+        dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        dead.bind(str(stale))
+        dead.close()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(live))
+        listener.listen()
+        plain.write_text("not a socket")
+        try:
+            _remove_sockets([str(stale), str(live), str(plain), str(base / "shard-3")])
+            assert not stale.exists() and live.exists() and plain.read_text() == "not a socket"
+        finally:
+            listener.close()
+    finally:
+        shutil.rmtree(base)
