@@ -23,6 +23,7 @@ from text_generation_server.utils.argtypes import (
     non_negative_int,
     parse_bool,
     port,
+    positive_float,
     positive_int,
     readable_file,
 )
@@ -64,6 +65,7 @@ class LauncherArgs:
     max_batch_size: int | None = None
     default_include_stop_sequence: bool | None = None
     graceful_shutdown_timeout: float | None = None
+    shard_step_timeout: float | None = None
     # Network and processes.
     port: int = 3000
     grpc_port: int = 8033
@@ -109,6 +111,7 @@ ROUTER_LIMIT_FLAGS: dict[str, str] = {
     "max_batch_size": "--max-batch-size",
     "default_include_stop_sequence": "--default-include-stop-sequence",
     "graceful_shutdown_timeout": "--graceful-shutdown-timeout",
+    "shard_step_timeout": "--shard-step-timeout",
 }
 
 # TLS of the public gRPC port, passed to the router when set: launcher dest -> router flag.
@@ -205,6 +208,10 @@ _FLAGS: list[_Flag] = [
     _Flag(("--graceful-shutdown-timeout",), ("GRACEFUL_SHUTDOWN_TIMEOUT",), non_negative_float,
           "Seconds in-flight requests get to finish after SIGTERM before they are cancelled.",
           metavar="SECONDS", shown="10"),
+    _Flag(("--shard-step-timeout",), ("SHARD_STEP_TIMEOUT",), positive_float,
+          "Seconds a shard may take for one step (prefill, decode) or health check; one that takes longer "
+          "is stuck (stopped, deadlocked), so health turns bad and everything stops as for a dead shard.",
+          metavar="SECONDS", shown="300"),
     _Flag(("--shutdown-timeout",), ("SHUTDOWN_TIMEOUT",), non_negative_float,
           "Seconds a process gets to exit after SIGTERM (after the drain, for the router) before SIGKILL.",
           default=10.0, metavar="SECONDS"),

@@ -20,6 +20,7 @@ from text_generation_server.utils.argtypes import (
     non_negative_int,
     parse_bool_or_empty,
     port_or_zero,
+    positive_float,
     positive_int,
     readable_file,
 )
@@ -63,6 +64,7 @@ class RouterArgs:
     default_include_stop_sequence: bool = True
     graceful_shutdown_timeout: float = 10.0
     shard_connect_timeout: float = 120.0
+    shard_step_timeout: float = 300.0
     json_output: bool = False
     tls_cert_path: str | None = None
     tls_key_path: str | None = None
@@ -140,6 +142,9 @@ _FLAGS: list[tuple[tuple[str, ...], tuple[str, ...], Callable[[str], object] | N
      "Seconds in-flight requests get to finish after SIGTERM before they are cancelled."),
     (("--shard-connect-timeout",), ("SHARD_CONNECT_TIMEOUT",), non_negative_float, 120.0,
      "Seconds to wait for the first shard socket and its answer at start-up."),
+    (("--shard-step-timeout",), ("SHARD_STEP_TIMEOUT",), positive_float, 300.0,
+     "Seconds a shard may take for one step (prefill, decode) or health check before it counts as "
+     "stuck: health turns NOT_SERVING and the router exits, as for a lost shard."),
     (("--json-output",), ("JSON_OUTPUT",), None, False, "Log one JSON object per line."),
     (("--tls-cert-path",), ("TLS_CERT_PATH",), readable_file, None,
      "PEM certificate (chain) of the public gRPC port; with --tls-key-path, serves gRPC over TLS."),

@@ -151,6 +151,7 @@ class Router:
         self.state.limits = limits
         self.state.validator = Validator(limits, self.tokenizer, model_vocab_size=info.vocab_size or None)
         self.state.scheduler = self.scheduler
+        self.client.step_timeout = args.shard_step_timeout
         self.client.watch(self._on_shard_lost)
         await self.health.set_serving(True)
         logger.info(f"Serving {GENERATION_SERVICE} on {_address(args.hostname, self.grpc_port)}")

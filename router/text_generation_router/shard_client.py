@@ -86,6 +86,10 @@ class ShardClient:
         self._monitor_tasks: list[asyncio.Task] = []
         # Rank 0's KV cache usage after the latest call that reports it (ranks allocate alike).
         self.kv_usage: generate_pb2.KvCacheUsage | None = None
+        # Seconds one step (Prefill, Decode, FilterBatch, ClearCache) or Health may take; a shard
+        # that takes longer is stuck (stopped, deadlocked) and the call fails DEADLINE_EXCEEDED,
+        # which is fatal. None: no bound (start-up, before the router sets it).
+        self.step_timeout: float | None = None
 
     @property
     def urls(self) -> list[str]:
@@ -161,6 +165,9 @@ class ShardClient:
         rank, first = errors[0]
         if isinstance(first, grpc.aio.AioRpcError):
             code, details = first.code(), first.details() or ""
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
+                details = (f"no answer within {timeout:g} s (--shard-step-timeout): the shard is stuck "
+                           f"(stopped, deadlocked or far slower than its peers)")
         else:
             code, details = grpc.StatusCode.UNKNOWN, str(first) or type(first).__name__
         codes = {o.code() if isinstance(o, grpc.aio.AioRpcError) else None for _, o in errors}
@@ -185,7 +192,7 @@ class ShardClient:
         return await self._call_all("Info", generate_pb2.InfoRequest(), timeout=ready_timeout, wait_for_ready=True)
 
     async def health(self, timeout: float | None = None) -> None:
-        await self._call_all("Health", generate_pb2.HealthRequest(), timeout=timeout)
+        await self._call_all("Health", generate_pb2.HealthRequest(), timeout=timeout or self.step_timeout)
 
     def _note_usage(self, answer):
         if answer.HasField("kv_cache"):
@@ -194,20 +201,21 @@ class ShardClient:
 
     async def clear_cache(self, batch_id: int | None = None) -> None:
         request = generate_pb2.ClearCacheRequest() if batch_id is None else generate_pb2.ClearCacheRequest(id=batch_id)
-        self._note_usage(await self._call_all("ClearCache", request))
+        self._note_usage(await self._call_all("ClearCache", request, timeout=self.step_timeout))
 
     async def warmup(self, request: generate_pb2.WarmupRequest) -> generate_pb2.WarmupResponse:
         return await self._call_all("Warmup", request)
 
     async def prefill(self, batch: generate_pb2.Batch) -> generate_pb2.PrefillResponse:
-        return self._note_usage(await self._call_all("Prefill", generate_pb2.PrefillRequest(batch=batch)))
+        return self._note_usage(await self._call_all("Prefill", generate_pb2.PrefillRequest(batch=batch), timeout=self.step_timeout))
 
     async def decode(self, batches: list[generate_pb2.CachedBatch]) -> generate_pb2.DecodeResponse:
-        return self._note_usage(await self._call_all("Decode", generate_pb2.DecodeRequest(batches=batches)))
+        return self._note_usage(await self._call_all("Decode", generate_pb2.DecodeRequest(batches=batches), timeout=self.step_timeout))
 
     async def filter_batch(self, batch_id: int, keep: list[int]) -> generate_pb2.CachedBatch:
         answer = await self._call_all(
-            "FilterBatch", generate_pb2.FilterBatchRequest(batch_id=batch_id, request_ids=keep)
+            "FilterBatch", generate_pb2.FilterBatchRequest(batch_id=batch_id, request_ids=keep),
+            timeout=self.step_timeout,
         )
         return self._note_usage(answer).batch
 
@@ -219,6 +227,23 @@ class ShardClient:
         """
         for rank, shard in enumerate(self._shards):
             self._monitor_tasks.append(asyncio.ensure_future(self._watch_one(rank, shard, on_lost)))
+        if self.step_timeout is not None:
+            self._monitor_tasks.append(asyncio.ensure_future(self._probe(on_lost)))
+
+    async def _probe(self, on_lost: Callable[[str], Awaitable[None]]) -> None:
+        """Health of every shard every few seconds, bounded by the step timeout: a shard that is
+        stopped (SIGSTOP) keeps its connection open, so only a call that goes unanswered shows it,
+        also while no request runs."""
+        assert self.step_timeout is not None
+        interval = min(10.0, self.step_timeout)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.health()
+            except ShardError as err:
+                if err.fatal:
+                    await on_lost(f"shard {err.rank} failed its health check: {err}")
+                    return
 
     async def _watch_one(self, rank: int, shard: _Shard, on_lost: Callable[[str], Awaitable[None]]) -> None:
         state = shard.channel.get_state(try_to_connect=False)

@@ -147,6 +147,47 @@ def test_a_killed_process_mid_generation_ends_streams_unavailable_and_the_launch
     )
 
 
+@pytest.mark.parametrize("when", ["idle", "mid-generation"])
+def test_a_stopped_shard_is_found_stuck_and_stops_the_launch_as_a_dead_one(tiny_llama_tied, tmp_path, when, record_property):
+    """kill -STOP keeps a shard's sockets open and its process alive: only an unanswered call shows it.
+    Health probes (while idle) and steps (mid-generation) are bounded by --shard-step-timeout."""
+    step_timeout = 4.0
+    shm_before = shm_entries()
+    server = ServerProcess(
+        tmp_path, ["--model-id", str(tiny_llama_tied), "--sharded", "true", "--num-shard", "2",
+                   "--shard-step-timeout", str(step_timeout)]
+    ).start()
+    children = roles(server)
+    try:
+        streams, threads = start_streams(server, 2, new_tokens=400, wait_for_tokens=3) if when != "idle" else ([], [])
+        os.kill(children["shard-1"], signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        for thread in threads:
+            thread.join(timeout=60)
+        codes = [(s.code, s.details, s.tokens) for s in streams]
+        code = server.proc.wait(timeout=step_timeout + 10 + EXIT_WITHIN + 30)
+        took = time.monotonic() - stopped_at
+    finally:
+        try:
+            os.kill(children["shard-1"], signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        server.stop()
+    log = server.log_path.read_text(errors="replace")
+    assert all(c == grpc.StatusCode.UNAVAILABLE and "--shard-step-timeout" in d for c, d, _ in codes), codes
+    assert all(0 < t < 400 for _, _, t in codes), codes
+    assert code != 0, log[-3000:]
+    # At most one probe interval (10 s, or the timeout when shorter) plus the timeout, plus the stop.
+    assert took <= min(10.0, step_timeout) + step_timeout + EXIT_WITHIN, (took, log[-3000:])
+    assert "the shard is stuck" in log and "router exited" in log, log[-3000:]
+    assert_nothing_left(server, shm_before)
+    record_property(
+        f"figures: kill -STOP shard 1 ({when})",
+        f"streams {[(c.name, t) for c, _, t in codes]}; launcher exit {code} {took:.1f} s after the stop "
+        f"(--shard-step-timeout {step_timeout:g}); no process, socket or /dev/shm entry left",
+    )
+
+
 def test_sigterm_drains_eight_streams_refuses_new_work_and_exits_zero(tiny_llama, tmp_path, record_property):
     from text_generation_server.pb.fmaas import generation_pb2 as pb
     from text_generation_server.pb.fmaas import generation_pb2_grpc

@@ -107,6 +107,17 @@ def non_negative_float(value: str) -> float:
     return result
 
 
+def positive_float(value: str) -> float:
+    """A finite number > 0 (timeouts that must not be zero)."""
+    try:
+        result = float(value)
+    except ValueError:
+        result = math.nan
+    if not math.isfinite(result) or result <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
+    return result
+
+
 def choice(choices: Sequence[str]) -> Callable[[str], str]:
     """A parser accepting exactly one of ``choices`` (case-sensitive, as the values are written)."""
     allowed = tuple(choices)
