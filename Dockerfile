@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 #
-# Two images from one file; both run `text-generation-launcher`, so every
-# argument after the image name is a launcher flag:
+# Two images from one file; both run `text-generation-launcher` (under tini as
+# PID 1, which reaps orphans), so every argument after the image name is a
+# launcher flag:
 #
 #   docker build -t text-generation-server:0.1.0 .                   # CUDA (default target)
 #   docker build --target cpu -t text-generation-server:0.1.0-cpu .  # CPU only
@@ -71,6 +72,13 @@ RUN pip install "grpcio-tools>=1.62" \
 
 FROM python:3.11-slim-bookworm AS cpu
 
+# tini runs as PID 1: it forwards signals to the launcher and reaps orphaned
+# grandchildren (a killed shard's helper processes), which PID 1 must do.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends tini \
+    && rm -rf /var/lib/apt/lists/*
+
 # uid 1000 owns the writable places; group 0 may write them too, for
 # platforms that run containers under an arbitrary uid in group 0.
 RUN groupadd --gid 1000 tgi \
@@ -99,7 +107,7 @@ USER 1000:1000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30m --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '3000'), timeout=4)"]
 
-ENTRYPOINT ["text-generation-launcher"]
+ENTRYPOINT ["tini", "--", "text-generation-launcher"]
 
 
 # ---------------------------------------------------------------------------
@@ -116,7 +124,7 @@ ARG DEBIAN_FRONTEND=noninteractive
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        python3.11 python3.11-venv python3.11-dev gcc libc6-dev ca-certificates \
+        python3.11 python3.11-venv python3.11-dev gcc libc6-dev ca-certificates tini \
     && rm -rf /var/lib/apt/lists/*
 
 
@@ -185,4 +193,4 @@ USER 1000:1000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30m --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '3000'), timeout=4)"]
 
-ENTRYPOINT ["text-generation-launcher"]
+ENTRYPOINT ["tini", "--", "text-generation-launcher"]

@@ -160,7 +160,10 @@ def test_cpu_target_is_python_slim_of_the_projects_python(dockerfile):
 def test_image_passes_every_argument_to_the_launcher(dockerfile, target):
     stage = dockerfile.stage(target)
     entrypoint = stage.last("ENTRYPOINT")
-    assert entrypoint is not None and entrypoint.exec_form() == ["text-generation-launcher"]
+    # tini as PID 1 forwards signals and reaps orphaned grandchildren; everything after `--` is the launcher's.
+    assert entrypoint is not None and entrypoint.exec_form() == ["tini", "--", "text-generation-launcher"]
+    installs = " ".join(build_commands(stage))
+    assert re.search(r"apt-get install [^&]*\btini\b", installs), installs
     assert "text-generation-launcher" in PYPROJECT["project"]["scripts"]
     # A CMD would be appended as arguments when `docker run IMAGE` has none.
     assert stage.last("CMD") is None
