@@ -452,7 +452,7 @@ def test_more_concurrent_requests_than_allowed_is_resource_exhausted(harness):
     [
         (params(100_000), "max_new_tokens"),
         (params(5, stopping={"min_new_tokens": 10}), "min_new_tokens"),
-        (pb.Parameters(stopping=pb.StoppingCriteria(stop_sequences=["a", "b", "c", "d", "e"])), "stop_sequences"),
+        (pb.Parameters(stopping=pb.StoppingCriteria(stop_sequences=list("abcdefg"))), "stop_sequences"),
         (pb.Parameters(stopping=pb.StoppingCriteria(stop_sequences=["a", ""])), "stop_sequences"),
         (pb.Parameters(method=pb.SAMPLE, sampling=pb.SamplingParameters(temperature=-1.0)), "temperature"),
         (pb.Parameters(method=pb.SAMPLE, sampling=pb.SamplingParameters(temperature=float("nan"))), "temperature"),
