@@ -159,7 +159,7 @@ def test_a_stopped_shard_is_found_stuck_and_stops_the_launch_as_a_dead_one(tiny_
     ).start()
     children = roles(server)
     try:
-        streams, threads = start_streams(server, 2, new_tokens=400, wait_for_tokens=3) if when != "idle" else ([], [])
+        streams, threads = start_streams(server, 2, new_tokens=200, wait_for_tokens=3) if when != "idle" else ([], [])
         os.kill(children["shard-1"], signal.SIGSTOP)
         stopped_at = time.monotonic()
         for thread in threads:
@@ -175,7 +175,7 @@ def test_a_stopped_shard_is_found_stuck_and_stops_the_launch_as_a_dead_one(tiny_
         server.stop()
     log = server.log_path.read_text(errors="replace")
     assert all(c == grpc.StatusCode.UNAVAILABLE and "--shard-step-timeout" in d for c, d, _ in codes), codes
-    assert all(0 < t < 400 for _, _, t in codes), codes
+    assert all(0 < t < 200 for _, _, t in codes), codes
     assert code != 0, log[-3000:]
     # At most one probe interval (10 s, or the timeout when shorter) plus the timeout, plus the stop.
     assert took <= min(10.0, step_timeout) + step_timeout + EXIT_WITHIN, (took, log[-3000:])
