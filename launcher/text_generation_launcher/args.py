@@ -51,6 +51,7 @@ class LauncherArgs:
     trust_remote_code: bool = False
     # Router limits: None = not set, the router's default applies.
     max_concurrent_requests: int | None = None
+    payload_limit: int | None = None
     max_best_of: int | None = None
     max_stop_sequences: int | None = None
     max_top_n_tokens: int | None = None
@@ -97,6 +98,7 @@ class LauncherArgs:
 # Flags whose values the router receives as-is when the user set them: launcher dest -> router flag.
 ROUTER_LIMIT_FLAGS: dict[str, str] = {
     "max_concurrent_requests": "--max-concurrent-requests",
+    "payload_limit": "--payload-limit",
     "max_best_of": "--max-best-of",
     "max_stop_sequences": "--max-stop-sequences",
     "max_top_n_tokens": "--max-top-n-tokens",
@@ -178,6 +180,9 @@ _FLAGS: list[_Flag] = [
           default=False, switch=True),
     _Flag(("--max-concurrent-requests",), ("MAX_CONCURRENT_REQUESTS",), positive_int,
           "Requests in flight before new ones are refused.", shown="128"),
+    _Flag(("--payload-limit",), ("PAYLOAD_LIMIT",), positive_int,
+          "Bytes of text one call (Generate, GenerateStream, Tokenize) may carry; checked before tokenizing, "
+          "larger calls get INVALID_ARGUMENT.", metavar="BYTES", shown="2000000"),
     _Flag(("--max-best-of",), ("MAX_BEST_OF",), positive_int, "Accepted for TGI compatibility.", shown="2"),
     _Flag(("--max-stop-sequences",), ("MAX_STOP_SEQUENCES",), non_negative_int,
           "Stop sequences allowed per request (TGIS clients send up to 6).", shown="6"),

@@ -49,6 +49,7 @@ class RouterArgs:
     port: int = 3000
     hostname: str = "0.0.0.0"
     max_concurrent_requests: int = 128
+    payload_limit: int = 2_000_000
     max_best_of: int = 2
     max_stop_sequences: int = 6
     max_top_n_tokens: int = 5
@@ -97,6 +98,7 @@ class Limits:
     max_batch_size: int | None
     block_size: int
     default_include_stop_sequence: bool
+    payload_limit: int = 2_000_000  # bytes of text per call
 
 
 # (flags, env vars, type, default, help). Env vars are tried in order.
@@ -112,6 +114,8 @@ _FLAGS: list[tuple[tuple[str, ...], tuple[str, ...], Callable[[str], object] | N
     (("--hostname",), ("HOSTNAME",), str, "0.0.0.0", "Address to listen on."),
     (("--max-concurrent-requests",), ("MAX_CONCURRENT_REQUESTS",), positive_int, 128,
      "Requests in flight (queued or generating) before new ones get RESOURCE_EXHAUSTED."),
+    (("--payload-limit",), ("PAYLOAD_LIMIT",), positive_int, 2_000_000,
+     "Bytes of text one call (Generate, GenerateStream, Tokenize) may carry, checked before tokenizing."),
     (("--max-best-of",), ("MAX_BEST_OF",), positive_int, 2,
      "Accepted for TGI compatibility; the TGIS API has no best_of."),
     (("--max-stop-sequences",), ("MAX_STOP_SEQUENCES",), non_negative_int, 6,
@@ -317,6 +321,7 @@ def resolve_limits(
         max_stop_sequences=args.max_stop_sequences,
         max_top_n_tokens=args.max_top_n_tokens,
         max_concurrent_requests=args.max_concurrent_requests,
+        payload_limit=args.payload_limit,
         max_batch_prefill_tokens=max_batch_prefill_tokens,
         max_batch_total_tokens=batch_total,
         max_waiting_tokens=args.max_waiting_tokens,

@@ -33,7 +33,7 @@ def release_freed_memory() -> bool:
     """Collect unreachable Python objects, then return free heap memory to the OS; True when some was released.
 
     The collection comes first: a refused request's exception keeps its
-    frames, and with them the request's text (up to the 64 MiB message
+    frames, and with them the request's text (up to the --payload-limit + 1 MiB message
     limit), in a reference cycle that only the cyclic collector frees, and
     it runs its full pass rarely.
     """

@@ -31,13 +31,22 @@ from .tokenization import Tokenizer
 from .validation import Validator
 from .wire import UndecodableRequestInterceptor
 
-_SERVER_OPTIONS = [
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    # gRPC sets SO_REUSEPORT by default, so a second router on the same port would share it
-    # (each getting part of the connections) instead of being refused.
-    ("grpc.so_reuseport", 0),
-]
+# What a call may carry besides its texts (parameters, stop sequences, framing) above --payload-limit.
+RECEIVE_MARGIN_BYTES = 1 << 20
+
+
+def _server_options(payload_limit: int) -> list[tuple[str, int]]:
+    receive = payload_limit + RECEIVE_MARGIN_BYTES
+    return [
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        # A message over --payload-limit by more than the margin is refused by gRPC from its length
+        # prefix (RESOURCE_EXHAUSTED), before it is read: a 48 MiB text read and refused later cost
+        # ~150 MiB of buffers and copies for the moment, per concurrent call.
+        ("grpc.max_receive_message_length", receive),
+        # gRPC sets SO_REUSEPORT by default, so a second router on the same port would share it
+        # (each getting part of the connections) instead of being refused.
+        ("grpc.so_reuseport", 0),
+    ]
 
 
 class BindError(RuntimeError):
@@ -158,7 +167,9 @@ class Router:
 
     async def _start_grpc(self) -> None:
         args = self.args
-        server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=[UndecodableRequestInterceptor()])
+        server = grpc.aio.server(
+            options=_server_options(args.payload_limit), interceptors=[UndecodableRequestInterceptor()]
+        )
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self.state), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection(

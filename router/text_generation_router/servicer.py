@@ -148,6 +148,19 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             self._state.metrics.request_failure.labels(err="unavailable").inc()
         await context.abort(err.code, err.message)
 
+    def _check_payload(self, texts: list[str]) -> None:
+        """Refuse a call whose texts exceed --payload-limit bytes, before any is tokenized."""
+        limit = self._state.limits.payload_limit
+        total = 0
+        for text in texts:
+            # A text has at least as many UTF-8 bytes as characters: a huge one is refused uncopied.
+            total += len(text) if len(text) > limit else len(text.encode("utf-8", "surrogatepass"))
+            if total > limit:
+                raise ValidationError(
+                    f"the texts of this call carry more than {limit} bytes (at least {total}); "
+                    f"--payload-limit allows {limit} bytes per call: send less text or raise the limit"
+                )
+
     @contextlib.contextmanager
     def _admit(self, prompts: int, context: grpc.aio.ServicerContext) -> Iterator[None]:
         """Count prompts against --max-concurrent-requests for the life of the RPC."""
@@ -182,6 +195,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         if not request.requests:
             return fmaas.BatchedGenerationResponse()
         kind = "single" if len(request.requests) == 1 else "batch"
+        self._check_payload([r.text for r in request.requests])
         with self._admit(len(request.requests), context):
             validated = await self._validate(
                 [r.text for r in request.requests], request.params, request.adapter_id or request.prefix_id
@@ -231,6 +245,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         state.check_available()
         if not request.HasField("request"):
             raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "request is missing: set request.text")
+        self._check_payload([request.request.text])
         with self._admit(1, context):
             [validated] = await self._validate(
                 [request.request.text], request.params, request.adapter_id or request.prefix_id
@@ -270,25 +285,30 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     @_status_errors
     async def Tokenize(self, request: fmaas.BatchedTokenizeRequest, context) -> fmaas.BatchedTokenizeResponse:
         state = self._state
-        if state.draining:
-            raise ApiError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+        state.check_available()
         refuse_adapter(request.adapter_id or request.prefix_id)
         state.metrics.tokenize_request_count.inc()
         responses = []
         total = 0
-        for item in request.requests:
-            encoding = await state.tokenizer.encode_async(
-                item.text, with_tokens=request.return_tokens, with_offsets=request.return_offsets
-            )
-            encoding = encoding.keep_last(request.truncate_input_tokens)
-            total += len(encoding.ids)
-            responses.append(
-                fmaas.TokenizeResponse(
-                    token_count=len(encoding.ids),
-                    tokens=encoding.tokens or [],
-                    offsets=[fmaas.TokenizeResponse.Offset(start=s, end=e) for s, e in encoding.offsets or []],
+        if not request.requests:
+            return fmaas.BatchedTokenizeResponse()
+        # Bounded and admitted like generation: its texts count against --payload-limit and its
+        # items against --max-concurrent-requests while they are tokenized.
+        self._check_payload([item.text for item in request.requests])
+        with self._admit(len(request.requests), context):
+            for item in request.requests:
+                encoding = await state.tokenizer.encode_async(
+                    item.text, with_tokens=request.return_tokens, with_offsets=request.return_offsets
                 )
-            )
+                encoding = encoding.keep_last(request.truncate_input_tokens)
+                total += len(encoding.ids)
+                responses.append(
+                    fmaas.TokenizeResponse(
+                        token_count=len(encoding.ids),
+                        tokens=encoding.tokens or [],
+                        offsets=[fmaas.TokenizeResponse.Offset(start=s, end=e) for s, e in encoding.offsets or []],
+                    )
+                )
         state.metrics.tokenize_request_tokens.observe(total)
         return fmaas.BatchedTokenizeResponse(responses=responses)
 

@@ -141,6 +141,12 @@ def rows() -> list[Row]:
         Row("stream-oversized-message", "GenerateStream", lambda: stream("x" * OVERSIZED_BYTES), TOO_BIG),
         Row("stream-invalid-utf8", "raw:GenerateStream", invalid_utf8(lambda: stream("PLACEHOLDER!")), INVALID),
         Row("stream-huge-text", "GenerateStream", lambda: stream("word " * 200_000), INVALID, ("input",)),
+        # Over --payload-limit (2 000 000 bytes) by less than the 1 MiB the message may carry besides:
+        # refused by the router before the tokenizer sees it (beyond that, by gRPC: oversized-message).
+        Row("generate-over-payload-limit", "Generate", lambda: generate("word " * 220_000, n=2), INVALID,
+            ("--payload-limit",)),
+        Row("stream-over-payload-limit", "GenerateStream", lambda: stream("word " * 440_000), INVALID,
+            ("--payload-limit",)),
         # Tokenize
         Row("tokenize-empty-list", "Tokenize", lambda: p.BatchedTokenizeRequest(), OK),
         Row("tokenize-empty-text", "Tokenize",
@@ -150,6 +156,10 @@ def rows() -> list[Row]:
         Row("tokenize-invalid-utf8", "raw:Tokenize",
             invalid_utf8(lambda: p.BatchedTokenizeRequest(requests=[p.TokenizeRequest(text="PLACEHOLDER!")])),
             INVALID),
+        Row("tokenize-over-payload-limit-with-offsets", "Tokenize",
+            lambda: p.BatchedTokenizeRequest(return_offsets=True, return_tokens=True,
+                                             requests=[p.TokenizeRequest(text="word " * 220_000)] * 2),
+            INVALID, ("--payload-limit",)),
         Row("tokenize-adapter", "Tokenize",
             lambda: p.BatchedTokenizeRequest(adapter_id="x", requests=[p.TokenizeRequest(text="hi")]),
             INVALID, ("adapter",)),
@@ -217,6 +227,39 @@ def test_hostile_request_gets_the_right_status_and_the_server_keeps_serving(chan
     assert "Traceback" not in details
     good, _ = call(channel, Row("good", "Generate", lambda: generate("still serving?"), OK))
     assert good == OK
+
+
+def test_concurrent_huge_tokenize_calls_are_refused_unread_and_do_not_hold_up_generation(
+    server, channel, record_property
+):
+    """Three 48 MiB Tokenize calls with offsets at once (before --payload-limit, each was tokenized whole
+    on the one tokenizer thread: gigabytes of offsets and over a minute of stalled generation). gRPC
+    refuses them from their length prefix, above --payload-limit + 1 MiB, without reading them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    p = pb()
+    router = next(pid for pid in processes_mentioning(server.uds_path)
+                  if b"text-generation-router" in Path(f"/proc/{pid}/cmdline").read_bytes())
+    time.sleep(IDLE_TRIM_WAIT_S)
+    before = private_rss_mib(router)
+    huge = p.BatchedTokenizeRequest(return_offsets=True, return_tokens=True,
+                                    requests=[p.TokenizeRequest(text="word " * (48 * 2**20 // 5))])
+    started = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        abuse = [pool.submit(call, channel, Row("huge", "Tokenize", lambda: huge, TOO_BIG)) for _ in range(3)]
+        good = pool.submit(call, channel, Row("good", "Generate", lambda: generate("served meanwhile?"), OK))
+        assert good.result(timeout=60) == (OK, "")
+        served_after = time.monotonic() - started
+        refusals = [f.result(timeout=120) for f in abuse]
+    assert all(code == TOO_BIG and "larger than max" in details and "3048576" in details
+               for code, details in refusals), refusals
+    time.sleep(IDLE_TRIM_WAIT_S)
+    after = private_rss_mib(router)
+    assert after <= before + ROUTER_SLACK_MIB, (before, after)
+    figures = (f"3 concurrent 48 MiB Tokenize calls refused ({refusals[0][0].name}); a Generate sent with them "
+               f"answered after {served_after:.1f} s; router private RSS {before:.1f} -> {after:.1f} MiB after idle trim")
+    print(f"figures: {figures}")
+    record_property("figures: huge Tokenize abuse", figures)
 
 
 # Slacks, measured from before any abuse (after one good request and an idle trim). Measured on a

@@ -804,3 +804,40 @@ def test_drain_cancels_what_is_left_after_the_grace_period(harness):
     assert messages[-1].stop_reason == pb.CANCELLED
     draining.result(timeout=20)
     assert time.monotonic() - start < 10
+
+
+# ---- payload limit and Tokenize admission ------------------------------------------------------
+
+
+def test_a_call_over_the_payload_limit_is_refused_before_tokenizing_naming_the_flag(harness):
+    h = harness(payload_limit=1000)
+    calls = {
+        "Generate": lambda: h.stub().Generate(batched(["x" * 600, "y" * 600]), timeout=10),
+        # 501 characters, 1002 UTF-8 bytes: bytes are what count.
+        "GenerateStream": lambda: list(h.stub().GenerateStream(single("é" * 501), timeout=10)),
+        "Tokenize": lambda: h.stub().Tokenize(
+            pb.BatchedTokenizeRequest(requests=[pb.TokenizeRequest(text="z" * 500_000)]), timeout=10
+        ),
+    }
+    for name, call in calls.items():
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert "--payload-limit allows 1000 bytes per call" in err.value.details(), (name, err.value.details())
+    # Beyond the limit plus the 1 MiB a message may carry besides, gRPC refuses it unread.
+    with pytest.raises(grpc.RpcError) as err:
+        h.stub().Tokenize(pb.BatchedTokenizeRequest(requests=[pb.TokenizeRequest(text="z" * 2_000_000)]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+    ok = h.stub().Tokenize(pb.BatchedTokenizeRequest(requests=[pb.TokenizeRequest(text="x " * 499)]), timeout=10)
+    assert ok.responses[0].token_count > 0
+    assert len(h.stub().Generate(batched(["hi"]), timeout=10).responses) == 1  # still serving
+
+
+def test_tokenize_is_admitted_against_max_concurrent_requests(harness):
+    h = harness(max_concurrent_requests=2)
+    items = [pb.TokenizeRequest(text=f"text {i}") for i in range(3)]
+    with pytest.raises(grpc.RpcError) as err:
+        h.stub().Tokenize(pb.BatchedTokenizeRequest(requests=items), timeout=10)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--max-concurrent-requests" in err.value.details()
+    assert len(h.stub().Tokenize(pb.BatchedTokenizeRequest(requests=items[:2]), timeout=10).responses) == 2
