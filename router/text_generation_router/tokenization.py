@@ -1,18 +1,25 @@
 """The router's tokenizer: text to ids for validation and Tokenize, ids to token strings for responses.
 
-Encoding runs on one dedicated worker thread so long prompts do not stall
-the event loop, and so the fast tokenizer is never used by two encodes at
-once (its Rust state is not safe to share that way).
+Encoding runs on dedicated worker threads so long prompts do not stall the
+event loop, each thread with its own copy of the tokenizer (the fast
+tokenizer's Rust state is not safe to share between two encodes at once):
+one for ordinary prompts and one for texts of :data:`LONG_TEXT_CHARS` and
+more, so a long text (up to ``--payload-limit``) never holds up the short
+prompts queued behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
+
+# Texts of this many characters and more are encoded on the second thread.
+LONG_TEXT_CHARS = 32 * 1024
 
 
 class TokenizerLoadError(RuntimeError):
@@ -44,6 +51,8 @@ class Tokenizer:
     def __init__(self, hf_tokenizer) -> None:
         self._tok = hf_tokenizer
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+        self._long_tok = copy.deepcopy(hf_tokenizer)
+        self._long_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer-long")
         self.eos_token_id: int | None = hf_tokenizer.eos_token_id
         self.vocab_size: int = len(hf_tokenizer)
 
@@ -65,18 +74,24 @@ class Tokenizer:
 
     def encode(self, text: str, *, with_tokens: bool = False, with_offsets: bool = False) -> Encoding:
         """Token ids as the model sees them (special tokens such as BOS added as configured)."""
-        enc = self._tok(text, return_offsets_mapping=with_offsets)
+        return self._encode(self._tok, text, with_tokens, with_offsets)
+
+    @staticmethod
+    def _encode(tok, text: str, with_tokens: bool, with_offsets: bool) -> Encoding:
+        enc = tok(text, return_offsets_mapping=with_offsets)
         ids = list(enc["input_ids"])
-        tokens = self._tok.convert_ids_to_tokens(ids) if with_tokens else None
+        tokens = tok.convert_ids_to_tokens(ids) if with_tokens else None
         offsets = [tuple(o) for o in enc["offset_mapping"]] if with_offsets else None
         return Encoding(ids=ids, tokens=tokens, offsets=offsets)
 
     async def encode_async(self, text: str, *, with_tokens: bool = False, with_offsets: bool = False) -> Encoding:
-        """``encode`` on the tokenizer thread."""
+        """``encode`` on a tokenizer thread: the long-text one from :data:`LONG_TEXT_CHARS` characters."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, lambda: self.encode(text, with_tokens=with_tokens, with_offsets=with_offsets)
-        )
+        if len(text) >= LONG_TEXT_CHARS:
+            executor, tok = self._long_executor, self._long_tok
+        else:
+            executor, tok = self._executor, self._tok
+        return await loop.run_in_executor(executor, lambda: self._encode(tok, text, with_tokens, with_offsets))
 
     def decode(self, ids: list[int]) -> str:
         """Text of the ids, special tokens skipped (what clients see as generated text)."""
@@ -89,3 +104,4 @@ class Tokenizer:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._long_executor.shutdown(wait=False, cancel_futures=True)

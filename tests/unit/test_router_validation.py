@@ -165,3 +165,30 @@ def test_a_token_id_outside_the_models_vocabulary_is_refused_in_its_own_request(
     fits = Validator(LIMITS, tokenizer, rng=random.Random(7), model_vocab_size=small + 1)
     [req] = asyncio.run(fits.validate(["Hello world"], pb.Parameters()))
     assert list(req.input_ids) == ids
+
+
+def test_a_long_text_being_tokenized_does_not_hold_up_a_short_prompt(tokenizer):
+    """Long texts (up to --payload-limit) are encoded on their own thread with their own tokenizer
+    copy; a short prompt behind one is encoded at once, and both give the plain encoding."""
+    import threading
+
+    from text_generation_router.tokenization import LONG_TEXT_CHARS
+
+    long_text = "word " * (LONG_TEXT_CHARS // 5 + 1)
+    busy, release = threading.Event(), threading.Event()
+    tokenizer._long_executor.submit(lambda: (busy.set(), release.wait(30)))  # the long lane is occupied
+    assert busy.wait(10)
+
+    async def scenario():
+        long = asyncio.ensure_future(tokenizer.encode_async(long_text, with_offsets=True))
+        short = await asyncio.wait_for(tokenizer.encode_async("Hello world"), 10)
+        assert not long.done()
+        release.set()
+        return short, await asyncio.wait_for(long, 30)
+
+    try:
+        short, long = asyncio.run(scenario())
+    finally:
+        release.set()
+    assert short.ids == tokenizer.encode("Hello world").ids
+    assert long.ids == tokenizer.encode(long_text).ids and len(long.offsets) == len(long.ids)
