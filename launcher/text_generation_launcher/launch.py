@@ -18,20 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
+from text_generation_server.utils.sockets import SocketInUseError, clear_stale_socket, shard_socket
 
 from .args import LauncherArgs, router_limit_args, router_tls_args
 from .preflight import PreflightError, check_quantization, check_tokenizer
 from .probes import (
     PortInUseError,
-    SocketInUseError,
     check_port_free,
-    clear_stale_socket,
     local_address,
     prepare_socket_dir,
     router_http_healthy,
     router_serving,
     shard_answers_health,
-    shard_socket,
 )
 from .supervisor import (
     Child,

@@ -9,12 +9,7 @@ import socket
 import stat
 from pathlib import Path
 
-from text_generation_server.utils.sockets import (  # noqa: F401  (re-exported for the launcher)
-    SocketInUseError,
-    clear_stale_socket,
-    make_private_dir,
-    shard_socket,
-)
+from text_generation_server.utils.sockets import SocketInUseError, make_private_dir
 
 
 def shard_answers_health(socket_path: str, timeout: float = 2.0) -> bool:

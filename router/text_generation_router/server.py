@@ -158,7 +158,7 @@ class Router:
         self.scheduler = Scheduler(self.client, self.tokenizer, limits, self.metrics, on_fatal=self._on_fatal)
         self.scheduler.start()
         self.state.limits = limits
-        self.state.validator = Validator(limits, self.tokenizer, model_vocab_size=info.vocab_size or None)
+        self.state.validator = Validator(limits, self.tokenizer, model_vocab_size=info.vocab_size)
         self.state.scheduler = self.scheduler
         self.client.step_timeout = args.shard_step_timeout
         self.client.watch(self._on_shard_lost)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 from text_generation_launcher.args import DEFAULT_SHARD_UDS_PATH, parse_args
-from text_generation_launcher.probes import SocketInUseError, prepare_socket_dir, shard_socket
+from text_generation_launcher.probes import SocketInUseError, prepare_socket_dir
+from text_generation_server.utils.sockets import shard_socket
 
 NOBODY = 65534
 

@@ -18,8 +18,8 @@ It is logged in one line at load; the engine runs every forward through
 ``plan.forward`` and never asks which plan it holds.
 
 Adding a fast path (a CUDA plan: paged-attention kernels, tuned 4-bit GEMM,
-graphs) is one class with ``build(spec, kernels) -> plan or reason`` placed in
-:data:`plan.PLAN_ORDER`; models do not change.
+graphs) is one :class:`ExecutionPlan` class with ``build(model, kernels) -> plan
+or reason``, placed in ``plan._plan_order``; models do not change.
 """
 
 from text_generation_server.execution.plan import ExecutionPlan, ModulePlan, choose_plan

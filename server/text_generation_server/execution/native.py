@@ -36,6 +36,7 @@ from text_generation_server.models.spec import DecoderLayerSpec, ModelSpec
 if TYPE_CHECKING:
     from text_generation_server.models.base import CausalLM
 
+
 def _linear_unsupported(name: str, layer: ParallelLinear, row_parallel: bool) -> str | None:
     if row_parallel and layer.bias is not None:
         return f"{name} has a bias, added once after the all-reduce, which the native layer does not do"
@@ -129,6 +130,17 @@ class _NativeCpuPlan(ExecutionPlan):
         self.head_dim = spec.layers[0].attention.head_dim
         self.modules = ModulePlan(model)
 
+    @classmethod
+    def build(cls, model: CausalLM, kernels: KernelConfig) -> ExecutionPlan | str:
+        spec = model.spec()
+        why = model_unsupported(spec) or cls.refuses(spec)  # type: ignore[arg-type]
+        return why if why is not None else cls(model, spec)  # type: ignore[arg-type]
+
+    @classmethod
+    def refuses(cls, spec: ModelSpec) -> str | None:
+        """What this plan, beyond the native layers themselves, cannot run."""
+        return None
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -163,12 +175,6 @@ class NativeCpuLayersPlan(_NativeCpuPlan):
 
     name = "native-cpu-layers"
 
-    @classmethod
-    def build(cls, model: CausalLM, kernels: KernelConfig) -> ExecutionPlan | str:
-        spec = model.spec()
-        why = model_unsupported(spec)
-        return why if why is not None else cls(model, spec)  # type: ignore[arg-type]
-
     def decode(self, hidden, residual, cos, sin, kv_caches, attn):  # type: ignore[no-untyped-def]
         dist = self.model.dist
         reduce = dist.world_size > 1
@@ -202,12 +208,10 @@ class NativeCpuStackPlan(_NativeCpuPlan):
             self.stack.append(layer)
 
     @classmethod
-    def build(cls, model: CausalLM, kernels: KernelConfig) -> ExecutionPlan | str:
-        spec = model.spec()
-        if spec is not None and spec.world_size > 1:
+    def refuses(cls, spec: ModelSpec) -> str | None:
+        if spec.world_size > 1:
             return f"the model is split over {spec.world_size} shards (an all-reduce sits between half layers)"
-        why = model_unsupported(spec)
-        return why if why is not None else cls(model, spec)  # type: ignore[arg-type]
+        return None
 
     def decode(self, hidden, residual, cos, sin, kv_caches, attn):  # type: ignore[no-untyped-def]
         return self.stack.decode(hidden, residual, cos, sin, [k for k, _ in kv_caches], [v for _, v in kv_caches],

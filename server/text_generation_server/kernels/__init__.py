@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +40,10 @@ from typing import Any
 import torch
 from loguru import logger
 
-from text_generation_server.kernels.config import CPU_KERNELS_ISAS, KernelConfig
+from text_generation_server.kernels.config import KernelConfig
 
 ENV = "CPU_KERNELS"
 ISA_ENV = "CPU_KERNELS_ISA"
-ISAS = CPU_KERNELS_ISAS
 LIBRARY = "tgs_cpu_ops"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = tuple(sorted(CSRC.glob("*.cpp")))
@@ -63,8 +63,6 @@ class KernelStatus:
 
 _lock = threading.Lock()
 _status: KernelStatus | None = None
-
-
 
 
 def build_key() -> str:
@@ -143,7 +141,6 @@ def check_trusted(library: Path) -> None:
     runs code in every shard. Raises :class:`UntrustedLibraryError` naming the path, its owner
     and mode, and the fix."""
     import pwd
-    import stat
 
     me = os.geteuid()
     for path in (library, library.parent, library.parent.parent):
@@ -195,8 +192,6 @@ def build(directory: Path | None = None) -> Path:
 
 def _clear_group_other_write(path: Path) -> None:
     """What a build leaves must pass :func:`check_trusted` whatever the umask was (e.g. 002)."""
-    import stat
-
     info = os.stat(path)
     if info.st_uid == os.geteuid() and info.st_mode & 0o022:
         os.chmod(path, stat.S_IMODE(info.st_mode) & ~0o022)
