@@ -67,6 +67,8 @@ class LauncherArgs:
     default_include_stop_sequence: bool | None = None
     graceful_shutdown_timeout: float | None = None
     shard_step_timeout: float | None = None
+    stream_write_timeout: float | None = None
+    max_connections: int | None = None
     # Network and processes.
     port: int = 3000
     grpc_port: int = 8033
@@ -114,6 +116,8 @@ ROUTER_LIMIT_FLAGS: dict[str, str] = {
     "default_include_stop_sequence": "--default-include-stop-sequence",
     "graceful_shutdown_timeout": "--graceful-shutdown-timeout",
     "shard_step_timeout": "--shard-step-timeout",
+    "stream_write_timeout": "--stream-write-timeout",
+    "max_connections": "--max-connections",
 }
 
 # TLS of the public gRPC port, passed to the router when set: launcher dest -> router flag.
@@ -217,6 +221,13 @@ _FLAGS: list[_Flag] = [
           "Seconds a shard may take for one step (prefill, decode) or health check; one that takes longer "
           "is stuck (stopped, deadlocked), so health turns bad and everything stops as for a dead shard.",
           metavar="SECONDS", shown="300"),
+    _Flag(("--stream-write-timeout",), ("STREAM_WRITE_TIMEOUT",), positive_float,
+          "Seconds a GenerateStream message may wait for the client to take it; the stream of a client that "
+          "stops reading longer is cancelled (KV freed, admission slot returned, counted as "
+          "tgi_request_failure{err=\"stalled\"}).", metavar="SECONDS", shown="30"),
+    _Flag(("--max-connections",), ("MAX_CONNECTIONS",), positive_int,
+          "Client connections the gRPC port accepts at once; further ones are closed at connect.",
+          shown="1024"),
     _Flag(("--shutdown-timeout",), ("SHUTDOWN_TIMEOUT",), non_negative_float,
           "Seconds a process gets to exit after SIGTERM (after the drain, for the router) before SIGKILL.",
           default=10.0, metavar="SECONDS"),

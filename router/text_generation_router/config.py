@@ -66,6 +66,8 @@ class RouterArgs:
     graceful_shutdown_timeout: float = 10.0
     shard_connect_timeout: float = 120.0
     shard_step_timeout: float = 300.0
+    stream_write_timeout: float = 30.0
+    max_connections: int = 1024
     json_output: bool = False
     tls_cert_path: str | None = None
     tls_key_path: str | None = None
@@ -99,6 +101,7 @@ class Limits:
     block_size: int
     default_include_stop_sequence: bool
     payload_limit: int = 2_000_000  # bytes of text per call
+    stream_write_timeout: float = 30.0  # seconds a stream message may wait for the client to take it
 
 
 # (flags, env vars, type, default, help). Env vars are tried in order.
@@ -149,6 +152,11 @@ _FLAGS: list[tuple[tuple[str, ...], tuple[str, ...], Callable[[str], object] | N
     (("--shard-step-timeout",), ("SHARD_STEP_TIMEOUT",), positive_float, 300.0,
      "Seconds a shard may take for one step (prefill, decode) or health check before it counts as "
      "stuck: health turns NOT_SERVING and the router exits, as for a lost shard."),
+    (("--stream-write-timeout",), ("STREAM_WRITE_TIMEOUT",), positive_float, 30.0,
+     "Seconds a GenerateStream message may wait for the client to take it; a client that stops reading "
+     "longer has its stream cancelled (KV freed, admission slot returned)."),
+    (("--max-connections",), ("MAX_CONNECTIONS",), positive_int, 1024,
+     "Client connections the gRPC port accepts at once; more are refused at connect."),
     (("--json-output",), ("JSON_OUTPUT",), None, False, "Log one JSON object per line."),
     (("--tls-cert-path",), ("TLS_CERT_PATH",), readable_file, None,
      "PEM certificate (chain) of the public gRPC port; with --tls-key-path, serves gRPC over TLS."),
@@ -322,6 +330,7 @@ def resolve_limits(
         max_top_n_tokens=args.max_top_n_tokens,
         max_concurrent_requests=args.max_concurrent_requests,
         payload_limit=args.payload_limit,
+        stream_write_timeout=args.stream_write_timeout,
         max_batch_prefill_tokens=max_batch_prefill_tokens,
         max_batch_total_tokens=batch_total,
         max_waiting_tokens=args.max_waiting_tokens,

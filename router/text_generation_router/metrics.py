@@ -48,7 +48,7 @@ class RouterMetrics:
         )
         self.request_failure = Counter(
             "tgi_request_failure",
-            "Prompts that failed, by cause (validation, conc_limit, unavailable, generate, cancelled)",
+            "Prompts that failed, by cause (validation, conc_limit, unavailable, generate, cancelled, stalled)",
             ["err"],
             registry=r,
         )

@@ -107,16 +107,19 @@ class Scheduler:
         self._wake.set()
         return entries
 
-    def cancel(self, entry: Entry) -> None:
-        """The client went away: end the request now; its KV is freed at the next step."""
+    def cancel(self, entry: Entry, *, cause: str = "cancelled", why: str = "by the client") -> None:
+        """The client went away (or stopped reading): end the request now; its KV is freed at the next step.
+
+        ``cause`` labels tgi_request_failure; ``why`` ends the log line.
+        """
         if entry.done:
             return
         entry.cancelled = True
         self._queue.remove(entry)
         self._running.pop(entry.id, None)
         entry.finish(fmaas.CANCELLED)
-        self._metrics.request_failure.labels(err="cancelled").inc()
-        entry.log.info(f"{entry.label} cancelled by the client after {entry.generated} token(s)")
+        self._metrics.request_failure.labels(err=cause).inc()
+        entry.log.info(f"{entry.label} cancelled {why} after {entry.generated} token(s)")
         self._request_finished()
         self._wake.set()
 

@@ -33,9 +33,12 @@ from .wire import UndecodableRequestInterceptor
 
 # What a call may carry besides its texts (parameters, stop sequences, framing) above --payload-limit.
 RECEIVE_MARGIN_BYTES = 1 << 20
+# Calls one client connection may have open at once (admission limits the server as a whole).
+MAX_STREAMS_PER_CONNECTION = 1000
+IDLE_CONNECTION_MS = 30 * 60 * 1000
 
 
-def _server_options(payload_limit: int) -> list[tuple[str, int]]:
+def _server_options(payload_limit: int, max_connections: int) -> list[tuple[str, int]]:
     receive = payload_limit + RECEIVE_MARGIN_BYTES
     return [
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -46,6 +49,21 @@ def _server_options(payload_limit: int) -> list[tuple[str, int]]:
         # gRPC sets SO_REUSEPORT by default, so a second router on the same port would share it
         # (each getting part of the connections) instead of being refused.
         ("grpc.so_reuseport", 0),
+        # Connections: at most --max-connections at once (refused at connect beyond it), each
+        # with at most MAX_STREAMS_PER_CONNECTION calls open. Keepalive finds peers that vanished
+        # without closing (a crashed client, a dropped NAT entry): pinged after a minute of
+        # silence, closed 20 s later without an answer. Connections without calls are closed
+        # after IDLE_CONNECTION_MS (clients reconnect by themselves). Clients may ping at most
+        # every 10 s; a client that pings faster twice is disconnected (ping flood).
+        ("grpc.max_allowed_incoming_connections", max_connections),
+        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_connection_idle_ms", IDLE_CONNECTION_MS),
     ]
 
 
@@ -168,7 +186,7 @@ class Router:
     async def _start_grpc(self) -> None:
         args = self.args
         server = grpc.aio.server(
-            options=_server_options(args.payload_limit), interceptors=[UndecodableRequestInterceptor()]
+            options=_server_options(args.payload_limit, args.max_connections), interceptors=[UndecodableRequestInterceptor()]
         )
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self.state), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)

@@ -67,30 +67,12 @@ class ServingState:
 
 
 def _status_errors(handler):
-    """Map router exceptions to gRPC statuses for a unary handler."""
+    """Map router exceptions to gRPC statuses (every handler returns or writes its messages)."""
 
     @functools.wraps(handler)
     async def wrapper(self: GenerationServicer, request, context: grpc.aio.ServicerContext):
         try:
             return await handler(self, request, context)
-        except ApiError as err:
-            await self._abort(context, err)
-        except ValidationError as err:
-            await self._abort(context, self._invalid(err, context))
-        except Exception as err:
-            await self._abort(context, self._internal(handler.__name__, err, context))
-
-    return wrapper
-
-
-def _stream_status_errors(handler):
-    """Map router exceptions to gRPC statuses for a streaming handler."""
-
-    @functools.wraps(handler)
-    async def wrapper(self: GenerationServicer, request, context: grpc.aio.ServicerContext):
-        try:
-            async for message in handler(self, request, context):
-                yield message
         except ApiError as err:
             await self._abort(context, err)
         except ValidationError as err:
@@ -238,8 +220,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 response.text = "".join(parts)
                 return response
 
-    @_stream_status_errors
-    async def GenerateStream(self, request: fmaas.SingleGenerationRequest, context) -> AsyncIterator[fmaas.GenerationResponse]:
+    @_status_errors
+    async def GenerateStream(self, request: fmaas.SingleGenerationRequest, context) -> None:
+        # Written with context.write rather than yielded, so that each message's wait for the
+        # client (HTTP/2 flow control) is bounded by --stream-write-timeout.
         state = self._state
         state.metrics.request_count.labels(kind="stream").inc()
         state.check_available()
@@ -253,9 +237,32 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             [entry] = state.scheduler.submit([validated], kind="stream", correlation_id=correlation_id(context))
             try:
                 async for message in self._stream(entry):
-                    yield message
+                    if not await self._write(context, message, entry):
+                        return
             finally:
                 state.scheduler.cancel(entry)
+
+    async def _write(self, context: grpc.aio.ServicerContext, message, entry: Entry) -> bool:
+        """Send one stream message; False when the client did not take it within --stream-write-timeout.
+
+        A client that stops reading fills its flow-control window and every later write waits. Such a
+        stream is cancelled (its KV freed at the next step) and its RPC ended with CANCELLED, so that
+        its admission slot returns instead of being held for as long as the client stays connected.
+        """
+        timeout = self._state.limits.stream_write_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await context.write(message)
+            return True
+        except TimeoutError:
+            pass
+        why = f"because the client took no stream message for {timeout:g} s (--stream-write-timeout)"
+        self._state.scheduler.cancel(entry, cause="stalled", why=why)
+        # The status waits behind the unread messages; setting it (rather than awaiting abort)
+        # lets this handler, and the admission it holds, end now.
+        context.set_code(grpc.StatusCode.CANCELLED)
+        context.set_details(f"stream cancelled by the server {why}")
+        return False
 
     async def _stream(self, entry: Entry) -> AsyncIterator[fmaas.GenerationResponse]:
         request = entry.request

@@ -1,7 +1,8 @@
 """Production serving on the default model through the real launcher: load, cancellation, overload.
 
 One server for the module (start-up and warmup are the slow part), launched
-with --json-output and --max-concurrent-requests 64. Every test starts and
+with --json-output, --max-concurrent-requests 64 and --stream-write-timeout 10.
+Every test starts and
 ends with the server idle, read from /metrics: nothing queued or running and
 no KV cache block in use on the shard.
 """
@@ -24,6 +25,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 MAX_CONCURRENT = 64
 MAX_TOTAL = 256
 STREAM_TIMEOUT_S = 600
+# Long enough that all 64 stalled streams are open together before the first is cancelled.
+STREAM_WRITE_TIMEOUT_S = 10
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +37,7 @@ def server(tmp_path_factory):
             "--json-output",
             "--max-concurrent-requests", str(MAX_CONCURRENT),
             "--max-total-tokens", str(MAX_TOTAL),
+            "--stream-write-timeout", str(STREAM_WRITE_TIMEOUT_S),
         ],
     ).start(timeout=900)
     yield srv
@@ -83,6 +87,17 @@ def wait_idle(server: ServerProcess, timeout: float = 60.0) -> dict[str, float]:
         if time.monotonic() > deadline:
             raise AssertionError(f"server not idle after {timeout} s: {state}")
         time.sleep(0.2)
+
+
+def error_records(server: ServerProcess) -> list[str]:
+    """The messages of the ERROR records the launch logged so far (--json-output: one JSON per line)."""
+    found = []
+    for line in server.log_path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)["record"]
+            if record["level"]["name"] in ("ERROR", "CRITICAL"):
+                found.append(record["message"])
+    return found
 
 
 def delta(before: dict[str, float], after: dict[str, float], key: str) -> float:
@@ -314,3 +329,68 @@ def test_requests_above_max_concurrent_requests_get_resource_exhausted_while_acc
     after = wait_idle(server)
     assert delta(before, after, 'tgi_request_failure_total{err="conc_limit"}') == len(refused)
     assert delta(before, after, 'tgi_request_success_total{kind="stream",stop_reason="MAX_TOKENS"}') == MAX_CONCURRENT
+
+
+def test_streams_whose_clients_stop_reading_are_cancelled_and_free_their_slots_and_kv(server, pb, record_property):
+    """64 clients open a stream, read its first message and stop reading, on a connection whose
+    flow-control window holds about one kilobyte. They fill --max-concurrent-requests, so a new call
+    is refused; after --stream-write-timeout each is cancelled (KV freed, slot returned, counted as
+    stalled) and serving resumes."""
+    from text_generation_server.pb.fmaas import generation_pb2_grpc
+
+    before = wait_idle(server)
+    errors_before = error_records(server)
+    stalled_channel = grpc.insecure_channel(
+        server.address, options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+    )
+    stalled_stub = generation_pb2_grpc.GenerationServiceStub(stalled_channel)
+    detailed = pb.ResponseOptions(generated_tokens=True, token_logprobs=True, token_ranks=True, top_n_tokens=5)
+    calls = []
+    try:
+        started = time.monotonic()
+        for i in range(MAX_CONCURRENT):
+            call = stalled_stub.GenerateStream(
+                stream_request(pb, f"Story {i}: once upon a time", max_new=200, min_new=200, response=detailed),
+                timeout=STREAM_TIMEOUT_S,
+            )
+            next(call)  # the first message, then this client reads no more
+            calls.append(call)
+        opened = time.monotonic() - started
+        in_flight = metrics(server)["tgi_requests_in_flight"]
+        with pytest.raises(grpc.RpcError) as refused:
+            with grpc.insecure_channel(server.address) as channel:
+                generation_pb2_grpc.GenerationServiceStub(channel).Generate(
+                    pb.BatchedGenerationRequest(requests=[pb.GenerationRequest(text="anyone there?")]), timeout=30
+                )
+        held = time.monotonic() - started
+        assert opened < STREAM_WRITE_TIMEOUT_S, opened  # else a stream may have been cancelled already
+        assert in_flight == MAX_CONCURRENT
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+
+        after = wait_idle(server, timeout=STREAM_WRITE_TIMEOUT_S + 120)
+        freed = time.monotonic() - started
+        assert delta(before, after, 'tgi_request_failure_total{err="stalled"}') == MAX_CONCURRENT
+        assert delta(before, after, 'tgi_request_failure_total{err="cancelled"}') == 0
+        with grpc.insecure_channel(server.address) as channel:
+            reply = generation_pb2_grpc.GenerationServiceStub(channel).Generate(
+                pb.BatchedGenerationRequest(
+                    requests=[pb.GenerationRequest(text="served again?")],
+                    params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=4, min_new_tokens=4)),
+                ),
+                timeout=60,
+            )
+        assert reply.responses[0].generated_token_count == 4
+    finally:
+        for call in calls:
+            call.cancel()
+        stalled_channel.close()
+    time.sleep(1)
+    # Cut-off clients are expected: nothing about them is logged as an error.
+    assert error_records(server)[len(errors_before):] == []
+    figures = (
+        f"{MAX_CONCURRENT} stalled streams opened in {opened:.1f} s and held every slot (a new Generate "
+        f"refused RESOURCE_EXHAUSTED at {held:.1f} s); all cancelled as stalled, KV blocks and in-flight "
+        f"back to 0 at {freed:.1f} s (--stream-write-timeout {STREAM_WRITE_TIMEOUT_S}); a Generate then served"
+    )
+    print(f"figures: {figures}")
+    record_property("figures: stalled readers", figures)

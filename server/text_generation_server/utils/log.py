@@ -33,10 +33,24 @@ _FORMAT = (
 _NO_PROGRESS_BARS = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
+def _peer_gone(record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return (
+        record.name.startswith("grpc")
+        and type(error).__name__ == "ExecuteBatchError"
+        and "raised in core by servicer method" in record.getMessage()
+    )
+
+
 class _ToLoguru(logging.Handler):
     """Hands standard-library log records to loguru, keeping level and origin."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        if _peer_gone(record):
+            # gRPC could not send the status of a call whose client had already gone (or stopped
+            # reading and was cut off): expected, and already handled by the call's own code.
+            logger.debug(f"gRPC: {record.getMessage()} (the client had gone)")
+            return
         try:
             level: str | int = logger.level(record.levelname).name
         except ValueError:
