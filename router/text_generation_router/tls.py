@@ -7,12 +7,25 @@ once with the standard library's TLS stack at flag-check time, so a missing
 file, a file that is not PEM, an encrypted key or a key that does not belong
 to the certificate is refused with a message naming the flag, before any
 shard starts, rather than surfacing as failed handshakes later.
+
+Certificates rotated on disk (cert-manager renewing a Kubernetes secret, a
+cron job replacing files) are picked up without a restart: before each new
+connection's handshake gRPC asks ``ReloadingCredentials`` for the current
+files, which re-reads them when their modification time, size or inode
+changed. Files caught half-written (a key that does not match the
+certificate yet) are not used: the previous certificate keeps being served
+and the change is tried again at the next handshake. Connections already
+open keep the certificate they were made with.
 """
 
 from __future__ import annotations
 
+import os
 import ssl
+import threading
 from dataclasses import dataclass
+
+from loguru import logger
 
 
 class TlsConfigError(ValueError):
@@ -105,15 +118,81 @@ def _check_loadable(files: TlsFiles) -> None:
         ) from None
 
 
-def server_credentials(files: TlsFiles):
-    """gRPC server credentials for ``files``; with a client CA, clients without a certificate it signed are refused."""
+def _certificate_configuration(files: TlsFiles):
     import grpc
 
     root = None
     if files.client_ca_path is not None:
         root = _read(files.client_ca_path, "--tls-client-ca-cert-path")
-    return grpc.ssl_server_credentials(
+    return grpc.ssl_server_certificate_configuration(
         [(_read(files.key_path, "--tls-key-path"), _read(files.cert_path, "--tls-cert-path"))],
         root_certificates=root,
-        require_client_auth=files.mutual,
     )
+
+
+class ReloadingCredentials:
+    """gRPC server credentials that follow the TLS files on disk (see the module docstring)."""
+
+    def __init__(self, files: TlsFiles) -> None:
+        self.files = files
+        self.reloads = 0
+        self._lock = threading.Lock()
+        self._stamp = self._stat()
+        self._refused_stamp: tuple | None = None
+
+    def _paths(self) -> list[str]:
+        paths = [self.files.cert_path, self.files.key_path]
+        if self.files.client_ca_path is not None:
+            paths.append(self.files.client_ca_path)
+        return paths
+
+    def _stat(self) -> tuple:
+        # os.stat follows symbolic links: a Kubernetes secret volume swaps its ..data link.
+        stamps = []
+        for path in self._paths():
+            st = os.stat(path)
+            stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(stamps)
+
+    def fetch(self):
+        """The new certificate configuration if the files changed and are usable, else None (keep the
+        current one). Called by gRPC before each handshake; never raises."""
+        with self._lock:
+            try:
+                stamp = self._stat()
+            except OSError as err:
+                stamp = ("missing", str(err))
+            if stamp == self._stamp or stamp == self._refused_stamp:
+                return None
+            try:
+                if stamp[0] == "missing":
+                    raise TlsConfigError(stamp[1])
+                _check_loadable(self.files)
+                configuration = _certificate_configuration(self.files)
+            except TlsConfigError as err:
+                self._refused_stamp = stamp
+                logger.warning(
+                    f"The TLS files changed but cannot be used ({err}); still serving the previous "
+                    f"certificate, and trying again at the next connection once they change again"
+                )
+                return None
+            self._stamp = stamp
+            self._refused_stamp = None
+            self.reloads += 1
+        logger.info(f"TLS certificate reloaded from {', '.join(self._paths())} (new connections use it)")
+        return configuration
+
+    def credentials(self):
+        import grpc
+
+        return grpc.dynamic_ssl_server_credentials(
+            _certificate_configuration(self.files),
+            self.fetch,
+            require_client_authentication=self.files.mutual,
+        )
+
+
+def server_credentials(files: TlsFiles):
+    """gRPC server credentials for ``files``, reloaded when the files change; with a client CA,
+    clients without a certificate it signed are refused."""
+    return ReloadingCredentials(files).credentials()

@@ -135,3 +135,60 @@ def test_mtls_health_needs_a_client_certificate_too(mtls_server):
     with mtls_server.channel() as channel:
         with pytest.raises(grpc.RpcError):
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+
+
+def _channel(address: str, ca: Path, cert: Path, key: Path) -> grpc.Channel:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes(), private_key=key.read_bytes(), certificate_chain=cert.read_bytes()
+    )
+    # A connection of its own: a shared subchannel could reuse one made before the rotation.
+    return grpc.secure_channel(address, credentials, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def _replace(source: Path, target: Path) -> None:
+    """Write ``target`` the way secret updaters do: a new file renamed over the old one."""
+    partial = target.with_suffix(".new")
+    partial.write_bytes(source.read_bytes())
+    partial.replace(target)
+
+
+def test_certificates_rotated_on_disk_are_served_to_new_connections_without_a_restart(tiny_llama, tmp_path_factory):
+    """mTLS with the server certificate, its key and the client CA in one directory. Rotating them to
+    a new CA (as cert-manager renews a secret) is picked up at the next connection: clients of the new
+    CA are served, clients of the old one refused. A rotation caught half-way (the new certificate
+    beside the old key) keeps the old certificate in service and says so in the log."""
+    old = make_pki(tmp_path_factory.mktemp("pki-old"))
+    new = make_pki(tmp_path_factory.mktemp("pki-new"))
+    live_dir = tmp_path_factory.mktemp("pki-live")
+    live = Pki(
+        ca=live_dir / "ca.pem", server_cert=live_dir / "tls.crt", server_key=live_dir / "tls.key",
+        client_cert=old.client_cert, client_key=old.client_key,
+        stranger_cert=old.stranger_cert, stranger_key=old.stranger_key,
+    )
+    for source, target in ((old.ca, live.ca), (old.server_cert, live.server_cert), (old.server_key, live.server_key)):
+        _replace(source, target)
+    server = TlsServer(tmp_path_factory.mktemp("tls-rotate"), tiny_llama, live, mutual=True).start()
+    try:
+        address = server.address
+        with _channel(address, old.ca, old.client_cert, old.client_key) as kept:
+            assert isinstance(generate(kept), str)
+
+            # Half-way: the new certificate beside the old key. Still the old certificate.
+            _replace(new.server_cert, live.server_cert)
+            with _channel(address, old.ca, old.client_cert, old.client_key) as channel:
+                assert isinstance(generate(channel), str)
+            assert "cannot be used" in server.log_path.read_text()
+
+            _replace(new.server_key, live.server_key)
+            _replace(new.ca, live.ca)
+            with _channel(address, new.ca, new.client_cert, new.client_key) as channel:
+                assert isinstance(generate(channel), str)
+            with _channel(address, old.ca, old.client_cert, old.client_key) as channel:
+                assert refused(channel) == grpc.StatusCode.UNAVAILABLE  # the old CA no longer verifies us
+            with _channel(address, new.ca, old.client_cert, old.client_key) as channel:
+                assert refused(channel) == grpc.StatusCode.UNAVAILABLE  # nor does the new client CA trust old clients
+            # A connection made before the rotation keeps working.
+            assert isinstance(generate(kept), str)
+        assert "TLS certificate reloaded" in server.log_path.read_text()
+    finally:
+        assert server.stop() == 0, server.log_tail()
