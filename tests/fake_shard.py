@@ -52,6 +52,11 @@ class FakeModel:
     first_plain_id: int = 4
     # A real model instead of the formula: all token ids so far -> next id.
     next_token_fn: Callable[[list[int]], int] | None = None
+    # A prefill holding a request with this input id is refused, as a shard refuses a request it
+    # cannot run: INVALID_ARGUMENT naming the request ("request N: ...") when poison_named, else
+    # INTERNAL without saying which.
+    poison_id: int | None = None
+    poison_named: bool = True
 
     def next_token(self, state: _RequestState) -> int:
         n = len(state.generated)
@@ -239,6 +244,13 @@ class FakeShard(generate_pb2_grpc.TextGenerationServiceServicer):
             )
         if batch.id in self.batches:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"batch {batch.id} already exists")
+        poisoned = [r.id for r in batch.requests if self.model.poison_id in r.input_ids]
+        if poisoned and self.model.poison_named:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"request {poisoned[0]}: input id {self.model.poison_id} cannot be run"
+            )
+        if poisoned:
+            await context.abort(grpc.StatusCode.INTERNAL, f"batch {batch.id}: a request cannot be run")
         states = [_RequestState(request=r, all_ids=list(r.input_ids)) for r in batch.requests]
         generations, cached = self._step(batch.id, states, prefill=True)
         response = generate_pb2.PrefillResponse(generations=generations, kv_cache=self.kv_usage())

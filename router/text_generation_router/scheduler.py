@@ -20,6 +20,7 @@ back to the head of the queue and is retried once some request finished.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 
@@ -35,6 +36,9 @@ from .request import ValidatedRequest
 from .shard_client import ShardClient, ShardError
 from .tokenization import Tokenizer
 from .waiting_queue import WaitingQueue
+
+# How a shard names the request a refusal is about (engine.batch.request_from_pb).
+_REQUEST_AT_FAULT = re.compile(r"request (\d+): ")
 
 
 class Scheduler:
@@ -181,9 +185,9 @@ class Scheduler:
         try:
             while True:
                 if pending is None:
-                    if cached is None:
+                    if not cached:
                         break
-                    batches = [cached]
+                    batches = list(cached)
                     self._expire_waiting()
                     if len(self._queue) and not self._prefill_blocked:
                         running = len(self._running)
@@ -195,20 +199,18 @@ class Scheduler:
                             token_budget=limits.max_batch_total_tokens - self._running_tokens(),
                         )
                         if new is not None:
-                            new_cached = await self._prefill(new)
-                            if new_cached is not None:
-                                batches.append(new_cached)
+                            batches += await self._prefill(new)
                             waiting_steps = 1
                     pending = asyncio.create_task(self._decode(batches))
                     waiting_steps += 1
                 answer = await pending
                 pending = None
                 if answer is None:
-                    cached = None
+                    cached = []
                     continue
-                cached = answer.batch if answer.HasField("batch") else None
-                if cached is not None and not self._prefill_may_be_due(waiting_steps):
-                    pending = asyncio.create_task(self._decode([cached]))
+                cached = [answer.batch] if answer.HasField("batch") else []
+                if cached and not self._prefill_may_be_due(waiting_steps):
+                    pending = asyncio.create_task(self._decode(cached))
                     waiting_steps += 1
                     await asyncio.sleep(0)  # let the step go out before this one's tokens are handled
                 self._process(answer.generations)
@@ -241,14 +243,21 @@ class Scheduler:
 
     # ---- shard calls -----------------------------------------------------------------
 
-    async def _prefill(self, entries: list[Entry]) -> generate_pb2.CachedBatch | None:
+    async def _prefill(self, entries: list[Entry]) -> list[generate_pb2.CachedBatch]:
+        """Prefill ``entries``; the cached batches to decode (none when every request ended or failed).
+
+        A prefill the shards refuse because of one request's content (the same non-fatal error on
+        every shard) fails that request only: the shard names it ("request N: ..."), or else the
+        batch is split in halves and each half retried until the requests at fault are alone.
+        """
         batch_id = self._next_batch_id
         self._next_batch_id += 1
         now = time.monotonic()
         for entry in entries:
-            entry.started_at = now
+            if entry.started_at is None:
+                entry.started_at = now
+                self._metrics.request_queue_duration.observe(now - entry.queued_at)
             self._running[entry.id] = entry
-            self._metrics.request_queue_duration.observe(now - entry.queued_at)
         self._update_gauges()
         batch = generate_pb2.Batch(id=batch_id, requests=[e.to_pb() for e in entries])
         tokens = sum(e.request.input_length for e in entries)
@@ -259,27 +268,57 @@ class Scheduler:
         except ShardError as err:
             self._metrics.batch_inference_failure.labels(method="prefill").inc()
             live = [e for e in entries if not e.done]
-            for entry in live:
-                self._running.pop(entry.id, None)
-                entry.started_at = None
-            if err.fatal:
-                self._queue.push_front(live)
-                raise
-            if err.resource_exhausted:
-                self._requeue_after_exhaustion(live, err)
-            else:
-                logger.error(f"Prefill of batch {batch_id} ({len(entries)} request(s)) failed: {err}")
+            if err.fatal or err.resource_exhausted:
                 for entry in live:
-                    self._fail(entry, grpc.StatusCode.INTERNAL, f"generation failed: {err.details}")
-            self._update_gauges()
-            return None
+                    self._running.pop(entry.id, None)
+                    entry.started_at = None
+                if err.fatal:
+                    self._queue.push_front(live)
+                    raise
+                self._requeue_after_exhaustion(live, err)
+                self._update_gauges()
+                return []
+            return await self._isolate(batch_id, live, err)
         elapsed = time.monotonic() - now
         self._metrics.batch_inference_success.labels(method="prefill").inc()
         self._metrics.batch_inference_duration.labels(method="prefill").observe(elapsed)
         self._metrics.input_tokens.inc(tokens)
         logger.debug(f"Prefill of batch {batch_id}: {len(entries)} request(s), {tokens} tokens, {elapsed:.3f} s")
         self._process(answer.generations)
-        return answer.batch if answer.HasField("batch") else None
+        return [answer.batch] if answer.HasField("batch") else []
+
+    async def _isolate(self, batch_id: int, live: list[Entry], err: ShardError) -> list[generate_pb2.CachedBatch]:
+        """A prefill of ``live`` failed on every shard alike: fail the request(s) at fault, prefill the rest."""
+        code = grpc.StatusCode.INVALID_ARGUMENT if err.code == grpc.StatusCode.INVALID_ARGUMENT else grpc.StatusCode.INTERNAL
+        if len(live) <= 1:
+            logger.error(f"Prefill of batch {batch_id} failed: {err}")
+            for entry in live:
+                self._fail(entry, code, f"generation failed: {err.details}")
+            self._update_gauges()
+            return []
+        named = _REQUEST_AT_FAULT.match(err.details)
+        culprit = next((e for e in live if named and e.id == int(named.group(1))), None)
+        if culprit is not None:
+            logger.warning(f"Prefill of batch {batch_id} failed because of request {culprit.id}; "
+                           f"prefilling the other {len(live) - 1} without it ({err.details})")
+            self._fail(culprit, code, f"generation failed: {err.details}")
+            groups = [[e for e in live if e is not culprit]]
+        else:
+            logger.warning(f"Prefill of batch {batch_id} ({len(live)} requests) failed: {err}; "
+                           f"retrying in halves to find the request(s) at fault")
+            half = len(live) // 2
+            groups = [live[:half], live[half:]]
+        try:
+            await self._client.clear_cache(batch_id)  # nothing should be left of it; make sure
+        except ShardError as clear_err:
+            if clear_err.fatal:
+                raise
+        cached: list[generate_pb2.CachedBatch] = []
+        for group in groups:
+            group = [e for e in group if not e.done]
+            if group:
+                cached += await self._prefill(group)
+        return cached
 
     def _requeue_after_exhaustion(self, entries: list[Entry], err: ShardError) -> None:
         if not entries:

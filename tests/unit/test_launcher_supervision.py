@@ -335,3 +335,71 @@ def test_readiness_is_checked_where_the_router_listens(hostname, expected):
     from text_generation_launcher.probes import local_address
 
     assert local_address(hostname, 8033) == expected
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["shard-names-the-request", "anonymous-failure"])
+def test_a_request_the_shards_refuse_fails_alone_and_its_batch_mates_are_served(launch, tiny_llama, named):
+    """Two stand-in shards refuse any prefill holding one token id, as a shard refuses a request it cannot
+    run. Four calls queued behind a running stream share one prefill; only the call holding that id
+    fails (INVALID_ARGUMENT when the shards name it, INTERNAL when they cannot tell), its three batch
+    mates and the running stream are served, found by prefilling without it (named) or in halves."""
+    import threading
+
+    import grpc
+    from text_generation_server.pb.fmaas import generation_pb2 as pb
+    from text_generation_server.pb.fmaas import generation_pb2_grpc
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
+    good = ["the cat sat", "a dog ran", "the sun is up"]
+    bad = "zebra quiz"
+    used = {i for text in good for i in tokenizer(text)["input_ids"]}
+    poison = next(i for i in tokenizer(bad)["input_ids"] if i not in used)
+    model = {"poison_id": poison, "poison_named": named, "step_delay": 0.05}
+    run = launch(["--num-shard", "2"], env={"FAKE_MODEL": json.dumps(model)}, real_router=True)
+    run.wait_ready(timeout=120)
+
+    def params(n: int) -> pb.Parameters:
+        return pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=n, min_new_tokens=n))
+
+    results: dict[str, object] = {}
+    with grpc.insecure_channel(f"127.0.0.1:{run.grpc_port}") as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        stream = stub.GenerateStream(pb.SingleGenerationRequest(request=pb.GenerationRequest(text="long story"),
+                                                                params=params(60)), timeout=60)
+        first = [next(stream), next(stream)]  # the stream is running: new calls wait for the next step
+        barrier = threading.Barrier(4)
+
+        def call(text: str) -> None:
+            barrier.wait()
+            try:
+                results[text] = stub.Generate(pb.BatchedGenerationRequest(
+                    requests=[pb.GenerationRequest(text=text)], params=params(5)), timeout=60)
+            except grpc.RpcError as err:
+                results[text] = err
+
+        threads = [threading.Thread(target=call, args=(text,)) for text in [*good, bad]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        streamed = first + list(stream)
+
+    assert isinstance(results[bad], grpc.RpcError), results[bad]
+    expected = grpc.StatusCode.INVALID_ARGUMENT if named else grpc.StatusCode.INTERNAL
+    assert results[bad].code() == expected, results[bad]
+    assert "cannot be run" in results[bad].details()
+    for text in good:
+        assert not isinstance(results[text], grpc.RpcError), (text, results[text])
+        assert results[text].responses[0].generated_token_count == 5
+    assert streamed[-1].generated_token_count == 60 and streamed[-1].stop_reason == pb.MAX_TOKENS
+
+    prefills = [e for e in run.events() if e["event"] == "prefill" and e["who"] == "shard 0"]
+    refused = [e["requests"] for e in prefills if e["refused"]]
+    assert any(len(ids) == 4 for ids in refused), prefills  # the four shared one prefill, refused
+    if named:
+        assert len(refused) == 1, prefills  # the rest prefilled together without the named one
+    else:
+        assert len(refused) == 3, prefills  # 4 -> 2 -> 1: the halves holding the bad request
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait_exit() == 0, run.text()

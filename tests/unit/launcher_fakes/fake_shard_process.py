@@ -5,7 +5,9 @@ RANK/WORLD_SIZE in the environment). Behaviour for tests comes from FAKE_* varia
 FAKE_EVENTS (a file that gets one JSON line per event: start, ready, sigterm, exit),
 FAKE_SHARD_DELAY (seconds before serving), FAKE_CRASH_RANK + FAKE_CRASH_AFTER (that rank
 exits with code 3 that many seconds after start; before serving when smaller than the
-delay), FAKE_IGNORE_SIGTERM=1 (SIGTERM is recorded but ignored).
+delay), FAKE_IGNORE_SIGTERM=1 (SIGTERM is recorded but ignored), FAKE_MODEL (JSON of
+FakeModel fields). Each Prefill is recorded as a "prefill" event with its request ids and
+whether it was refused.
 """
 
 from __future__ import annotations
@@ -26,6 +28,18 @@ from fake_shard import FakeModel, FakeShard  # noqa: E402
 from text_generation_server.pb.generate.v1 import generate_pb2_grpc  # noqa: E402
 
 NAME = f"shard {os.environ.get('RANK', '0')}"
+
+
+class RecordingShard(FakeShard):
+    async def Prefill(self, request, context):
+        ids = [r.id for r in request.batch.requests]
+        try:
+            answer = await super().Prefill(request, context)
+        except BaseException:
+            record("prefill", requests=ids, refused=True)
+            raise
+        record("prefill", requests=ids, refused=False)
+        return answer
 
 
 def record(event: str, **extra) -> None:
@@ -77,7 +91,9 @@ async def main() -> int:
         return 0
     urls = [f"unix://{args.uds_path}-{r}" for r in range(world)]
     server = grpc.aio.server()
-    generate_pb2_grpc.add_TextGenerationServiceServicer_to_server(FakeShard(FakeModel(), rank, urls), server)
+    generate_pb2_grpc.add_TextGenerationServiceServicer_to_server(
+        RecordingShard(FakeModel(**json.loads(os.environ.get("FAKE_MODEL", "{}"))), rank, urls), server
+    )
     server.add_insecure_port(urls[rank])
     await server.start()
     record("ready")
