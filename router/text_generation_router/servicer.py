@@ -94,6 +94,16 @@ def correlation_id(context: grpc.aio.ServicerContext) -> str:
     return ""
 
 
+def _tokenize_response(encoding, *, keep_last: int) -> fmaas.TokenizeResponse:
+    """One Tokenize answer (built on the tokenizer's thread: a long text has hundreds of thousands of tokens)."""
+    encoding = encoding.keep_last(keep_last)
+    return fmaas.TokenizeResponse(
+        token_count=len(encoding.ids),
+        tokens=encoding.tokens or [],
+        offsets=[fmaas.TokenizeResponse.Offset(start=s, end=e) for s, e in encoding.offsets or []],
+    )
+
+
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     """Implements Generate, GenerateStream, Tokenize and ModelInfo."""
 
@@ -304,18 +314,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self._check_payload([item.text for item in request.requests])
         with self._admit(len(request.requests), context):
             for item in request.requests:
-                encoding = await state.tokenizer.encode_async(
-                    item.text, with_tokens=request.return_tokens, with_offsets=request.return_offsets
+                response = await state.tokenizer.encode_async(
+                    item.text, with_tokens=request.return_tokens, with_offsets=request.return_offsets,
+                    then=functools.partial(_tokenize_response, keep_last=request.truncate_input_tokens),
                 )
-                encoding = encoding.keep_last(request.truncate_input_tokens)
-                total += len(encoding.ids)
-                responses.append(
-                    fmaas.TokenizeResponse(
-                        token_count=len(encoding.ids),
-                        tokens=encoding.tokens or [],
-                        offsets=[fmaas.TokenizeResponse.Offset(start=s, end=e) for s, e in encoding.offsets or []],
-                    )
-                )
+                total += response.token_count
+                responses.append(response)
         state.metrics.tokenize_request_tokens.observe(total)
         return fmaas.BatchedTokenizeResponse(responses=responses)
 

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from loguru import logger
 
 # Texts of this many characters and more are encoded on the second thread.
 LONG_TEXT_CHARS = 32 * 1024
+
+T = TypeVar("T")
 
 
 class TokenizerLoadError(RuntimeError):
@@ -84,14 +88,27 @@ class Tokenizer:
         offsets = [tuple(o) for o in enc["offset_mapping"]] if with_offsets else None
         return Encoding(ids=ids, tokens=tokens, offsets=offsets)
 
-    async def encode_async(self, text: str, *, with_tokens: bool = False, with_offsets: bool = False) -> Encoding:
-        """``encode`` on a tokenizer thread: the long-text one from :data:`LONG_TEXT_CHARS` characters."""
+    async def encode_async(
+        self, text: str, *, with_tokens: bool = False, with_offsets: bool = False, then: Callable[[Encoding], T] | None = None
+    ) -> Encoding | T:
+        """``encode`` on a tokenizer thread: the long-text one from :data:`LONG_TEXT_CHARS` characters.
+
+        With ``then``, returns ``then(encoding)`` computed on that thread too: building a response
+        from hundreds of thousands of tokens takes a second, which the event loop must not wait
+        out, and long texts are then encoded and turned into responses one at a time, so the
+        transient memory of only one is alive at once.
+        """
         loop = asyncio.get_running_loop()
         if len(text) >= LONG_TEXT_CHARS:
             executor, tok = self._long_executor, self._long_tok
         else:
             executor, tok = self._executor, self._tok
-        return await loop.run_in_executor(executor, lambda: self._encode(tok, text, with_tokens, with_offsets))
+
+        def work():
+            encoding = self._encode(tok, text, with_tokens, with_offsets)
+            return encoding if then is None else then(encoding)
+
+        return await loop.run_in_executor(executor, work)
 
     def decode(self, ids: list[int]) -> str:
         """Text of the ids, special tokens skipped (what clients see as generated text)."""
