@@ -328,3 +328,42 @@ def test_repeated_abuse_does_not_grow_the_routers_or_the_shards_memory(tiny_llam
     assert router[last] <= router["before_abuse"] + ROUTER_SLACK_MIB, record
     assert router[last] <= router["after_1_pass"] + ROUTER_REPEAT_SLACK_MIB, record
     assert shard[last] <= shard["before_abuse"] + SHARD_SLACK_MIB, record
+
+
+def test_a_prompt_outside_the_models_vocabulary_fails_alone_while_its_neighbours_are_served(tmp_path):
+    """A tokenizer larger than the model's embedding (384 tokens, 256 rows): a prompt with a token id
+    the model has no row for is refused by the router (INVALID_ARGUMENT naming the vocabulary) instead
+    of joining a prefill the shard would refuse as a whole; prompts sent with it are served."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_model import build_tiny_llama
+
+    rows = 256
+    model = build_tiny_llama(tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    config["vocab_size"] = rows
+    (model / "config.json").write_text(json.dumps(config))
+    tensors = load_file(str(model / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors[name] = tensors[name][:rows].contiguous()
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    assert torch.Size([rows, config["hidden_size"]]) == tensors["model.embed_tokens.weight"].shape
+
+    server = ServerProcess(tmp_path, ["--model-id", str(model)]).start()
+    try:
+        inside, outside = "zq xv", "hello world"  # token ids all below 256 / some above
+        with grpc.insecure_channel(server.address) as channel, ThreadPoolExecutor(6) as pool:
+            good = [pool.submit(call, channel, Row("in", "Generate", lambda: generate(inside, n=2), OK))
+                    for _ in range(4)]
+            bad = pool.submit(call, channel, Row("out", "Generate", lambda: generate(outside), INVALID))
+            bad_stream = pool.submit(call, channel, Row("out", "GenerateStream", lambda: stream(outside), INVALID))
+            assert [f.result(timeout=120) for f in good] == [(OK, "")] * 4
+            for refused in (bad.result(timeout=120), bad_stream.result(timeout=120)):
+                assert refused[0] == INVALID and "vocabulary" in refused[1], refused
+    finally:
+        assert server.stop() == 0, server.log_tail()
