@@ -96,3 +96,22 @@ def build_tiny_llama(
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"], cfg["architectures"]
     return path
+
+
+def build_random(path: Path, model_cls, config) -> Path:
+    """Save a random transformers checkpoint of ``model_cls(config)`` where biases and norm weights
+    are non-trivial too (a norm of ones or a zero bias would hide a misplaced one)."""
+    import torch
+
+    torch.manual_seed(0)
+    model = model_cls(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(path, safe_serialization=True)
+    return Path(path)

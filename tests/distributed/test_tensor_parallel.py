@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tp_worker  # noqa: E402
-from tiny_model import build_tiny_llama  # noqa: E402
+from tiny_model import build_random, build_tiny_llama  # noqa: E402
 
 ATOL = 1e-4
 
@@ -53,6 +53,29 @@ def mqa_llama(tmp_path_factory) -> Path:
     )
 
 
+@pytest.fixture(scope="module")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    """Qwen3: per-head q/k norms, head_dim (24) apart from hidden / heads; 6 heads over 2 KV heads
+    split 3 ways and 2 ways (uneven KV heads there)."""
+    import transformers as tf
+
+    config = tf.Qwen3Config(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=6, num_key_value_heads=2, head_dim=24,
+                            max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    return build_random(tmp_path_factory.mktemp("tiny-qwen3"), tf.Qwen3ForCausalLM, config)
+
+
+@pytest.fixture(scope="module")
+def llama_biases(tmp_path_factory) -> Path:
+    """Biases on every projection: o_proj's and down_proj's are added once, after the all-reduce."""
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                            rms_norm_eps=1e-5, attention_bias=True, mlp_bias=True)
+    return build_random(tmp_path_factory.mktemp("tiny-llama-biases"), tf.LlamaForCausalLM, config)
+
+
 def spawn(world_size: int, tmp: Path, models: list[Path]) -> dict:
     layer_file = tmp / "layers.safetensors"
     inputs = layer_inputs(layer_file)
@@ -67,13 +90,13 @@ def spawn(world_size: int, tmp: Path, models: list[Path]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def world2(tmp_path_factory, tiny_llama, tiny_llama_tied, mqa_llama) -> dict:
-    return spawn(2, tmp_path_factory.mktemp("tp2"), [tiny_llama_tied, tiny_llama, mqa_llama])
+def world2(tmp_path_factory, tiny_llama, tiny_llama_tied, mqa_llama, tiny_qwen3, llama_biases) -> dict:
+    return spawn(2, tmp_path_factory.mktemp("tp2"), [tiny_llama_tied, tiny_llama, mqa_llama, tiny_qwen3, llama_biases])
 
 
 @pytest.fixture(scope="module")
-def world3(tmp_path_factory, tiny_llama_tied) -> dict:
-    return spawn(3, tmp_path_factory.mktemp("tp3"), [tiny_llama_tied])
+def world3(tmp_path_factory, tiny_llama_tied, tiny_qwen3) -> dict:
+    return spawn(3, tmp_path_factory.mktemp("tp3"), [tiny_llama_tied, tiny_qwen3])
 
 
 @pytest.fixture(params=["world2", "world3"])
@@ -174,3 +197,26 @@ def test_tied_model_equals_transformers_at_world_size_3(world3, tiny_llama_tied)
     assert [r["num_kv_heads"] for r in results] == [1, 1, 1]
     assert "mlp 43/43/42" in results[0]["tp_plan"]
     check_model(world3, str(tiny_llama_tied))
+
+
+@pytest.mark.parametrize("world", ["world2", "world3"])
+def test_qwen3_equals_transformers_on_2_and_3_shards_through_the_native_layers(request, world, tiny_qwen3):
+    run = request.getfixturevalue(world)
+    results = [r[f"model:{tiny_qwen3}"] for r in run["ranks"]]
+    assert all(r["plan"] in ("native-cpu-layers", "modules") for r in results), [r["plan"] for r in results]
+    if tp_worker_native():
+        assert {r["plan"] for r in results} == {"native-cpu-layers"}
+    check_model(run, str(tiny_qwen3))
+
+
+def test_row_parallel_biases_are_added_once_on_2_shards(world2, llama_biases):
+    results = [r[f"model:{llama_biases}"] for r in world2["ranks"]]
+    if tp_worker_native():
+        assert {r["plan"] for r in results} == {"native-cpu-layers"}
+    check_model(world2, str(llama_biases))
+
+
+def tp_worker_native() -> bool:
+    from text_generation_server.kernels import cpu_ops_status
+
+    return cpu_ops_status().available

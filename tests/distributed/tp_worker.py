@@ -93,6 +93,7 @@ def _model(dist, model_dir: Path) -> dict[str, object]:
     batch_decode = runner.step([(k, [v]) for k, v in BATCH_NEXT.items()])
     return {
         "tp_plan": model.tp_plan,
+        "plan": model.plan.name,
         "num_kv_heads": model.num_kv_heads,
         "prefill": prefill,
         "decode": torch.stack(decode),

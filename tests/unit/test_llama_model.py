@@ -22,6 +22,7 @@ from text_generation_server.models import (
     load_model,
     supported_architectures,
 )
+from tiny_model import build_random
 
 CPU = torch.device("cpu")
 ATOL = 1e-4
@@ -142,22 +143,6 @@ def test_bfloat16_model_stays_close_to_float32(tiny_llama):
 # ---------------------------------------------------------------- other family members
 
 
-def build_random(path: Path, model_cls, config) -> Path:
-    """Save a random checkpoint where biases and norm weights are non-trivial too."""
-    torch.manual_seed(0)
-    model = model_cls(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-            elif "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.5)
-    model.save_pretrained(path, safe_serialization=True)
-    return path
-
-
 SMALL = dict(
     vocab_size=384,
     hidden_size=64,
@@ -176,6 +161,11 @@ def family_checkpoint(tmp_path: Path, kind: str) -> Path:
     if kind == "qwen2":
         return build_random(
             tmp_path, tf.Qwen2ForCausalLM, tf.Qwen2Config(**SMALL, tie_word_embeddings=False)
+        )
+    if kind == "qwen3":
+        # head_dim 32 is not hidden_size / heads (16): Qwen3 sets it apart.
+        return build_random(
+            tmp_path, tf.Qwen3ForCausalLM, tf.Qwen3Config(**SMALL, head_dim=32, tie_word_embeddings=False)
         )
     if kind == "mistral":
         return build_random(
@@ -204,12 +194,15 @@ def family_checkpoint(tmp_path: Path, kind: str) -> Path:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "mistral", "llama-biases", "llama3-rope", "linear-rope"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "mistral", "llama-biases", "llama3-rope", "linear-rope"])
 def test_family_members_equal_transformers_through_prefill_and_decode(tmp_path, kind, cpu_kernels):
     path = family_checkpoint(tmp_path, kind)
     ids = random_ids(40, 384, seed=11)
     expected = reference_logits(path, ids)
-    runner = PagedRunner(ours(path), block_size=4)
+    model = ours(path)
+    # Every family member decodes through the native stack where the kernels run.
+    assert model.plan.name == ("native-cpu-stack" if cpu_kernels == "native" else "modules"), model.plan.describe()
+    runner = PagedRunner(model, block_size=4)
     prefill = runner.step([("a", ids[:30])])[0]
     torch.testing.assert_close(prefill, expected[:30], atol=ATOL, rtol=0)
     for pos in range(30, 40):
@@ -250,8 +243,8 @@ def test_unknown_architecture_is_named_with_the_supported_list(tmp_path, tiny_ll
         load_model(path, dtype=torch.float32, device=CPU, dist=init_distributed(0, 1))
     text = str(e.value)
     assert "GPT2LMHeadModel" in text
-    assert "supported architectures: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM" in text
-    assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"} <= set(
+    assert "supported architectures: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in text
+    assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"} <= set(
         supported_architectures()
     )
 
@@ -333,3 +326,41 @@ def test_each_rank_reads_and_holds_only_its_shard(tiny_llama_tied, monkeypatch):
     assert held[0]["model.embed_tokens.weight"] == (192, 96) == held[1]["model.embed_tokens.weight"]
     mlp = "model.layers.1.mlp.down_proj.weight"
     assert held[0][mlp][1] + held[1][mlp][1] == full[mlp].shape[1]
+
+
+def test_qwen3_quantized_by_our_quantizer_serves_its_encoded_weights_natively(tmp_path, cpu_kernels, monkeypatch):
+    """Qwen3 through `quantize` (its q/k norms stay float), then served through the GPTQ layers: the
+    reference kernel reproduces transformers over the weights the checkpoint encodes; the default 4-bit
+    kernel, decoding through the native stack where it runs, stays within its rounding of it."""
+    import transformers as tf
+    from gptq_random import default_cpu_int4_kernel
+    from gptq_twin import calibration_text, dense_twin, run_quantizer
+    from tiny_model import build_tokenizer
+
+    # Widths the native 4-bit kernel takes unpadded (multiples of 64).
+    config = tf.Qwen3Config(**{**SMALL, "intermediate_size": 128}, head_dim=32, tie_word_embeddings=False)
+    path = build_random(tmp_path / "qwen3", tf.Qwen3ForCausalLM, config)
+    build_tokenizer(path)  # the calibration text is tokenized with the model's tokenizer
+    out = run_quantizer(path, tmp_path / "qwen3-gptq", calibration_text(tmp_path / "calib.txt"), "--groupsize", "32")
+    twin = dense_twin(out, tmp_path / "twin")
+    ids = random_ids(24, 384, seed=13)
+    want = reference_logits(twin, ids)
+
+    def served(kernel: str | None):
+        if kernel:
+            monkeypatch.setenv("GPTQ_KERNEL", kernel)
+        else:
+            monkeypatch.delenv("GPTQ_KERNEL", raising=False)
+        model = load_model(out, dtype=torch.float32, device=CPU, dist=init_distributed(0, 1), quantize="gptq")
+        runner = PagedRunner(model, block_size=4)
+        logits = [runner.step([("a", ids[:16])])[0]]
+        logits += [runner.step([("a", [t])])[0] for t in ids[16:]]
+        return model, torch.cat(logits)
+
+    model, got = served("gptq-reference")
+    assert model.kernel == "gptq-reference"
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    model, got = served(None)
+    assert model.kernel == default_cpu_int4_kernel()
+    assert model.plan.name == ("native-cpu-stack" if cpu_kernels == "native" else "modules"), model.plan.describe()
+    assert float((got - want).norm() / want.norm()) < 2e-2

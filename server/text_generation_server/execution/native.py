@@ -37,9 +37,9 @@ if TYPE_CHECKING:
     from text_generation_server.models.base import CausalLM
 
 
-def _linear_unsupported(name: str, layer: ParallelLinear, row_parallel: bool) -> str | None:
-    if row_parallel and layer.bias is not None:
-        return f"{name} has a bias, added once after the all-reduce, which the native layer does not do"
+def _linear_unsupported(name: str, layer: ParallelLinear) -> str | None:
+    if layer.bias is not None and (layer.bias.dtype != torch.float32 or layer.bias.device.type != "cpu"):
+        return f"{name}'s bias is {layer.bias.dtype} on {layer.bias.device}, not float32 on the CPU"
     if layer.native_linear() is None:
         return f"{name}'s kernel ({layer.quant_method.kernel_name(layer)}) has no native form"
     return None
@@ -56,15 +56,26 @@ def native_layer_unsupported(layer: DecoderLayerSpec) -> str | None:
         return "gate and up have different widths"
     if a.head_dim % 8 or a.head_dim > 512:
         return f"head_dim {a.head_dim} is not a multiple of 8 up to 512"
-    for name, lin, row in (("qkv", a.qkv, False), ("o", a.o, True), ("gate_up", m.gate_up, False),
-                           ("down", m.down, True)):
-        why = _linear_unsupported(name, lin, row)
+    for name, lin in (("qkv", a.qkv), ("o", a.o), ("gate_up", m.gate_up), ("down", m.down)):
+        why = _linear_unsupported(name, lin)
         if why is not None:
             return why
-    for slot, norm in layer.norms().items():
+    if (a.q_norm is None) != (a.k_norm is None):
+        return "only one of the query and key heads has a norm"
+    for slot, norm in _norm_slots(layer).items():
         if norm.weight.dtype != torch.float32 or norm.weight.device.type != "cpu":
             return f"the {slot} norm is {norm.weight.dtype} on {norm.weight.device}, not float32 on the CPU"
     return None
+
+
+def _norm_slots(layer: DecoderLayerSpec) -> dict:
+    """The layer's norms by native slot name: the block norms and the per-head q/k norms."""
+    slots = dict(layer.norms())
+    if layer.attention.q_norm is not None:
+        slots["q_heads"] = layer.attention.q_norm
+    if layer.attention.k_norm is not None:
+        slots["k_heads"] = layer.attention.k_norm
+    return slots
 
 
 def model_unsupported(spec: ModelSpec | None) -> str | None:
@@ -104,16 +115,20 @@ def build_layer(layer: DecoderLayerSpec) -> Any:
     """A ``tgs_cpu.DecoderLayer`` for ``layer`` (checked by :func:`native_layer_unsupported` first)."""
     a, m = layer.attention, layer.mlp
 
-    def linear(lin: ParallelLinear) -> Any:
+    def linear(lin: ParallelLinear, with_bias: bool = True) -> Any:
         native = lin.native_linear()
         assert native is not None
-        return build_linear(native, lin.bias)
+        return build_linear(native, lin.bias if with_bias else None)
 
     out = torch.classes.tgs_cpu.DecoderLayer()
-    for slot, norm in layer.norms().items():
+    for slot, norm in _norm_slots(layer).items():
         out.set_norm(slot, norm.weight.data, float(norm.eps))
-    out.set_attention(linear(a.qkv), linear(a.o), a.num_heads, a.num_kv_heads, a.head_dim, float(a.scale))
-    out.set_mlp(linear(m.gate_up), linear(m.down), m.activation)
+    # A row-parallel layer's bias is added once, after the all-reduce: the layer holds it apart.
+    out.set_attention(linear(a.qkv), linear(a.o, False), a.num_heads, a.num_kv_heads, a.head_dim, float(a.scale))
+    out.set_mlp(linear(m.gate_up), linear(m.down, False), m.activation)
+    for block, lin in (("attention", a.o), ("mlp", m.down)):
+        if lin.bias is not None:
+            out.set_output_bias(block, lin.bias.data)
     out.check()
     return out
 
@@ -125,8 +140,13 @@ class _NativeCpuPlan(ExecutionPlan):
         super().__init__(model)
         self.spec = spec
         self.layers = [build_layer(layer) for layer in spec.layers]
-        # Which layers norm a block's output after its all-reduce (a call skipped where none does).
-        self.out_norms = [(s.attention_out_norm is not None, s.mlp_out_norm is not None) for s in spec.layers]
+        # Which layers finish a block's output after its all-reduce (its row-parallel bias, its
+        # out-norm): a call skipped where none does.
+        self.out_norms = [
+            (s.attention_out_norm is not None or s.attention.o.bias is not None,
+             s.mlp_out_norm is not None or s.mlp.down.bias is not None)
+            for s in spec.layers
+        ]
         self.head_dim = spec.layers[0].attention.head_dim
         self.modules = ModulePlan(model)
 

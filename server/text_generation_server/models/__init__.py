@@ -26,6 +26,7 @@ from text_generation_server.models.llama import (
     LlamaForCausalLM,
     MistralForCausalLM,
     Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
 )
 from text_generation_server.models.loader import load_weights
 from text_generation_server.weights import CheckpointError, Weights, checkpoint_files
@@ -43,6 +44,7 @@ _ARCHITECTURES: dict[str, type[CausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
 
 

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, SmolLM, Mistral, Qwen2) from tensor-parallel layers.
+"""Llama-family decoder (Llama, SmolLM, Mistral, Qwen2, Qwen3) from tensor-parallel layers.
 
 Parameter names follow the checkpoint's (``model.layers.N.self_attn...``)
 except where projections are fused: q/k/v -> ``qkv_proj`` and gate/up ->
@@ -112,10 +112,31 @@ class LlamaAttention(torch.nn.Module):
         qkv = self.qkv_proj(hidden)
         # q and k sit side by side in the fused output: one rotary pass covers both heads.
         qk = qkv[:, : self.q_size + self.kv_size].view(tokens, -1, self.head_dim)
-        qk = RotaryEmbedding.apply(qk, cos, sin)
+        qk = RotaryEmbedding.apply(self.norm_heads(qk), cos, sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, self.head_dim)
         return self.o_proj(self.attn(q, k, v, kv_cache, attn))
+
+    def norm_heads(self, qk: torch.Tensor) -> torch.Tensor:
+        """``qk [T, q heads + kv heads, D]`` before rotary; Llama has no per-head norm."""
+        return qk
+
+
+class Qwen3Attention(LlamaAttention):
+    """Llama attention with an RMSNorm over each query and key head (``q_norm``, ``k_norm``,
+    weights of head_dim, shared by the heads) before rotary."""
+
+    def __init__(self, b: LlamaBuild, prefix: str) -> None:
+        super().__init__(b, prefix)
+        eps = b.config.rms_norm_eps
+        self.q_norm = RMSNorm(self.head_dim, eps, dtype=b.dtype, device=b.device)
+        self.k_norm = RMSNorm(self.head_dim, eps, dtype=b.dtype, device=b.device)
+
+    def norm_heads(self, qk: torch.Tensor) -> torch.Tensor:
+        tokens, d = qk.shape[0], self.head_dim
+        q = self.q_norm(qk[:, : self.num_heads].reshape(-1, d)).view(tokens, self.num_heads, d)
+        k = self.k_norm(qk[:, self.num_heads :].reshape(-1, d)).view(tokens, self.num_kv_heads, d)
+        return torch.cat([q, k], dim=1)
 
 
 class LlamaMLP(torch.nn.Module):
@@ -150,10 +171,12 @@ class LlamaMLP(torch.nn.Module):
 
 
 class LlamaDecoderLayer(torch.nn.Module):
+    attention_cls: ClassVar[type[LlamaAttention]] = LlamaAttention
+
     def __init__(self, b: LlamaBuild, prefix: str) -> None:
         super().__init__()
         hidden, eps = b.config.hidden_size, b.config.rms_norm_eps
-        self.self_attn = LlamaAttention(b, f"{prefix}.self_attn")
+        self.self_attn = self.attention_cls(b, f"{prefix}.self_attn")
         self.mlp = LlamaMLP(b, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(hidden, eps, dtype=b.dtype, device=b.device)
         self.post_attention_layernorm = RMSNorm(hidden, eps, dtype=b.dtype, device=b.device)
@@ -165,6 +188,7 @@ class LlamaDecoderLayer(torch.nn.Module):
             attention=AttentionSpec(
                 qkv=a.qkv_proj, o=a.o_proj, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
                 head_dim=a.head_dim, scale=a.attn.scale, rotary="neox",
+                q_norm=getattr(a, "q_norm", None), k_norm=getattr(a, "k_norm", None),
             ),
             mlp=MLPSpec(gate_up=m.gate_up_proj, down=m.down_proj, activation="silu"),
             attention_norm=self.input_layernorm,
@@ -346,3 +370,13 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
     @classmethod
     def _biases(cls, config: Any) -> dict[str, bool]:
         return {"qkv_bias": True, "o_bias": False, "mlp_bias": False}
+
+
+class Qwen3DecoderLayer(LlamaDecoderLayer):
+    attention_cls = Qwen3Attention
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Qwen3: Llama layout (no biases by default) with per-head q/k RMSNorm before rotary."""
+
+    decoder_layer_cls = Qwen3DecoderLayer

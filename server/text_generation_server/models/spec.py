@@ -45,6 +45,9 @@ class AttentionSpec:
     head_dim: int
     scale: float  # softmax scale of q.k
     rotary: str = "neox"
+    # RMSNorm over each query / key head (weights of head_dim) before rotary (Qwen3).
+    q_norm: RMSNorm | None = None
+    k_norm: RMSNorm | None = None
 
 
 @dataclass(frozen=True)

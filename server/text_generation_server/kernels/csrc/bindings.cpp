@@ -55,6 +55,10 @@ TORCH_LIBRARY(tgs_cpu, m) {
               const intrusive_ptr<Linear>& down, const std::string& activation) {
              self->set_mlp(gate_up, down, activation);
            })
+      .def("set_output_bias",
+           [](const intrusive_ptr<DecoderLayer>& self, const std::string& block, const at::Tensor& bias) {
+             self->set_output_bias(block, bias);
+           })
       .def("check", [](const intrusive_ptr<DecoderLayer>& self) { self->check(); })
       .def("attention",
            [](const intrusive_ptr<DecoderLayer>& self, const at::Tensor& hidden, at::Tensor residual,

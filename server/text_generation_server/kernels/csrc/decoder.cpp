@@ -75,8 +75,11 @@ void DecoderLayer::set_norm(const std::string& slot, const at::Tensor& weight, d
             : slot == "attention_out" ? &attention_out_norm
             : slot == "mlp"           ? &mlp_norm
             : slot == "mlp_out"       ? &mlp_out_norm
+            : slot == "q_heads"       ? &q_heads_norm
+            : slot == "k_heads"       ? &k_heads_norm
                                       : nullptr;
-  TORCH_CHECK(n != nullptr, "unknown norm slot '", slot, "'; expected attention, attention_out, mlp or mlp_out");
+  TORCH_CHECK(n != nullptr, "unknown norm slot '", slot,
+              "'; expected attention, attention_out, mlp, mlp_out, q_heads or k_heads");
   n->weight = weight;
   n->eps = eps;
 }
@@ -108,10 +111,24 @@ void DecoderLayer::set_mlp(const c10::intrusive_ptr<Linear>& gate_up_, const c10
   down = down_;
 }
 
+void DecoderLayer::set_output_bias(const std::string& block, const at::Tensor& b) {
+  check_cpu_float(b, "output bias");
+  TORCH_CHECK(block == "attention" || block == "mlp", "unknown block '", block, "'; expected attention or mlp");
+  TORCH_CHECK(b.dim() == 1 && b.is_contiguous(), "an output bias must be contiguous [hidden]");
+  (block == "attention" ? o_bias : down_bias) = b;
+}
+
 void DecoderLayer::check() const {
   TORCH_CHECK(qkv && o, "the layer's attention is not set");
   TORCH_CHECK(gate_up && down, "the layer's MLP is not set");
   TORCH_CHECK(o->out_features == down->out_features, "o and down give different hidden sizes");
+  for (const auto* b : {&o_bias, &down_bias})
+    TORCH_CHECK(!b->has_value() || (*b)->size(0) == o->out_features, "an output bias must be [hidden = ",
+                o->out_features, "]");
+  TORCH_CHECK(q_heads_norm.present() == k_heads_norm.present(), "set both head norms (q_heads, k_heads) or neither");
+  for (const Norm* n : {&q_heads_norm, &k_heads_norm})
+    TORCH_CHECK(!n->present() || n->weight.size(0) == head_dim, "a head norm's weight must be [head_dim = ", head_dim,
+                "]");
 }
 
 namespace {
@@ -123,8 +140,15 @@ at::Tensor enter_block(const Norm& norm, const at::Tensor& x, at::Tensor& residu
   return residual;
 }
 
-at::Tensor leave_block(const Norm& norm, const at::Tensor& x) {
-  return norm.present() ? rms_norm(x, norm.weight, norm.eps) : x;
+at::Tensor leave_block(const Norm& norm, const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
+  const at::Tensor y = bias.has_value() ? at::add(x, *bias) : x;
+  return norm.present() ? rms_norm(y, norm.weight, norm.eps) : y;
+}
+
+// heads [B, n, D] (a view into the fused qkv output) replaced by their RMSNorm over D.
+void norm_heads_(const Norm& norm, at::Tensor heads) {
+  const int64_t B = heads.size(0), n = heads.size(1), D = heads.size(2);
+  heads.copy_(rms_norm(heads.reshape({B * n, D}).contiguous(), norm.weight, norm.eps).view({B, n, D}));
 }
 
 }  // namespace
@@ -138,6 +162,10 @@ at::Tensor DecoderLayer::attention(const at::Tensor& hidden, at::Tensor residual
   at::Tensor x = enter_block(attention_norm, hidden, residual);
   at::Tensor qkv_out = qkv->apply(x);
   at::Tensor qk = qkv_out.narrow(1, 0, (H + KVH) * D).view({B, H + KVH, D});
+  if (q_heads_norm.present()) {
+    norm_heads_(q_heads_norm, qk.narrow(1, 0, H));
+    norm_heads_(k_heads_norm, qk.narrow(1, H, KVH));
+  }
   rotary_(qk, cos, sin);
   at::Tensor k = qkv_out.narrow(1, H * D, KVH * D).view({B, KVH, D});
   at::Tensor v = qkv_out.narrow(1, (H + KVH) * D, KVH * D).view({B, KVH, D});
@@ -147,14 +175,16 @@ at::Tensor DecoderLayer::attention(const at::Tensor& hidden, at::Tensor residual
   return o->apply(attn.view({B, H * D}));
 }
 
-at::Tensor DecoderLayer::finish_attention(const at::Tensor& x) const { return leave_block(attention_out_norm, x); }
+at::Tensor DecoderLayer::finish_attention(const at::Tensor& x) const {
+  return leave_block(attention_out_norm, o_bias, x);
+}
 
 at::Tensor DecoderLayer::mlp(const at::Tensor& attention, at::Tensor residual) const {
   at::Tensor x = enter_block(mlp_norm, attention, residual);
   return down->apply(silu_mul(gate_up->apply(x)));
 }
 
-at::Tensor DecoderLayer::finish_mlp(const at::Tensor& x) const { return leave_block(mlp_out_norm, x); }
+at::Tensor DecoderLayer::finish_mlp(const at::Tensor& x) const { return leave_block(mlp_out_norm, down_bias, x); }
 
 void DecoderStack::append(const c10::intrusive_ptr<DecoderLayer>& layer) {
   layer->check();

@@ -48,9 +48,13 @@ struct Norm {
 // A layer's input is the previous block's output, which it adds to the residual
 // stream first (fused with attention_norm); without a pre-norm the block reads the
 // stream itself.
+//   q_heads_norm / k_heads_norm: over each query / key head (weights of head_dim) before
+//   rotary (Qwen3's q_norm and k_norm).
 struct DecoderLayer : torch::CustomClassHolder {
-  Norm attention_norm, attention_out_norm, mlp_norm, mlp_out_norm;
+  Norm attention_norm, attention_out_norm, mlp_norm, mlp_out_norm, q_heads_norm, k_heads_norm;
   c10::intrusive_ptr<Linear> qkv, o, gate_up, down;
+  // Biases of the row-parallel o and down, added once after the all-reduce (in finish_*).
+  c10::optional<at::Tensor> o_bias, down_bias;
   int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
   double scale = 0;
 
@@ -59,19 +63,20 @@ struct DecoderLayer : torch::CustomClassHolder {
                      int64_t num_kv_heads, int64_t head_dim, double scale);
   void set_mlp(const c10::intrusive_ptr<Linear>& gate_up, const c10::intrusive_ptr<Linear>& down,
                const std::string& activation);
+  void set_output_bias(const std::string& block, const at::Tensor& bias);  // block: attention or mlp
   void check() const;
 
-  // residual += hidden; x = attention_norm; qkv; rotary on q and k; k, v into the cache;
+  // residual += hidden; x = attention_norm; qkv; head norms and rotary on q and k; k, v into the cache;
   // attention over each sequence's blocks; returns o(attention) (this rank's partial sum
   // when o is row-parallel: all-reduce it, then finish_attention).
   at::Tensor attention(const at::Tensor& hidden, at::Tensor residual, const at::Tensor& cos, const at::Tensor& sin,
                        at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
                        const at::Tensor& block_tables, const at::Tensor& context_lens) const;
-  at::Tensor finish_attention(const at::Tensor& x) const;  // attention_out_norm, where present
+  at::Tensor finish_attention(const at::Tensor& x) const;  // + o's bias, then attention_out_norm, where present
   // residual += attention; x = mlp_norm; returns down(silu(gate) * up) (a partial sum when
   // down is row-parallel: all-reduce it, then finish_mlp).
   at::Tensor mlp(const at::Tensor& attention, at::Tensor residual) const;
-  at::Tensor finish_mlp(const at::Tensor& x) const;  // mlp_out_norm, where present
+  at::Tensor finish_mlp(const at::Tensor& x) const;  // + down's bias, then mlp_out_norm, where present
 };
 
 // The decode step of every decoder layer of one unsplit model, one call.
