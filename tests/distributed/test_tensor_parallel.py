@@ -76,6 +76,18 @@ def llama_biases(tmp_path_factory) -> Path:
     return build_random(tmp_path_factory.mktemp("tiny-llama-biases"), tf.LlamaForCausalLM, config)
 
 
+@pytest.fixture(scope="module")
+def tiny_granite(tmp_path_factory) -> Path:
+    """Granite 3's multipliers (embedding, residual, attention, logits), tied embeddings."""
+    import transformers as tf
+
+    config = tf.GraniteConfig(vocab_size=384, hidden_size=96, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=256,
+                              rms_norm_eps=1e-5, embedding_multiplier=12.0, residual_multiplier=0.22,
+                              attention_multiplier=0.015625, logits_scaling=8.0, tie_word_embeddings=True)
+    return build_random(tmp_path_factory.mktemp("tiny-granite"), tf.GraniteForCausalLM, config)
+
+
 def spawn(world_size: int, tmp: Path, models: list[Path]) -> dict:
     layer_file = tmp / "layers.safetensors"
     inputs = layer_inputs(layer_file)
@@ -95,8 +107,8 @@ def world2(tmp_path_factory, tiny_llama, tiny_llama_tied, mqa_llama, tiny_qwen3,
 
 
 @pytest.fixture(scope="module")
-def world3(tmp_path_factory, tiny_llama_tied, tiny_qwen3) -> dict:
-    return spawn(3, tmp_path_factory.mktemp("tp3"), [tiny_llama_tied, tiny_qwen3])
+def world3(tmp_path_factory, tiny_llama_tied, tiny_qwen3, tiny_granite) -> dict:
+    return spawn(3, tmp_path_factory.mktemp("tp3"), [tiny_llama_tied, tiny_qwen3, tiny_granite])
 
 
 @pytest.fixture(params=["world2", "world3"])
@@ -214,6 +226,13 @@ def test_row_parallel_biases_are_added_once_on_2_shards(world2, llama_biases):
     if tp_worker_native():
         assert {r["plan"] for r in results} == {"native-cpu-layers"}
     check_model(world2, str(llama_biases))
+
+
+def test_granite_equals_transformers_on_3_shards_through_the_native_layers(world3, tiny_granite):
+    results = [r[f"model:{tiny_granite}"] for r in world3["ranks"]]
+    if tp_worker_native():
+        assert {r["plan"] for r in results} == {"native-cpu-layers"}
+    check_model(world3, str(tiny_granite))
 
 
 def tp_worker_native() -> bool:

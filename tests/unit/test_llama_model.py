@@ -167,6 +167,11 @@ def family_checkpoint(tmp_path: Path, kind: str) -> Path:
         return build_random(
             tmp_path, tf.Qwen3ForCausalLM, tf.Qwen3Config(**SMALL, head_dim=32, tie_word_embeddings=False)
         )
+    if kind == "granite":
+        # Granite 3's multipliers: none of them 1, so a missing one shows.
+        config = tf.GraniteConfig(**SMALL, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                  attention_multiplier=0.015625, logits_scaling=8.0, tie_word_embeddings=True)
+        return build_random(tmp_path, tf.GraniteForCausalLM, config)
     if kind == "mistral":
         return build_random(
             tmp_path,
@@ -194,7 +199,7 @@ def family_checkpoint(tmp_path: Path, kind: str) -> Path:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "mistral", "llama-biases", "llama3-rope", "linear-rope"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "granite", "mistral", "llama-biases", "llama3-rope", "linear-rope"])
 def test_family_members_equal_transformers_through_prefill_and_decode(tmp_path, kind, cpu_kernels):
     path = family_checkpoint(tmp_path, kind)
     ids = random_ids(40, 384, seed=11)
@@ -243,7 +248,8 @@ def test_unknown_architecture_is_named_with_the_supported_list(tmp_path, tiny_ll
         load_model(path, dtype=torch.float32, device=CPU, dist=init_distributed(0, 1))
     text = str(e.value)
     assert "GPT2LMHeadModel" in text
-    assert "supported architectures: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in text
+    assert ("supported architectures: GraniteForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+            "Qwen3ForCausalLM") in text
     assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"} <= set(
         supported_architectures()
     )
@@ -328,20 +334,30 @@ def test_each_rank_reads_and_holds_only_its_shard(tiny_llama_tied, monkeypatch):
     assert held[0][mlp][1] + held[1][mlp][1] == full[mlp].shape[1]
 
 
-def test_qwen3_quantized_by_our_quantizer_serves_its_encoded_weights_natively(tmp_path, cpu_kernels, monkeypatch):
-    """Qwen3 through `quantize` (its q/k norms stay float), then served through the GPTQ layers: the
-    reference kernel reproduces transformers over the weights the checkpoint encodes; the default 4-bit
-    kernel, decoding through the native stack where it runs, stays within its rounding of it."""
+@pytest.mark.parametrize("arch", ["qwen3", "granite"])
+def test_family_member_quantized_by_our_quantizer_serves_its_encoded_weights_natively(
+    tmp_path, arch, cpu_kernels, monkeypatch
+):
+    """Through `quantize` (Qwen3's q/k norms stay float; Granite's multipliers live outside the
+    linears), then served through the GPTQ layers: the reference kernel reproduces transformers over
+    the weights the checkpoint encodes; the default 4-bit kernel, decoding through the native stack
+    where it runs, stays within its rounding of it."""
     import transformers as tf
     from gptq_random import default_cpu_int4_kernel
     from gptq_twin import calibration_text, dense_twin, run_quantizer
     from tiny_model import build_tokenizer
 
     # Widths the native 4-bit kernel takes unpadded (multiples of 64).
-    config = tf.Qwen3Config(**{**SMALL, "intermediate_size": 128}, head_dim=32, tie_word_embeddings=False)
-    path = build_random(tmp_path / "qwen3", tf.Qwen3ForCausalLM, config)
+    small = {**SMALL, "intermediate_size": 128}
+    if arch == "qwen3":
+        model_cls, config = tf.Qwen3ForCausalLM, tf.Qwen3Config(**small, head_dim=32, tie_word_embeddings=False)
+    else:
+        model_cls, config = tf.GraniteForCausalLM, tf.GraniteConfig(
+            **small, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625,
+            logits_scaling=8.0, tie_word_embeddings=True)
+    path = build_random(tmp_path / arch, model_cls, config)
     build_tokenizer(path)  # the calibration text is tokenized with the model's tokenizer
-    out = run_quantizer(path, tmp_path / "qwen3-gptq", calibration_text(tmp_path / "calib.txt"), "--groupsize", "32")
+    out = run_quantizer(path, tmp_path / f"{arch}-gptq", calibration_text(tmp_path / "calib.txt"), "--groupsize", "32")
     twin = dense_twin(out, tmp_path / "twin")
     ids = random_ids(24, 384, seed=13)
     want = reference_logits(twin, ids)

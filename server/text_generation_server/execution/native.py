@@ -129,6 +129,8 @@ def build_layer(layer: DecoderLayerSpec) -> Any:
     for block, lin in (("attention", a.o), ("mlp", m.down)):
         if lin.bias is not None:
             out.set_output_bias(block, lin.bias.data)
+    if layer.output_scale != 1.0:
+        out.set_output_scale(float(layer.output_scale))
     out.check()
     return out
 
@@ -141,10 +143,10 @@ class _NativeCpuPlan(ExecutionPlan):
         self.spec = spec
         self.layers = [build_layer(layer) for layer in spec.layers]
         # Which layers finish a block's output after its all-reduce (its row-parallel bias, its
-        # out-norm): a call skipped where none does.
+        # out-norm, its scale): a call skipped where none does.
         self.out_norms = [
-            (s.attention_out_norm is not None or s.attention.o.bias is not None,
-             s.mlp_out_norm is not None or s.mlp.down.bias is not None)
+            (s.attention_out_norm is not None or s.attention.o.bias is not None or s.output_scale != 1.0,
+             s.mlp_out_norm is not None or s.mlp.down.bias is not None or s.output_scale != 1.0)
             for s in spec.layers
         ]
         self.head_dim = spec.layers[0].attention.head_dim

@@ -23,6 +23,7 @@ from text_generation_server.layers.quant.registry import (
 )
 from text_generation_server.models.base import CausalLM, UnsupportedModelError
 from text_generation_server.models.llama import (
+    GraniteForCausalLM,
     LlamaForCausalLM,
     MistralForCausalLM,
     Qwen2ForCausalLM,
@@ -41,6 +42,7 @@ __all__ = [
 
 # config.json "architectures"[0] -> implementation. SmolLM checkpoints say LlamaForCausalLM.
 _ARCHITECTURES: dict[str, type[CausalLM]] = {
+    "GraniteForCausalLM": GraniteForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, SmolLM, Mistral, Qwen2, Qwen3) from tensor-parallel layers.
+"""Llama-family decoder (Llama, SmolLM, Mistral, Qwen2, Qwen3, Granite) from tensor-parallel layers.
 
 Parameter names follow the checkpoint's (``model.layers.N.self_attn...``)
 except where projections are fused: q/k/v -> ``qkv_proj`` and gate/up ->
@@ -13,7 +13,7 @@ names it in ``decoder_layer_cls``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -63,6 +63,7 @@ class LlamaBuild:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
+    attention_scale: float  # softmax scale of q.k
 
     def tensor_args(self) -> dict[str, Any]:
         return {"dist": self.dist, "dtype": self.dtype, "device": self.device}
@@ -97,7 +98,7 @@ class LlamaAttention(torch.nn.Module):
             **b.tensor_args(),
         )
         self.attn = PagedAttention(
-            self.num_heads, self.num_kv_heads, hd, scale=hd**-0.5, backend=b.backend
+            self.num_heads, self.num_kv_heads, hd, scale=b.attention_scale, backend=b.backend
         )
 
     def forward(
@@ -277,6 +278,7 @@ class LlamaForCausalLM(CausalLM):
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=self.head_dim,
+            attention_scale=self._attention_scale(config, self.head_dim),
             **self._biases(config),
         )
         self.model = LlamaModel(build, self.decoder_layer_cls)
@@ -288,6 +290,10 @@ class LlamaForCausalLM(CausalLM):
             kernel=quant.lm_head_kernel(),
         )
         self.tp_plan = self._describe_plan(build, partitions)
+
+    @classmethod
+    def _attention_scale(cls, config: Any, head_dim: int) -> float:
+        return head_dim**-0.5
 
     @classmethod
     def _biases(cls, config: Any) -> dict[str, bool]:
@@ -380,3 +386,54 @@ class Qwen3ForCausalLM(LlamaForCausalLM):
     """Qwen3: Llama layout (no biases by default) with per-head q/k RMSNorm before rotary."""
 
     decoder_layer_cls = Qwen3DecoderLayer
+
+
+class GraniteDecoderLayer(LlamaDecoderLayer):
+    """Granite: each block's output is scaled by ``residual_multiplier`` before it joins the stream."""
+
+    def __init__(self, b: LlamaBuild, prefix: str) -> None:
+        super().__init__(b, prefix)
+        self.residual_scale = float(b.config.residual_multiplier)
+
+    def spec(self) -> DecoderLayerSpec:
+        return replace(super().spec(), output_scale=self.residual_scale)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = self.input_layernorm(hidden, residual)
+        a = self.self_attn(x, cos, sin, kv_cache, attn) * self.residual_scale
+        x = self.post_attention_layernorm(a, residual)
+        return self.mlp(x) * self.residual_scale
+
+
+class GraniteForCausalLM(LlamaForCausalLM):
+    """IBM Granite: Llama layout with an embedding multiplier, block outputs scaled by the residual
+    multiplier, the attention multiplier as softmax scale, and logits divided by logits_scaling."""
+
+    decoder_layer_cls = GraniteDecoderLayer
+
+    def __init__(self, config: Any, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.embedding_scale = float(config.embedding_multiplier)
+        self.logits_scaling = float(config.logits_scaling)
+
+    @classmethod
+    def _attention_scale(cls, config: Any, head_dim: int) -> float:
+        return float(config.attention_multiplier)
+
+    def prepare(
+        self, input_ids: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden, residual, cos, sin = super().prepare(input_ids, positions)
+        residual.mul_(self.embedding_scale)
+        return hidden, residual, cos, sin
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().compute_logits(hidden) / self.logits_scaling

@@ -69,6 +69,9 @@ class DecoderLayerSpec:
     mlp_norm: RMSNorm | None  # pre-norm of the MLP block
     attention_out_norm: RMSNorm | None = None  # on attention's output, before it joins the stream
     mlp_out_norm: RMSNorm | None = None  # on the MLP's output, before it joins the stream
+    # Each block's output (after its out-norm) is multiplied by this before it joins the stream
+    # (Granite's residual_multiplier).
+    output_scale: float = 1.0
 
     def norms(self) -> dict[str, RMSNorm]:
         """The norms present, by slot name (``attention``, ``attention_out``, ``mlp``, ``mlp_out``)."""

@@ -235,12 +235,19 @@ class LayerQuantizer:
             lin.weight.data = part.dequant.to(lin.weight.dtype)
 
 
+def _residual_scale(layer) -> float:
+    """What each block's output is multiplied by before it joins the stream (Granite's
+    residual_multiplier; 1 for Llama)."""
+    return float(getattr(layer, "residual_multiplier", 1.0))
+
+
 def _check_layer_structure(layer, x: torch.Tensor, kwargs: dict) -> None:
     """The staged forward must reproduce the layer's own forward (pre-norm residual blocks)."""
+    scale = _residual_scale(layer)
     with torch.no_grad():
         ref = _layer_output(layer(x, **kwargs))
-        h = x + _layer_output(layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs))
-        out = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = x + scale * _layer_output(layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs))
+        out = h + scale * layer.mlp(layer.post_attention_layernorm(h))
     if not torch.allclose(ref, out, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-6):
         raise UnsupportedArchitectureError(
             f"{type(layer).__name__} does not follow the pre-norm residual layout of the Llama recipe"
@@ -251,6 +258,7 @@ def _quantize_layer_sequential(layer, q: LayerQuantizer, hidden: list[torch.Tens
     qkv, o, gate_up, down = LINEAR_GROUPS
     attn, mlp = layer.self_attn, layer.mlp
     o_proj, down_proj = _submodule(layer, o[0]), _submodule(layer, down[0])
+    scale = _residual_scale(layer)
     with torch.no_grad():
         acc = HessianAccumulator(hidden[0].shape[-1])
         for x in hidden:
@@ -269,7 +277,7 @@ def _quantize_layer_sequential(layer, q: LayerQuantizer, hidden: list[torch.Tens
         residual = []
         acc = HessianAccumulator(hidden[0].shape[-1])
         for i, x in enumerate(hidden):
-            h = x + o_proj(attn_out[i])
+            h = x + scale * o_proj(attn_out[i])
             attn_out[i] = hidden[i] = None
             residual.append(h)
             acc.add(layer.post_attention_layernorm(h))
@@ -290,10 +298,10 @@ def _quantize_layer_sequential(layer, q: LayerQuantizer, hidden: list[torch.Tens
         outputs = []
         for i, h in enumerate(residual):
             if keep:
-                outputs.append(h + down_proj(mlp_hidden[i]))
+                outputs.append(h + scale * down_proj(mlp_hidden[i]))
                 mlp_hidden[i] = None
             else:
-                outputs.append(h + mlp(layer.post_attention_layernorm(h)))
+                outputs.append(h + scale * mlp(layer.post_attention_layernorm(h)))
             residual[i] = None
     return outputs
 

@@ -59,6 +59,8 @@ TORCH_LIBRARY(tgs_cpu, m) {
            [](const intrusive_ptr<DecoderLayer>& self, const std::string& block, const at::Tensor& bias) {
              self->set_output_bias(block, bias);
            })
+      .def("set_output_scale",
+           [](const intrusive_ptr<DecoderLayer>& self, double scale) { self->set_output_scale(scale); })
       .def("check", [](const intrusive_ptr<DecoderLayer>& self) { self->check(); })
       .def("attention",
            [](const intrusive_ptr<DecoderLayer>& self, const at::Tensor& hidden, at::Tensor residual,

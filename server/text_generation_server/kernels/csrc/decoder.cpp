@@ -118,6 +118,11 @@ void DecoderLayer::set_output_bias(const std::string& block, const at::Tensor& b
   (block == "attention" ? o_bias : down_bias) = b;
 }
 
+void DecoderLayer::set_output_scale(double scale) {
+  TORCH_CHECK(std::isfinite(scale) && scale != 0, "the output scale must be finite and non-zero, not ", scale);
+  output_scale = scale;
+}
+
 void DecoderLayer::check() const {
   TORCH_CHECK(qkv && o, "the layer's attention is not set");
   TORCH_CHECK(gate_up && down, "the layer's MLP is not set");
@@ -140,9 +145,10 @@ at::Tensor enter_block(const Norm& norm, const at::Tensor& x, at::Tensor& residu
   return residual;
 }
 
-at::Tensor leave_block(const Norm& norm, const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
-  const at::Tensor y = bias.has_value() ? at::add(x, *bias) : x;
-  return norm.present() ? rms_norm(y, norm.weight, norm.eps) : y;
+at::Tensor leave_block(const Norm& norm, const c10::optional<at::Tensor>& bias, double scale, const at::Tensor& x) {
+  at::Tensor y = bias.has_value() ? at::add(x, *bias) : x;
+  if (norm.present()) y = rms_norm(y, norm.weight, norm.eps);
+  return scale == 1.0 ? y : at::mul(y, scale);
 }
 
 // heads [B, n, D] (a view into the fused qkv output) replaced by their RMSNorm over D.
@@ -176,7 +182,7 @@ at::Tensor DecoderLayer::attention(const at::Tensor& hidden, at::Tensor residual
 }
 
 at::Tensor DecoderLayer::finish_attention(const at::Tensor& x) const {
-  return leave_block(attention_out_norm, o_bias, x);
+  return leave_block(attention_out_norm, o_bias, output_scale, x);
 }
 
 at::Tensor DecoderLayer::mlp(const at::Tensor& attention, at::Tensor residual) const {
@@ -184,7 +190,9 @@ at::Tensor DecoderLayer::mlp(const at::Tensor& attention, at::Tensor residual) c
   return down->apply(silu_mul(gate_up->apply(x)));
 }
 
-at::Tensor DecoderLayer::finish_mlp(const at::Tensor& x) const { return leave_block(mlp_out_norm, down_bias, x); }
+at::Tensor DecoderLayer::finish_mlp(const at::Tensor& x) const {
+  return leave_block(mlp_out_norm, down_bias, output_scale, x);
+}
 
 void DecoderStack::append(const c10::intrusive_ptr<DecoderLayer>& layer) {
   layer->check();

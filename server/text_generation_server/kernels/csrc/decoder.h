@@ -55,6 +55,7 @@ struct DecoderLayer : torch::CustomClassHolder {
   c10::intrusive_ptr<Linear> qkv, o, gate_up, down;
   // Biases of the row-parallel o and down, added once after the all-reduce (in finish_*).
   c10::optional<at::Tensor> o_bias, down_bias;
+  double output_scale = 1.0;  // each block's finished output times this (Granite's residual_multiplier)
   int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
   double scale = 0;
 
@@ -64,6 +65,7 @@ struct DecoderLayer : torch::CustomClassHolder {
   void set_mlp(const c10::intrusive_ptr<Linear>& gate_up, const c10::intrusive_ptr<Linear>& down,
                const std::string& activation);
   void set_output_bias(const std::string& block, const at::Tensor& bias);  // block: attention or mlp
+  void set_output_scale(double scale);
   void check() const;
 
   // residual += hidden; x = attention_norm; qkv; head norms and rotary on q and k; k, v into the cache;
@@ -72,11 +74,12 @@ struct DecoderLayer : torch::CustomClassHolder {
   at::Tensor attention(const at::Tensor& hidden, at::Tensor residual, const at::Tensor& cos, const at::Tensor& sin,
                        at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
                        const at::Tensor& block_tables, const at::Tensor& context_lens) const;
-  at::Tensor finish_attention(const at::Tensor& x) const;  // + o's bias, then attention_out_norm, where present
+  // + o's bias, then attention_out_norm, where present, times output_scale.
+  at::Tensor finish_attention(const at::Tensor& x) const;
   // residual += attention; x = mlp_norm; returns down(silu(gate) * up) (a partial sum when
   // down is row-parallel: all-reduce it, then finish_mlp).
   at::Tensor mlp(const at::Tensor& attention, at::Tensor residual) const;
-  at::Tensor finish_mlp(const at::Tensor& x) const;  // + down's bias, then mlp_out_norm, where present
+  at::Tensor finish_mlp(const at::Tensor& x) const;  // + down's bias, mlp_out_norm, times output_scale
 };
 
 // The decode step of every decoder layer of one unsplit model, one call.
