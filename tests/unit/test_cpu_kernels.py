@@ -94,8 +94,10 @@ def test_write_kv_stores_rows_at_their_slots_like_index_copy():
         ops().write_kv_(k, v, cache_k, cache_v, torch.tensor([1, 2, 64]))
 
 
+@pytest.mark.parametrize("window", [0, 1, 7, 16, 40], ids=lambda w: f"window{w}")
 @pytest.mark.parametrize("kv_heads,group,d", [(3, 3, 64), (1, 4, 32), (2, 1, 128), (1, 9, 64)])
-def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(kv_heads, group, d):
+def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(kv_heads, group, d, window):
+    """With a sliding window (> 0) each query sees the last ``window`` positions of its context."""
     g = gen(5)
     block, blocks = 16, 12
     k_cache = torch.randn(blocks, block, kv_heads, d, generator=g)
@@ -111,9 +113,11 @@ def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(kv_heads, 
     heads = kv_heads * group
     q_rows = torch.randn(len(lens), (heads + 2 * kv_heads) * d, generator=g)
     q = q_rows[:, : heads * d].view(len(lens), heads, d)  # a strided view, as in the model
-    out = ops().paged_attention_decode(q, k_cache, v_cache, tables, torch.tensor(lens), d**-0.5)
+    out = ops().paged_attention_decode(q, k_cache, v_cache, tables, torch.tensor(lens), d**-0.5, window)
     for i, n in enumerate(lens):
         slots = torch.cat([torch.arange(block) + int(b) * block for b in tables[i]])[:n]
+        if window:
+            slots = slots[-window:]
         keys = k_cache.view(-1, kv_heads, d)[slots].transpose(0, 1)  # [kvh, n, d]
         values = v_cache.view(-1, kv_heads, d)[slots].transpose(0, 1)
         ref = F.scaled_dot_product_attention(

@@ -172,6 +172,14 @@ def family_checkpoint(tmp_path: Path, kind: str) -> Path:
         config = tf.GraniteConfig(**SMALL, embedding_multiplier=12.0, residual_multiplier=0.22,
                                   attention_multiplier=0.015625, logits_scaling=8.0, tie_word_embeddings=True)
         return build_random(tmp_path, tf.GraniteForCausalLM, config)
+    if kind == "mistral-window":
+        # A window shorter than the test's sequences, not a multiple of the block size.
+        return build_random(tmp_path, tf.MistralForCausalLM, tf.MistralConfig(**SMALL, sliding_window=7, head_dim=16))
+    if kind == "qwen2-window":
+        # Qwen2's layers from max_window_layers on slide; the first attends to everything.
+        config = tf.Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=9, max_window_layers=1,
+                                tie_word_embeddings=False)
+        return build_random(tmp_path, tf.Qwen2ForCausalLM, config)
     if kind == "mistral":
         return build_random(
             tmp_path,
@@ -199,7 +207,7 @@ def family_checkpoint(tmp_path: Path, kind: str) -> Path:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "granite", "mistral", "llama-biases", "llama3-rope", "linear-rope"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "granite", "mistral", "mistral-window", "qwen2-window", "llama-biases", "llama3-rope", "linear-rope"])
 def test_family_members_equal_transformers_through_prefill_and_decode(tmp_path, kind, cpu_kernels):
     path = family_checkpoint(tmp_path, kind)
     ids = random_ids(40, 384, seed=11)
@@ -380,3 +388,25 @@ def test_family_member_quantized_by_our_quantizer_serves_its_encoded_weights_nat
     assert model.kernel == default_cpu_int4_kernel()
     assert model.plan.name == ("native-cpu-stack" if cpu_kernels == "native" else "modules"), model.plan.describe()
     assert float((got - want).norm() / want.norm()) < 2e-2
+
+
+@pytest.mark.parametrize("kind", ["mistral-window", "qwen2-window"])
+def test_sliding_window_through_chunked_prefill_and_a_batch_of_decodes(tmp_path, kind, cpu_kernels):
+    """Prefill in two chunks (the second attends to cached keys through the window), then batched
+    decode steps of two sequences of different lengths, both past the window."""
+    path = family_checkpoint(tmp_path, kind)
+    model = ours(path)
+    windows = model.sliding_windows
+    assert windows == ([7, 7] if kind == "mistral-window" else [None, 9]), windows
+    assert "sliding window" in model.tp_plan
+    a, b = random_ids(30, 384, seed=21), random_ids(19, 384, seed=22)
+    runner = PagedRunner(model, block_size=4)
+    first = runner.step([("a", a[:12]), ("b", b[:5])])
+    second = runner.step([("a", a[12:24]), ("b", b[5:15])])
+    want_a, want_b = reference_logits(path, a), reference_logits(path, b)
+    torch.testing.assert_close(torch.cat([first[0], second[0]]), want_a[:24], atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.cat([first[1], second[1]]), want_b[:15], atol=ATOL, rtol=0)
+    for step in range(4):
+        out = runner.step([("a", [a[24 + step]]), ("b", [b[15 + step]])])
+        torch.testing.assert_close(out[0][0], want_a[24 + step], atol=ATOL, rtol=0)
+        torch.testing.assert_close(out[1][0], want_b[15 + step], atol=ATOL, rtol=0)

@@ -131,6 +131,8 @@ def build_layer(layer: DecoderLayerSpec) -> Any:
             out.set_output_bias(block, lin.bias.data)
     if layer.output_scale != 1.0:
         out.set_output_scale(float(layer.output_scale))
+    if a.sliding_window:
+        out.set_sliding_window(int(a.sliding_window))
     out.check()
     return out
 

@@ -115,8 +115,12 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         attn: AttentionMetadata,
         scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
-        """``q [T, heads, D]``, new ``k``/``v`` ``[T, kv_heads, D]`` -> ``[T, heads, D]``."""
+        """``q [T, heads, D]``, new ``k``/``v`` ``[T, kv_heads, D]`` -> ``[T, heads, D]``.
+
+        ``window``: a sliding window; each query sees only the keys of the last ``window``
+        positions up to its own (``key > query - window``, as transformers masks it)."""
 
 
 class TorchSDPABackend(AttentionBackend):
@@ -139,10 +143,11 @@ class TorchSDPABackend(AttentionBackend):
         v_cache: torch.Tensor,
         attn: AttentionMetadata,
         scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
         write_kv(k, v, k_cache, v_cache, attn.slot_mapping)
         if attn.is_decode:
-            return self._decode(q, k_cache, v_cache, attn, scale, rows=None)
+            return self._decode(q, k_cache, v_cache, attn, scale, rows=None, window=window)
         out = torch.empty_like(q)
         starts = attn.query_start_loc
         contexts = attn.context_lens_list
@@ -152,16 +157,16 @@ class TorchSDPABackend(AttentionBackend):
             tokens = attn.memo(
                 "single_tokens", lambda: torch.tensor([starts[b] for b in single], device=q.device)
             )
-            out[tokens] = self._decode(q[tokens], k_cache, v_cache, attn, scale, rows=rows)
+            out[tokens] = self._decode(q[tokens], k_cache, v_cache, attn, scale, rows=rows, window=window)
         for b, n in enumerate(attn.query_lens):
             if n == 1:
                 continue
             s, e = starts[b], starts[b + 1]
             ctx = contexts[b]
-            if ctx == n:
+            if ctx == n and (window is None or n <= window):
                 out[s:e] = self._causal(q[s:e], k[s:e], v[s:e], scale)
             else:
-                out[s:e] = self._with_context(q[s:e], k_cache, v_cache, attn, b, ctx, scale)
+                out[s:e] = self._with_context(q[s:e], k_cache, v_cache, attn, b, ctx, scale, window)
         return out
 
     @staticmethod
@@ -205,18 +210,23 @@ class TorchSDPABackend(AttentionBackend):
         b: int,
         ctx: int,
         scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
         n = q.shape[0]
         block_size, kv_heads, head_dim = k_cache.shape[1:]
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
             slots = _context_slots(attn.block_tables[b : b + 1], block_size, ctx)[0]
-            # Query i sits at position ctx - n + i and sees keys up to that position.
+            # Query i sits at position ctx - n + i and sees keys up to that position
+            # (and, with a window, after position - window).
             key_pos = torch.arange(ctx, device=q.device)
             query_pos = torch.arange(n, device=q.device) + (ctx - n)
-            return slots, key_pos[None, :] <= query_pos[:, None]
+            mask = key_pos[None, :] <= query_pos[:, None]
+            if window is not None:
+                mask &= key_pos[None, :] > query_pos[:, None] - window
+            return slots, mask
 
-        slots, mask = attn.memo(("context", b, block_size), build)
+        slots, mask = attn.memo(("context", b, block_size, window), build)
         # index_select: a plain row gather, several times cheaper than advanced indexing.
         keys = k_cache.view(-1, kv_heads, head_dim).index_select(0, slots).to(q.dtype)
         values = v_cache.view(-1, kv_heads, head_dim).index_select(0, slots).to(q.dtype)
@@ -237,6 +247,7 @@ class TorchSDPABackend(AttentionBackend):
         attn: AttentionMetadata,
         scale: float,
         rows: torch.Tensor | None,
+        window: int | None = None,
     ) -> torch.Tensor:
         """One new token per sequence (``rows`` of the batch, or all): ``q [B, heads, D]``."""
         block_size, kv_heads, head_dim = k_cache.shape[1:]
@@ -246,12 +257,15 @@ class TorchSDPABackend(AttentionBackend):
             lens = attn.context_lens if rows is None else attn.context_lens[rows]
             longest = int(lens.max())
             slots = _context_slots(tables, block_size, longest)
-            if bool((lens == longest).all()):
+            if bool((lens == longest).all()) and (window is None or longest <= window):
                 return slots, None
-            valid = torch.arange(longest, device=lens.device)[None, :] < lens[:, None]
+            pos = torch.arange(longest, device=lens.device)[None, :]
+            valid = pos < lens[:, None]
+            if window is not None:
+                valid &= pos >= lens[:, None] - window  # the query sits at lens - 1
             return slots, valid[:, None, None, :]
 
-        slots, mask = attn.memo(("decode", rows is None, block_size), build)
+        slots, mask = attn.memo(("decode", rows is None, block_size, window), build)
         batch, length = slots.shape
         flat = slots.reshape(-1)
         keys = k_cache.view(-1, kv_heads, head_dim).index_select(0, flat).view(batch, length, kv_heads, head_dim)
@@ -287,13 +301,14 @@ class CpuPagedDecodeBackend(TorchSDPABackend):
         v_cache: torch.Tensor,
         attn: AttentionMetadata,
         scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
         ops = native_ops(q, k, v, k_cache, v_cache) if attn.is_decode else None
         if ops is None or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-            return super().forward(q, k, v, k_cache, v_cache, attn, scale)
+            return super().forward(q, k, v, k_cache, v_cache, attn, scale, window)
         ops.write_kv_(k, v, k_cache, v_cache, attn.slot_mapping)
         return ops.paged_attention_decode(
-            q, k_cache, v_cache, attn.block_tables, attn.context_lens, scale
+            q, k_cache, v_cache, attn.block_tables, attn.context_lens, scale, window or 0
         )
 
 
@@ -326,6 +341,7 @@ class PagedAttention(torch.nn.Module):
         *,
         scale: float,
         backend: AttentionBackend,
+        sliding_window: int | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -333,6 +349,7 @@ class PagedAttention(torch.nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.backend = backend
+        self.sliding_window = sliding_window
 
     def forward(
         self,
@@ -344,8 +361,10 @@ class PagedAttention(torch.nn.Module):
     ) -> torch.Tensor:
         """``q [T, heads, D]``, ``k``/``v`` ``[T, kv_heads, D]`` -> ``[T, heads * D]``."""
         k_cache, v_cache = kv_cache
-        out = self.backend.forward(q, k, v, k_cache, v_cache, attn, self.scale)
+        out = self.backend.forward(q, k, v, k_cache, v_cache, attn, self.scale, self.sliding_window)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
 
     def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, backend={self.backend.name}"
+        window = f", sliding_window={self.sliding_window}" if self.sliding_window else ""
+        return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}{window}, "
+                f"backend={self.backend.name}")

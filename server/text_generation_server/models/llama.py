@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
-from loguru import logger
 
 from text_generation_server.distributed import Distributed
 from text_generation_server.layers.attention import (
@@ -64,6 +63,7 @@ class LlamaBuild:
     o_bias: bool
     mlp_bias: bool
     attention_scale: float  # softmax scale of q.k
+    sliding_window: int | None = None  # this layer's (set per layer by LlamaModel)
 
     def tensor_args(self) -> dict[str, Any]:
         return {"dist": self.dist, "dtype": self.dtype, "device": self.device}
@@ -98,7 +98,8 @@ class LlamaAttention(torch.nn.Module):
             **b.tensor_args(),
         )
         self.attn = PagedAttention(
-            self.num_heads, self.num_kv_heads, hd, scale=b.attention_scale, backend=b.backend
+            self.num_heads, self.num_kv_heads, hd, scale=b.attention_scale, backend=b.backend,
+            sliding_window=b.sliding_window,
         )
 
     def forward(
@@ -190,6 +191,7 @@ class LlamaDecoderLayer(torch.nn.Module):
                 qkv=a.qkv_proj, o=a.o_proj, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
                 head_dim=a.head_dim, scale=a.attn.scale, rotary="neox",
                 q_norm=getattr(a, "q_norm", None), k_norm=getattr(a, "k_norm", None),
+                sliding_window=a.attn.sliding_window,
             ),
             mlp=MLPSpec(gate_up=m.gate_up_proj, down=m.down_proj, activation="silu"),
             attention_norm=self.input_layernorm,
@@ -213,14 +215,15 @@ class LlamaDecoderLayer(torch.nn.Module):
 
 
 class LlamaModel(torch.nn.Module):
-    def __init__(self, b: LlamaBuild, layer_cls: type[LlamaDecoderLayer]) -> None:
+    def __init__(self, b: LlamaBuild, layer_cls: type[LlamaDecoderLayer], windows: list[int | None]) -> None:
         super().__init__()
         config = b.config
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, **b.tensor_args()
         )
         self.layers = torch.nn.ModuleList(
-            layer_cls(b, f"model.layers.{i}") for i in range(config.num_hidden_layers)
+            layer_cls(replace(b, sliding_window=windows[i]), f"model.layers.{i}")
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=b.dtype, device=b.device)
 
@@ -265,7 +268,7 @@ class LlamaForCausalLM(CausalLM):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
         partitions = partition_heads(num_heads, num_kv_heads, dist.world_size)
         self.num_kv_heads = partitions[dist.rank].num_kv_heads
-        self._warn_unsupported_features(config)
+        self.sliding_windows = self._sliding_windows(config)
         self.rotary = RotaryEmbedding.from_config(config, self.head_dim, device)
         build = LlamaBuild(
             config=config,
@@ -281,7 +284,7 @@ class LlamaForCausalLM(CausalLM):
             attention_scale=self._attention_scale(config, self.head_dim),
             **self._biases(config),
         )
-        self.model = LlamaModel(build, self.decoder_layer_cls)
+        self.model = LlamaModel(build, self.decoder_layer_cls, self.sliding_windows)
         self.lm_head = ParallelLMHead(
             config.vocab_size,
             config.hidden_size,
@@ -304,22 +307,35 @@ class LlamaForCausalLM(CausalLM):
             "mlp_bias": bool(getattr(config, "mlp_bias", False)),
         }
 
-    def _warn_unsupported_features(self, config: Any) -> None:
+    @staticmethod
+    def _sliding_windows(config: Any) -> list[int | None]:
+        """Each layer's sliding window (None: full attention). ``layer_types`` says which layers
+        slide where the config has it (Qwen2/Qwen3 from ``max_window_layers``); otherwise a
+        ``sliding_window`` applies to every layer unless ``use_sliding_window`` is false (Mistral)."""
+        n = config.num_hidden_layers
         window = getattr(config, "sliding_window", None)
-        if window and getattr(config, "use_sliding_window", True):
-            logger.warning(
-                f"sliding_window={window} is ignored: attention spans the whole context, "
-                f"which differs from the reference only for sequences longer than {window} tokens"
-            )
+        if not window:
+            return [None] * n
+        types = getattr(config, "layer_types", None)
+        if types:
+            return [int(window) if t == "sliding_attention" else None for t in types]
+        if getattr(config, "use_sliding_window", True) is False:
+            return [None] * n
+        return [int(window)] * n
 
     def _describe_plan(self, b: LlamaBuild, partitions: list[HeadPartition]) -> str:
         world = self.dist.world_size
+        sliding = [w for w in self.sliding_windows if w]
+        slide = ""
+        if sliding:
+            sizes = "/".join(map(str, sorted(set(sliding))))
+            slide = f", sliding window {sizes} on {len(sliding)} of {len(self.sliding_windows)} layers"
         if world == 1:
-            return f"single shard: {b.num_heads} q heads, {b.num_kv_heads} kv heads, no split"
+            return f"single shard: {b.num_heads} q heads, {b.num_kv_heads} kv heads, no split{slide}"
         align = b.quant.input_alignment()
         mlp = "/".join(map(str, _split_sizes(self.config.intermediate_size, world, align)))
         vocab = "/".join(map(str, _split_sizes(self.vocab_size, world)))
-        return f"{world} shards: {describe_partition(partitions)}, mlp {mlp}, vocab {vocab}"
+        return f"{world} shards: {describe_partition(partitions)}, mlp {mlp}, vocab {vocab}{slide}"
 
     def spec(self) -> ModelSpec:
         return ModelSpec(
@@ -367,7 +383,7 @@ class LlamaForCausalLM(CausalLM):
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    """Mistral: Llama layout; its sliding window is not applied (logged at load)."""
+    """Mistral: Llama layout with a sliding window on every layer (where the config sets one)."""
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

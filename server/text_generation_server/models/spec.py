@@ -48,6 +48,7 @@ class AttentionSpec:
     # RMSNorm over each query / key head (weights of head_dim) before rotary (Qwen3).
     q_norm: RMSNorm | None = None
     k_norm: RMSNorm | None = None
+    sliding_window: int | None = None  # attend to the last this many positions only
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,11 @@ void write_kv_(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at
 
 // One query per sequence: q [B, H, D] (packed heads, any row stride) attends
 // to the first context_lens[b] tokens of its blocks in k/v cache
-// [num_blocks, block_size, KVH, D]; query heads h*G..h*G+G-1 share KV head h.
+// [num_blocks, block_size, KVH, D] (with window > 0, to the last `window` of
+// them only: a sliding window); query heads h*G..h*G+G-1 share KV head h.
 at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                  int64_t window) {
   check_cpu_float(q, "q");
   check_cpu_float(k_cache, "k_cache");
   check_cpu_float(v_cache, "v_cache");
@@ -50,6 +52,7 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(H % KVH == 0, H, " query heads do not group over ", KVH, " kv heads");
   TORCH_CHECK(D % 8 == 0 && D <= 512, "head_dim must be a multiple of 8 up to 512");
   TORCH_CHECK(block_tables.size(0) == B && context_lens.numel() == B, "one block table and length per sequence");
+  TORCH_CHECK(window >= 0, "the sliding window must be positive (or 0 for none), not ", window);
   const int64_t GQ = H / KVH, MAXB = block_tables.size(1);
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
@@ -67,7 +70,9 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / KVH, h = task % KVH, L = lens[b];
+      const int64_t b = task / KVH, h = task % KVH;
+      // Positions t0 .. lens[b] - 1 are attended; L of them.
+      const int64_t t0 = (window > 0 && lens[b] > window) ? lens[b] - window : 0, L = lens[b] - t0;
       scores.resize(static_cast<size_t>(GQ * L));
       const int64_t* table = tables + b * MAXB;
       for (int64_t g = 0; g < GQ; ++g) {
@@ -75,7 +80,8 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
         float* srow = scores.data() + g * L;
         float mx = -INFINITY;
         for (int64_t t = 0; t < L; ++t) {
-          const float* kt = kc + (table[t / BS] * BS + t % BS) * tok + h * D;
+          const int64_t pos = t0 + t;
+          const float* kt = kc + (table[pos / BS] * BS + pos % BS) * tok + h * D;
           __m256 acc = _mm256_setzero_ps();
           for (int64_t i = 0; i < nv; ++i) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * i), _mm256_loadu_ps(kt + 8 * i), acc);
           const float s = hsum(acc) * sc;
@@ -106,7 +112,8 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
       if (local)
         for (int64_t i = 0; i < GQ * nv; ++i) acc[i] = _mm256_setzero_ps();
       for (int64_t t = 0; t < L; ++t) {
-        const float* vt = vc + (table[t / BS] * BS + t % BS) * tok + h * D;
+        const int64_t pos = t0 + t;
+        const float* vt = vc + (table[pos / BS] * BS + pos % BS) * tok + h * D;
         for (int64_t g = 0; g < GQ; ++g) {
           const __m256 p = _mm256_set1_ps(scores[g * L + t]);
           if (local) {

@@ -24,7 +24,7 @@ TORCH_LIBRARY(tgs_cpu, m) {
   m.def("write_kv_(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots) -> ()", &tgs::write_kv_);
   m.def(
       "paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
-      "float scale) -> Tensor",
+      "float scale, int window=0) -> Tensor",
       &tgs::paged_attention_decode);
 
   m.class_<Linear>("Linear")
@@ -59,6 +59,8 @@ TORCH_LIBRARY(tgs_cpu, m) {
            [](const intrusive_ptr<DecoderLayer>& self, const std::string& block, const at::Tensor& bias) {
              self->set_output_bias(block, bias);
            })
+      .def("set_sliding_window",
+           [](const intrusive_ptr<DecoderLayer>& self, int64_t window) { self->set_sliding_window(window); })
       .def("set_output_scale",
            [](const intrusive_ptr<DecoderLayer>& self, double scale) { self->set_output_scale(scale); })
       .def("check", [](const intrusive_ptr<DecoderLayer>& self) { self->check(); })

@@ -118,6 +118,11 @@ void DecoderLayer::set_output_bias(const std::string& block, const at::Tensor& b
   (block == "attention" ? o_bias : down_bias) = b;
 }
 
+void DecoderLayer::set_sliding_window(int64_t window) {
+  TORCH_CHECK(window >= 0, "the sliding window must be positive (or 0 for none), not ", window);
+  sliding_window = window;
+}
+
 void DecoderLayer::set_output_scale(double scale) {
   TORCH_CHECK(std::isfinite(scale) && scale != 0, "the output scale must be finite and non-zero, not ", scale);
   output_scale = scale;
@@ -177,7 +182,7 @@ at::Tensor DecoderLayer::attention(const at::Tensor& hidden, at::Tensor residual
   at::Tensor v = qkv_out.narrow(1, (H + KVH) * D, KVH * D).view({B, KVH, D});
   write_kv_(k, v, k_cache, v_cache, slots);
   at::Tensor q = qkv_out.narrow(1, 0, H * D).view({B, H, D});
-  at::Tensor attn = paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale);
+  at::Tensor attn = paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window);
   return o->apply(attn.view({B, H * D}));
 }
 

@@ -58,6 +58,7 @@ struct DecoderLayer : torch::CustomClassHolder {
   double output_scale = 1.0;  // each block's finished output times this (Granite's residual_multiplier)
   int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
   double scale = 0;
+  int64_t sliding_window = 0;  // attend to the last this many positions only; 0: all
 
   void set_norm(const std::string& slot, const at::Tensor& weight, double eps);
   void set_attention(const c10::intrusive_ptr<Linear>& qkv, const c10::intrusive_ptr<Linear>& o, int64_t num_heads,
@@ -66,6 +67,7 @@ struct DecoderLayer : torch::CustomClassHolder {
                const std::string& activation);
   void set_output_bias(const std::string& block, const at::Tensor& bias);  // block: attention or mlp
   void set_output_scale(double scale);
+  void set_sliding_window(int64_t window);
   void check() const;
 
   // residual += hidden; x = attention_norm; qkv; head norms and rotary on q and k; k, v into the cache;
