@@ -21,7 +21,7 @@ from loguru import logger
 from text_generation_server.utils.sockets import SocketInUseError, clear_stale_socket, shard_socket
 
 from .args import LauncherArgs, router_limit_args, router_tls_args
-from .preflight import PreflightError, check_quantization, check_tokenizer
+from .preflight import PreflightError, check_model, check_quantization, check_tokenizer
 from .probes import (
     PortInUseError,
     check_port_free,
@@ -138,6 +138,7 @@ def serve(
     env = os.environ if env is None else env
     sockets = [shard_socket(args.shard_uds_path, rank) for rank in range(args.num_shard)]
     try:
+        check_model(model_path)
         check_quantization(args, model_path)
         check_tokenizer(model_path)
         _preflight(args, sockets)

@@ -56,6 +56,20 @@ def check_quantization(args: LauncherArgs, model_dir: Path) -> str:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
+def check_model(model_dir: Path) -> None:
+    """Refuse an architecture, or a feature of its config, that the shards do not serve (the
+    server's own check, on config.json only), before the shards spend minutes loading."""
+    from text_generation_server.models import UnsupportedModelError, check_model_config
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        return  # not a model directory; the shard names what is missing
+    try:
+        check_model_config(model_dir)
+    except UnsupportedModelError as err:
+        raise PreflightError(str(err)) from err
+
+
 def check_tokenizer(model_dir: Path) -> None:
     """Refuse a model directory with no tokenizer before the shards spend minutes loading.
 

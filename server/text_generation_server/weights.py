@@ -85,9 +85,15 @@ class Weights:
         self.dist = dist
         self._handles: dict[Path, Any] = {}
         self._routing: dict[str, Path] = {}
+        # Views: name -> (stored tensor, dim, start, stop), a block of a stored tensor under a name
+        # of its own (the parts of a fused projection); see split().
+        self._views: dict[str, tuple[str, int, int, int]] = {}
+        self._order: list[str] = []
         for f in self.files:
             handle = self._handle(f)
             for name in handle.keys():
+                if name not in self._routing:
+                    self._order.append(name)
                 self._routing.setdefault(name, f)
 
     def _handle(self, f: Path) -> Any:
@@ -104,14 +110,42 @@ class Weights:
         self._handles.clear()
 
     def names(self) -> list[str]:
-        """All tensor names in the checkpoint, in file order."""
-        return list(self._routing)
+        """All tensor names in the checkpoint, in file order (a split tensor by its parts' names)."""
+        return list(self._order)
 
     def has(self, name: str) -> bool:
-        return name in self._routing
+        return name in self._order
+
+    def split(self, name: str, dim: int, parts: list[tuple[str, int | None]]) -> None:
+        """Present the stored tensor ``name`` as consecutive blocks along ``dim``, each under its
+        own name: ``parts`` is ``[(new name, size), ...]`` and must cover the dim exactly, or give
+        the size ``None`` for a part that is the whole tensor (shared by every part, e.g. a GPTQ
+        g_idx). ``name`` itself is no longer listed."""
+        if name in self._views:
+            raise CheckpointError(f"tensor '{name}' is itself a view")
+        shape = self.get_shape(name)
+        sized = [size for _, size in parts if size is not None]
+        if sized and sum(sized) != shape[dim]:
+            raise CheckpointError(
+                f"tensor '{name}' in {self.file_of(name).name} has size {shape[dim]} along dim {dim}, "
+                f"expected the parts {sized} summing to {sum(sized)}"
+            )
+        position = self._order.index(name)
+        offset = 0
+        names = []
+        for part, size in parts:
+            if size is None:
+                self._views[part] = (name, dim, 0, shape[dim])
+            else:
+                self._views[part] = (name, dim, offset, offset + size)
+                offset += size
+            names.append(part)
+        self._order[position : position + 1] = names
 
     def file_of(self, name: str) -> Path:
         """The file that holds ``name``; :class:`CheckpointError` when none does."""
+        if name in self._views:
+            return self.file_of(self._views[name][0])
         try:
             return self._routing[name]
         except KeyError:
@@ -121,6 +155,11 @@ class Weights:
             ) from None
 
     def get_shape(self, name: str) -> list[int]:
+        if name in self._views:
+            source, dim, start, stop = self._views[name]
+            shape = self.get_shape(source)
+            shape[dim] = stop - start
+            return shape
         return list(self._handle(self.file_of(name)).get_slice(name).get_shape())
 
     def _finish(self, t: torch.Tensor, cast: bool) -> torch.Tensor:
@@ -130,12 +169,27 @@ class Weights:
 
     def get_tensor(self, name: str, *, cast: bool = True) -> torch.Tensor:
         """The whole tensor (for replicated parameters such as norms)."""
+        if name in self._views:
+            return self.get_slices(name, {}, cast=cast)
         return self._finish(self._handle(self.file_of(name)).get_tensor(name), cast)
 
     def get_slices(
         self, name: str, ranges: dict[int, tuple[int, int]], *, cast: bool = True
     ) -> torch.Tensor:
         """The block ``[start, stop)`` along each listed dim, full along the others."""
+        if name in self._views:
+            source, vdim, vstart, vstop = self._views[name]
+            ndim = len(self.get_shape(source))
+            vdim %= ndim
+            shifted = {d % ndim: r for d, r in ranges.items()}
+            start, stop = shifted.get(vdim, (0, vstop - vstart))
+            if not 0 <= start <= stop <= vstop - vstart:
+                raise CheckpointError(
+                    f"tensor '{name}' (part of '{source}') has size {vstop - vstart} along dim {vdim}; "
+                    f"cannot take [{start}, {stop})"
+                )
+            shifted[vdim] = (vstart + start, vstart + stop)
+            return self.get_slices(source, shifted, cast=cast)
         f = self.file_of(name)
         sl = self._handle(f).get_slice(name)
         shape = list(sl.get_shape())

@@ -88,6 +88,18 @@ def tiny_granite(tmp_path_factory) -> Path:
     return build_random(tmp_path_factory.mktemp("tiny-granite"), tf.GraniteForCausalLM, config)
 
 
+@pytest.fixture(scope="module")
+def tiny_phi3(tmp_path_factory) -> Path:
+    """Phi-3: q/k/v and gate/up stored fused, read as parts and split like Llama's (6 heads over 2 KV
+    heads on 2 ranks, so the fused tensor's parts split unevenly)."""
+    import transformers as tf
+
+    config = tf.Phi3Config(vocab_size=384, hidden_size=96, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+                           rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return build_random(tmp_path_factory.mktemp("tiny-phi3"), tf.Phi3ForCausalLM, config)
+
+
 def spawn(world_size: int, tmp: Path, models: list[Path]) -> dict:
     layer_file = tmp / "layers.safetensors"
     inputs = layer_inputs(layer_file)
@@ -102,8 +114,9 @@ def spawn(world_size: int, tmp: Path, models: list[Path]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def world2(tmp_path_factory, tiny_llama, tiny_llama_tied, mqa_llama, tiny_qwen3, llama_biases) -> dict:
-    return spawn(2, tmp_path_factory.mktemp("tp2"), [tiny_llama_tied, tiny_llama, mqa_llama, tiny_qwen3, llama_biases])
+def world2(tmp_path_factory, tiny_llama, tiny_llama_tied, mqa_llama, tiny_qwen3, llama_biases, tiny_phi3) -> dict:
+    models = [tiny_llama_tied, tiny_llama, mqa_llama, tiny_qwen3, llama_biases, tiny_phi3]
+    return spawn(2, tmp_path_factory.mktemp("tp2"), models)
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +246,14 @@ def test_granite_equals_transformers_on_3_shards_through_the_native_layers(world
     if tp_worker_native():
         assert {r["plan"] for r in results} == {"native-cpu-layers"}
     check_model(world3, str(tiny_granite))
+
+
+def test_phi3_fused_checkpoint_equals_transformers_on_2_shards(world2, tiny_phi3):
+    results = [r[f"model:{tiny_phi3}"] for r in world2["ranks"]]
+    if tp_worker_native():
+        assert {r["plan"] for r in results} == {"native-cpu-layers"}
+    assert [r["num_kv_heads"] for r in results] == [1, 1]
+    check_model(world2, str(tiny_phi3))
 
 
 def tp_worker_native() -> bool:

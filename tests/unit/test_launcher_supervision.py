@@ -403,3 +403,24 @@ def test_a_request_the_shards_refuse_fails_alone_and_its_batch_mates_are_served(
         assert len(refused) == 3, prefills  # 4 -> 2 -> 1: the halves holding the bad request
     run.proc.send_signal(signal.SIGTERM)
     assert run.wait_exit() == 0, run.text()
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"architectures": ["GPT2LMHeadModel"]}, "architecture 'GPT2LMHeadModel', which is not supported"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not built"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope type 'dynamic' is not built"),
+], ids=["architecture", "activation", "rope"])
+def test_a_model_feature_not_served_is_refused_before_any_shard_starts(launch, tiny_llama, tmp_path, change, message):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(change)
+    if "rope_scaling" in change:
+        config.pop("rope_parameters", None)  # transformers 5 reads the newer spelling first
+    (model / "config.json").write_text(json.dumps(config))
+    run = launch(model=model)
+    assert run.wait_exit() == 1
+    assert "Cannot start" in run.text() and message in run.text(), run.text()
+    assert not [e for e in run.events() if e["who"].startswith("shard")], run.events()

@@ -172,6 +172,10 @@ def family_checkpoint(tmp_path: Path, kind: str) -> Path:
         config = tf.GraniteConfig(**SMALL, embedding_multiplier=12.0, residual_multiplier=0.22,
                                   attention_multiplier=0.015625, logits_scaling=8.0, tie_word_embeddings=True)
         return build_random(tmp_path, tf.GraniteForCausalLM, config)
+    if kind == "phi3":
+        # q/k/v and gate/up stored fused; Phi-3-mini's sliding window, shorter than the test's sequences.
+        config = tf.Phi3Config(**SMALL, sliding_window=11, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return build_random(tmp_path, tf.Phi3ForCausalLM, config)
     if kind == "mistral-window":
         # A window shorter than the test's sequences, not a multiple of the block size.
         return build_random(tmp_path, tf.MistralForCausalLM, tf.MistralConfig(**SMALL, sliding_window=7, head_dim=16))
@@ -207,7 +211,7 @@ def family_checkpoint(tmp_path: Path, kind: str) -> Path:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "granite", "mistral", "mistral-window", "qwen2-window", "llama-biases", "llama3-rope", "linear-rope"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "granite", "phi3", "mistral", "mistral-window", "qwen2-window", "llama-biases", "llama3-rope", "linear-rope"])
 def test_family_members_equal_transformers_through_prefill_and_decode(tmp_path, kind, cpu_kernels):
     path = family_checkpoint(tmp_path, kind)
     ids = random_ids(40, 384, seed=11)
@@ -256,8 +260,8 @@ def test_unknown_architecture_is_named_with_the_supported_list(tmp_path, tiny_ll
         load_model(path, dtype=torch.float32, device=CPU, dist=init_distributed(0, 1))
     text = str(e.value)
     assert "GPT2LMHeadModel" in text
-    assert ("supported architectures: GraniteForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
-            "Qwen3ForCausalLM") in text
+    assert ("supported architectures: GraniteForCausalLM, LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, "
+            "Qwen2ForCausalLM, Qwen3ForCausalLM") in text
     assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"} <= set(
         supported_architectures()
     )
@@ -342,7 +346,7 @@ def test_each_rank_reads_and_holds_only_its_shard(tiny_llama_tied, monkeypatch):
     assert held[0][mlp][1] + held[1][mlp][1] == full[mlp].shape[1]
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "granite"])
+@pytest.mark.parametrize("arch", ["qwen3", "granite", "phi3"])
 def test_family_member_quantized_by_our_quantizer_serves_its_encoded_weights_natively(
     tmp_path, arch, cpu_kernels, monkeypatch
 ):
@@ -359,6 +363,8 @@ def test_family_member_quantized_by_our_quantizer_serves_its_encoded_weights_nat
     small = {**SMALL, "intermediate_size": 128}
     if arch == "qwen3":
         model_cls, config = tf.Qwen3ForCausalLM, tf.Qwen3Config(**small, head_dim=32, tie_word_embeddings=False)
+    elif arch == "phi3":  # fused qkv_proj / gate_up_proj, quantized and stored fused
+        model_cls, config = tf.Phi3ForCausalLM, tf.Phi3Config(**small, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     else:
         model_cls, config = tf.GraniteForCausalLM, tf.GraniteConfig(
             **small, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625,
@@ -410,3 +416,17 @@ def test_sliding_window_through_chunked_prefill_and_a_batch_of_decodes(tmp_path,
         out = runner.step([("a", [a[24 + step]]), ("b", [b[15 + step]])])
         torch.testing.assert_close(out[0][0], want_a[24 + step], atol=ATOL, rtol=0)
         torch.testing.assert_close(out[1][0], want_b[15 + step], atol=ATOL, rtol=0)
+
+
+def test_phi3_long_context_rope_is_refused_naming_it(tmp_path):
+    import transformers as tf
+    from text_generation_server.models import check_model_config
+
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [4.0] * 8,
+            "original_max_position_embeddings": 64}
+    config = tf.Phi3Config(**SMALL, rope_parameters=rope, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    path = build_random(tmp_path, tf.Phi3ForCausalLM, config)
+    for attempt in (lambda: check_model_config(path),
+                    lambda: load_model(path, dtype=torch.float32, device=CPU, dist=init_distributed(0, 1))):
+        with pytest.raises(UnsupportedModelError, match="longrope.*not built"):
+            attempt()

@@ -54,18 +54,25 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any], config: Any
     return torch.where(is_medium, smoothed, scaled)
 
 
-def inverse_frequencies(config: Any, head_dim: int, device: torch.device) -> torch.Tensor:
-    """``[head_dim // 2]`` float32 inverse frequencies, scaled as the config asks."""
+def rope_refusal(config: Any) -> str | None:
+    """What in the config's RoPE settings is not built, or ``None``."""
     params = rope_parameters(config)
     rope_type = params["rope_type"]
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(
-            f"unsupported rope type '{rope_type}' in the model config; "
-            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-        )
+        return f"rope type '{rope_type}' is not built (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
     partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
     if partial not in (None, 1, 1.0):
-        raise ValueError(f"partial_rotary_factor={partial} is not supported (only 1.0)")
+        return f"partial_rotary_factor={partial} (rotary over part of each head) is not built (only 1.0)"
+    return None
+
+
+def inverse_frequencies(config: Any, head_dim: int, device: torch.device) -> torch.Tensor:
+    """``[head_dim // 2]`` float32 inverse frequencies, scaled as the config asks."""
+    why = rope_refusal(config)
+    if why is not None:
+        raise ValueError(f"the model config's {why}")
+    params = rope_parameters(config)
+    rope_type = params["rope_type"]
     base = float(params["rope_theta"])
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float)
     inv_freq = 1.0 / (base ** (exponents / head_dim))

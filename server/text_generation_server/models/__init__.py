@@ -26,6 +26,7 @@ from text_generation_server.models.llama import (
     GraniteForCausalLM,
     LlamaForCausalLM,
     MistralForCausalLM,
+    Phi3ForCausalLM,
     Qwen2ForCausalLM,
     Qwen3ForCausalLM,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "CausalLM",
     "CheckpointError",
     "UnsupportedModelError",
+    "check_model_config",
     "load_model",
     "supported_architectures",
 ]
@@ -45,6 +47,7 @@ _ARCHITECTURES: dict[str, type[CausalLM]] = {
     "GraniteForCausalLM": GraniteForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
@@ -80,6 +83,27 @@ def _architecture(model_dir: Path, raw_config: dict[str, Any]) -> type[CausalLM]
     return _ARCHITECTURES[arch]
 
 
+def check_model_config(model_path: str | Path) -> type[CausalLM]:
+    """The implementation for the model in ``model_path``, after checking that its config asks
+    for nothing it does not serve (cheap: config.json only). Raises :class:`UnsupportedModelError`
+    naming the architecture or the feature, or :class:`CheckpointError` for a missing config."""
+    from transformers import AutoConfig
+
+    model_dir = Path(model_path)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{model_dir} has no config.json; expected a model directory")
+    cls = _architecture(model_dir, _read_json(config_path))
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (ValueError, KeyError, OSError) as e:
+        raise UnsupportedModelError(f"transformers cannot read {config_path}: {e}") from e
+    why = cls.config_refusal(config)
+    if why is not None:
+        raise UnsupportedModelError(f"{model_dir.name} ({cls.__name__}): {why}")
+    return cls
+
+
 def load_model(
     model_path: str | Path,
     *,
@@ -110,11 +134,8 @@ def load_model(
     if not config_path.is_file():
         raise CheckpointError(f"{model_dir} has no config.json; expected a model directory")
     raw_config = _read_json(config_path)
-    cls = _architecture(model_dir, raw_config)
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except (ValueError, KeyError, OSError) as e:
-        raise UnsupportedModelError(f"transformers cannot read {config_path}: {e}") from e
+    cls = check_model_config(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
     if kernels is None:
         kernels = KernelConfig.from_env()
     logger.info(f"Kernel switches: {kernels.describe()}")
@@ -137,6 +158,7 @@ def load_model(
             model = cls(
                 config, dist=dist, dtype=dtype, device=device, quant=quant, tie_word_embeddings=tie
             )
+            model.checkpoint_views(weights)
             load_weights(model, weights)
     finally:
         weights.close()

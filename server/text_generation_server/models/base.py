@@ -46,6 +46,16 @@ class CausalLM(torch.nn.Module):
     tp_plan: str
     plan: ExecutionPlan  # set by load_model
 
+    @classmethod
+    def config_refusal(cls, config: Any) -> str | None:
+        """What in ``config`` (a transformers config) this implementation does not serve, or
+        ``None``. Asked before any shard starts (the launcher's preflight) and at load."""
+        return None
+
+    def checkpoint_views(self, weights: Any) -> None:
+        """Present stored tensors under the names the model loads (e.g. the parts of a fused
+        projection, :meth:`~text_generation_server.weights.Weights.split`) before loading."""
+
     def skip_checkpoint_tensor(self, name: str) -> bool:
         """True for checkpoint tensors the model knowingly does not use."""
         return False

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, SmolLM, Mistral, Qwen2, Qwen3, Granite) from tensor-parallel layers.
+"""Llama-family decoder (Llama, SmolLM, Mistral, Qwen2, Qwen3, Granite, Phi-3) from tensor-parallel layers.
 
 Parameter names follow the checkpoint's (``model.layers.N.self_attn...``)
 except where projections are fused: q/k/v -> ``qkv_proj`` and gate/up ->
@@ -39,7 +39,7 @@ from text_generation_server.layers.partition import (
     partition_heads,
 )
 from text_generation_server.layers.quant.base import QuantConfig
-from text_generation_server.layers.rotary import RotaryEmbedding
+from text_generation_server.layers.rotary import RotaryEmbedding, rope_refusal
 from text_generation_server.models.base import CausalLM
 from text_generation_server.models.spec import AttentionSpec, DecoderLayerSpec, MLPSpec, ModelSpec
 from text_generation_server.weights import shard_range
@@ -258,6 +258,7 @@ class LlamaForCausalLM(CausalLM):
     ) -> None:
         super().__init__()
         self.config = config
+        self.quant = quant
         self.dist = dist
         self.dtype = dtype
         self.device = device
@@ -293,6 +294,13 @@ class LlamaForCausalLM(CausalLM):
             kernel=quant.lm_head_kernel(),
         )
         self.tp_plan = self._describe_plan(build, partitions)
+
+    @classmethod
+    def config_refusal(cls, config: Any) -> str | None:
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            return f"hidden_act '{act}' is not built for {cls.__name__} (silu only)"
+        return rope_refusal(config)
 
     @classmethod
     def _attention_scale(cls, config: Any, head_dim: int) -> float:
@@ -453,3 +461,60 @@ class GraniteForCausalLM(LlamaForCausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return super().compute_logits(hidden) / self.logits_scaling
+
+
+class Phi3ForCausalLM(LlamaForCausalLM):
+    """Phi-3: Llama arithmetic with q/k/v stored fused as ``qkv_proj`` and gate/up as ``gate_up_proj``.
+
+    The checkpoint's fused tensors are read as their parts (q, k, v; gate, up), so each is
+    split over the ranks like Llama's separate projections; GPTQ checkpoints of the fused
+    modules (as GPTQModel writes Phi-3) are split the same way, ``qzeros`` in whole words.
+    """
+
+    @classmethod
+    def config_refusal(cls, config: Any) -> str | None:
+        params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        rope_type = params.get("rope_type") or params.get("type")
+        if rope_type in ("longrope", "su", "yarn"):
+            return (f"rope scaling '{rope_type}' (the 128k-context Phi-3 variants) is not built; "
+                    f"the 4k-context checkpoints are served")
+        return super().config_refusal(config)
+
+    # Tensors of a linear layer and the dim along its output features (None: per input feature).
+    _LINEAR_TENSORS: ClassVar[tuple[tuple[str, int | None], ...]] = (
+        ("weight", 0), ("bias", 0), ("qweight", 1), ("scales", 1), ("qzeros", 1), ("g_idx", None),
+    )
+
+    def checkpoint_views(self, weights: Any) -> None:
+        c = self.config
+        q = c.num_attention_heads * self.head_dim
+        kv = (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * self.head_dim
+        inter = c.intermediate_size
+        per = getattr(self.quant, "features_per_word", None)
+        fused_layers = (
+            ("self_attn", "qkv_proj", (("q_proj", q), ("k_proj", kv), ("v_proj", kv))),
+            ("mlp", "gate_up_proj", (("gate_proj", inter), ("up_proj", inter))),
+        )
+        for i in range(c.num_hidden_layers):
+            for block, fused, parts in fused_layers:
+                prefix = f"model.layers.{i}.{block}"
+                for suffix, dim in self._LINEAR_TENSORS:
+                    name = f"{prefix}.{fused}.{suffix}"
+                    if not weights.has(name):
+                        continue
+                    names = [f"{prefix}.{part}.{suffix}" for part, _ in parts]
+                    if dim is None:  # every part has all of it
+                        weights.split(name, 0, [(n, None) for n in names])
+                        continue
+                    sizes = [size for _, size in parts]
+                    if suffix == "qzeros":
+                        sizes = [_whole_words(name, size, per) for size in sizes]
+                    weights.split(name, dim, list(zip(names, sizes, strict=True)))
+
+
+def _whole_words(name: str, features: int, per: Any) -> int:
+    from text_generation_server.weights import CheckpointError
+
+    if per is None or (features / per) != int(features / per):
+        raise CheckpointError(f"{name}: a part of {features} output features does not fill whole packed words")
+    return int(features / per)

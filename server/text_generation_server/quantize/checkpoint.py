@@ -15,7 +15,8 @@ import torch
 from safetensors import safe_open
 
 SUPPORTED_ARCHITECTURES = (
-    "GraniteForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+    "GraniteForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
 )
 
 

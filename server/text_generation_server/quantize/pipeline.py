@@ -24,7 +24,6 @@ from text_generation_server.quantize.data import (
 from text_generation_server.quantize.gptq import QuantSpec
 from text_generation_server.quantize.memory import peak_rss_mib
 from text_generation_server.quantize.runner import (
-    LINEAR_GROUPS,
     LinearReport,
     check_shapes,
     quantize_model,
@@ -171,7 +170,7 @@ def quantize_checkpoint(
 
 def log_error_table(reports: list[LinearReport]) -> None:
     """One line per layer: each linear's relative output error on the calibration inputs."""
-    columns = [name.rsplit(".", 1)[-1].removesuffix("_proj") for group in LINEAR_GROUPS for name in group]
+    columns = list(dict.fromkeys(r.name.rsplit(".", 1)[-1].removesuffix("_proj") for r in reports))
     rows: dict[str, dict[str, LinearReport]] = {}
     for r in reports:
         layer, linear = r.name.rsplit(".", 2)[0], r.name.rsplit(".", 1)[-1].removesuffix("_proj")

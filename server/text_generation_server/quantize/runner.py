@@ -51,7 +51,18 @@ LINEAR_GROUPS: tuple[tuple[str, ...], ...] = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
-QUANTIZED_LINEARS = tuple(name for group in LINEAR_GROUPS for name in group)
+# Phi-3 stores q/k/v and gate/up fused: each fused linear is one group (GPTQModel's layout).
+FUSED_LINEAR_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("self_attn.qkv_proj",),
+    ("self_attn.o_proj",),
+    ("mlp.gate_up_proj",),
+    ("mlp.down_proj",),
+)
+
+
+def linear_groups(layer: torch.nn.Module) -> tuple[tuple[str, ...], ...]:
+    """The layer's linears in GPTQ's order, grouped by the input they share."""
+    return FUSED_LINEAR_GROUPS if hasattr(layer.self_attn, "qkv_proj") else LINEAR_GROUPS
 # Keep the MLP hidden activations between stages only under this size;
 # above it they are recomputed (one extra gate/up matmul) to save memory.
 MLP_CACHE_BYTES = 2 << 30
@@ -255,7 +266,7 @@ def _check_layer_structure(layer, x: torch.Tensor, kwargs: dict) -> None:
 
 
 def _quantize_layer_sequential(layer, q: LayerQuantizer, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-    qkv, o, gate_up, down = LINEAR_GROUPS
+    qkv, o, gate_up, down = linear_groups(layer)
     attn, mlp = layer.self_attn, layer.mlp
     o_proj, down_proj = _submodule(layer, o[0]), _submodule(layer, down[0])
     scale = _residual_scale(layer)
@@ -309,7 +320,8 @@ def _quantize_layer_sequential(layer, q: LayerQuantizer, hidden: list[torch.Tens
 def _quantize_layer_parallel(layer, q: LayerQuantizer, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
     accs = {}
     handles = []
-    for group in LINEAR_GROUPS:
+    groups = linear_groups(layer)
+    for group in groups:
         first = _submodule(layer, group[0])
         acc = accs[group] = HessianAccumulator(first.in_features)
         handles.append(first.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
@@ -320,7 +332,7 @@ def _quantize_layer_parallel(layer, q: LayerQuantizer, hidden: list[torch.Tensor
     finally:
         for handle in handles:
             handle.remove()
-    for group in LINEAR_GROUPS:
+    for group in groups:
         q.solve(group, accs[group])
     with torch.no_grad():
         return [_layer_output(layer(x, **kw)) for x, kw in zip(hidden, kwargs, strict=True)]
@@ -372,7 +384,7 @@ def quantize_model(
             return_freed_memory()
             errors = " ".join(
                 f"{r.name.rsplit('.', 1)[-1].removesuffix('_proj')}={r.rel_error:.4f}"
-                for r in result.reports[-len(QUANTIZED_LINEARS):]
+                for r in result.reports[-sum(len(g) for g in linear_groups(layer)):]
             )
             logger.info(
                 f"layer {index + 1}/{len(layers)} ({mode}) {time.perf_counter() - t_layer:.1f} s, "
