@@ -115,3 +115,81 @@ def build_random(path: Path, model_cls, config) -> Path:
                 p.normal_(0.0, 0.5)
     model.save_pretrained(path, safe_serialization=True)
     return Path(path)
+
+
+# Small shapes the family checkpoints share.
+SMALL = dict(
+    vocab_size=384,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+)
+
+
+def family_checkpoint(tmp_path: Path, kind: str) -> Path:
+    """A small random checkpoint of a Llama family member (``kind``), each with the features that
+    set it apart switched on."""
+    import transformers as tf
+
+    if kind == "qwen2":
+        return build_random(
+            tmp_path, tf.Qwen2ForCausalLM, tf.Qwen2Config(**SMALL, tie_word_embeddings=False)
+        )
+    if kind == "qwen3":
+        # head_dim 32 is not hidden_size / heads (16): Qwen3 sets it apart.
+        return build_random(
+            tmp_path, tf.Qwen3ForCausalLM, tf.Qwen3Config(**SMALL, head_dim=32, tie_word_embeddings=False)
+        )
+    if kind == "granite":
+        # Granite 3's multipliers: none of them 1, so a missing one shows.
+        config = tf.GraniteConfig(**SMALL, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                  attention_multiplier=0.015625, logits_scaling=8.0, tie_word_embeddings=True)
+        return build_random(tmp_path, tf.GraniteForCausalLM, config)
+    if kind == "phi3":
+        # q/k/v and gate/up stored fused; Phi-3-mini's sliding window, shorter than the test's sequences.
+        config = tf.Phi3Config(**SMALL, sliding_window=11, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return build_random(tmp_path, tf.Phi3ForCausalLM, config)
+    if kind == "gemma2":
+        # Softcapped scores and logits, alternating windows (7, shorter than the sequences), four
+        # (1 + w) norms per layer, scaled embeddings, query_pre_attn_scalar apart from head_dim.
+        config = tf.Gemma2Config(**{**SMALL, "num_hidden_layers": 3}, head_dim=16, query_pre_attn_scalar=24,
+                                 sliding_window=7, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return build_random(tmp_path, tf.Gemma2ForCausalLM, config)
+    if kind == "mistral-window":
+        # A window shorter than the test's sequences, not a multiple of the block size.
+        return build_random(tmp_path, tf.MistralForCausalLM, tf.MistralConfig(**SMALL, sliding_window=7, head_dim=16))
+    if kind == "qwen2-window":
+        # Qwen2's layers from max_window_layers on slide; the first attends to everything.
+        config = tf.Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=9, max_window_layers=1,
+                                tie_word_embeddings=False)
+        return build_random(tmp_path, tf.Qwen2ForCausalLM, config)
+    if kind == "mistral":
+        return build_random(
+            tmp_path,
+            tf.MistralForCausalLM,
+            tf.MistralConfig(**SMALL, sliding_window=4096, head_dim=16),
+        )
+    if kind == "llama-biases":
+        config = tf.LlamaConfig(**SMALL, attention_bias=True, mlp_bias=True)
+        return build_random(tmp_path, tf.LlamaForCausalLM, config)
+    if kind == "llama3-rope":
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        }
+        return build_random(
+            tmp_path, tf.LlamaForCausalLM, tf.LlamaConfig(**SMALL, rope_parameters=rope)
+        )
+    if kind == "linear-rope":
+        config = tf.LlamaConfig(**SMALL, rope_scaling={"type": "linear", "factor": 2.0})
+        return build_random(tmp_path, tf.LlamaForCausalLM, config)
+    raise AssertionError(kind)

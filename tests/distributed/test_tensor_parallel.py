@@ -100,6 +100,20 @@ def tiny_phi3(tmp_path_factory) -> Path:
     return build_random(tmp_path_factory.mktemp("tiny-phi3"), tf.Phi3ForCausalLM, config)
 
 
+@pytest.fixture(scope="module")
+def tiny_gemma2(tmp_path_factory) -> Path:
+    """Gemma 2: soft-capped scores and logits, a sliding window on every other layer (shorter than the
+    test's prompt), (1 + w) norms, scaled embeddings; 6 heads over 3 KV heads on 3 ranks."""
+    import transformers as tf
+
+    config = tf.Gemma2Config(vocab_size=384, hidden_size=96, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=6, num_key_value_heads=3, head_dim=16, query_pre_attn_scalar=24,
+                             max_position_embeddings=256, rms_norm_eps=1e-5, sliding_window=5,
+                             attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return build_random(tmp_path_factory.mktemp("tiny-gemma2"), tf.Gemma2ForCausalLM, config)
+
+
 def spawn(world_size: int, tmp: Path, models: list[Path]) -> dict:
     layer_file = tmp / "layers.safetensors"
     inputs = layer_inputs(layer_file)
@@ -120,8 +134,9 @@ def world2(tmp_path_factory, tiny_llama, tiny_llama_tied, mqa_llama, tiny_qwen3,
 
 
 @pytest.fixture(scope="module")
-def world3(tmp_path_factory, tiny_llama_tied, tiny_qwen3, tiny_granite) -> dict:
-    return spawn(3, tmp_path_factory.mktemp("tp3"), [tiny_llama_tied, tiny_qwen3, tiny_granite])
+def world3(tmp_path_factory, tiny_llama_tied, tiny_qwen3, tiny_granite, tiny_gemma2) -> dict:
+    models = [tiny_llama_tied, tiny_qwen3, tiny_granite, tiny_gemma2]
+    return spawn(3, tmp_path_factory.mktemp("tp3"), models)
 
 
 @pytest.fixture(params=["world2", "world3"])
@@ -254,6 +269,13 @@ def test_phi3_fused_checkpoint_equals_transformers_on_2_shards(world2, tiny_phi3
         assert {r["plan"] for r in results} == {"native-cpu-layers"}
     assert [r["num_kv_heads"] for r in results] == [1, 1]
     check_model(world2, str(tiny_phi3))
+
+
+def test_gemma2_equals_transformers_on_3_shards_through_the_native_layers(world3, tiny_gemma2):
+    results = [r[f"model:{tiny_gemma2}"] for r in world3["ranks"]]
+    if tp_worker_native():
+        assert {r["plan"] for r in results} == {"native-cpu-layers"}
+    check_model(world3, str(tiny_gemma2))
 
 
 def tp_worker_native() -> bool:

@@ -77,6 +77,16 @@ def test_silu_mul_matches_torch(inter):
     torch.testing.assert_close(ops().silu_mul(x), F.silu(gate) * up, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("inter", [1536, 20])
+def test_gelu_tanh_mul_matches_torch(inter):
+    """Gemma's gated MLP: gelu with the tanh approximation (gelu_pytorch_tanh) of the gate times up."""
+    x = torch.randn(4, 2 * inter, generator=gen(3)) * 6
+    x[0, :3] = torch.tensor([-100.0, 100.0, 0.0])
+    gate, up = x.split([inter, inter], -1)
+    ref = F.gelu(gate, approximate="tanh") * up
+    torch.testing.assert_close(ops().gelu_tanh_mul(x), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_write_kv_stores_rows_at_their_slots_like_index_copy():
     g = gen(4)
     cache_k, cache_v = torch.zeros(4, 16, 2, 8), torch.zeros(4, 16, 2, 8)
@@ -94,10 +104,12 @@ def test_write_kv_stores_rows_at_their_slots_like_index_copy():
         ops().write_kv_(k, v, cache_k, cache_v, torch.tensor([1, 2, 64]))
 
 
+@pytest.mark.parametrize("softcap", [0.0, 2.0], ids=["", "softcap2"])
 @pytest.mark.parametrize("window", [0, 1, 7, 16, 40], ids=lambda w: f"window{w}")
 @pytest.mark.parametrize("kv_heads,group,d", [(3, 3, 64), (1, 4, 32), (2, 1, 128), (1, 9, 64)])
-def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(kv_heads, group, d, window):
-    """With a sliding window (> 0) each query sees the last ``window`` positions of its context."""
+def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(kv_heads, group, d, window, softcap):
+    """With a sliding window (> 0) each query sees the last ``window`` positions of its context;
+    with a soft cap (> 0, Gemma 2) the scores are ``cap * tanh(score / cap)`` before the softmax."""
     g = gen(5)
     block, blocks = 16, 12
     k_cache = torch.randn(blocks, block, kv_heads, d, generator=g)
@@ -113,16 +125,20 @@ def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(kv_heads, 
     heads = kv_heads * group
     q_rows = torch.randn(len(lens), (heads + 2 * kv_heads) * d, generator=g)
     q = q_rows[:, : heads * d].view(len(lens), heads, d)  # a strided view, as in the model
-    out = ops().paged_attention_decode(q, k_cache, v_cache, tables, torch.tensor(lens), d**-0.5, window)
+    out = ops().paged_attention_decode(
+        q, k_cache, v_cache, tables, torch.tensor(lens), d**-0.5, window, softcap
+    )
     for i, n in enumerate(lens):
         slots = torch.cat([torch.arange(block) + int(b) * block for b in tables[i]])[:n]
         if window:
             slots = slots[-window:]
         keys = k_cache.view(-1, kv_heads, d)[slots].transpose(0, 1)  # [kvh, n, d]
         values = v_cache.view(-1, kv_heads, d)[slots].transpose(0, 1)
-        ref = F.scaled_dot_product_attention(
-            q[i].unsqueeze(1), keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
-        ).squeeze(1)
+        keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
+        scores = (q[i].unsqueeze(1) @ keys.transpose(1, 2)) * d**-0.5  # [heads, 1, n]
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        ref = (scores.softmax(-1) @ values).squeeze(1)
         torch.testing.assert_close(out[i], ref, rtol=1e-5, atol=1e-5)
 
 

@@ -238,5 +238,5 @@ def test_the_native_layer_description_is_checked_where_it_is_built():
     with pytest.raises(RuntimeError, match="the layer's attention is not set"):
         torch.classes.tgs_cpu.DecoderStack().append(layer)
     layer.set_attention(qkv, o, 4, 2, 16, 0.25)
-    with pytest.raises(RuntimeError, match="the native MLP computes silu\\(gate\\) \\* up, not gelu"):
+    with pytest.raises(RuntimeError, match=r"the native MLP computes silu\(gate\) \* up or gelu_tanh\(gate\) \* up, not gelu"):
         layer.set_mlp(dense(), dense(), "gelu")

@@ -22,7 +22,7 @@ from text_generation_server.models import (
     load_model,
     supported_architectures,
 )
-from tiny_model import build_random
+from tiny_model import SMALL, build_random, family_checkpoint
 
 CPU = torch.device("cpu")
 ATOL = 1e-4
@@ -143,75 +143,7 @@ def test_bfloat16_model_stays_close_to_float32(tiny_llama):
 # ---------------------------------------------------------------- other family members
 
 
-SMALL = dict(
-    vocab_size=384,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-5,
-)
-
-
-def family_checkpoint(tmp_path: Path, kind: str) -> Path:
-    import transformers as tf
-
-    if kind == "qwen2":
-        return build_random(
-            tmp_path, tf.Qwen2ForCausalLM, tf.Qwen2Config(**SMALL, tie_word_embeddings=False)
-        )
-    if kind == "qwen3":
-        # head_dim 32 is not hidden_size / heads (16): Qwen3 sets it apart.
-        return build_random(
-            tmp_path, tf.Qwen3ForCausalLM, tf.Qwen3Config(**SMALL, head_dim=32, tie_word_embeddings=False)
-        )
-    if kind == "granite":
-        # Granite 3's multipliers: none of them 1, so a missing one shows.
-        config = tf.GraniteConfig(**SMALL, embedding_multiplier=12.0, residual_multiplier=0.22,
-                                  attention_multiplier=0.015625, logits_scaling=8.0, tie_word_embeddings=True)
-        return build_random(tmp_path, tf.GraniteForCausalLM, config)
-    if kind == "phi3":
-        # q/k/v and gate/up stored fused; Phi-3-mini's sliding window, shorter than the test's sequences.
-        config = tf.Phi3Config(**SMALL, sliding_window=11, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        return build_random(tmp_path, tf.Phi3ForCausalLM, config)
-    if kind == "mistral-window":
-        # A window shorter than the test's sequences, not a multiple of the block size.
-        return build_random(tmp_path, tf.MistralForCausalLM, tf.MistralConfig(**SMALL, sliding_window=7, head_dim=16))
-    if kind == "qwen2-window":
-        # Qwen2's layers from max_window_layers on slide; the first attends to everything.
-        config = tf.Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=9, max_window_layers=1,
-                                tie_word_embeddings=False)
-        return build_random(tmp_path, tf.Qwen2ForCausalLM, config)
-    if kind == "mistral":
-        return build_random(
-            tmp_path,
-            tf.MistralForCausalLM,
-            tf.MistralConfig(**SMALL, sliding_window=4096, head_dim=16),
-        )
-    if kind == "llama-biases":
-        config = tf.LlamaConfig(**SMALL, attention_bias=True, mlp_bias=True)
-        return build_random(tmp_path, tf.LlamaForCausalLM, config)
-    if kind == "llama3-rope":
-        rope = {
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16,
-        }
-        return build_random(
-            tmp_path, tf.LlamaForCausalLM, tf.LlamaConfig(**SMALL, rope_parameters=rope)
-        )
-    if kind == "linear-rope":
-        config = tf.LlamaConfig(**SMALL, rope_scaling={"type": "linear", "factor": 2.0})
-        return build_random(tmp_path, tf.LlamaForCausalLM, config)
-    raise AssertionError(kind)
-
-
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "granite", "phi3", "mistral", "mistral-window", "qwen2-window", "llama-biases", "llama3-rope", "linear-rope"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "granite", "phi3", "gemma2", "mistral", "mistral-window", "qwen2-window", "llama-biases", "llama3-rope", "linear-rope"])
 def test_family_members_equal_transformers_through_prefill_and_decode(tmp_path, kind, cpu_kernels):
     path = family_checkpoint(tmp_path, kind)
     ids = random_ids(40, 384, seed=11)
@@ -260,7 +192,7 @@ def test_unknown_architecture_is_named_with_the_supported_list(tmp_path, tiny_ll
         load_model(path, dtype=torch.float32, device=CPU, dist=init_distributed(0, 1))
     text = str(e.value)
     assert "GPT2LMHeadModel" in text
-    assert ("supported architectures: GraniteForCausalLM, LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, "
+    assert ("supported architectures: Gemma2ForCausalLM, GraniteForCausalLM, LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, "
             "Qwen2ForCausalLM, Qwen3ForCausalLM") in text
     assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"} <= set(
         supported_architectures()
@@ -346,7 +278,7 @@ def test_each_rank_reads_and_holds_only_its_shard(tiny_llama_tied, monkeypatch):
     assert held[0][mlp][1] + held[1][mlp][1] == full[mlp].shape[1]
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "granite", "phi3"])
+@pytest.mark.parametrize("arch", ["qwen3", "granite", "phi3", "gemma2"])
 def test_family_member_quantized_by_our_quantizer_serves_its_encoded_weights_natively(
     tmp_path, arch, cpu_kernels, monkeypatch
 ):
@@ -365,6 +297,10 @@ def test_family_member_quantized_by_our_quantizer_serves_its_encoded_weights_nat
         model_cls, config = tf.Qwen3ForCausalLM, tf.Qwen3Config(**small, head_dim=32, tie_word_embeddings=False)
     elif arch == "phi3":  # fused qkv_proj / gate_up_proj, quantized and stored fused
         model_cls, config = tf.Phi3ForCausalLM, tf.Phi3Config(**small, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    elif arch == "gemma2":  # block-output norms between the linears; soft caps and windows outside them
+        model_cls, config = tf.Gemma2ForCausalLM, tf.Gemma2Config(
+            **small, head_dim=32, sliding_window=7, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2)
     else:
         model_cls, config = tf.GraniteForCausalLM, tf.GraniteConfig(
             **small, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625,
@@ -396,14 +332,15 @@ def test_family_member_quantized_by_our_quantizer_serves_its_encoded_weights_nat
     assert float((got - want).norm() / want.norm()) < 2e-2
 
 
-@pytest.mark.parametrize("kind", ["mistral-window", "qwen2-window"])
+@pytest.mark.parametrize("kind", ["mistral-window", "qwen2-window", "gemma2"])
 def test_sliding_window_through_chunked_prefill_and_a_batch_of_decodes(tmp_path, kind, cpu_kernels):
     """Prefill in two chunks (the second attends to cached keys through the window), then batched
     decode steps of two sequences of different lengths, both past the window."""
     path = family_checkpoint(tmp_path, kind)
     model = ours(path)
     windows = model.sliding_windows
-    assert windows == ([7, 7] if kind == "mistral-window" else [None, 9]), windows
+    expected = {"mistral-window": [7, 7], "qwen2-window": [None, 9], "gemma2": [7, None, 7]}[kind]
+    assert windows == expected, windows
     assert "sliding window" in model.tp_plan
     a, b = random_ids(30, 384, seed=21), random_ids(19, 384, seed=22)
     runner = PagedRunner(model, block_size=4)

@@ -50,8 +50,8 @@ def native_layer_unsupported(layer: DecoderLayerSpec) -> str | None:
     a, m = layer.attention, layer.mlp
     if a.rotary != "neox":
         return f"rotary '{a.rotary}' is not built natively (neox only)"
-    if m.activation != "silu":
-        return f"activation '{m.activation}' is not built natively (silu only)"
+    if m.activation not in ("silu", "gelu_tanh"):
+        return f"activation '{m.activation}' is not built natively (silu, gelu_tanh)"
     if m.gate_up.output_sizes[0] != m.gate_up.output_sizes[1]:
         return "gate and up have different widths"
     if a.head_dim % 8 or a.head_dim > 512:
@@ -133,6 +133,8 @@ def build_layer(layer: DecoderLayerSpec) -> Any:
         out.set_output_scale(float(layer.output_scale))
     if a.sliding_window:
         out.set_sliding_window(int(a.sliding_window))
+    if a.softcap:
+        out.set_attention_softcap(float(a.softcap))
     out.check()
     return out
 

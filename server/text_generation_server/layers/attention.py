@@ -100,6 +100,30 @@ def _context_slots(block_tables: torch.Tensor, block_size: int, length: int) -> 
     return slots.reshape(table.shape[0], blocks * block_size)[:, :length]
 
 
+def _capped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None,
+    causal: bool,
+    softcap: float,
+) -> torch.Tensor:
+    """Attention with scores capped to ``softcap * tanh(score / softcap)`` (Gemma 2), on SDPA's
+    ``[B, heads, L, D]`` layouts and masks; grouped KV heads repeated for their queries."""
+    if k.shape[1] != q.shape[1]:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if causal:
+        n, m = scores.shape[-2:]
+        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+
+
 class AttentionBackend(ABC):
     """Writes new keys/values to the paged cache and computes attention."""
 
@@ -116,11 +140,13 @@ class AttentionBackend(ABC):
         attn: AttentionMetadata,
         scale: float,
         window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """``q [T, heads, D]``, new ``k``/``v`` ``[T, kv_heads, D]`` -> ``[T, heads, D]``.
 
         ``window``: a sliding window; each query sees only the keys of the last ``window``
-        positions up to its own (``key > query - window``, as transformers masks it)."""
+        positions up to its own (``key > query - window``, as transformers masks it).
+        ``softcap``: scores are capped to ``softcap * tanh(score / softcap)`` before the softmax."""
 
 
 class TorchSDPABackend(AttentionBackend):
@@ -144,10 +170,11 @@ class TorchSDPABackend(AttentionBackend):
         attn: AttentionMetadata,
         scale: float,
         window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         write_kv(k, v, k_cache, v_cache, attn.slot_mapping)
         if attn.is_decode:
-            return self._decode(q, k_cache, v_cache, attn, scale, rows=None, window=window)
+            return self._decode(q, k_cache, v_cache, attn, scale, rows=None, window=window, softcap=softcap)
         out = torch.empty_like(q)
         starts = attn.query_start_loc
         contexts = attn.context_lens_list
@@ -157,16 +184,17 @@ class TorchSDPABackend(AttentionBackend):
             tokens = attn.memo(
                 "single_tokens", lambda: torch.tensor([starts[b] for b in single], device=q.device)
             )
-            out[tokens] = self._decode(q[tokens], k_cache, v_cache, attn, scale, rows=rows, window=window)
+            out[tokens] = self._decode(q[tokens], k_cache, v_cache, attn, scale, rows=rows, window=window,
+                                       softcap=softcap)
         for b, n in enumerate(attn.query_lens):
             if n == 1:
                 continue
             s, e = starts[b], starts[b + 1]
             ctx = contexts[b]
             if ctx == n and (window is None or n <= window):
-                out[s:e] = self._causal(q[s:e], k[s:e], v[s:e], scale)
+                out[s:e] = self._causal(q[s:e], k[s:e], v[s:e], scale, softcap)
             else:
-                out[s:e] = self._with_context(q[s:e], k_cache, v_cache, attn, b, ctx, scale, window)
+                out[s:e] = self._with_context(q[s:e], k_cache, v_cache, attn, b, ctx, scale, window, softcap)
         return out
 
     @staticmethod
@@ -177,8 +205,12 @@ class TorchSDPABackend(AttentionBackend):
         scale: float,
         mask: torch.Tensor | None = None,
         causal: bool = False,
+        softcap: float | None = None,
     ) -> torch.Tensor:
-        """SDPA on ``[B, heads, L, D]`` layouts; grouped KV heads are broadcast by SDPA."""
+        """SDPA on ``[B, heads, L, D]`` layouts; grouped KV heads are broadcast by SDPA.
+        With ``softcap`` (which SDPA cannot do) the same attention written out."""
+        if softcap:
+            return _capped_attention(q, k, v, scale, mask, causal, softcap)
         return F.scaled_dot_product_attention(
             q,
             k,
@@ -190,7 +222,7 @@ class TorchSDPABackend(AttentionBackend):
         )
 
     def _causal(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, softcap: float | None = None
     ) -> torch.Tensor:
         out = self._sdpa(
             q.transpose(0, 1).unsqueeze(0),
@@ -198,6 +230,7 @@ class TorchSDPABackend(AttentionBackend):
             v.transpose(0, 1).unsqueeze(0),
             scale,
             causal=True,
+            softcap=softcap,
         )
         return out.squeeze(0).transpose(0, 1)
 
@@ -211,6 +244,7 @@ class TorchSDPABackend(AttentionBackend):
         ctx: int,
         scale: float,
         window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         n = q.shape[0]
         block_size, kv_heads, head_dim = k_cache.shape[1:]
@@ -236,6 +270,7 @@ class TorchSDPABackend(AttentionBackend):
             values.transpose(0, 1).unsqueeze(0),
             scale,
             mask=mask,
+            softcap=softcap,
         )
         return out.squeeze(0).transpose(0, 1)
 
@@ -248,6 +283,7 @@ class TorchSDPABackend(AttentionBackend):
         scale: float,
         rows: torch.Tensor | None,
         window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """One new token per sequence (``rows`` of the batch, or all): ``q [B, heads, D]``."""
         block_size, kv_heads, head_dim = k_cache.shape[1:]
@@ -276,6 +312,7 @@ class TorchSDPABackend(AttentionBackend):
             values.transpose(1, 2).to(q.dtype),
             scale,
             mask=mask,
+            softcap=softcap,
         )
         return out.squeeze(2)
 
@@ -302,13 +339,14 @@ class CpuPagedDecodeBackend(TorchSDPABackend):
         attn: AttentionMetadata,
         scale: float,
         window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         ops = native_ops(q, k, v, k_cache, v_cache) if attn.is_decode else None
         if ops is None or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-            return super().forward(q, k, v, k_cache, v_cache, attn, scale, window)
+            return super().forward(q, k, v, k_cache, v_cache, attn, scale, window, softcap)
         ops.write_kv_(k, v, k_cache, v_cache, attn.slot_mapping)
         return ops.paged_attention_decode(
-            q, k_cache, v_cache, attn.block_tables, attn.context_lens, scale, window or 0
+            q, k_cache, v_cache, attn.block_tables, attn.context_lens, scale, window or 0, softcap or 0.0
         )
 
 
@@ -342,6 +380,7 @@ class PagedAttention(torch.nn.Module):
         scale: float,
         backend: AttentionBackend,
         sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -350,6 +389,7 @@ class PagedAttention(torch.nn.Module):
         self.scale = scale
         self.backend = backend
         self.sliding_window = sliding_window
+        self.softcap = softcap
 
     def forward(
         self,
@@ -361,7 +401,7 @@ class PagedAttention(torch.nn.Module):
     ) -> torch.Tensor:
         """``q [T, heads, D]``, ``k``/``v`` ``[T, kv_heads, D]`` -> ``[T, heads * D]``."""
         k_cache, v_cache = kv_cache
-        out = self.backend.forward(q, k, v, k_cache, v_cache, attn, self.scale, self.sliding_window)
+        out = self.backend.forward(q, k, v, k_cache, v_cache, attn, self.scale, self.sliding_window, self.softcap)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
 
     def extra_repr(self) -> str:

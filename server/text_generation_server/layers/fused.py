@@ -65,6 +65,15 @@ def rotate_half_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+def gelu_tanh_mul(gate_up: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """``gelu_tanh(gate) * up`` (GELU's tanh approximation, Gemma's ``gelu_pytorch_tanh``)."""
+    ops = native_ops(gate_up)
+    if ops is not None and gate_up.dim() == 2 and gate_up.is_contiguous() and sizes[0] == sizes[1]:
+        return ops.gelu_tanh_mul(gate_up)
+    gate, up = gate_up.split(sizes, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 def silu_mul(gate_up: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """``silu(gate) * up`` for ``gate_up = [gate | up]`` along the last dim (``sizes`` of the two)."""
     ops = native_ops(gate_up)

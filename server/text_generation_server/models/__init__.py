@@ -22,6 +22,7 @@ from text_generation_server.layers.quant.registry import (
     read_json_object,
 )
 from text_generation_server.models.base import CausalLM, UnsupportedModelError
+from text_generation_server.models.gemma import Gemma2ForCausalLM
 from text_generation_server.models.llama import (
     GraniteForCausalLM,
     LlamaForCausalLM,
@@ -44,6 +45,7 @@ __all__ = [
 
 # config.json "architectures"[0] -> implementation. SmolLM checkpoints say LlamaForCausalLM.
 _ARCHITECTURES: dict[str, type[CausalLM]] = {
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "GraniteForCausalLM": GraniteForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,

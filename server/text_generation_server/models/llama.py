@@ -26,7 +26,7 @@ from text_generation_server.layers.attention import (
     select_attention_backend,
 )
 from text_generation_server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from text_generation_server.layers.fused import silu_mul
+from text_generation_server.layers.fused import gelu_tanh_mul, silu_mul
 from text_generation_server.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -63,6 +63,8 @@ class LlamaBuild:
     o_bias: bool
     mlp_bias: bool
     attention_scale: float  # softmax scale of q.k
+    activation: str = "silu"  # of the gated MLP: silu or gelu_tanh
+    attention_softcap: float | None = None  # scores capped to softcap * tanh(score / softcap)
     sliding_window: int | None = None  # this layer's (set per layer by LlamaModel)
 
     def tensor_args(self) -> dict[str, Any]:
@@ -99,7 +101,7 @@ class LlamaAttention(torch.nn.Module):
         )
         self.attn = PagedAttention(
             self.num_heads, self.num_kv_heads, hd, scale=b.attention_scale, backend=b.backend,
-            sliding_window=b.sliding_window,
+            sliding_window=b.sliding_window, softcap=b.attention_softcap,
         )
 
     def forward(
@@ -141,12 +143,16 @@ class Qwen3Attention(LlamaAttention):
         return torch.cat([q, k], dim=1)
 
 
+_GATED_ACTIVATIONS = {"silu": silu_mul, "gelu_tanh": gelu_tanh_mul}
+
+
 class LlamaMLP(torch.nn.Module):
     def __init__(self, b: LlamaBuild, prefix: str) -> None:
         super().__init__()
-        act = getattr(b.config, "hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"unsupported hidden_act '{act}' in the model config; supported: silu")
+        if b.activation not in _GATED_ACTIVATIONS:
+            raise ValueError(f"unsupported activation '{b.activation}'; supported: {', '.join(_GATED_ACTIVATIONS)}")
+        self.activation = b.activation
+        self._act_mul = _GATED_ACTIVATIONS[b.activation]
         size = b.config.intermediate_size
         # gate and up are split alike so a rank's rows pair up, and down_proj
         # takes the matching input columns, in units the quantization allows.
@@ -169,19 +175,20 @@ class LlamaMLP(torch.nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_up_proj(x), self.gate_up_proj.output_sizes))
+        return self.down_proj(self._act_mul(self.gate_up_proj(x), self.gate_up_proj.output_sizes))
 
 
 class LlamaDecoderLayer(torch.nn.Module):
     attention_cls: ClassVar[type[LlamaAttention]] = LlamaAttention
+    norm_cls: ClassVar[type[RMSNorm]] = RMSNorm  # every norm of the model, the final one too
 
     def __init__(self, b: LlamaBuild, prefix: str) -> None:
         super().__init__()
         hidden, eps = b.config.hidden_size, b.config.rms_norm_eps
         self.self_attn = self.attention_cls(b, f"{prefix}.self_attn")
         self.mlp = LlamaMLP(b, f"{prefix}.mlp")
-        self.input_layernorm = RMSNorm(hidden, eps, dtype=b.dtype, device=b.device)
-        self.post_attention_layernorm = RMSNorm(hidden, eps, dtype=b.dtype, device=b.device)
+        self.input_layernorm = self.norm_cls(hidden, eps, dtype=b.dtype, device=b.device)
+        self.post_attention_layernorm = self.norm_cls(hidden, eps, dtype=b.dtype, device=b.device)
 
     def spec(self) -> DecoderLayerSpec:
         """Pre-norm: input_layernorm before attention, post_attention_layernorm before the MLP."""
@@ -191,9 +198,9 @@ class LlamaDecoderLayer(torch.nn.Module):
                 qkv=a.qkv_proj, o=a.o_proj, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
                 head_dim=a.head_dim, scale=a.attn.scale, rotary="neox",
                 q_norm=getattr(a, "q_norm", None), k_norm=getattr(a, "k_norm", None),
-                sliding_window=a.attn.sliding_window,
+                sliding_window=a.attn.sliding_window, softcap=a.attn.softcap,
             ),
-            mlp=MLPSpec(gate_up=m.gate_up_proj, down=m.down_proj, activation="silu"),
+            mlp=MLPSpec(gate_up=m.gate_up_proj, down=m.down_proj, activation=m.activation),
             attention_norm=self.input_layernorm,
             mlp_norm=self.post_attention_layernorm,
         )
@@ -225,7 +232,7 @@ class LlamaModel(torch.nn.Module):
             layer_cls(replace(b, sliding_window=windows[i]), f"model.layers.{i}")
             for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=b.dtype, device=b.device)
+        self.norm = layer_cls.norm_cls(config.hidden_size, config.rms_norm_eps, dtype=b.dtype, device=b.device)
 
 
 def _split_sizes(size: int, world_size: int, align: int = 1) -> list[int]:
@@ -283,6 +290,8 @@ class LlamaForCausalLM(CausalLM):
             num_kv_heads=num_kv_heads,
             head_dim=self.head_dim,
             attention_scale=self._attention_scale(config, self.head_dim),
+            activation=self._activation(config),
+            attention_softcap=self._attention_softcap(config),
             **self._biases(config),
         )
         self.model = LlamaModel(build, self.decoder_layer_cls, self.sliding_windows)
@@ -305,6 +314,14 @@ class LlamaForCausalLM(CausalLM):
     @classmethod
     def _attention_scale(cls, config: Any, head_dim: int) -> float:
         return head_dim**-0.5
+
+    @classmethod
+    def _activation(cls, config: Any) -> str:
+        return "silu"
+
+    @classmethod
+    def _attention_softcap(cls, config: Any) -> float | None:
+        return None
 
     @classmethod
     def _biases(cls, config: Any) -> dict[str, bool]:

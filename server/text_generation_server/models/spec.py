@@ -30,7 +30,7 @@ import torch
 from text_generation_server.layers.linear import ParallelLinear
 from text_generation_server.layers.norm import RMSNorm
 
-ACTIVATIONS = ("silu",)  # gated: act(gate) * up
+ACTIVATIONS = ("silu", "gelu_tanh")  # gated: act(gate) * up
 ROTARY_STYLES = ("neox",)  # rotate-half over the whole head
 
 
@@ -49,6 +49,7 @@ class AttentionSpec:
     q_norm: RMSNorm | None = None
     k_norm: RMSNorm | None = None
     sliding_window: int | None = None  # attend to the last this many positions only
+    softcap: float | None = None  # scores capped to softcap * tanh(score / softcap) (Gemma 2)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 SUPPORTED_ARCHITECTURES = (
-    "GraniteForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
+    "Gemma2ForCausalLM", "GraniteForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
 )
 
@@ -88,9 +88,12 @@ def meta_model(config, trust_remote_code: bool = False) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     config = _plain_config(config)
+    # SDPA where transformers has it for the architecture; eager where it does not (Gemma 2's
+    # soft-capped scores).
+    attention = "sdpa" if _supports_sdpa(config, trust_remote_code) else "eager"
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
-            config, trust_remote_code=trust_remote_code, dtype=torch.float32, attn_implementation="sdpa"
+            config, trust_remote_code=trust_remote_code, dtype=torch.float32, attn_implementation=attention
         )
     model.eval()
     # Rotary tables are computed at construction, not loaded: build them on CPU.
@@ -98,6 +101,13 @@ def meta_model(config, trust_remote_code: bool = False) -> torch.nn.Module:
     if hasattr(inner, "rotary_emb"):
         inner.rotary_emb = type(inner.rotary_emb)(config=inner.config)
     return model
+
+
+def _supports_sdpa(config, trust_remote_code: bool) -> bool:
+    from transformers import AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM._model_mapping.get(type(config), None) if not trust_remote_code else None
+    return cls is None or bool(getattr(cls, "_supports_sdpa", True))
 
 
 def _plain_config(config):

@@ -252,13 +252,36 @@ def _residual_scale(layer) -> float:
     return float(getattr(layer, "residual_multiplier", 1.0))
 
 
+def _sandwich(layer) -> bool:
+    """Gemma 2/3 layers norm each block's output too (post_attention_layernorm after attention,
+    pre/post_feedforward_layernorm around the MLP)."""
+    return hasattr(layer, "pre_feedforward_layernorm")
+
+
+def _mlp_norm(layer) -> torch.nn.Module:
+    """The norm in front of the MLP."""
+    return layer.pre_feedforward_layernorm if _sandwich(layer) else layer.post_attention_layernorm
+
+
+def _attention_block_out(layer, y: torch.Tensor) -> torch.Tensor:
+    """o_proj's output as it joins the stream (before the residual scale)."""
+    return layer.post_attention_layernorm(y) if _sandwich(layer) else y
+
+
+def _mlp_block_out(layer, y: torch.Tensor) -> torch.Tensor:
+    """down_proj's output as it joins the stream (before the residual scale)."""
+    return layer.post_feedforward_layernorm(y) if _sandwich(layer) else y
+
+
 def _check_layer_structure(layer, x: torch.Tensor, kwargs: dict) -> None:
-    """The staged forward must reproduce the layer's own forward (pre-norm residual blocks)."""
+    """The staged forward must reproduce the layer's own forward (pre-norm residual blocks, with
+    Gemma's block-output norms where the layer has them)."""
     scale = _residual_scale(layer)
     with torch.no_grad():
         ref = _layer_output(layer(x, **kwargs))
-        h = x + scale * _layer_output(layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs))
-        out = h + scale * layer.mlp(layer.post_attention_layernorm(h))
+        attn = _layer_output(layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs))
+        h = x + scale * _attention_block_out(layer, attn)
+        out = h + scale * _mlp_block_out(layer, layer.mlp(_mlp_norm(layer)(h)))
     if not torch.allclose(ref, out, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-6):
         raise UnsupportedArchitectureError(
             f"{type(layer).__name__} does not follow the pre-norm residual layout of the Llama recipe"
@@ -270,6 +293,7 @@ def _quantize_layer_sequential(layer, q: LayerQuantizer, hidden: list[torch.Tens
     attn, mlp = layer.self_attn, layer.mlp
     o_proj, down_proj = _submodule(layer, o[0]), _submodule(layer, down[0])
     scale = _residual_scale(layer)
+    mlp_norm = _mlp_norm(layer)
     with torch.no_grad():
         acc = HessianAccumulator(hidden[0].shape[-1])
         for x in hidden:
@@ -288,10 +312,10 @@ def _quantize_layer_sequential(layer, q: LayerQuantizer, hidden: list[torch.Tens
         residual = []
         acc = HessianAccumulator(hidden[0].shape[-1])
         for i, x in enumerate(hidden):
-            h = x + scale * o_proj(attn_out[i])
+            h = x + scale * _attention_block_out(layer, o_proj(attn_out[i]))
             attn_out[i] = hidden[i] = None
             residual.append(h)
-            acc.add(layer.post_attention_layernorm(h))
+            acc.add(mlp_norm(h))
         del attn_out
         q.solve(gate_up, acc)
 
@@ -300,7 +324,7 @@ def _quantize_layer_sequential(layer, q: LayerQuantizer, hidden: list[torch.Tens
         acc = HessianAccumulator(down_proj.in_features)
         mlp_hidden = []
         for h in residual:
-            normed = layer.post_attention_layernorm(h)
+            normed = mlp_norm(h)
             m = _capture_input(down_proj, lambda normed=normed: mlp(normed))
             acc.add(m)
             mlp_hidden.append(m if keep else None)
@@ -309,10 +333,10 @@ def _quantize_layer_sequential(layer, q: LayerQuantizer, hidden: list[torch.Tens
         outputs = []
         for i, h in enumerate(residual):
             if keep:
-                outputs.append(h + scale * down_proj(mlp_hidden[i]))
+                outputs.append(h + scale * _mlp_block_out(layer, down_proj(mlp_hidden[i])))
                 mlp_hidden[i] = None
             else:
-                outputs.append(h + scale * mlp(layer.post_attention_layernorm(h)))
+                outputs.append(h + scale * _mlp_block_out(layer, mlp(mlp_norm(h))))
             residual[i] = None
     return outputs
 

@@ -34,9 +34,10 @@ void write_kv_(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at
 // to the first context_lens[b] tokens of its blocks in k/v cache
 // [num_blocks, block_size, KVH, D] (with window > 0, to the last `window` of
 // them only: a sliding window); query heads h*G..h*G+G-1 share KV head h.
+// With softcap > 0 the scores are capped first: softcap * tanh(score / softcap).
 at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                                  int64_t window) {
+                                  int64_t window, double softcap) {
   check_cpu_float(q, "q");
   check_cpu_float(k_cache, "k_cache");
   check_cpu_float(v_cache, "v_cache");
@@ -53,6 +54,8 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(D % 8 == 0 && D <= 512, "head_dim must be a multiple of 8 up to 512");
   TORCH_CHECK(block_tables.size(0) == B && context_lens.numel() == B, "one block table and length per sequence");
   TORCH_CHECK(window >= 0, "the sliding window must be positive (or 0 for none), not ", window);
+  TORCH_CHECK(softcap >= 0, "the score cap must be positive (or 0 for none), not ", softcap);
+  const float cap = static_cast<float>(softcap);
   const int64_t GQ = H / KVH, MAXB = block_tables.size(1);
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
@@ -84,7 +87,8 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
           const float* kt = kc + (table[pos / BS] * BS + pos % BS) * tok + h * D;
           __m256 acc = _mm256_setzero_ps();
           for (int64_t i = 0; i < nv; ++i) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * i), _mm256_loadu_ps(kt + 8 * i), acc);
-          const float s = hsum(acc) * sc;
+          float s = hsum(acc) * sc;
+          if (cap > 0) s = cap * std::tanh(s / cap);
           srow[t] = s;
           mx = std::max(mx, s);
         }

@@ -21,10 +21,11 @@ TORCH_LIBRARY(tgs_cpu, m) {
   m.def("add_rms_norm_(Tensor x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor", &tgs::add_rms_norm_);
   m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()", &tgs::rotary_);
   m.def("silu_mul(Tensor x) -> Tensor", &tgs::silu_mul);
+  m.def("gelu_tanh_mul(Tensor x) -> Tensor", &tgs::gelu_tanh_mul);
   m.def("write_kv_(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots) -> ()", &tgs::write_kv_);
   m.def(
       "paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
-      "float scale, int window=0) -> Tensor",
+      "float scale, int window=0, float softcap=0.0) -> Tensor",
       &tgs::paged_attention_decode);
 
   m.class_<Linear>("Linear")
@@ -61,6 +62,8 @@ TORCH_LIBRARY(tgs_cpu, m) {
            })
       .def("set_sliding_window",
            [](const intrusive_ptr<DecoderLayer>& self, int64_t window) { self->set_sliding_window(window); })
+      .def("set_attention_softcap",
+           [](const intrusive_ptr<DecoderLayer>& self, double softcap) { self->set_attention_softcap(softcap); })
       .def("set_output_scale",
            [](const intrusive_ptr<DecoderLayer>& self, double scale) { self->set_output_scale(scale); })
       .def("check", [](const intrusive_ptr<DecoderLayer>& self) { self->check(); })

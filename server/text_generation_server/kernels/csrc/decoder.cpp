@@ -102,13 +102,15 @@ void DecoderLayer::set_attention(const c10::intrusive_ptr<Linear>& qkv_, const c
 }
 
 void DecoderLayer::set_mlp(const c10::intrusive_ptr<Linear>& gate_up_, const c10::intrusive_ptr<Linear>& down_,
-                           const std::string& activation) {
-  TORCH_CHECK(activation == "silu", "the native MLP computes silu(gate) * up, not ", activation);
+                           const std::string& activation_name) {
+  TORCH_CHECK(activation_name == "silu" || activation_name == "gelu_tanh",
+              "the native MLP computes silu(gate) * up or gelu_tanh(gate) * up, not ", activation_name);
   TORCH_CHECK(gate_up_->out_features == 2 * down_->in_features, "gate_up gives ", gate_up_->out_features,
               " outputs, down takes twice ", down_->in_features);
   TORCH_CHECK(!down_->bias.has_value(), "down's bias belongs after the all-reduce; the native layer takes none");
   gate_up = gate_up_;
   down = down_;
+  activation = activation_name == "silu" ? Activation::kSilu : Activation::kGeluTanh;
 }
 
 void DecoderLayer::set_output_bias(const std::string& block, const at::Tensor& b) {
@@ -116,6 +118,11 @@ void DecoderLayer::set_output_bias(const std::string& block, const at::Tensor& b
   TORCH_CHECK(block == "attention" || block == "mlp", "unknown block '", block, "'; expected attention or mlp");
   TORCH_CHECK(b.dim() == 1 && b.is_contiguous(), "an output bias must be contiguous [hidden]");
   (block == "attention" ? o_bias : down_bias) = b;
+}
+
+void DecoderLayer::set_attention_softcap(double softcap) {
+  TORCH_CHECK(softcap >= 0, "the score cap must be positive (or 0 for none), not ", softcap);
+  attention_softcap = softcap;
 }
 
 void DecoderLayer::set_sliding_window(int64_t window) {
@@ -182,7 +189,8 @@ at::Tensor DecoderLayer::attention(const at::Tensor& hidden, at::Tensor residual
   at::Tensor v = qkv_out.narrow(1, (H + KVH) * D, KVH * D).view({B, KVH, D});
   write_kv_(k, v, k_cache, v_cache, slots);
   at::Tensor q = qkv_out.narrow(1, 0, H * D).view({B, H, D});
-  at::Tensor attn = paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window);
+  at::Tensor attn = paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,
+                                           attention_softcap);
   return o->apply(attn.view({B, H * D}));
 }
 
@@ -192,7 +200,8 @@ at::Tensor DecoderLayer::finish_attention(const at::Tensor& x) const {
 
 at::Tensor DecoderLayer::mlp(const at::Tensor& attention, at::Tensor residual) const {
   at::Tensor x = enter_block(mlp_norm, attention, residual);
-  return down->apply(silu_mul(gate_up->apply(x)));
+  const at::Tensor gu = gate_up->apply(x);
+  return down->apply(activation == Activation::kSilu ? silu_mul(gu) : gelu_tanh_mul(gu));
 }
 
 at::Tensor DecoderLayer::finish_mlp(const at::Tensor& x) const {

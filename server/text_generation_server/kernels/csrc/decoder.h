@@ -59,6 +59,9 @@ struct DecoderLayer : torch::CustomClassHolder {
   int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
   double scale = 0;
   int64_t sliding_window = 0;  // attend to the last this many positions only; 0: all
+  double attention_softcap = 0;  // scores capped to softcap * tanh(score / softcap); 0: none
+  enum class Activation { kSilu, kGeluTanh };
+  Activation activation = Activation::kSilu;  // of the gated MLP: act(gate) * up
 
   void set_norm(const std::string& slot, const at::Tensor& weight, double eps);
   void set_attention(const c10::intrusive_ptr<Linear>& qkv, const c10::intrusive_ptr<Linear>& o, int64_t num_heads,
@@ -68,6 +71,7 @@ struct DecoderLayer : torch::CustomClassHolder {
   void set_output_bias(const std::string& block, const at::Tensor& bias);  // block: attention or mlp
   void set_output_scale(double scale);
   void set_sliding_window(int64_t window);
+  void set_attention_softcap(double softcap);
   void check() const;
 
   // residual += hidden; x = attention_norm; qkv; head norms and rotary on q and k; k, v into the cache;
@@ -78,7 +82,7 @@ struct DecoderLayer : torch::CustomClassHolder {
                        const at::Tensor& block_tables, const at::Tensor& context_lens) const;
   // + o's bias, then attention_out_norm, where present, times output_scale.
   at::Tensor finish_attention(const at::Tensor& x) const;
-  // residual += attention; x = mlp_norm; returns down(silu(gate) * up) (a partial sum when
+  // residual += attention; x = mlp_norm; returns down(act(gate) * up) (a partial sum when
   // down is row-parallel: all-reduce it, then finish_mlp).
   at::Tensor mlp(const at::Tensor& attention, at::Tensor residual) const;
   at::Tensor finish_mlp(const at::Tensor& x) const;  // + down's bias, mlp_out_norm, times output_scale

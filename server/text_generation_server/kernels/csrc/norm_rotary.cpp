@@ -104,6 +104,37 @@ void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   });
 }
 
+// x [T, 2I] (gate then up) -> gelu_tanh(gate) * up  [T, I], GELU's tanh approximation
+// (Gemma's gelu_pytorch_tanh): 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))).
+at::Tensor gelu_tanh_mul(const at::Tensor& x) {
+  check_cpu_float(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 2 == 0, "x must be contiguous [T, 2 * I]");
+  const int64_t T = x.size(0), I = x.size(1) / 2;
+  at::Tensor out = at::empty({T, I}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  constexpr float kC0 = 0.7978845608028654f, kC1 = 0.044715f;
+  const __m256 one = _mm256_set1_ps(1.f), two = _mm256_set1_ps(2.f), half = _mm256_set1_ps(0.5f);
+  const __m256 c0 = _mm256_set1_ps(kC0), c1 = _mm256_set1_ps(kC1);
+  at::parallel_for(0, T, 4, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const float *g = xp + t * 2 * I, *u = g + I;
+      float* o = op + t * I;
+      int64_t i = 0;
+      for (; i + 8 <= I; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 inner = _mm256_mul_ps(c0, _mm256_fmadd_ps(_mm256_mul_ps(c1, gv), _mm256_mul_ps(gv, gv), gv));
+        // tanh(y) = 1 - 2 / (exp(2y) + 1): exact at both ends (exp overflowing to inf gives 1).
+        const __m256 th = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp_ps(_mm256_mul_ps(two, inner)), one)));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(half, _mm256_mul_ps(gv, _mm256_add_ps(one, th))),
+                                              _mm256_loadu_ps(u + i)));
+      }
+      for (; i < I; ++i) o[i] = 0.5f * g[i] * (1.f + std::tanh(kC0 * (g[i] + kC1 * g[i] * g[i] * g[i]))) * u[i];
+    }
+  });
+  return out;
+}
+
 // x [T, 2I] (gate then up) -> silu(gate) * up  [T, I]
 at::Tensor silu_mul(const at::Tensor& x) {
   check_cpu_float(x, "x");
