@@ -85,9 +85,10 @@ class Weights:
         self.dist = dist
         self._handles: dict[Path, Any] = {}
         self._routing: dict[str, Path] = {}
-        # Views: name -> (stored tensor, dim, start, stop), a block of a stored tensor under a name
-        # of its own (the parts of a fused projection); see split().
-        self._views: dict[str, tuple[str, int, int, int]] = {}
+        # Views: name -> (stored tensor, dim, segments), the concatenation of blocks
+        # [start, stop) of a stored tensor along dim under a name of its own (the parts of a
+        # fused projection, a renamed tensor); see split() and regroup().
+        self._views: dict[str, tuple[str, int, list[tuple[int, int]]]] = {}
         self._order: list[str] = []
         for f in self.files:
             handle = self._handle(f)
@@ -121,26 +122,55 @@ class Weights:
         own name: ``parts`` is ``[(new name, size), ...]`` and must cover the dim exactly, or give
         the size ``None`` for a part that is the whole tensor (shared by every part, e.g. a GPTQ
         g_idx). ``name`` itself is no longer listed."""
-        if name in self._views:
-            raise CheckpointError(f"tensor '{name}' is itself a view")
-        shape = self.get_shape(name)
+        shape = self._view_source_shape(name)
         sized = [size for _, size in parts if size is not None]
         if sized and sum(sized) != shape[dim]:
             raise CheckpointError(
                 f"tensor '{name}' in {self.file_of(name).name} has size {shape[dim]} along dim {dim}, "
                 f"expected the parts {sized} summing to {sum(sized)}"
             )
-        position = self._order.index(name)
         offset = 0
-        names = []
+        segments = []
         for part, size in parts:
             if size is None:
-                self._views[part] = (name, dim, 0, shape[dim])
+                segments.append((part, [(0, shape[dim])]))
             else:
-                self._views[part] = (name, dim, offset, offset + size)
+                segments.append((part, [(offset, offset + size)]))
                 offset += size
-            names.append(part)
-        self._order[position : position + 1] = names
+        self._add_views(name, dim, segments)
+
+    def regroup(self, name: str, dim: int, parts: list[tuple[str, list[tuple[int, int]]]]) -> None:
+        """Present the stored tensor ``name`` as parts gathered along ``dim``: each part, under
+        its own name, is the concatenation of the blocks ``[start, stop)`` listed for it (the
+        interleaved heads of a fused projection, e.g. Falcon's ``[q.., k, v]`` per KV group).
+        The parts must cover the dim exactly once. ``name`` itself is no longer listed."""
+        shape = self._view_source_shape(name)
+        covered = sorted(seg for _, segments in parts for seg in segments)
+        position = 0
+        for start, stop in covered:
+            if start != position or stop <= start:
+                raise CheckpointError(
+                    f"tensor '{name}' in {self.file_of(name).name}: its parts do not cover dim {dim} "
+                    f"(size {shape[dim]}) exactly once at [{start}, {stop})"
+                )
+            position = stop
+        if position != shape[dim]:
+            raise CheckpointError(
+                f"tensor '{name}' in {self.file_of(name).name} has size {shape[dim]} along dim {dim}, "
+                f"its parts cover {position}"
+            )
+        self._add_views(name, dim, parts)
+
+    def _view_source_shape(self, name: str) -> list[int]:
+        if name in self._views:
+            raise CheckpointError(f"tensor '{name}' is itself a view")
+        return self.get_shape(name)
+
+    def _add_views(self, name: str, dim: int, parts: list[tuple[str, list[tuple[int, int]]]]) -> None:
+        position = self._order.index(name)
+        for part, segments in parts:
+            self._views[part] = (name, dim, list(segments))
+        self._order[position : position + 1] = [part for part, _ in parts]
 
     def file_of(self, name: str) -> Path:
         """The file that holds ``name``; :class:`CheckpointError` when none does."""
@@ -156,9 +186,9 @@ class Weights:
 
     def get_shape(self, name: str) -> list[int]:
         if name in self._views:
-            source, dim, start, stop = self._views[name]
+            source, dim, segments = self._views[name]
             shape = self.get_shape(source)
-            shape[dim] = stop - start
+            shape[dim] = sum(stop - start for start, stop in segments)
             return shape
         return list(self._handle(self.file_of(name)).get_slice(name).get_shape())
 
@@ -178,18 +208,26 @@ class Weights:
     ) -> torch.Tensor:
         """The block ``[start, stop)`` along each listed dim, full along the others."""
         if name in self._views:
-            source, vdim, vstart, vstop = self._views[name]
+            source, vdim, segments = self._views[name]
             ndim = len(self.get_shape(source))
             vdim %= ndim
+            size = sum(b - a for a, b in segments)
             shifted = {d % ndim: r for d, r in ranges.items()}
-            start, stop = shifted.get(vdim, (0, vstop - vstart))
-            if not 0 <= start <= stop <= vstop - vstart:
+            start, stop = shifted.get(vdim, (0, size))
+            if not 0 <= start <= stop <= size:
                 raise CheckpointError(
-                    f"tensor '{name}' (part of '{source}') has size {vstop - vstart} along dim {vdim}; "
+                    f"tensor '{name}' (part of '{source}') has size {size} along dim {vdim}; "
                     f"cannot take [{start}, {stop})"
                 )
-            shifted[vdim] = (vstart + start, vstart + stop)
-            return self.get_slices(source, shifted, cast=cast)
+            # The view's [start, stop) as blocks of the stored tensor, read and joined.
+            pieces, offset = [], 0
+            for a, b in segments:
+                lo, hi = max(start, offset), min(stop, offset + b - a)
+                if lo < hi or (start == stop and not pieces and lo == hi == start):
+                    shifted[vdim] = (a + lo - offset, a + hi - offset)
+                    pieces.append(self.get_slices(source, dict(shifted), cast=cast))
+                offset += b - a
+            return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=vdim)
         f = self.file_of(name)
         sl = self._handle(f).get_slice(name)
         shape = list(sl.get_shape())

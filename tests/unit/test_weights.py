@@ -170,3 +170,32 @@ def test_directory_without_safetensors_is_a_clear_error(tmp_path):
     )
     with pytest.raises(CheckpointError, match="missing.safetensors"):
         checkpoint_files(tmp_path)
+
+
+@given(start=st.integers(0, 13), length=st.integers(0, 13))
+def test_a_regrouped_view_reads_any_block_of_its_gathered_rows(checkpoint, start, length):
+    """Falcon's fused [q q k v | q q k v | ...] rows read as q, k and v parts: any block of a
+    part equals the same block of the gathered rows."""
+    stop = min(start + length, 13)
+    weights = Weights(checkpoint_files(checkpoint), device=torch.device("cpu"), dtype=torch.float32,
+                      dist=rank_of(0, 1))  # fmt: skip
+    full = load_file(str(checkpoint / "model.safetensors"))["fused"]
+    # Rows 0..12 as 3 groups of [q, q, k, v] plus one trailing q row.
+    parts = {"q": [(0, 2), (4, 6), (8, 10), (12, 13)], "k": [(2, 3), (6, 7), (10, 11)], "v": [(3, 4), (7, 8), (11, 12)]}
+    weights.regroup("fused", 0, list(parts.items()))
+    assert weights.names()[weights.names().index("q") : weights.names().index("q") + 3] == ["q", "k", "v"]
+    for part, segments in parts.items():
+        gathered = torch.cat([full[a:b] for a, b in segments])
+        assert weights.get_shape(part) == list(gathered.shape)
+        lo, hi = min(start, len(gathered)), min(stop, len(gathered))
+        torch.testing.assert_close(weights.get_range(part, 0, lo, max(lo, hi)), gathered[lo : max(lo, hi)])
+        torch.testing.assert_close(weights.get_range(part, 1, 1, 3), gathered[:, 1:3])
+
+
+def test_regroup_refuses_parts_that_do_not_cover_the_tensor_once(checkpoint):
+    weights = Weights(checkpoint_files(checkpoint), device=torch.device("cpu"), dtype=torch.float32,
+                      dist=rank_of(0, 1))  # fmt: skip
+    with pytest.raises(CheckpointError, match="do not cover dim 0"):
+        weights.regroup("fused", 0, [("a", [(0, 5)]), ("b", [(4, 13)])])
+    with pytest.raises(CheckpointError, match="has size 13 along dim 0, its parts cover 12"):
+        weights.regroup("fused", 0, [("a", [(0, 5)]), ("b", [(5, 12)])])
