@@ -160,6 +160,19 @@ def family_checkpoint(tmp_path: Path, kind: str) -> Path:
                                  sliding_window=7, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
                                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
         return build_random(tmp_path, tf.Gemma2ForCausalLM, config)
+    if kind.startswith("falcon"):
+        # falcon-7b: multi-query, one LayerNorm read by both parallel blocks; falcon-40b: grouped KV
+        # heads (2 groups of 2), ln_attn and ln_mlp; falcon-seq: the older per-head [q, k, v]
+        # layout run one block after the other, with biases everywhere.
+        base = dict(vocab_size=384, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=256, layer_norm_epsilon=1e-5, ffn_hidden_size=96,
+                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        layout = {
+            "falcon-7b": dict(multi_query=True, parallel_attn=True),
+            "falcon-40b": dict(new_decoder_architecture=True, num_kv_heads=2, parallel_attn=True),
+            "falcon-seq": dict(multi_query=False, parallel_attn=False, bias=True, tie_word_embeddings=False),
+        }[kind]
+        return build_random(tmp_path, tf.FalconForCausalLM, tf.FalconConfig(**base, **layout))
     if kind == "mistral-window":
         # A window shorter than the test's sequences, not a multiple of the block size.
         return build_random(tmp_path, tf.MistralForCausalLM, tf.MistralConfig(**SMALL, sliding_window=7, head_dim=16))

@@ -114,6 +114,31 @@ def tiny_gemma2(tmp_path_factory) -> Path:
     return build_random(tmp_path_factory.mktemp("tiny-gemma2"), tf.Gemma2ForCausalLM, config)
 
 
+@pytest.fixture(scope="module")
+def tiny_falcon7b(tmp_path_factory) -> Path:
+    """falcon-7b's layout: one KV head (replicated on every rank), 5 query heads (split 3/2 and
+    2/2/1), one LayerNorm read by both parallel blocks, tied embeddings."""
+    import transformers as tf
+
+    config = tf.FalconConfig(vocab_size=384, hidden_size=80, num_hidden_layers=2, num_attention_heads=5,
+                             multi_query=True, parallel_attn=True, ffn_hidden_size=96, layer_norm_epsilon=1e-5,
+                             max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return build_random(tmp_path_factory.mktemp("tiny-falcon7b"), tf.FalconForCausalLM, config)
+
+
+@pytest.fixture(scope="module")
+def tiny_falcon40b(tmp_path_factory) -> Path:
+    """falcon-40b's layout: 6 query heads over 2 KV groups (3 ranks: two share the first group),
+    ln_attn and ln_mlp, with biases."""
+    import transformers as tf
+
+    config = tf.FalconConfig(vocab_size=384, hidden_size=96, num_hidden_layers=2, num_attention_heads=6,
+                             new_decoder_architecture=True, num_kv_heads=2, parallel_attn=True, bias=True,
+                             ffn_hidden_size=96, layer_norm_epsilon=1e-5, max_position_embeddings=256,
+                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return build_random(tmp_path_factory.mktemp("tiny-falcon40b"), tf.FalconForCausalLM, config)
+
+
 def spawn(world_size: int, tmp: Path, models: list[Path]) -> dict:
     layer_file = tmp / "layers.safetensors"
     inputs = layer_inputs(layer_file)
@@ -128,14 +153,16 @@ def spawn(world_size: int, tmp: Path, models: list[Path]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def world2(tmp_path_factory, tiny_llama, tiny_llama_tied, mqa_llama, tiny_qwen3, llama_biases, tiny_phi3) -> dict:
-    models = [tiny_llama_tied, tiny_llama, mqa_llama, tiny_qwen3, llama_biases, tiny_phi3]
+def world2(tmp_path_factory, tiny_llama, tiny_llama_tied, mqa_llama, tiny_qwen3, llama_biases, tiny_phi3,
+           tiny_falcon7b) -> dict:  # fmt: skip
+    models = [tiny_llama_tied, tiny_llama, mqa_llama, tiny_qwen3, llama_biases, tiny_phi3, tiny_falcon7b]
     return spawn(2, tmp_path_factory.mktemp("tp2"), models)
 
 
 @pytest.fixture(scope="module")
-def world3(tmp_path_factory, tiny_llama_tied, tiny_qwen3, tiny_granite, tiny_gemma2) -> dict:
-    models = [tiny_llama_tied, tiny_qwen3, tiny_granite, tiny_gemma2]
+def world3(tmp_path_factory, tiny_llama_tied, tiny_qwen3, tiny_granite, tiny_gemma2, tiny_falcon7b,
+           tiny_falcon40b) -> dict:  # fmt: skip
+    models = [tiny_llama_tied, tiny_qwen3, tiny_granite, tiny_gemma2, tiny_falcon7b, tiny_falcon40b]
     return spawn(3, tmp_path_factory.mktemp("tp3"), models)
 
 
@@ -276,6 +303,24 @@ def test_gemma2_equals_transformers_on_3_shards_through_the_native_layers(world3
     if tp_worker_native():
         assert {r["plan"] for r in results} == {"native-cpu-layers"}
     check_model(world3, str(tiny_gemma2))
+
+
+@pytest.mark.parametrize("world", ["world2", "world3"])
+def test_falcon7b_layout_equals_transformers_on_2_and_3_shards(request, world, tiny_falcon7b):
+    run = request.getfixturevalue(world)
+    results = [r[f"model:{tiny_falcon7b}"] for r in run["ranks"]]
+    if tp_worker_native():
+        assert {r["plan"] for r in results} == {"native-cpu-layers"}
+    assert [r["num_kv_heads"] for r in results] == [1] * len(results)
+    check_model(run, str(tiny_falcon7b))
+
+
+def test_falcon40b_layout_equals_transformers_on_3_shards(world3, tiny_falcon40b):
+    results = [r[f"model:{tiny_falcon40b}"] for r in world3["ranks"]]
+    if tp_worker_native():
+        assert {r["plan"] for r in results} == {"native-cpu-layers"}
+    assert [r["num_kv_heads"] for r in results] == [1, 1, 1]
+    check_model(world3, str(tiny_falcon40b))
 
 
 def tp_worker_native() -> bool:

@@ -431,7 +431,7 @@ def test_bfloat16_uses_the_bitsandbytes_cpu_kernel_where_the_cpu_has_it(tmp_path
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("arch", ["qwen3", "granite", "phi3", "gemma2", "mistral-window"])
+@pytest.mark.parametrize("arch", ["qwen3", "granite", "phi3", "gemma2", "mistral-window", "falcon-7b", "falcon-40b"])
 def test_family_member_equals_transformers_over_the_same_rounded_weights(tmp_path, arch, mode):
     """Each architecture quantized on load: its logits through prefill and decode equal
     transformers' on a checkpoint whose linears hold the same rounded weights. 4-bit: bitsandbytes'
@@ -439,7 +439,7 @@ def test_family_member_equals_transformers_over_the_same_rounded_weights(tmp_pat
     row to int8 as LLM.int8 does, which the reference does not: within 6% of the logits' norm, where
     a misplaced norm, cap or multiplier is off by tens of percent. Phi-3's fused projections are
     quantized as their parts, which round alike (blocks of 64 and int8's rows do not straddle the
-    parts)."""
+    parts), as are Falcon's interleaved q/k/v heads."""
     from tiny_model import family_checkpoint
     from transformers import AutoModelForCausalLM
 
@@ -456,7 +456,7 @@ def test_family_member_equals_transformers_over_the_same_rounded_weights(tmp_pat
     shutil.copytree(path, rounded)
     tensors = load_file(str(path / "model.safetensors"))
     for name, t in tensors.items():
-        if name.startswith("model.layers.") and name.endswith("proj.weight"):
+        if name.startswith(("model.layers.", "transformer.h.")) and name.endswith(".weight") and t.dim() == 2:
             tensors[name] = round_trip(t)
     save_file(tensors, str(rounded / "model.safetensors"), metadata={"format": "pt"})
     ids = torch.randint(0, 384, (24,), generator=torch.Generator().manual_seed(5)).tolist()

@@ -161,12 +161,12 @@ def test_a_layer_the_native_path_cannot_run_keeps_the_modules_and_says_why(post_
     native_or_skip()
     model = load(post_norm_checkpoint)
     spec = model.spec()
-    gelu = dataclasses.replace(spec.layers[1], mlp=dataclasses.replace(spec.layers[1].mlp, activation="gelu"))
-    changed = dataclasses.replace(spec, layers=[spec.layers[0], gelu, *spec.layers[2:]])
+    relu = dataclasses.replace(spec.layers[1], mlp=dataclasses.replace(spec.layers[1].mlp, activation="relu"))
+    changed = dataclasses.replace(spec, layers=[spec.layers[0], relu, *spec.layers[2:]])
     monkeypatch.setattr(model, "spec", lambda: changed)
     plan = choose_plan(model, KernelConfig())
     assert plan.name == "modules"
-    assert "layer 1: activation 'gelu' is not built natively" in plan.describe()
+    assert "layer 1: activation 'relu' is not built natively (silu, gelu_tanh, gelu)" in plan.describe()
 
 
 def test_without_the_native_kernels_every_model_runs_on_its_modules(post_norm_checkpoint, monkeypatch):
@@ -238,5 +238,5 @@ def test_the_native_layer_description_is_checked_where_it_is_built():
     with pytest.raises(RuntimeError, match="the layer's attention is not set"):
         torch.classes.tgs_cpu.DecoderStack().append(layer)
     layer.set_attention(qkv, o, 4, 2, 16, 0.25)
-    with pytest.raises(RuntimeError, match=r"the native MLP computes silu\(gate\) \* up or gelu_tanh\(gate\) \* up, not gelu"):
-        layer.set_mlp(dense(), dense(), "gelu")
+    with pytest.raises(RuntimeError, match=r"computes silu\(gate\) \* up, gelu_tanh\(gate\) \* up or gelu\(up\), not relu"):
+        layer.set_mlp(dense(), dense(), "relu")

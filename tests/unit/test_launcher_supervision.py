@@ -409,7 +409,11 @@ def test_a_request_the_shards_refuse_fails_alone_and_its_batch_mates_are_served(
     ({"architectures": ["GPT2LMHeadModel"]}, "architecture 'GPT2LMHeadModel', which is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not built"),
     ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope type 'dynamic' is not built"),
-], ids=["architecture", "activation", "rope"])
+    ({"architectures": ["FalconForCausalLM"], "model_type": "falcon", "alibi": True, "head_dim": None},
+     "ALiBi position biases (alibi: true, the falcon-rw models) are not built"),
+    ({"architectures": ["FalconForCausalLM"], "model_type": "falcon"},  # Falcon derives head_dim
+     "transformers cannot read"),
+], ids=["architecture", "activation", "rope", "falcon-alibi", "unreadable-config"])
 def test_a_model_feature_not_served_is_refused_before_any_shard_starts(launch, tiny_llama, tmp_path, change, message):
     import shutil
 
@@ -417,6 +421,8 @@ def test_a_model_feature_not_served_is_refused_before_any_shard_starts(launch, t
     shutil.copytree(tiny_llama, model)
     config = json.loads((model / "config.json").read_text())
     config.update(change)
+    if change.get("head_dim", 0) is None:
+        del config["head_dim"]
     if "rope_scaling" in change:
         config.pop("rope_parameters", None)  # transformers 5 reads the newer spelling first
     (model / "config.json").write_text(json.dumps(config))

@@ -143,7 +143,7 @@ def test_bfloat16_model_stays_close_to_float32(tiny_llama):
 # ---------------------------------------------------------------- other family members
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "granite", "phi3", "gemma2", "mistral", "mistral-window", "qwen2-window", "llama-biases", "llama3-rope", "linear-rope"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "granite", "phi3", "gemma2", "falcon-7b", "falcon-40b", "falcon-seq", "mistral", "mistral-window", "qwen2-window", "llama-biases", "llama3-rope", "linear-rope"])
 def test_family_members_equal_transformers_through_prefill_and_decode(tmp_path, kind, cpu_kernels):
     path = family_checkpoint(tmp_path, kind)
     ids = random_ids(40, 384, seed=11)
@@ -192,7 +192,7 @@ def test_unknown_architecture_is_named_with_the_supported_list(tmp_path, tiny_ll
         load_model(path, dtype=torch.float32, device=CPU, dist=init_distributed(0, 1))
     text = str(e.value)
     assert "GPT2LMHeadModel" in text
-    assert ("supported architectures: Gemma2ForCausalLM, GraniteForCausalLM, LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, "
+    assert ("supported architectures: FalconForCausalLM, Gemma2ForCausalLM, GraniteForCausalLM, LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, "
             "Qwen2ForCausalLM, Qwen3ForCausalLM") in text
     assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"} <= set(
         supported_architectures()
@@ -278,7 +278,7 @@ def test_each_rank_reads_and_holds_only_its_shard(tiny_llama_tied, monkeypatch):
     assert held[0][mlp][1] + held[1][mlp][1] == full[mlp].shape[1]
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "granite", "phi3", "gemma2"])
+@pytest.mark.parametrize("arch", ["qwen3", "granite", "phi3", "gemma2", "falcon-7b", "falcon-40b"])
 def test_family_member_quantized_by_our_quantizer_serves_its_encoded_weights_natively(
     tmp_path, arch, cpu_kernels, monkeypatch
 ):
@@ -297,6 +297,13 @@ def test_family_member_quantized_by_our_quantizer_serves_its_encoded_weights_nat
         model_cls, config = tf.Qwen3ForCausalLM, tf.Qwen3Config(**small, head_dim=32, tie_word_embeddings=False)
     elif arch == "phi3":  # fused qkv_proj / gate_up_proj, quantized and stored fused
         model_cls, config = tf.Phi3ForCausalLM, tf.Phi3Config(**small, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    elif arch.startswith("falcon"):  # parallel blocks; the fused query_key_value regrouped when served
+        layout = {"falcon-7b": dict(multi_query=True),
+                  "falcon-40b": dict(new_decoder_architecture=True, num_kv_heads=2)}[arch]  # fmt: skip
+        model_cls, config = tf.FalconForCausalLM, tf.FalconConfig(
+            vocab_size=384, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, ffn_hidden_size=128,
+            layer_norm_epsilon=1e-5, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            **layout)
     elif arch == "gemma2":  # block-output norms between the linears; soft caps and windows outside them
         model_cls, config = tf.Gemma2ForCausalLM, tf.Gemma2Config(
             **small, head_dim=32, sliding_window=7, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,

@@ -11,7 +11,7 @@ its norms by slot, its heads, rotary and activation. Decode steps then run
   all-reduce between them (:class:`NativeCpuLayersPlan`).
 
 The arithmetic is the modules' own (the same kernels: fused norm, 4-bit or
-dense products, rotary in place, paged attention in place, SiLU-gate) minus
+dense products, rotary in place, paged attention in place, the MLP activations) minus
 the Python calls between them. Steps that are not pure decode (prefill,
 mixed) and other dtypes run through the modules.
 
@@ -30,8 +30,9 @@ from text_generation_server.kernels import cpu_ops_status
 from text_generation_server.kernels.config import DENSE_FROM_ROWS, KernelConfig
 from text_generation_server.layers.attention import AttentionMetadata
 from text_generation_server.layers.linear import ParallelLinear
+from text_generation_server.layers.norm import LayerNorm, RMSNorm
 from text_generation_server.layers.quant.base import NativeLinear
-from text_generation_server.models.spec import DecoderLayerSpec, ModelSpec
+from text_generation_server.models.spec import ACTIVATIONS, DecoderLayerSpec, ModelSpec
 
 if TYPE_CHECKING:
     from text_generation_server.models.base import CausalLM
@@ -50,10 +51,14 @@ def native_layer_unsupported(layer: DecoderLayerSpec) -> str | None:
     a, m = layer.attention, layer.mlp
     if a.rotary != "neox":
         return f"rotary '{a.rotary}' is not built natively (neox only)"
-    if m.activation not in ("silu", "gelu_tanh"):
-        return f"activation '{m.activation}' is not built natively (silu, gelu_tanh)"
-    if m.gate_up.output_sizes[0] != m.gate_up.output_sizes[1]:
+    if m.activation not in ACTIVATIONS:
+        return f"activation '{m.activation}' is not built natively ({', '.join(ACTIVATIONS)})"
+    if m.gated and (len(m.gate_up.output_sizes) != 2 or m.gate_up.output_sizes[0] != m.gate_up.output_sizes[1]):
         return "gate and up have different widths"
+    if not m.gated and len(m.gate_up.output_sizes) != 1:
+        return f"'{m.activation}' is not gated, but the MLP's input projection has {len(m.gate_up.output_sizes)} parts"
+    if layer.parallel and (layer.attention_out_norm is not None or layer.mlp_out_norm is not None):
+        return "a parallel layer with block out-norms"
     if a.head_dim % 8 or a.head_dim > 512:
         return f"head_dim {a.head_dim} is not a multiple of 8 up to 512"
     for name, lin in (("qkv", a.qkv), ("o", a.o), ("gate_up", m.gate_up), ("down", m.down)):
@@ -65,6 +70,8 @@ def native_layer_unsupported(layer: DecoderLayerSpec) -> str | None:
     for slot, norm in _norm_slots(layer).items():
         if norm.weight.dtype != torch.float32 or norm.weight.device.type != "cpu":
             return f"the {slot} norm is {norm.weight.dtype} on {norm.weight.device}, not float32 on the CPU"
+        if slot.endswith("_heads") and not isinstance(norm, RMSNorm):
+            return f"the {slot} norm is a {type(norm).__name__}, not an RMSNorm"
     return None
 
 
@@ -122,7 +129,12 @@ def build_layer(layer: DecoderLayerSpec) -> Any:
 
     out = torch.classes.tgs_cpu.DecoderLayer()
     for slot, norm in _norm_slots(layer).items():
-        out.set_norm(slot, norm.weight.data, float(norm.eps))
+        if isinstance(norm, LayerNorm):
+            out.set_layer_norm(slot, norm.weight.data, norm.bias.data, float(norm.eps))
+        else:
+            out.set_norm(slot, norm.weight.data, float(norm.eps))
+    if layer.parallel:
+        out.set_parallel(True)
     # A row-parallel layer's bias is added once, after the all-reduce: the layer holds it apart.
     out.set_attention(linear(a.qkv), linear(a.o, False), a.num_heads, a.num_kv_heads, a.head_dim, float(a.scale))
     out.set_mlp(linear(m.gate_up), linear(m.down, False), m.activation)
@@ -153,6 +165,7 @@ class _NativeCpuPlan(ExecutionPlan):
              s.mlp_out_norm is not None or s.mlp.down.bias is not None or s.output_scale != 1.0)
             for s in spec.layers
         ]
+        self.parallel = [s.parallel for s in spec.layers]
         self.head_dim = spec.layers[0].attention.head_dim
         self.modules = ModulePlan(model)
 
@@ -204,7 +217,16 @@ class NativeCpuLayersPlan(_NativeCpuPlan):
     def decode(self, hidden, residual, cos, sin, kv_caches, attn):  # type: ignore[no-untyped-def]
         dist = self.model.dist
         reduce = dist.world_size > 1
-        for layer, (k, v), (attn_out, mlp_out) in zip(self.layers, kv_caches, self.out_norms, strict=True):
+        for layer, (k, v), (attn_out, mlp_out), parallel in zip(
+            self.layers, kv_caches, self.out_norms, self.parallel, strict=True
+        ):
+            if parallel:  # both blocks on the same stream: their sum is all-reduced once
+                out = layer.parallel_blocks(hidden, residual, cos, sin, k, v, attn.slot_mapping, attn.block_tables,
+                                            attn.context_lens)
+                if reduce:
+                    out = dist.all_reduce(out)
+                hidden = layer.finish_parallel(out) if attn_out or mlp_out else out
+                continue
             out = layer.attention(hidden, residual, cos, sin, k, v, attn.slot_mapping, attn.block_tables,
                                   attn.context_lens)
             if reduce:

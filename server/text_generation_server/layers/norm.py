@@ -1,8 +1,9 @@
-"""RMSNorm as Llama-family models define it (statistics in float32)."""
+"""RMSNorm as Llama-family models define it (statistics in float32), and LayerNorm."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from text_generation_server.layers.fused import add_rms_norm_, rms_norm
 from text_generation_server.layers.loading import replicated_weight_loader, set_weight_attrs
@@ -25,6 +26,31 @@ class RMSNorm(torch.nn.Module):
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         return add_rms_norm_(x, residual, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class LayerNorm(torch.nn.Module):
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` (Falcon's), replicated on every rank; the
+    same calling convention as :class:`RMSNorm`."""
+
+    def __init__(
+        self, hidden_size: int, eps: float, *, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.eps = eps
+        for name in ("weight", "bias"):
+            param = torch.nn.Parameter(torch.empty(hidden_size, dtype=dtype, device=device), requires_grad=False)
+            set_weight_attrs(param, weight_loader=replicated_weight_loader, shard_ids=(None,))
+            setattr(self, name, param)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The norm of ``x``; with ``residual``, first ``residual += x`` (in place) and the norm of that."""
+        if residual is not None:
+            residual.add_(x)
+            x = residual
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

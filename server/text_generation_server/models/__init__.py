@@ -22,6 +22,7 @@ from text_generation_server.layers.quant.registry import (
     read_json_object,
 )
 from text_generation_server.models.base import CausalLM, UnsupportedModelError
+from text_generation_server.models.falcon import FalconForCausalLM
 from text_generation_server.models.gemma import Gemma2ForCausalLM
 from text_generation_server.models.llama import (
     GraniteForCausalLM,
@@ -45,6 +46,7 @@ __all__ = [
 
 # config.json "architectures"[0] -> implementation. SmolLM checkpoints say LlamaForCausalLM.
 _ARCHITECTURES: dict[str, type[CausalLM]] = {
+    "FalconForCausalLM": FalconForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "GraniteForCausalLM": GraniteForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -98,8 +100,8 @@ def check_model_config(model_path: str | Path) -> type[CausalLM]:
     cls = _architecture(model_dir, _read_json(config_path))
     try:
         config = AutoConfig.from_pretrained(model_dir)
-    except (ValueError, KeyError, OSError) as e:
-        raise UnsupportedModelError(f"transformers cannot read {config_path}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - whatever a config class raises, name the file
+        raise UnsupportedModelError(f"transformers cannot read {config_path}: {type(e).__name__}: {e}") from e
     why = cls.config_refusal(config)
     if why is not None:
         raise UnsupportedModelError(f"{model_dir.name} ({cls.__name__}): {why}")

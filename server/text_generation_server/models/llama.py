@@ -32,7 +32,7 @@ from text_generation_server.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
-from text_generation_server.layers.norm import RMSNorm
+from text_generation_server.layers.norm import LayerNorm, RMSNorm
 from text_generation_server.layers.partition import (
     HeadPartition,
     describe_partition,
@@ -180,7 +180,7 @@ class LlamaMLP(torch.nn.Module):
 
 class LlamaDecoderLayer(torch.nn.Module):
     attention_cls: ClassVar[type[LlamaAttention]] = LlamaAttention
-    norm_cls: ClassVar[type[RMSNorm]] = RMSNorm  # every norm of the model, the final one too
+    norm_cls: ClassVar[type[RMSNorm] | type[LayerNorm]] = RMSNorm  # every norm of the model, the final one too
 
     def __init__(self, b: LlamaBuild, prefix: str) -> None:
         super().__init__()
@@ -222,7 +222,9 @@ class LlamaDecoderLayer(torch.nn.Module):
 
 
 class LlamaModel(torch.nn.Module):
-    def __init__(self, b: LlamaBuild, layer_cls: type[LlamaDecoderLayer], windows: list[int | None]) -> None:
+    def __init__(
+        self, b: LlamaBuild, layer_cls: type[LlamaDecoderLayer], windows: list[int | None], norm_eps: float
+    ) -> None:
         super().__init__()
         config = b.config
         self.embed_tokens = VocabParallelEmbedding(
@@ -232,7 +234,7 @@ class LlamaModel(torch.nn.Module):
             layer_cls(replace(b, sliding_window=windows[i]), f"model.layers.{i}")
             for i in range(config.num_hidden_layers)
         )
-        self.norm = layer_cls.norm_cls(config.hidden_size, config.rms_norm_eps, dtype=b.dtype, device=b.device)
+        self.norm = layer_cls.norm_cls(config.hidden_size, norm_eps, dtype=b.dtype, device=b.device)
 
 
 def _split_sizes(size: int, world_size: int, align: int = 1) -> list[int]:
@@ -272,7 +274,7 @@ class LlamaForCausalLM(CausalLM):
         self.vocab_size = config.vocab_size
         self.num_layers = config.num_hidden_layers
         num_heads = config.num_attention_heads
-        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        num_kv_heads = self._num_kv_heads(config)
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
         partitions = partition_heads(num_heads, num_kv_heads, dist.world_size)
         self.num_kv_heads = partitions[dist.rank].num_kv_heads
@@ -294,7 +296,7 @@ class LlamaForCausalLM(CausalLM):
             attention_softcap=self._attention_softcap(config),
             **self._biases(config),
         )
-        self.model = LlamaModel(build, self.decoder_layer_cls, self.sliding_windows)
+        self.model = LlamaModel(build, self.decoder_layer_cls, self.sliding_windows, self.norm_eps(config))
         self.lm_head = ParallelLMHead(
             config.vocab_size,
             config.hidden_size,
@@ -314,6 +316,18 @@ class LlamaForCausalLM(CausalLM):
     @classmethod
     def _attention_scale(cls, config: Any, head_dim: int) -> float:
         return head_dim**-0.5
+
+    @classmethod
+    def _num_kv_heads(cls, config: Any) -> int:
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+    @classmethod
+    def norm_eps(cls, config: Any) -> float:
+        return config.rms_norm_eps
+
+    @classmethod
+    def intermediate_size(cls, config: Any) -> int:
+        return config.intermediate_size
 
     @classmethod
     def _activation(cls, config: Any) -> str:
@@ -358,7 +372,7 @@ class LlamaForCausalLM(CausalLM):
         if world == 1:
             return f"single shard: {b.num_heads} q heads, {b.num_kv_heads} kv heads, no split{slide}"
         align = b.quant.input_alignment()
-        mlp = "/".join(map(str, _split_sizes(self.config.intermediate_size, world, align)))
+        mlp = "/".join(map(str, _split_sizes(self.intermediate_size(self.config), world, align)))
         vocab = "/".join(map(str, _split_sizes(self.vocab_size, world)))
         return f"{world} shards: {describe_partition(partitions)}, mlp {mlp}, vocab {vocab}{slide}"
 

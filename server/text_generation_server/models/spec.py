@@ -16,9 +16,11 @@ residual stream ``residual``; each block (attention, then MLP) first adds its
 input to the stream (``residual += hidden``, in place), reads the stream
 through its pre-norm if it has one, and returns its output, through its
 out-norm if it has one. The model's final norm closes the last block the
-same way. A new architecture is its module file plus its spec: anything the
-spec cannot say (another activation, a bias after a row-parallel linear)
-keeps the module path, and the plan logs why.
+same way. A parallel layer (Falcon) adds its input to the stream once and
+returns the sum of both blocks, each read from that stream. A new
+architecture is its module file plus its spec: anything the spec cannot say
+(another activation, another rotary) keeps the module path, and the plan
+logs why.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from dataclasses import dataclass
 import torch
 
 from text_generation_server.layers.linear import ParallelLinear
-from text_generation_server.layers.norm import RMSNorm
+from text_generation_server.layers.norm import LayerNorm, RMSNorm
 
-ACTIVATIONS = ("silu", "gelu_tanh")  # gated: act(gate) * up
+Norm = RMSNorm | LayerNorm
+GATED_ACTIVATIONS = ("silu", "gelu_tanh")  # act(gate) * up over [gate | up]
+ACTIVATIONS = (*GATED_ACTIVATIONS, "gelu")  # gelu: not gated, gelu(up) in its erf form (Falcon)
 ROTARY_STYLES = ("neox",)  # rotate-half over the whole head
 
 
@@ -54,11 +58,17 @@ class AttentionSpec:
 
 @dataclass(frozen=True)
 class MLPSpec:
-    """A gated MLP: ``down(act(gate) * up)`` with gate and up fused as ``[gate | up]``."""
+    """A gated MLP, ``down(act(gate) * up)`` with gate and up fused as ``[gate | up]``; or, for
+    an activation that is not gated (``gelu``), ``down(act(up))`` with ``gate_up`` the up
+    projection alone."""
 
     gate_up: ParallelLinear
     down: ParallelLinear  # row-parallel
     activation: str = "silu"
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED_ACTIVATIONS
 
 
 @dataclass(frozen=True)
@@ -67,15 +77,19 @@ class DecoderLayerSpec:
 
     attention: AttentionSpec
     mlp: MLPSpec
-    attention_norm: RMSNorm | None  # pre-norm of the attention block
-    mlp_norm: RMSNorm | None  # pre-norm of the MLP block
-    attention_out_norm: RMSNorm | None = None  # on attention's output, before it joins the stream
-    mlp_out_norm: RMSNorm | None = None  # on the MLP's output, before it joins the stream
+    attention_norm: Norm | None  # pre-norm of the attention block
+    mlp_norm: Norm | None  # pre-norm of the MLP block
+    attention_out_norm: Norm | None = None  # on attention's output, before it joins the stream
+    mlp_out_norm: Norm | None = None  # on the MLP's output, before it joins the stream
     # Each block's output (after its out-norm) is multiplied by this before it joins the stream
     # (Granite's residual_multiplier).
     output_scale: float = 1.0
+    # Both blocks read the same stream (Falcon): the MLP through mlp_norm, or through
+    # attention_norm's output where mlp_norm is None; the layer's output is the sum of the
+    # two blocks' outputs (one all-reduce when split). No out-norms.
+    parallel: bool = False
 
-    def norms(self) -> dict[str, RMSNorm]:
+    def norms(self) -> dict[str, Norm]:
         """The norms present, by slot name (``attention``, ``attention_out``, ``mlp``, ``mlp_out``)."""
         slots = {
             "attention": self.attention_norm,

@@ -9,13 +9,14 @@ layer plus activations whatever the model size.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 SUPPORTED_ARCHITECTURES = (
-    "Gemma2ForCausalLM", "GraniteForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
+    "FalconForCausalLM", "Gemma2ForCausalLM", "GraniteForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
 )
 
@@ -97,10 +98,31 @@ def meta_model(config, trust_remote_code: bool = False) -> torch.nn.Module:
         )
     model.eval()
     # Rotary tables are computed at construction, not loaded: build them on CPU.
-    inner = model.model
+    inner = decoder_parts(model).inner
     if hasattr(inner, "rotary_emb"):
         inner.rotary_emb = type(inner.rotary_emb)(config=inner.config)
     return model
+
+
+@dataclass(frozen=True)
+class DecoderParts:
+    """Where a transformers causal LM keeps its decoder: ``model.model.layers`` (Llama family) or
+    ``transformer.h`` (Falcon), with the checkpoint prefixes of the embeddings and the layers."""
+
+    inner: torch.nn.Module
+    embed: torch.nn.Module
+    embed_prefix: str  # e.g. "model.embed_tokens."
+    layers: torch.nn.ModuleList
+    layer_prefix: str  # e.g. "model.layers."
+
+
+def decoder_parts(model: torch.nn.Module) -> DecoderParts:
+    base = model.base_model_prefix
+    inner = getattr(model, base)
+    embed = inner.get_input_embeddings()
+    embed_name = next(name for name, child in inner.named_children() if child is embed)
+    layers_name = "layers" if hasattr(inner, "layers") else "h"
+    return DecoderParts(inner, embed, f"{base}.{embed_name}.", getattr(inner, layers_name), f"{base}.{layers_name}.")
 
 
 def _supports_sdpa(config, trust_remote_code: bool) -> bool:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from text_generation_server.quantize.checkpoint import (
     CheckpointReadError,
     SafetensorsCheckpoint,
+    decoder_parts,
     meta_model,
     read_config_json,
 )
@@ -84,7 +85,7 @@ def load_float_model(path: Path, trust_remote_code: bool = False) -> torch.nn.Mo
         elif name in checkpoint:
             weight = checkpoint.get(name)
         elif name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
-            weight = checkpoint.get("model.embed_tokens.weight")
+            weight = checkpoint.get(decoder_parts(model).embed_prefix + "weight")
         else:
             raise CheckpointReadError(f"tensor {name!r} is missing from the checkpoint in {path}")
         if weight.shape != target.shape:

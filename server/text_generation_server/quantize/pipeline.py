@@ -120,7 +120,7 @@ def quantize_checkpoint(
             f"{model_path} is already quantized ({method}); quantize the unquantized checkpoint instead"
         )
     config = load_config(model_path, trust_remote_code)
-    ragged = check_shapes(config, spec)
+    ragged = check_shapes(config, spec, trust_remote_code)
     if ragged:
         g = spec.group_size
         layers = ", ".join(

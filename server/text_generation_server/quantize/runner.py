@@ -1,4 +1,4 @@
-"""Layer-by-layer GPTQ over a Llama-family model.
+"""Layer-by-layer GPTQ over a decoder-only model (the Llama family, Falcon).
 
 Only one decoder layer's weights are in memory at a time (read from the
 safetensors files into a meta-device transformers skeleton), plus the
@@ -10,8 +10,10 @@ q/k/v, o, gate/up, down. With ``true_sequential`` each group sees inputs
 produced by the already-quantized groups before it; the layer is advanced
 stage by stage (attention input, attention output, MLP input, MLP hidden),
 keeping each stage's activations, so every matmul runs once per stage rather
-than re-running the whole layer per group. Without it, all four Hessians come
-from one forward of the unquantized layer (AutoGPTQ's non-sequential mode).
+than re-running the whole layer per group. Layers that are not a sequence of
+pre-norm blocks (Falcon's parallel attention) run the whole layer once per
+group instead. Without ``true_sequential``, all four Hessians come from one
+forward of the unquantized layer (AutoGPTQ's non-sequential mode).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tqdm import tqdm
 from text_generation_server.quantize.checkpoint import (
     SafetensorsCheckpoint,
     UnsupportedArchitectureError,
+    decoder_parts,
     load_module,
     meta_model,
     release,
@@ -58,11 +61,26 @@ FUSED_LINEAR_GROUPS: tuple[tuple[str, ...], ...] = (
     ("mlp.gate_up_proj",),
     ("mlp.down_proj",),
 )
+# Falcon, in the order its layer calls them (GPTQModel's groups).
+FALCON_LINEAR_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("self_attention.query_key_value",),
+    ("self_attention.dense",),
+    ("mlp.dense_h_to_4h",),
+    ("mlp.dense_4h_to_h",),
+)
 
 
 def linear_groups(layer: torch.nn.Module) -> tuple[tuple[str, ...], ...]:
     """The layer's linears in GPTQ's order, grouped by the input they share."""
+    if hasattr(layer, "self_attention"):
+        return FALCON_LINEAR_GROUPS
     return FUSED_LINEAR_GROUPS if hasattr(layer.self_attn, "qkv_proj") else LINEAR_GROUPS
+
+
+def _staged(layer: torch.nn.Module) -> bool:
+    """Whether the layer is a Llama-style sequence of pre-norm blocks the staged forward runs
+    (else each group is calibrated with a forward of the whole layer, see _quantize_layer_generic)."""
+    return hasattr(layer, "self_attn")
 # Keep the MLP hidden activations between stages only under this size;
 # above it they are recomputed (one extra gate/up matmul) to save memory.
 MLP_CACHE_BYTES = 2 << 30
@@ -97,38 +115,29 @@ def _submodule(root: torch.nn.Module, dotted: str) -> torch.nn.Module:
     return root.get_submodule(dotted)
 
 
-def check_shapes(config, spec: QuantSpec) -> dict[str, int]:
+def check_shapes(config, spec: QuantSpec, trust_remote_code: bool = False) -> dict[str, int]:
     """Refuse settings the checkpoint layout cannot hold, naming the layer and sizes.
 
     A group size need not divide a layer's input features: the layer then
     gets ``ceil(in / group_size)`` groups, the last one shorter (the
-    AutoGPTQ layout). Returns those layers' input features by name.
+    AutoGPTQ layout). Returns those layers' input features by name. The
+    shapes are those of the first decoder layer's linears, built on the meta
+    device (no memory).
     """
-    hidden = config.hidden_size
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    inter = config.intermediate_size
-    shapes = {
-        "self_attn.q_proj": (heads * head_dim, hidden),
-        "self_attn.k_proj": (kv * head_dim, hidden),
-        "self_attn.v_proj": (kv * head_dim, hidden),
-        "self_attn.o_proj": (hidden, heads * head_dim),
-        "mlp.gate_proj": (inter, hidden),
-        "mlp.up_proj": (inter, hidden),
-        "mlp.down_proj": (hidden, inter),
-    }
+    layer = decoder_parts(meta_model(config, trust_remote_code)).layers[0]
     ragged = {}
-    for name, (out_f, in_f) in shapes.items():
-        if 0 < spec.group_size < in_f and in_f % spec.group_size:
-            ragged[name] = in_f
-        try:
-            packed_length(in_f, spec.bits)
-            packed_length(out_f, spec.bits)
-        except ValueError as err:
-            raise QuantizationConfigError(
-                f"{spec.bits}-bit packing cannot hold {name} (weight {out_f}x{in_f}): {err}"
-            ) from err
+    for group in linear_groups(layer):
+        for name in group:
+            out_f, in_f = _submodule(layer, name).weight.shape
+            if 0 < spec.group_size < in_f and in_f % spec.group_size:
+                ragged[name] = in_f
+            try:
+                packed_length(in_f, spec.bits)
+                packed_length(out_f, spec.bits)
+            except ValueError as err:
+                raise QuantizationConfigError(
+                    f"{spec.bits}-bit packing cannot hold {name} (weight {out_f}x{in_f}): {err}"
+                ) from err
     return ragged
 
 
@@ -148,9 +157,10 @@ def capture_layer_inputs(model, checkpoint: SafetensorsCheckpoint, windows: torc
     through unchanged, so per-layer arguments (e.g. sliding-window masks) are
     captured as the model itself builds them; the last recorder stops the pass.
     """
-    inner = model.model
-    load_module(inner.embed_tokens, "model.embed_tokens.", checkpoint)
-    layers = inner.layers
+    parts = decoder_parts(model)
+    inner = parts.inner
+    load_module(parts.embed, parts.embed_prefix, checkpoint)
+    layers = parts.layers
     originals = list(layers)
     record: dict[int, dict] = {}
 
@@ -186,7 +196,7 @@ def capture_layer_inputs(model, checkpoint: SafetensorsCheckpoint, windows: torc
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
-        release(inner.embed_tokens)
+        release(parts.embed)
     return captured
 
 
@@ -341,6 +351,19 @@ def _quantize_layer_sequential(layer, q: LayerQuantizer, hidden: list[torch.Tens
     return outputs
 
 
+def _quantize_layer_generic(layer, q: LayerQuantizer, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    """True-sequential for any layer: each group's Hessian from forwards of the whole layer
+    (stopped at the group's linear) with the groups before it already quantized."""
+    with torch.no_grad():
+        for group in linear_groups(layer):
+            first = _submodule(layer, group[0])
+            acc = HessianAccumulator(first.in_features)
+            for x, kw in zip(hidden, kwargs, strict=True):
+                acc.add(_capture_input(first, lambda x=x, kw=kw: layer(x, **kw)))
+            q.solve(group, acc)
+        return [_layer_output(layer(x, **kw)) for x, kw in zip(hidden, kwargs, strict=True)]
+
+
 def _quantize_layer_parallel(layer, q: LayerQuantizer, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
     accs = {}
     handles = []
@@ -389,20 +412,24 @@ def quantize_model(
         f"in {len(inputs.hidden)} batches ({time.perf_counter() - t0:.1f} s)"
     )
     result = QuantizedModel()
-    layers = model.model.layers
+    parts = decoder_parts(model)
+    layers = parts.layers
     hidden, inputs.hidden = inputs.hidden, []
     mode = "true-sequential" if true_sequential else "one pass per layer"
     bar = tqdm(total=len(layers), desc="GPTQ layers", unit="layer", dynamic_ncols=True)
     try:
         for index, layer in enumerate(layers):
             t_layer = time.perf_counter()
-            prefix = f"model.layers.{index}."
+            prefix = f"{parts.layer_prefix}{index}."
             load_module(layer, prefix, checkpoint)
             kwargs = [batch_kwargs[index] for batch_kwargs in inputs.kwargs]
-            if index == 0:
+            if index == 0 and _staged(layer):
                 _check_layer_structure(layer, hidden[0][:1], _slice_kwargs(kwargs[0], 1))
             quantizer = LayerQuantizer(layer, prefix, spec, result)
-            run = _quantize_layer_sequential if true_sequential else _quantize_layer_parallel
+            if not true_sequential:
+                run = _quantize_layer_parallel
+            else:
+                run = _quantize_layer_sequential if _staged(layer) else _quantize_layer_generic
             hidden = run(layer, quantizer, hidden, kwargs)
             release(layer)
             return_freed_memory()

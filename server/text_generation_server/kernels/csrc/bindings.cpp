@@ -46,6 +46,10 @@ TORCH_LIBRARY(tgs_cpu, m) {
            [](const intrusive_ptr<DecoderLayer>& self, const std::string& slot, const at::Tensor& weight, double eps) {
              self->set_norm(slot, weight, eps);
            })
+      .def("set_layer_norm",
+           [](const intrusive_ptr<DecoderLayer>& self, const std::string& slot, const at::Tensor& weight,
+              const at::Tensor& bias, double eps) { self->set_layer_norm(slot, weight, bias, eps); })
+      .def("set_parallel", [](const intrusive_ptr<DecoderLayer>& self, bool parallel) { self->set_parallel(parallel); })
       .def("set_attention",
            [](const intrusive_ptr<DecoderLayer>& self, const intrusive_ptr<Linear>& qkv, const intrusive_ptr<Linear>& o,
               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double scale) {
@@ -77,7 +81,16 @@ TORCH_LIBRARY(tgs_cpu, m) {
            [](const intrusive_ptr<DecoderLayer>& self, const at::Tensor& x) { return self->finish_attention(x); })
       .def("mlp", [](const intrusive_ptr<DecoderLayer>& self, const at::Tensor& attention,
                      at::Tensor residual) { return self->mlp(attention, residual); })
-      .def("finish_mlp", [](const intrusive_ptr<DecoderLayer>& self, const at::Tensor& x) { return self->finish_mlp(x); });
+      .def("finish_mlp", [](const intrusive_ptr<DecoderLayer>& self, const at::Tensor& x) { return self->finish_mlp(x); })
+      .def("parallel_blocks",
+           [](const intrusive_ptr<DecoderLayer>& self, const at::Tensor& hidden, at::Tensor residual,
+              const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache,
+              const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& context_lens) {
+             return self->parallel_blocks(hidden, residual, cos, sin, k_cache, v_cache, slots, block_tables,
+                                          context_lens);
+           })
+      .def("finish_parallel",
+           [](const intrusive_ptr<DecoderLayer>& self, const at::Tensor& x) { return self->finish_parallel(x); });
 
   m.class_<DecoderStack>("DecoderStack")
       .def(torch::init<>())

@@ -67,22 +67,41 @@ std::string Linear::describe() const {
   return "unset";
 }
 
-void DecoderLayer::set_norm(const std::string& slot, const at::Tensor& weight, double eps) {
+Norm* DecoderLayer::slot(const std::string& name) {
+  Norm* n = name == "attention"       ? &attention_norm
+            : name == "attention_out" ? &attention_out_norm
+            : name == "mlp"           ? &mlp_norm
+            : name == "mlp_out"       ? &mlp_out_norm
+            : name == "q_heads"       ? &q_heads_norm
+            : name == "k_heads"       ? &k_heads_norm
+                                      : nullptr;
+  TORCH_CHECK(n != nullptr, "unknown norm slot '", name,
+              "'; expected attention, attention_out, mlp, mlp_out, q_heads or k_heads");
+  return n;
+}
+
+void DecoderLayer::set_norm(const std::string& name, const at::Tensor& weight, double eps) {
   check_cpu_float(weight, "norm weight");
   TORCH_CHECK(weight.dim() == 1 && weight.is_contiguous(), "a norm weight must be contiguous [hidden]");
   TORCH_CHECK(eps > 0, "norm eps must be positive");
-  Norm* n = slot == "attention"       ? &attention_norm
-            : slot == "attention_out" ? &attention_out_norm
-            : slot == "mlp"           ? &mlp_norm
-            : slot == "mlp_out"       ? &mlp_out_norm
-            : slot == "q_heads"       ? &q_heads_norm
-            : slot == "k_heads"       ? &k_heads_norm
-                                      : nullptr;
-  TORCH_CHECK(n != nullptr, "unknown norm slot '", slot,
-              "'; expected attention, attention_out, mlp, mlp_out, q_heads or k_heads");
-  n->weight = weight;
-  n->eps = eps;
+  Norm* n = slot(name);
+  *n = Norm{weight, at::Tensor(), eps, false};
 }
+
+void DecoderLayer::set_layer_norm(const std::string& name, const at::Tensor& weight, const at::Tensor& bias,
+                                  double eps) {
+  check_cpu_float(weight, "norm weight");
+  check_cpu_float(bias, "norm bias");
+  TORCH_CHECK(weight.dim() == 1 && weight.is_contiguous() && bias.dim() == 1 && bias.is_contiguous() &&
+                  bias.size(0) == weight.size(0),
+              "a LayerNorm's weight and bias must be contiguous [hidden]");
+  TORCH_CHECK(eps > 0, "norm eps must be positive");
+  TORCH_CHECK(name != "q_heads" && name != "k_heads", "the head norms are RMSNorms");
+  Norm* n = slot(name);
+  *n = Norm{weight, bias, eps, true};
+}
+
+void DecoderLayer::set_parallel(bool p) { parallel = p; }
 
 void DecoderLayer::set_attention(const c10::intrusive_ptr<Linear>& qkv_, const c10::intrusive_ptr<Linear>& o_,
                                  int64_t heads, int64_t kv_heads, int64_t dim, double scale_) {
@@ -103,14 +122,17 @@ void DecoderLayer::set_attention(const c10::intrusive_ptr<Linear>& qkv_, const c
 
 void DecoderLayer::set_mlp(const c10::intrusive_ptr<Linear>& gate_up_, const c10::intrusive_ptr<Linear>& down_,
                            const std::string& activation_name) {
-  TORCH_CHECK(activation_name == "silu" || activation_name == "gelu_tanh",
-              "the native MLP computes silu(gate) * up or gelu_tanh(gate) * up, not ", activation_name);
-  TORCH_CHECK(gate_up_->out_features == 2 * down_->in_features, "gate_up gives ", gate_up_->out_features,
-              " outputs, down takes twice ", down_->in_features);
+  TORCH_CHECK(activation_name == "silu" || activation_name == "gelu_tanh" || activation_name == "gelu",
+              "the native MLP computes silu(gate) * up, gelu_tanh(gate) * up or gelu(up), not ", activation_name);
+  const bool gated = activation_name != "gelu";
+  TORCH_CHECK(gate_up_->out_features == (gated ? 2 : 1) * down_->in_features, gated ? "gate_up" : "up", " gives ",
+              gate_up_->out_features, " outputs, down takes ", gated ? "twice " : "", down_->in_features);
   TORCH_CHECK(!down_->bias.has_value(), "down's bias belongs after the all-reduce; the native layer takes none");
   gate_up = gate_up_;
   down = down_;
-  activation = activation_name == "silu" ? Activation::kSilu : Activation::kGeluTanh;
+  activation = activation_name == "silu"        ? Activation::kSilu
+               : activation_name == "gelu_tanh" ? Activation::kGeluTanh
+                                                : Activation::kGelu;
 }
 
 void DecoderLayer::set_output_bias(const std::string& block, const at::Tensor& b) {
@@ -143,6 +165,8 @@ void DecoderLayer::check() const {
     TORCH_CHECK(!b->has_value() || (*b)->size(0) == o->out_features, "an output bias must be [hidden = ",
                 o->out_features, "]");
   TORCH_CHECK(q_heads_norm.present() == k_heads_norm.present(), "set both head norms (q_heads, k_heads) or neither");
+  TORCH_CHECK(!parallel || (!attention_out_norm.present() && !mlp_out_norm.present()),
+              "a parallel layer has no block out-norms");
   for (const Norm* n : {&q_heads_norm, &k_heads_norm})
     TORCH_CHECK(!n->present() || n->weight.size(0) == head_dim, "a head norm's weight must be [head_dim = ", head_dim,
                 "]");
@@ -150,16 +174,21 @@ void DecoderLayer::check() const {
 
 namespace {
 
+at::Tensor apply_norm(const Norm& norm, const at::Tensor& x) {
+  if (norm.layer) return at::layer_norm(x, {norm.weight.size(0)}, norm.weight, norm.bias, norm.eps);
+  return rms_norm(x, norm.weight, norm.eps);
+}
+
 // residual += x, then the norm of the stream where the slot has one (else the stream itself).
 at::Tensor enter_block(const Norm& norm, const at::Tensor& x, at::Tensor& residual) {
-  if (norm.present()) return add_rms_norm_(x, residual, norm.weight, norm.eps);
+  if (norm.present() && !norm.layer) return add_rms_norm_(x, residual, norm.weight, norm.eps);
   residual.add_(x);
-  return residual;
+  return norm.present() ? apply_norm(norm, residual) : residual;
 }
 
 at::Tensor leave_block(const Norm& norm, const c10::optional<at::Tensor>& bias, double scale, const at::Tensor& x) {
   at::Tensor y = bias.has_value() ? at::add(x, *bias) : x;
-  if (norm.present()) y = rms_norm(y, norm.weight, norm.eps);
+  if (norm.present()) y = apply_norm(norm, y);
   return scale == 1.0 ? y : at::mul(y, scale);
 }
 
@@ -175,9 +204,15 @@ at::Tensor DecoderLayer::attention(const at::Tensor& hidden, at::Tensor residual
                                    const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache,
                                    const at::Tensor& slots, const at::Tensor& block_tables,
                                    const at::Tensor& context_lens) const {
-  const int64_t B = hidden.size(0), H = num_heads, KVH = num_kv_heads, D = head_dim;
-  TORCH_CHECK(k_cache.size(3) == D, "the cache's head_dim is ", k_cache.size(3), ", the layer's ", D);
   at::Tensor x = enter_block(attention_norm, hidden, residual);
+  return attend(x, cos, sin, k_cache, v_cache, slots, block_tables, context_lens);
+}
+
+at::Tensor DecoderLayer::attend(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                                at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
+                                const at::Tensor& block_tables, const at::Tensor& context_lens) const {
+  const int64_t B = x.size(0), H = num_heads, KVH = num_kv_heads, D = head_dim;
+  TORCH_CHECK(k_cache.size(3) == D, "the cache's head_dim is ", k_cache.size(3), ", the layer's ", D);
   at::Tensor qkv_out = qkv->apply(x);
   at::Tensor qk = qkv_out.narrow(1, 0, (H + KVH) * D).view({B, H + KVH, D});
   if (q_heads_norm.present()) {
@@ -199,9 +234,37 @@ at::Tensor DecoderLayer::finish_attention(const at::Tensor& x) const {
 }
 
 at::Tensor DecoderLayer::mlp(const at::Tensor& attention, at::Tensor residual) const {
-  at::Tensor x = enter_block(mlp_norm, attention, residual);
+  return mlp_of(enter_block(mlp_norm, attention, residual));
+}
+
+at::Tensor DecoderLayer::mlp_of(const at::Tensor& x) const {
   const at::Tensor gu = gate_up->apply(x);
-  return down->apply(activation == Activation::kSilu ? silu_mul(gu) : gelu_tanh_mul(gu));
+  switch (activation) {
+    case Activation::kSilu:
+      return down->apply(silu_mul(gu));
+    case Activation::kGeluTanh:
+      return down->apply(gelu_tanh_mul(gu));
+    default:
+      return down->apply(at::gelu(gu));
+  }
+}
+
+at::Tensor DecoderLayer::parallel_blocks(const at::Tensor& hidden, at::Tensor residual, const at::Tensor& cos,
+                                         const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache,
+                                         const at::Tensor& slots, const at::Tensor& block_tables,
+                                         const at::Tensor& context_lens) const {
+  TORCH_CHECK(parallel, "parallel_blocks on a layer whose blocks run one after the other");
+  at::Tensor x = enter_block(attention_norm, hidden, residual);
+  at::Tensor m = mlp_norm.present() ? apply_norm(mlp_norm, residual) : x;
+  at::Tensor a = attend(x, cos, sin, k_cache, v_cache, slots, block_tables, context_lens);
+  return a.add_(mlp_of(m));
+}
+
+at::Tensor DecoderLayer::finish_parallel(const at::Tensor& x) const {
+  at::Tensor y = x;
+  if (o_bias.has_value()) y = at::add(y, *o_bias);
+  if (down_bias.has_value()) y = at::add(y, *down_bias);
+  return output_scale == 1.0 ? y : at::mul(y, output_scale);
 }
 
 at::Tensor DecoderLayer::finish_mlp(const at::Tensor& x) const {
@@ -224,6 +287,11 @@ at::Tensor DecoderStack::decode(const at::Tensor& hidden, at::Tensor residual, c
   at::Tensor out = hidden;
   for (size_t l = 0; l < layers.size(); ++l) {
     const DecoderLayer& layer = *layers[l];
+    if (layer.parallel) {
+      out = layer.finish_parallel(layer.parallel_blocks(out, residual, cos, sin, k_caches[l], v_caches[l], slots,
+                                                        block_tables, context_lens));
+      continue;
+    }
     at::Tensor a = layer.finish_attention(
         layer.attention(out, residual, cos, sin, k_caches[l], v_caches[l], slots, block_tables, context_lens));
     out = layer.finish_mlp(layer.mlp(a, residual));

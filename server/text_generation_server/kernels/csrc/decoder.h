@@ -34,10 +34,12 @@ struct Linear : torch::CustomClassHolder {
   std::string describe() const;
 };
 
-// A norm slot of a layer; absent when its weight is undefined.
+// A norm slot of a layer; absent when its weight is undefined. RMSNorm, or LayerNorm
+// (mean-centred, with a bias) where layer is set.
 struct Norm {
-  at::Tensor weight;
+  at::Tensor weight, bias;
   double eps = 0;
+  bool layer = false;
   bool present() const { return weight.defined(); }
 };
 
@@ -50,6 +52,9 @@ struct Norm {
 // stream itself.
 //   q_heads_norm / k_heads_norm: over each query / key head (weights of head_dim) before
 //   rotary (Qwen3's q_norm and k_norm).
+// A parallel layer (Falcon) runs both blocks on the same stream: the MLP reads it through
+// mlp_norm (or attention_norm's output where mlp_norm is absent), and the layer's output is
+// the sum of the two blocks, all-reduced once.
 struct DecoderLayer : torch::CustomClassHolder {
   Norm attention_norm, attention_out_norm, mlp_norm, mlp_out_norm, q_heads_norm, k_heads_norm;
   c10::intrusive_ptr<Linear> qkv, o, gate_up, down;
@@ -60,10 +65,14 @@ struct DecoderLayer : torch::CustomClassHolder {
   double scale = 0;
   int64_t sliding_window = 0;  // attend to the last this many positions only; 0: all
   double attention_softcap = 0;  // scores capped to softcap * tanh(score / softcap); 0: none
-  enum class Activation { kSilu, kGeluTanh };
-  Activation activation = Activation::kSilu;  // of the gated MLP: act(gate) * up
+  // silu / gelu_tanh: gated, act(gate) * up over [gate | up]; gelu: not gated, gelu(up) (erf form).
+  enum class Activation { kSilu, kGeluTanh, kGelu };
+  Activation activation = Activation::kSilu;
+  bool parallel = false;
 
   void set_norm(const std::string& slot, const at::Tensor& weight, double eps);
+  void set_layer_norm(const std::string& slot, const at::Tensor& weight, const at::Tensor& bias, double eps);
+  void set_parallel(bool parallel);
   void set_attention(const c10::intrusive_ptr<Linear>& qkv, const c10::intrusive_ptr<Linear>& o, int64_t num_heads,
                      int64_t num_kv_heads, int64_t head_dim, double scale);
   void set_mlp(const c10::intrusive_ptr<Linear>& gate_up, const c10::intrusive_ptr<Linear>& down,
@@ -86,6 +95,20 @@ struct DecoderLayer : torch::CustomClassHolder {
   // down is row-parallel: all-reduce it, then finish_mlp).
   at::Tensor mlp(const at::Tensor& attention, at::Tensor residual) const;
   at::Tensor finish_mlp(const at::Tensor& x) const;  // + down's bias, mlp_out_norm, times output_scale
+  // A parallel layer: residual += hidden; returns o(attention(attention_norm)) + mlp(mlp_norm), a
+  // partial sum to all-reduce when split, then finish_parallel (+ both biases, times output_scale).
+  at::Tensor parallel_blocks(const at::Tensor& hidden, at::Tensor residual, const at::Tensor& cos,
+                             const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
+                             const at::Tensor& block_tables, const at::Tensor& context_lens) const;
+  at::Tensor finish_parallel(const at::Tensor& x) const;
+
+ private:
+  Norm* slot(const std::string& name);
+  // q, k, v of the normed x; k and v into the cache; attention; o of it.
+  at::Tensor attend(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,
+                    at::Tensor v_cache, const at::Tensor& slots, const at::Tensor& block_tables,
+                    const at::Tensor& context_lens) const;
+  at::Tensor mlp_of(const at::Tensor& x) const;  // down(act(...)) of the normed x
 };
 
 // The decode step of every decoder layer of one unsplit model, one call.
