@@ -160,6 +160,15 @@ def family_checkpoint(tmp_path: Path, kind: str) -> Path:
                                  sliding_window=7, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
                                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
         return build_random(tmp_path, tf.Gemma2ForCausalLM, config)
+    if kind == "gemma3":
+        # (1 + w) q/k head norms; local layers (window 7, base 10 000) and a global one (base 1e6,
+        # linear scaling 8) rotating by different tables; 6 layers, the pattern's 5 local + 1 global.
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}}
+        config = tf.Gemma3TextConfig(**{**SMALL, "num_hidden_layers": 6}, head_dim=16, query_pre_attn_scalar=24,
+                                     sliding_window=7, rope_parameters=rope, pad_token_id=0, bos_token_id=1,
+                                     eos_token_id=2)
+        return build_random(tmp_path, tf.Gemma3ForCausalLM, config)
     if kind.startswith("falcon"):
         # falcon-7b: multi-query, one LayerNorm read by both parallel blocks; falcon-40b: grouped KV
         # heads (2 groups of 2), ln_attn and ln_mlp; falcon-seq: the older per-head [q, k, v]

@@ -115,6 +115,22 @@ def tiny_gemma2(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory) -> Path:
+    """Gemma 3: a local layer (window 5, base 10 000) and a global one (base 1e6, linear 8), each
+    rotating by its own table; (1 + w) q/k head norms; 6 heads over 3 KV heads split 2 ways."""
+    import transformers as tf
+
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}}
+    config = tf.Gemma3TextConfig(vocab_size=384, hidden_size=96, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=6, num_key_value_heads=3, head_dim=16, query_pre_attn_scalar=24,
+                                 layer_types=["sliding_attention", "full_attention"], sliding_window=5,
+                                 rope_parameters=rope, max_position_embeddings=256, rms_norm_eps=1e-5,
+                                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return build_random(tmp_path_factory.mktemp("tiny-gemma3"), tf.Gemma3ForCausalLM, config)
+
+
+@pytest.fixture(scope="module")
 def tiny_falcon7b(tmp_path_factory) -> Path:
     """falcon-7b's layout: one KV head (replicated on every rank), 5 query heads (split 3/2 and
     2/2/1), one LayerNorm read by both parallel blocks, tied embeddings."""
@@ -154,8 +170,8 @@ def spawn(world_size: int, tmp: Path, models: list[Path]) -> dict:
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory, tiny_llama, tiny_llama_tied, mqa_llama, tiny_qwen3, llama_biases, tiny_phi3,
-           tiny_falcon7b) -> dict:  # fmt: skip
-    models = [tiny_llama_tied, tiny_llama, mqa_llama, tiny_qwen3, llama_biases, tiny_phi3, tiny_falcon7b]
+           tiny_falcon7b, tiny_gemma3) -> dict:  # fmt: skip
+    models = [tiny_llama_tied, tiny_llama, mqa_llama, tiny_qwen3, llama_biases, tiny_phi3, tiny_falcon7b, tiny_gemma3]
     return spawn(2, tmp_path_factory.mktemp("tp2"), models)
 
 
@@ -321,6 +337,13 @@ def test_falcon40b_layout_equals_transformers_on_3_shards(world3, tiny_falcon40b
         assert {r["plan"] for r in results} == {"native-cpu-layers"}
     assert [r["num_kv_heads"] for r in results] == [1, 1, 1]
     check_model(world3, str(tiny_falcon40b))
+
+
+def test_gemma3_equals_transformers_on_2_shards_through_the_native_layers(world2, tiny_gemma3):
+    results = [r[f"model:{tiny_gemma3}"] for r in world2["ranks"]]
+    if tp_worker_native():
+        assert {r["plan"] for r in results} == {"native-cpu-layers"}
+    check_model(world2, str(tiny_gemma3))
 
 
 def tp_worker_native() -> bool:

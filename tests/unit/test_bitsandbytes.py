@@ -431,7 +431,8 @@ def test_bfloat16_uses_the_bitsandbytes_cpu_kernel_where_the_cpu_has_it(tmp_path
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("arch", ["qwen3", "granite", "phi3", "gemma2", "mistral-window", "falcon-7b", "falcon-40b"])
+@pytest.mark.parametrize("arch", ["qwen3", "granite", "phi3", "gemma2", "gemma3", "mistral-window", "falcon-7b",
+                                  "falcon-40b"])
 def test_family_member_equals_transformers_over_the_same_rounded_weights(tmp_path, arch, mode):
     """Each architecture quantized on load: its logits through prefill and decode equal
     transformers' on a checkpoint whose linears hold the same rounded weights. 4-bit: bitsandbytes'

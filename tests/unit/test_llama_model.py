@@ -144,7 +144,7 @@ def test_bfloat16_model_stays_close_to_float32(tiny_llama):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("kind", ["qwen3", "granite", "phi3", "gemma2", "falcon-7b", "falcon-40b", "mistral-window"])
+@pytest.mark.parametrize("kind", ["qwen3", "granite", "phi3", "gemma2", "gemma3", "falcon-7b", "falcon-40b", "mistral-window"])
 def test_family_members_in_half_dtypes_stay_close_to_float32(tmp_path, kind, dtype):
     """Served in bf16 / fp16 (the module path), prefill and decode stay within the dtype's rounding
     of transformers in float32: the logits within 8% (bf16) / 1% (fp16) of their norm, the greedy
@@ -162,7 +162,7 @@ def test_family_members_in_half_dtypes_stay_close_to_float32(tmp_path, kind, dty
     assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "granite", "phi3", "gemma2", "falcon-7b", "falcon-40b", "falcon-seq", "mistral", "mistral-window", "qwen2-window", "llama-biases", "llama3-rope", "linear-rope"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "granite", "phi3", "gemma2", "gemma3", "falcon-7b", "falcon-40b", "falcon-seq", "mistral", "mistral-window", "qwen2-window", "llama-biases", "llama3-rope", "linear-rope"])
 def test_family_members_equal_transformers_through_prefill_and_decode(tmp_path, kind, cpu_kernels):
     path = family_checkpoint(tmp_path, kind)
     ids = random_ids(40, 384, seed=11)
@@ -211,9 +211,9 @@ def test_unknown_architecture_is_named_with_the_supported_list(tmp_path, tiny_ll
         load_model(path, dtype=torch.float32, device=CPU, dist=init_distributed(0, 1))
     text = str(e.value)
     assert "GPT2LMHeadModel" in text
-    assert ("supported architectures: FalconForCausalLM, Gemma2ForCausalLM, GraniteForCausalLM, LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, "
-            "Qwen2ForCausalLM, Qwen3ForCausalLM") in text
-    assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"} <= set(
+    assert "supported architectures: " + ", ".join(supported_architectures()) in text
+    assert {"FalconForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM", "LlamaForCausalLM",
+            "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"} <= set(
         supported_architectures()
     )
 
@@ -297,7 +297,7 @@ def test_each_rank_reads_and_holds_only_its_shard(tiny_llama_tied, monkeypatch):
     assert held[0][mlp][1] + held[1][mlp][1] == full[mlp].shape[1]
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "granite", "phi3", "gemma2", "falcon-7b", "falcon-40b"])
+@pytest.mark.parametrize("arch", ["qwen3", "granite", "phi3", "gemma2", "gemma3", "falcon-7b", "falcon-40b"])
 def test_family_member_quantized_by_our_quantizer_serves_its_encoded_weights_natively(
     tmp_path, arch, cpu_kernels, monkeypatch
 ):
@@ -323,6 +323,10 @@ def test_family_member_quantized_by_our_quantizer_serves_its_encoded_weights_nat
             vocab_size=384, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, ffn_hidden_size=128,
             layer_norm_epsilon=1e-5, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
             **layout)
+    elif arch == "gemma3":  # Gemma 2's norms, q/k head norms, two rotary tables
+        model_cls, config = tf.Gemma3ForCausalLM, tf.Gemma3TextConfig(
+            **small, head_dim=32, sliding_window=7, layer_types=["sliding_attention", "full_attention"],
+            pad_token_id=0, bos_token_id=1, eos_token_id=2)
     elif arch == "gemma2":  # block-output norms between the linears; soft caps and windows outside them
         model_cls, config = tf.Gemma2ForCausalLM, tf.Gemma2Config(
             **small, head_dim=32, sliding_window=7, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,

@@ -147,6 +147,8 @@ def build_layer(layer: DecoderLayerSpec) -> Any:
         out.set_sliding_window(int(a.sliding_window))
     if a.softcap:
         out.set_attention_softcap(float(a.softcap))
+    if a.rotary_table:
+        out.set_rotary_table(int(a.rotary_table))
     out.check()
     return out
 
@@ -166,6 +168,7 @@ class _NativeCpuPlan(ExecutionPlan):
             for s in spec.layers
         ]
         self.parallel = [s.parallel for s in spec.layers]
+        self.rotary_tables = [s.attention.rotary_table for s in spec.layers]
         self.head_dim = spec.layers[0].attention.head_dim
         self.modules = ModulePlan(model)
 
@@ -193,7 +196,8 @@ class _NativeCpuPlan(ExecutionPlan):
             raise ValueError(f"expected {len(self.layers)} KV cache layers, got {len(kv_caches)}")
         hidden, residual, cos, sin = self.model.prepare(input_ids, positions)
         t = hidden.shape[0]
-        cos, sin = cos.reshape(t, self.head_dim), sin.reshape(t, self.head_dim)
+        # [tables, T, D]: one table unless layers rotate by different ones (Gemma 3).
+        cos, sin = cos.reshape(-1, t, self.head_dim), sin.reshape(-1, t, self.head_dim)
         hidden = self.decode(hidden, residual, cos, sin, kv_caches, attn)
         return self.model.finish(hidden, residual)
 
@@ -217,17 +221,18 @@ class NativeCpuLayersPlan(_NativeCpuPlan):
     def decode(self, hidden, residual, cos, sin, kv_caches, attn):  # type: ignore[no-untyped-def]
         dist = self.model.dist
         reduce = dist.world_size > 1
-        for layer, (k, v), (attn_out, mlp_out), parallel in zip(
-            self.layers, kv_caches, self.out_norms, self.parallel, strict=True
+        for layer, (k, v), (attn_out, mlp_out), parallel, table in zip(
+            self.layers, kv_caches, self.out_norms, self.parallel, self.rotary_tables, strict=True
         ):
+            cos_t, sin_t = cos[table], sin[table]
             if parallel:  # both blocks on the same stream: their sum is all-reduced once
-                out = layer.parallel_blocks(hidden, residual, cos, sin, k, v, attn.slot_mapping, attn.block_tables,
-                                            attn.context_lens)
+                out = layer.parallel_blocks(hidden, residual, cos_t, sin_t, k, v, attn.slot_mapping,
+                                            attn.block_tables, attn.context_lens)
                 if reduce:
                     out = dist.all_reduce(out)
                 hidden = layer.finish_parallel(out) if attn_out or mlp_out else out
                 continue
-            out = layer.attention(hidden, residual, cos, sin, k, v, attn.slot_mapping, attn.block_tables,
+            out = layer.attention(hidden, residual, cos_t, sin_t, k, v, attn.slot_mapping, attn.block_tables,
                                   attn.context_lens)
             if reduce:
                 out = dist.all_reduce(out)

@@ -23,7 +23,7 @@ from text_generation_server.layers.quant.registry import (
 )
 from text_generation_server.models.base import CausalLM, UnsupportedModelError
 from text_generation_server.models.falcon import FalconForCausalLM
-from text_generation_server.models.gemma import Gemma2ForCausalLM
+from text_generation_server.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from text_generation_server.models.llama import (
     GraniteForCausalLM,
     LlamaForCausalLM,
@@ -48,6 +48,7 @@ __all__ = [
 _ARCHITECTURES: dict[str, type[CausalLM]] = {
     "FalconForCausalLM": FalconForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "GraniteForCausalLM": GraniteForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,

@@ -130,11 +130,13 @@ class Qwen3Attention(LlamaAttention):
     """Llama attention with an RMSNorm over each query and key head (``q_norm``, ``k_norm``,
     weights of head_dim, shared by the heads) before rotary."""
 
+    head_norm_cls: ClassVar[type[RMSNorm]] = RMSNorm
+
     def __init__(self, b: LlamaBuild, prefix: str) -> None:
         super().__init__(b, prefix)
         eps = b.config.rms_norm_eps
-        self.q_norm = RMSNorm(self.head_dim, eps, dtype=b.dtype, device=b.device)
-        self.k_norm = RMSNorm(self.head_dim, eps, dtype=b.dtype, device=b.device)
+        self.q_norm = self.head_norm_cls(self.head_dim, eps, dtype=b.dtype, device=b.device)
+        self.k_norm = self.head_norm_cls(self.head_dim, eps, dtype=b.dtype, device=b.device)
 
     def norm_heads(self, qk: torch.Tensor) -> torch.Tensor:
         tokens, d = qk.shape[0], self.head_dim
@@ -279,7 +281,7 @@ class LlamaForCausalLM(CausalLM):
         partitions = partition_heads(num_heads, num_kv_heads, dist.world_size)
         self.num_kv_heads = partitions[dist.rank].num_kv_heads
         self.sliding_windows = self._sliding_windows(config)
-        self.rotary = RotaryEmbedding.from_config(config, self.head_dim, device)
+        self.rotary = self._rotary(config, self.head_dim, device)
         build = LlamaBuild(
             config=config,
             dist=dist,
@@ -316,6 +318,11 @@ class LlamaForCausalLM(CausalLM):
     @classmethod
     def _attention_scale(cls, config: Any, head_dim: int) -> float:
         return head_dim**-0.5
+
+    @classmethod
+    def _rotary(cls, config: Any, head_dim: int, device: torch.device) -> Any:
+        """What ``prepare`` asks for each step's cos/sin (``cos_sin(positions, dtype)``)."""
+        return RotaryEmbedding.from_config(config, head_dim, device)
 
     @classmethod
     def _num_kv_heads(cls, config: Any) -> int:

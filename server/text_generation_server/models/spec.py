@@ -54,6 +54,9 @@ class AttentionSpec:
     k_norm: RMSNorm | None = None
     sliding_window: int | None = None  # attend to the last this many positions only
     softcap: float | None = None  # scores capped to softcap * tanh(score / softcap) (Gemma 2)
+    # Which of the model's rotary tables the layer rotates by (``prepare``'s cos/sin carry a
+    # leading table dim where there are several: Gemma 3's local layers use table 1).
+    rotary_table: int = 0
 
 
 @dataclass(frozen=True)

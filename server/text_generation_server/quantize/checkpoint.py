@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 SUPPORTED_ARCHITECTURES = (
-    "FalconForCausalLM", "Gemma2ForCausalLM", "GraniteForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
+    "FalconForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
 )
 

@@ -68,6 +68,8 @@ TORCH_LIBRARY(tgs_cpu, m) {
            [](const intrusive_ptr<DecoderLayer>& self, int64_t window) { self->set_sliding_window(window); })
       .def("set_attention_softcap",
            [](const intrusive_ptr<DecoderLayer>& self, double softcap) { self->set_attention_softcap(softcap); })
+      .def("set_rotary_table",
+           [](const intrusive_ptr<DecoderLayer>& self, int64_t table) { self->set_rotary_table(table); })
       .def("set_output_scale",
            [](const intrusive_ptr<DecoderLayer>& self, double scale) { self->set_output_scale(scale); })
       .def("check", [](const intrusive_ptr<DecoderLayer>& self) { self->check(); })

@@ -147,6 +147,11 @@ void DecoderLayer::set_attention_softcap(double softcap) {
   attention_softcap = softcap;
 }
 
+void DecoderLayer::set_rotary_table(int64_t table) {
+  TORCH_CHECK(table >= 0, "the rotary table index must be non-negative, not ", table);
+  rotary_table = table;
+}
+
 void DecoderLayer::set_sliding_window(int64_t window) {
   TORCH_CHECK(window >= 0, "the sliding window must be positive (or 0 for none), not ", window);
   sliding_window = window;
@@ -284,16 +289,26 @@ at::Tensor DecoderStack::decode(const at::Tensor& hidden, at::Tensor residual, c
                                 const at::Tensor& block_tables, const at::Tensor& context_lens) const {
   TORCH_CHECK(k_caches.size() == layers.size() && v_caches.size() == layers.size(), "the stack has ", layers.size(),
               " layers but ", k_caches.size(), " k and ", v_caches.size(), " v caches");
+  TORCH_CHECK(cos.dim() == sin.dim() && (cos.dim() == 2 || cos.dim() == 3), "cos/sin must be [T, D] or [tables, T, D]");
   at::Tensor out = hidden;
   for (size_t l = 0; l < layers.size(); ++l) {
     const DecoderLayer& layer = *layers[l];
+    at::Tensor layer_cos = cos, layer_sin = sin;
+    if (cos.dim() == 3) {
+      TORCH_CHECK(layer.rotary_table < cos.size(0), "layer ", l, " rotates by table ", layer.rotary_table, " of ",
+                  cos.size(0));
+      layer_cos = cos.select(0, layer.rotary_table);
+      layer_sin = sin.select(0, layer.rotary_table);
+    } else {
+      TORCH_CHECK(layer.rotary_table == 0, "layer ", l, " rotates by table ", layer.rotary_table, " of 1");
+    }
     if (layer.parallel) {
-      out = layer.finish_parallel(layer.parallel_blocks(out, residual, cos, sin, k_caches[l], v_caches[l], slots,
+      out = layer.finish_parallel(layer.parallel_blocks(out, residual, layer_cos, layer_sin, k_caches[l], v_caches[l], slots,
                                                         block_tables, context_lens));
       continue;
     }
     at::Tensor a = layer.finish_attention(
-        layer.attention(out, residual, cos, sin, k_caches[l], v_caches[l], slots, block_tables, context_lens));
+        layer.attention(out, residual, layer_cos, layer_sin, k_caches[l], v_caches[l], slots, block_tables, context_lens));
     out = layer.finish_mlp(layer.mlp(a, residual));
   }
   return out;

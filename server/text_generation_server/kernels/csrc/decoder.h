@@ -65,6 +65,7 @@ struct DecoderLayer : torch::CustomClassHolder {
   double scale = 0;
   int64_t sliding_window = 0;  // attend to the last this many positions only; 0: all
   double attention_softcap = 0;  // scores capped to softcap * tanh(score / softcap); 0: none
+  int64_t rotary_table = 0;  // which table of the stack's [tables, T, D] cos/sin (Gemma 3's local layers: 1)
   // silu / gelu_tanh: gated, act(gate) * up over [gate | up]; gelu: not gated, gelu(up) (erf form).
   enum class Activation { kSilu, kGeluTanh, kGelu };
   Activation activation = Activation::kSilu;
@@ -81,6 +82,7 @@ struct DecoderLayer : torch::CustomClassHolder {
   void set_output_scale(double scale);
   void set_sliding_window(int64_t window);
   void set_attention_softcap(double softcap);
+  void set_rotary_table(int64_t table);
   void check() const;
 
   // residual += hidden; x = attention_norm; qkv; head norms and rotary on q and k; k, v into the cache;
@@ -116,7 +118,8 @@ struct DecoderStack : torch::CustomClassHolder {
   std::vector<c10::intrusive_ptr<DecoderLayer>> layers;
 
   void append(const c10::intrusive_ptr<DecoderLayer>& layer);
-  // Returns the last layer's block output; residual holds the stream before it.
+  // Returns the last layer's block output; residual holds the stream before it. cos/sin are
+  // [T, D], or [tables, T, D] where layers rotate by different tables.
   at::Tensor decode(const at::Tensor& hidden, at::Tensor residual, const at::Tensor& cos, const at::Tensor& sin,
                     const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
                     const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& context_lens) const;
