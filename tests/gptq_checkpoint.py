@@ -18,6 +18,7 @@ from text_generation_server.quantize.packing import group_index, num_groups, pac
 LINEAR_SUFFIXES = (
     "q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
     "gate_proj.weight", "up_proj.weight", "down_proj.weight",
+    "w1.weight", "w2.weight", "w3.weight",  # Mixtral's experts, each quantized on its own (GPTQModel)
 )
 
 

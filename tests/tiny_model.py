@@ -160,6 +160,10 @@ def family_checkpoint(tmp_path: Path, kind: str) -> Path:
                                  sliding_window=7, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
                                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
         return build_random(tmp_path, tf.Gemma2ForCausalLM, config)
+    if kind == "mixtral":
+        # 4 experts, top 2, Mistral's sliding window shorter than the test's sequences.
+        config = tf.MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2, sliding_window=9)
+        return build_random(tmp_path, tf.MixtralForCausalLM, config)
     if kind == "gemma3":
         # (1 + w) q/k head norms; local layers (window 7, base 10 000) and a global one (base 1e6,
         # linear scaling 8) rotating by different tables; 6 layers, the pattern's 5 local + 1 global.

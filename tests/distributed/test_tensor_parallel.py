@@ -131,6 +131,33 @@ def tiny_gemma3(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tiny_mixtral(tmp_path_factory) -> Path:
+    """Mixtral: 4 experts, top 2, every expert split across the ranks (intermediate 96: 48/48,
+    32/32/32); 6 heads over 3 KV heads."""
+    import transformers as tf
+
+    config = tf.MixtralConfig(vocab_size=384, hidden_size=96, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=6, num_key_value_heads=3, num_local_experts=4,
+                              num_experts_per_tok=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+    return build_random(tmp_path_factory.mktemp("tiny-mixtral"), tf.MixtralForCausalLM, config)
+
+
+@pytest.fixture(scope="module")
+def gptq_mixtral(tmp_path_factory) -> tuple[Path, Path]:
+    """A GPTQ Mixtral (g32, act-order; each expert's w1/w2/w3 quantized on its own) and its
+    dequantized twin; intermediate 128 splits into whole groups on 2 ranks."""
+    import transformers as tf
+    from gptq_checkpoint import write_gptq_checkpoint
+
+    config = tf.MixtralConfig(vocab_size=384, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                              num_experts_per_tok=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+    root = tmp_path_factory.mktemp("gptq-mixtral")
+    dense = build_random(root / "mixtral", tf.MixtralForCausalLM, config)
+    return write_gptq_checkpoint(dense, root / "mixtral-gptq", group_size=32, desc_act=True)
+
+
+@pytest.fixture(scope="module")
 def tiny_falcon7b(tmp_path_factory) -> Path:
     """falcon-7b's layout: one KV head (replicated on every rank), 5 query heads (split 3/2 and
     2/2/1), one LayerNorm read by both parallel blocks, tied embeddings."""
@@ -170,15 +197,19 @@ def spawn(world_size: int, tmp: Path, models: list[Path]) -> dict:
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory, tiny_llama, tiny_llama_tied, mqa_llama, tiny_qwen3, llama_biases, tiny_phi3,
-           tiny_falcon7b, tiny_gemma3) -> dict:  # fmt: skip
-    models = [tiny_llama_tied, tiny_llama, mqa_llama, tiny_qwen3, llama_biases, tiny_phi3, tiny_falcon7b, tiny_gemma3]
-    return spawn(2, tmp_path_factory.mktemp("tp2"), models)
+           tiny_falcon7b, tiny_gemma3, tiny_mixtral, gptq_mixtral) -> dict:  # fmt: skip
+    models = [tiny_llama_tied, tiny_llama, mqa_llama, tiny_qwen3, llama_biases, tiny_phi3, tiny_falcon7b, tiny_gemma3,
+              tiny_mixtral, gptq_mixtral[0]]
+    # The GPTQ checkpoint through the reference kernel: exactly its dequantized weights.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPTQ_KERNEL", "gptq-reference")
+        return spawn(2, tmp_path_factory.mktemp("tp2"), models)
 
 
 @pytest.fixture(scope="module")
 def world3(tmp_path_factory, tiny_llama_tied, tiny_qwen3, tiny_granite, tiny_gemma2, tiny_falcon7b,
-           tiny_falcon40b) -> dict:  # fmt: skip
-    models = [tiny_llama_tied, tiny_qwen3, tiny_granite, tiny_gemma2, tiny_falcon7b, tiny_falcon40b]
+           tiny_falcon40b, tiny_mixtral) -> dict:  # fmt: skip
+    models = [tiny_llama_tied, tiny_qwen3, tiny_granite, tiny_gemma2, tiny_falcon7b, tiny_falcon40b, tiny_mixtral]
     return spawn(3, tmp_path_factory.mktemp("tp3"), models)
 
 
@@ -236,15 +267,18 @@ def test_embedding_and_lm_head_with_a_vocab_that_does_not_divide_evenly(run):
         torch.testing.assert_close(layers["lm_head"], t["vocab.hidden"] @ t["vocab.table"].T)
 
 
-def check_model(run: dict, model_dir: str) -> None:
+def check_model(run: dict, model_dir: str, reference_dir: str | None = None) -> None:
+    """``model_dir`` served on the run's ranks equals transformers on ``reference_dir`` (by
+    default the same checkpoint)."""
     results = [r[f"model:{model_dir}"] for r in run["ranks"]]
     ids = tp_worker.PROMPT + tp_worker.DECODE
-    full = reference(model_dir, ids)
+    ref = reference_dir or model_dir
+    full = reference(ref, ids)
     first = results[0]
     torch.testing.assert_close(first["prefill"], full[: len(tp_worker.PROMPT)], atol=ATOL, rtol=0)
     torch.testing.assert_close(first["decode"], full[len(tp_worker.PROMPT) :], atol=ATOL, rtol=0)
     for i, (seq_id, seq) in enumerate(tp_worker.BATCH.items()):
-        whole = reference(model_dir, seq + [tp_worker.BATCH_NEXT[seq_id]])
+        whole = reference(ref, seq + [tp_worker.BATCH_NEXT[seq_id]])
         torch.testing.assert_close(first["batch_prefill"][i], whole[:-1], atol=ATOL, rtol=0)
         torch.testing.assert_close(first["batch_decode"][i], whole[-1], atol=ATOL, rtol=0)
     # Logits are all-gathered, so every rank sees exactly the same numbers.
@@ -344,6 +378,20 @@ def test_gemma3_equals_transformers_on_2_shards_through_the_native_layers(world2
     if tp_worker_native():
         assert {r["plan"] for r in results} == {"native-cpu-layers"}
     check_model(world2, str(tiny_gemma3))
+
+
+@pytest.mark.parametrize("world", ["world2", "world3"])
+def test_mixtral_with_experts_split_across_2_and_3_shards_equals_transformers(request, world, tiny_mixtral):
+    run = request.getfixturevalue(world)
+    results = [r[f"model:{tiny_mixtral}"] for r in run["ranks"]]
+    if tp_worker_native():
+        assert {r["plan"] for r in results} == {"native-cpu-layers"}
+    check_model(run, str(tiny_mixtral))
+
+
+def test_gptq_mixtral_with_each_expert_split_in_whole_groups_on_2_shards(world2, gptq_mixtral):
+    quantized, dense = gptq_mixtral
+    check_model(world2, str(quantized), reference_dir=str(dense))
 
 
 def tp_worker_native() -> bool:

@@ -253,16 +253,16 @@ def test_an_act_order_checkpoint_without_g_idx_is_refused_naming_it(checkpoints,
         served(_without_g_idx(quantized, tmp_path / "no-g_idx"))
 
 
-@pytest.mark.parametrize("layout", ["g64-act-order-asym", "g32-asym-v2"])
+@pytest.mark.parametrize("layout", ["g64-act-order-asym", "g32-asym-v2", "g48-ragged"])
 def test_decode_steps_follow_the_dequantized_model_on_either_path(checkpoints, layout, cpu_kernels):
-    """Decode through the native decoder stack (checkpoint order) or the modules (act-order
-    inputs are reordered, the torch path) stays with transformers on the dequantized weights."""
+    """Decode through the native decoder stack or the modules stays with transformers on the
+    dequantized weights: in checkpoint order, act-order (each part of a fused layer reordered its
+    own way: a concatenation of native parts) and ragged groups (padded kernel inputs) alike."""
     from transformers import AutoModelForCausalLM
 
     quantized, dense = checkpoints[layout]
     model = load_model(quantized, dtype=torch.float32, device=CPU, dist=init_distributed(0, 1), quantize="gptq")
-    fused = cpu_kernels == "native" and layout == "g32-asym-v2"
-    assert model.plan.name == ("native-cpu-stack" if fused else "modules"), model.plan.describe()
+    assert model.plan.name == ("native-cpu-stack" if cpu_kernels == "native" else "modules"), model.plan.describe()
     ref = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
     ids = IDS + [7, 200, 31, 5]
     with torch.no_grad():
@@ -276,3 +276,30 @@ def test_decode_steps_follow_the_dequantized_model_on_either_path(checkpoints, l
         got = runner.step([("a", [ids[pos]])])[0][0]
         assert float((got - want[pos]).norm() / want[pos].norm()) < tolerance
         assert int(got.argmax()) == int(want[pos].argmax())
+
+
+@pytest.mark.parametrize("layout", ["g32-sym-v1", "g64-act-order-asym"])
+def test_mixtral_with_each_expert_quantized_serves_its_dequantized_model(tmp_path, layout):
+    """A GPTQ Mixtral as GPTQModel writes it (every expert's w1/w2/w3 quantized on its own, the
+    router float): the reference kernel is transformers on the dequantized weights; the native
+    4-bit kernel decodes through the native stack within its rounding. (2 shards: in
+    tests/distributed.)"""
+    import transformers as tf
+    from tiny_model import build_random
+
+    config = tf.MixtralConfig(vocab_size=384, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                              num_experts_per_tok=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+    dense_src = build_random(tmp_path / "mixtral", tf.MixtralForCausalLM, config)
+    quantized, dense = write_gptq_checkpoint(dense_src, tmp_path / layout, **LAYOUTS[layout])
+    want = transformers_logits(dense)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPTQ_KERNEL", "gptq-reference")
+        model, logits = served(quantized)
+    assert model.kernel == "gptq-reference"
+    torch.testing.assert_close(logits, want, atol=1e-4, rtol=0)
+    model, logits = served(quantized)
+    assert model.kernel == default_cpu_int4_kernel()
+    if default_cpu_int4_kernel() == "cpu-int4-avx2":
+        assert model.plan.name == "native-cpu-stack", model.plan.describe()
+    assert float((logits - want).norm() / want.norm()) < 2e-2

@@ -144,7 +144,8 @@ def test_bfloat16_model_stays_close_to_float32(tiny_llama):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("kind", ["qwen3", "granite", "phi3", "gemma2", "gemma3", "falcon-7b", "falcon-40b", "mistral-window"])
+@pytest.mark.parametrize("kind", ["qwen3", "granite", "phi3", "gemma2", "gemma3", "mixtral", "falcon-7b", "falcon-40b",
+                                  "mistral-window"])
 def test_family_members_in_half_dtypes_stay_close_to_float32(tmp_path, kind, dtype):
     """Served in bf16 / fp16 (the module path), prefill and decode stay within the dtype's rounding
     of transformers in float32: the logits within 8% (bf16) / 1% (fp16) of their norm, the greedy
@@ -162,7 +163,7 @@ def test_family_members_in_half_dtypes_stay_close_to_float32(tmp_path, kind, dty
     assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "granite", "phi3", "gemma2", "gemma3", "falcon-7b", "falcon-40b", "falcon-seq", "mistral", "mistral-window", "qwen2-window", "llama-biases", "llama3-rope", "linear-rope"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "granite", "phi3", "gemma2", "gemma3", "mixtral", "falcon-7b", "falcon-40b", "falcon-seq", "mistral", "mistral-window", "qwen2-window", "llama-biases", "llama3-rope", "linear-rope"])
 def test_family_members_equal_transformers_through_prefill_and_decode(tmp_path, kind, cpu_kernels):
     path = family_checkpoint(tmp_path, kind)
     ids = random_ids(40, 384, seed=11)
@@ -362,14 +363,16 @@ def test_family_member_quantized_by_our_quantizer_serves_its_encoded_weights_nat
     assert float((got - want).norm() / want.norm()) < 2e-2
 
 
-@pytest.mark.parametrize("kind", ["mistral-window", "qwen2-window", "gemma2"])
+@pytest.mark.parametrize("kind", ["mistral-window", "qwen2-window", "gemma2", "gemma3", "mixtral"])
 def test_sliding_window_through_chunked_prefill_and_a_batch_of_decodes(tmp_path, kind, cpu_kernels):
     """Prefill in two chunks (the second attends to cached keys through the window), then batched
-    decode steps of two sequences of different lengths, both past the window."""
+    decode steps of two sequences of different lengths, both past the window (Mixtral's tokens
+    routed to different experts within one step)."""
     path = family_checkpoint(tmp_path, kind)
     model = ours(path)
     windows = model.sliding_windows
-    expected = {"mistral-window": [7, 7], "qwen2-window": [None, 9], "gemma2": [7, None, 7]}[kind]
+    expected = {"mistral-window": [7, 7], "qwen2-window": [None, 9], "gemma2": [7, None, 7],
+                "gemma3": [7] * 5 + [None], "mixtral": [9, 9]}[kind]  # fmt: skip
     assert windows == expected, windows
     assert "sliding window" in model.tp_plan
     a, b = random_ids(30, 384, seed=21), random_ids(19, 384, seed=22)

@@ -32,7 +32,13 @@ from text_generation_server.layers.attention import AttentionMetadata
 from text_generation_server.layers.linear import ParallelLinear
 from text_generation_server.layers.norm import LayerNorm, RMSNorm
 from text_generation_server.layers.quant.base import NativeLinear
-from text_generation_server.models.spec import ACTIVATIONS, DecoderLayerSpec, ModelSpec
+from text_generation_server.models.spec import (
+    ACTIVATIONS,
+    DecoderLayerSpec,
+    MLPSpec,
+    ModelSpec,
+    MoESpec,
+)
 
 if TYPE_CHECKING:
     from text_generation_server.models.base import CausalLM
@@ -46,22 +52,48 @@ def _linear_unsupported(name: str, layer: ParallelLinear) -> str | None:
     return None
 
 
+def _mlp_unsupported(m: MLPSpec, who: str = "") -> str | None:
+    if m.activation not in ACTIVATIONS:
+        return f"{who}activation '{m.activation}' is not built natively ({', '.join(ACTIVATIONS)})"
+    if m.gated and (len(m.gate_up.output_sizes) != 2 or m.gate_up.output_sizes[0] != m.gate_up.output_sizes[1]):
+        return f"{who}gate and up have different widths"
+    if not m.gated and len(m.gate_up.output_sizes) != 1:
+        return (f"{who}'{m.activation}' is not gated, but the MLP's input projection has "
+                f"{len(m.gate_up.output_sizes)} parts")  # fmt: skip
+    for name, lin in (("gate_up", m.gate_up), ("down", m.down)):
+        why = _linear_unsupported(f"{who}{name}", lin)
+        if why is not None:
+            return why
+    return None
+
+
+def _moe_unsupported(m: MoESpec) -> str | None:
+    if m.router.dtype != torch.float32 or m.router.device.type != "cpu":
+        return f"the router is {m.router.dtype} on {m.router.device}, not float32 on the CPU"
+    for i, expert in enumerate(m.experts):
+        if expert.activation != "silu":
+            return f"expert {i}'s activation '{expert.activation}' is not built natively (silu)"
+        if expert.down.bias is not None:
+            return f"expert {i}'s down has a bias"
+        why = _mlp_unsupported(expert, f"expert {i}'s ")
+        if why is not None:
+            return why
+    return None
+
+
 def native_layer_unsupported(layer: DecoderLayerSpec) -> str | None:
     """Why the native decoder layer cannot run ``layer``, or ``None``."""
     a, m = layer.attention, layer.mlp
     if a.rotary != "neox":
         return f"rotary '{a.rotary}' is not built natively (neox only)"
-    if m.activation not in ACTIVATIONS:
-        return f"activation '{m.activation}' is not built natively ({', '.join(ACTIVATIONS)})"
-    if m.gated and (len(m.gate_up.output_sizes) != 2 or m.gate_up.output_sizes[0] != m.gate_up.output_sizes[1]):
-        return "gate and up have different widths"
-    if not m.gated and len(m.gate_up.output_sizes) != 1:
-        return f"'{m.activation}' is not gated, but the MLP's input projection has {len(m.gate_up.output_sizes)} parts"
+    why = _moe_unsupported(m) if isinstance(m, MoESpec) else _mlp_unsupported(m)
+    if why is not None:
+        return why
     if layer.parallel and (layer.attention_out_norm is not None or layer.mlp_out_norm is not None):
         return "a parallel layer with block out-norms"
     if a.head_dim % 8 or a.head_dim > 512:
         return f"head_dim {a.head_dim} is not a multiple of 8 up to 512"
-    for name, lin in (("qkv", a.qkv), ("o", a.o), ("gate_up", m.gate_up), ("down", m.down)):
+    for name, lin in (("qkv", a.qkv), ("o", a.o)):
         why = _linear_unsupported(name, lin)
         if why is not None:
             return why
@@ -73,6 +105,11 @@ def native_layer_unsupported(layer: DecoderLayerSpec) -> str | None:
         if slot.endswith("_heads") and not isinstance(norm, RMSNorm):
             return f"the {slot} norm is a {type(norm).__name__}, not an RMSNorm"
     return None
+
+
+def _mlp_bias(layer: DecoderLayerSpec) -> torch.Tensor | None:
+    """The MLP's row-parallel output bias (none for a mixture of experts)."""
+    return None if isinstance(layer.mlp, MoESpec) else layer.mlp.down.bias
 
 
 def _norm_slots(layer: DecoderLayerSpec) -> dict:
@@ -109,8 +146,13 @@ def build_linear(native: NativeLinear, bias: torch.Tensor | None) -> Any:
     if native.kind == "dense":
         lin.set_dense(native.weight)
     elif native.kind == "int4":
-        lin.set_int4(native.qweight, native.meta, native.group_size, native.in_features, DENSE_FROM_ROWS,
+        lin.set_int4(native.qweight, native.meta, native.group_size, native.kernel_in, DENSE_FROM_ROWS,
                      native.prefill_dtype == torch.bfloat16)
+        if native.source is not None or native.kernel_in != native.in_features:
+            lin.set_input_layout(native.source, native.in_features)
+    elif native.kind == "concat":
+        for part in native.parts:
+            lin.add_part(build_linear(part, None))
     else:
         raise ValueError(f"unknown native linear kind {native.kind!r}")
     if bias is not None:
@@ -137,10 +179,15 @@ def build_layer(layer: DecoderLayerSpec) -> Any:
         out.set_parallel(True)
     # A row-parallel layer's bias is added once, after the all-reduce: the layer holds it apart.
     out.set_attention(linear(a.qkv), linear(a.o, False), a.num_heads, a.num_kv_heads, a.head_dim, float(a.scale))
-    out.set_mlp(linear(m.gate_up), linear(m.down, False), m.activation)
-    for block, lin in (("attention", a.o), ("mlp", m.down)):
-        if lin.bias is not None:
-            out.set_output_bias(block, lin.bias.data)
+    if isinstance(m, MoESpec):
+        out.set_router(m.router.data, int(m.top_k))
+        for expert in m.experts:
+            out.add_expert(linear(expert.gate_up), linear(expert.down, False))
+    else:
+        out.set_mlp(linear(m.gate_up), linear(m.down, False), m.activation)
+    for block, bias in (("attention", a.o.bias), ("mlp", _mlp_bias(layer))):
+        if bias is not None:
+            out.set_output_bias(block, bias.data)
     if layer.output_scale != 1.0:
         out.set_output_scale(float(layer.output_scale))
     if a.sliding_window:
@@ -164,7 +211,7 @@ class _NativeCpuPlan(ExecutionPlan):
         # out-norm, its scale): a call skipped where none does.
         self.out_norms = [
             (s.attention_out_norm is not None or s.attention.o.bias is not None or s.output_scale != 1.0,
-             s.mlp_out_norm is not None or s.mlp.down.bias is not None or s.output_scale != 1.0)
+             s.mlp_out_norm is not None or _mlp_bias(s) is not None or s.output_scale != 1.0)
             for s in spec.layers
         ]
         self.parallel = [s.parallel for s in spec.layers]

@@ -33,6 +33,7 @@ from text_generation_server.models.llama import (
     Qwen3ForCausalLM,
 )
 from text_generation_server.models.loader import load_weights
+from text_generation_server.models.mixtral import MixtralForCausalLM
 from text_generation_server.weights import CheckpointError, Weights, checkpoint_files
 
 __all__ = [
@@ -52,6 +53,7 @@ _ARCHITECTURES: dict[str, type[CausalLM]] = {
     "GraniteForCausalLM": GraniteForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,

@@ -192,16 +192,20 @@ class LlamaDecoderLayer(torch.nn.Module):
         self.input_layernorm = self.norm_cls(hidden, eps, dtype=b.dtype, device=b.device)
         self.post_attention_layernorm = self.norm_cls(hidden, eps, dtype=b.dtype, device=b.device)
 
+    @staticmethod
+    def _attention_spec(a: LlamaAttention) -> AttentionSpec:
+        return AttentionSpec(
+            qkv=a.qkv_proj, o=a.o_proj, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
+            head_dim=a.head_dim, scale=a.attn.scale, rotary="neox",
+            q_norm=getattr(a, "q_norm", None), k_norm=getattr(a, "k_norm", None),
+            sliding_window=a.attn.sliding_window, softcap=a.attn.softcap,
+        )
+
     def spec(self) -> DecoderLayerSpec:
         """Pre-norm: input_layernorm before attention, post_attention_layernorm before the MLP."""
-        a, m = self.self_attn, self.mlp
+        m = self.mlp
         return DecoderLayerSpec(
-            attention=AttentionSpec(
-                qkv=a.qkv_proj, o=a.o_proj, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
-                head_dim=a.head_dim, scale=a.attn.scale, rotary="neox",
-                q_norm=getattr(a, "q_norm", None), k_norm=getattr(a, "k_norm", None),
-                sliding_window=a.attn.sliding_window, softcap=a.attn.softcap,
-            ),
+            attention=self._attention_spec(self.self_attn),
             mlp=MLPSpec(gate_up=m.gate_up_proj, down=m.down_proj, activation=m.activation),
             attention_norm=self.input_layernorm,
             mlp_norm=self.post_attention_layernorm,

@@ -75,11 +75,23 @@ class MLPSpec:
 
 
 @dataclass(frozen=True)
+class MoESpec:
+    """A sparse mixture of gated-MLP experts (Mixtral): per token, the router's top ``top_k``
+    experts by softmax probability (float32), renormalized over the k, weight their outputs.
+    Each expert is split across ranks like a dense MLP; their weighted partial sums are
+    all-reduced once."""
+
+    router: torch.Tensor  # [experts, hidden], replicated
+    top_k: int
+    experts: list[MLPSpec]
+
+
+@dataclass(frozen=True)
 class DecoderLayerSpec:
     """One decoder layer: where its norms sit around its two blocks."""
 
     attention: AttentionSpec
-    mlp: MLPSpec
+    mlp: MLPSpec | MoESpec
     attention_norm: Norm | None  # pre-norm of the attention block
     mlp_norm: Norm | None  # pre-norm of the MLP block
     attention_out_norm: Norm | None = None  # on attention's output, before it joins the stream

@@ -37,6 +37,11 @@ TORCH_LIBRARY(tgs_cpu, m) {
              self->set_int4(qweight, meta, group_size, in_features, dense_from_rows, prefill_bf16);
            })
       .def("set_bias", [](const intrusive_ptr<Linear>& self, const at::Tensor& bias) { self->set_bias(bias); })
+      .def("add_part", [](const intrusive_ptr<Linear>& self, const intrusive_ptr<Linear>& part) { self->add_part(part); })
+      .def("set_input_layout",
+           [](const intrusive_ptr<Linear>& self, const c10::optional<at::Tensor>& source, int64_t in_features) {
+             self->set_input_layout(source, in_features);
+           })
       .def("apply", [](const intrusive_ptr<Linear>& self, const at::Tensor& x) { return self->apply(x); })
       .def("describe", [](const intrusive_ptr<Linear>& self) { return self->describe(); });
 
@@ -49,6 +54,10 @@ TORCH_LIBRARY(tgs_cpu, m) {
       .def("set_layer_norm",
            [](const intrusive_ptr<DecoderLayer>& self, const std::string& slot, const at::Tensor& weight,
               const at::Tensor& bias, double eps) { self->set_layer_norm(slot, weight, bias, eps); })
+      .def("set_router", [](const intrusive_ptr<DecoderLayer>& self, const at::Tensor& weight,
+                            int64_t top_k) { self->set_router(weight, top_k); })
+      .def("add_expert", [](const intrusive_ptr<DecoderLayer>& self, const intrusive_ptr<Linear>& gate_up,
+                            const intrusive_ptr<Linear>& down) { self->add_expert(gate_up, down); })
       .def("set_parallel", [](const intrusive_ptr<DecoderLayer>& self, bool parallel) { self->set_parallel(parallel); })
       .def("set_attention",
            [](const intrusive_ptr<DecoderLayer>& self, const intrusive_ptr<Linear>& qkv, const intrusive_ptr<Linear>& o,

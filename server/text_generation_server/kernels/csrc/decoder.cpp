@@ -31,6 +31,37 @@ void Linear::set_int4(const at::Tensor& q, const at::Tensor& m, int64_t group, i
   in_features = in;
 }
 
+void Linear::set_input_layout(const c10::optional<at::Tensor>& src, int64_t in) {
+  TORCH_CHECK(kind == Kind::kInt4, "an input layout belongs to 4-bit weights; set them first");
+  const int64_t kernel_in = qweight.size(1) * 4;
+  TORCH_CHECK(in > 0 && in <= kernel_in, "the layer's ", in, " input features do not fit the kernel's ", kernel_in);
+  if (src.has_value()) {
+    TORCH_CHECK((src->scalar_type() == at::kLong || src->scalar_type() == at::kInt) && src->dim() == 1 &&
+                    src->size(0) == kernel_in,
+                "source must be int32 or int64 [", kernel_in, "]");
+    TORCH_CHECK(src->min().item().toLong() >= 0 && src->max().item().toLong() <= in,
+                "source indexes features 0..", in, " (", in, ": a zero column)");
+    source = src->contiguous();
+    pad = 0;
+  } else {
+    source.reset();
+    pad = kernel_in - in;
+  }
+  in_features = in;
+}
+
+void Linear::add_part(const c10::intrusive_ptr<Linear>& part) {
+  TORCH_CHECK(kind == Kind::kUnset || kind == Kind::kConcat, "parts make a layer of their own; this one has weights");
+  TORCH_CHECK(part->kind == Kind::kDense || part->kind == Kind::kInt4, "a part must have its weights set");
+  TORCH_CHECK(!part->bias.has_value(), "a part takes no bias; set it on the whole layer");
+  TORCH_CHECK(parts.empty() || part->in_features == in_features, "parts take different input features: ",
+              part->in_features, " and ", in_features);
+  kind = Kind::kConcat;
+  parts.push_back(part);
+  in_features = part->in_features;
+  out_features += part->out_features;
+}
+
 void Linear::set_bias(const at::Tensor& b) {
   TORCH_CHECK(kind != Kind::kUnset, "set the weights before the bias");
   check_cpu_float(b, "bias");
@@ -44,15 +75,29 @@ at::Tensor Linear::apply(const at::Tensor& x) const {
     case Kind::kDense:
       y = at::mm(x, weight.t());
       break;
-    case Kind::kInt4:
+    case Kind::kInt4: {
+      at::Tensor xk = x;
+      if (source.has_value()) {
+        xk = at::constant_pad_nd(x, {0, 1}).index_select(1, *source);
+      } else if (pad) {
+        xk = at::constant_pad_nd(x, {0, pad});
+      }
       if (x.size(0) < dense_from_rows) {
-        y = int4_linear(x, qweight, meta, group_size);
+        y = int4_linear(xk.contiguous(), qweight, meta, group_size);
       } else if (prefill_bf16) {
-        y = at::mm(x.to(at::kBFloat16), int4_dequantize_bf16(qweight, meta, group_size).t()).to(at::kFloat);
+        y = at::mm(xk.to(at::kBFloat16), int4_dequantize_bf16(qweight, meta, group_size).t()).to(at::kFloat);
       } else {
-        y = at::mm(x, int4_dequantize(qweight, meta, group_size).t());
+        y = at::mm(xk, int4_dequantize(qweight, meta, group_size).t());
       }
       break;
+    }
+    case Kind::kConcat: {
+      std::vector<at::Tensor> outs;
+      outs.reserve(parts.size());
+      for (const auto& part : parts) outs.push_back(part->apply(x));
+      y = at::cat(outs, 1);
+      break;
+    }
     default:
       TORCH_CHECK(false, "a Linear was used before its weights were set");
   }
@@ -63,7 +108,14 @@ at::Tensor Linear::apply(const at::Tensor& x) const {
 std::string Linear::describe() const {
   const std::string shape = std::to_string(out_features) + "x" + std::to_string(in_features);
   if (kind == Kind::kDense) return "dense " + shape;
-  if (kind == Kind::kInt4) return "int4 g" + std::to_string(group_size) + " " + shape;
+  if (kind == Kind::kConcat) {
+    std::string out = "concat(";
+    for (size_t i = 0; i < parts.size(); ++i) out += (i ? ", " : "") + parts[i]->describe();
+    return out + ")";
+  }
+  if (kind == Kind::kInt4)
+    return "int4 g" + std::to_string(group_size) + " " + shape + (source.has_value() ? " act-order" : "") +
+           (pad ? " padded" : "");
   return "unset";
 }
 
@@ -103,6 +155,28 @@ void DecoderLayer::set_layer_norm(const std::string& name, const at::Tensor& wei
 
 void DecoderLayer::set_parallel(bool p) { parallel = p; }
 
+void DecoderLayer::set_router(const at::Tensor& weight, int64_t k) {
+  check_cpu_float(weight, "router weight");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "the router weight must be contiguous [experts, hidden]");
+  TORCH_CHECK(k > 0 && k <= weight.size(0), "top_k must be 1 to ", weight.size(0), " experts, not ", k);
+  TORCH_CHECK(!gate_up && !down, "a layer has an MLP or experts, not both");
+  router = weight;
+  top_k = k;
+}
+
+void DecoderLayer::add_expert(const c10::intrusive_ptr<Linear>& gate_up_, const c10::intrusive_ptr<Linear>& down_) {
+  TORCH_CHECK(router.defined(), "set the router before the experts");
+  TORCH_CHECK(gate_up_->out_features == 2 * down_->in_features, "expert ", expert_down.size(), ": gate_up gives ",
+              gate_up_->out_features, " outputs, down takes twice ", down_->in_features);
+  TORCH_CHECK(!down_->bias.has_value(), "an expert's down takes no bias");
+  TORCH_CHECK(static_cast<int64_t>(expert_down.size()) < router.size(0), "the router scores ", router.size(0),
+              " experts; no more can be added");
+  expert_gate_up.push_back(gate_up_);
+  expert_down.push_back(down_);
+}
+
+int64_t DecoderLayer::hidden_size() const { return down ? down->out_features : expert_down.at(0)->out_features; }
+
 void DecoderLayer::set_attention(const c10::intrusive_ptr<Linear>& qkv_, const c10::intrusive_ptr<Linear>& o_,
                                  int64_t heads, int64_t kv_heads, int64_t dim, double scale_) {
   TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0, heads, " query heads do not group over ", kv_heads,
@@ -128,6 +202,7 @@ void DecoderLayer::set_mlp(const c10::intrusive_ptr<Linear>& gate_up_, const c10
   TORCH_CHECK(gate_up_->out_features == (gated ? 2 : 1) * down_->in_features, gated ? "gate_up" : "up", " gives ",
               gate_up_->out_features, " outputs, down takes ", gated ? "twice " : "", down_->in_features);
   TORCH_CHECK(!down_->bias.has_value(), "down's bias belongs after the all-reduce; the native layer takes none");
+  TORCH_CHECK(!router.defined(), "a layer has an MLP or experts, not both");
   gate_up = gate_up_;
   down = down_;
   activation = activation_name == "silu"        ? Activation::kSilu
@@ -164,8 +239,12 @@ void DecoderLayer::set_output_scale(double scale) {
 
 void DecoderLayer::check() const {
   TORCH_CHECK(qkv && o, "the layer's attention is not set");
-  TORCH_CHECK(gate_up && down, "the layer's MLP is not set");
-  TORCH_CHECK(o->out_features == down->out_features, "o and down give different hidden sizes");
+  const bool experts = router.defined() && static_cast<int64_t>(expert_down.size()) == router.size(0);
+  TORCH_CHECK((gate_up && down) || experts, "the layer's MLP is not set",
+              router.defined() ? " (fewer experts than the router scores)" : "");
+  TORCH_CHECK(o->out_features == hidden_size(), "o and the MLP give different hidden sizes");
+  for (const auto& d : expert_down)
+    TORCH_CHECK(d->out_features == hidden_size(), "the experts give different hidden sizes");
   for (const auto* b : {&o_bias, &down_bias})
     TORCH_CHECK(!b->has_value() || (*b)->size(0) == o->out_features, "an output bias must be [hidden = ",
                 o->out_features, "]");
@@ -242,7 +321,35 @@ at::Tensor DecoderLayer::mlp(const at::Tensor& attention, at::Tensor residual) c
   return mlp_of(enter_block(mlp_norm, attention, residual));
 }
 
+at::Tensor DecoderLayer::experts_of(const at::Tensor& x) const {
+  const int64_t B = x.size(0), E = router.size(0);
+  const at::Tensor probs = at::softmax(at::mm(x, router.t()), -1);
+  const auto top = at::topk(probs, top_k, -1);
+  const at::Tensor chosen = std::get<1>(top);
+  const at::Tensor weights = at::div(std::get<0>(top), std::get<0>(top).sum(-1, true));
+  // Each expert runs once over the tokens that chose it, in expert order.
+  std::vector<std::vector<int64_t>> rows(E), picks(E);
+  const auto c = chosen.accessor<int64_t, 2>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < top_k; ++j) {
+      rows[c[b][j]].push_back(b);
+      picks[c[b][j]].push_back(b * top_k + j);
+    }
+  at::Tensor out = at::zeros({B, hidden_size()}, x.options());
+  const at::Tensor flat = weights.reshape({-1});
+  const auto index = at::TensorOptions().dtype(at::kLong);
+  for (int64_t e = 0; e < E; ++e) {
+    if (rows[e].empty()) continue;
+    const at::Tensor r = at::tensor(rows[e], index);
+    const at::Tensor w = flat.index_select(0, at::tensor(picks[e], index)).unsqueeze(1);
+    at::Tensor y = expert_down[e]->apply(silu_mul(expert_gate_up[e]->apply(x.index_select(0, r))));
+    out.index_add_(0, r, y.mul_(w));
+  }
+  return out;
+}
+
 at::Tensor DecoderLayer::mlp_of(const at::Tensor& x) const {
+  if (router.defined()) return experts_of(x);
   const at::Tensor gu = gate_up->apply(x);
   switch (activation) {
     case Activation::kSilu:
@@ -279,7 +386,7 @@ at::Tensor DecoderLayer::finish_mlp(const at::Tensor& x) const {
 void DecoderStack::append(const c10::intrusive_ptr<DecoderLayer>& layer) {
   layer->check();
   if (!layers.empty())
-    TORCH_CHECK(layer->o->out_features == layers[0]->o->out_features, "layers of different hidden sizes");
+    TORCH_CHECK(layer->hidden_size() == layers[0]->hidden_size(), "layers of different hidden sizes");
   layers.push_back(layer);
 }
 

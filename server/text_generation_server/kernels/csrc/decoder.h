@@ -16,7 +16,8 @@ namespace tgs {
 
 // One linear layer's weights as the native kernels multiply them (x @ W.T + bias).
 struct Linear : torch::CustomClassHolder {
-  enum class Kind { kUnset, kDense, kInt4 };
+  // kConcat: parts side by side (a fused layer whose parts carry different act-order orders).
+  enum class Kind { kUnset, kDense, kInt4, kConcat };
   Kind kind = Kind::kUnset;
   at::Tensor weight;         // dense: float32 [N, K]
   at::Tensor qweight, meta;  // 4-bit: see int4.cpp
@@ -25,11 +26,21 @@ struct Linear : torch::CustomClassHolder {
   bool prefill_bf16 = false;    // ... in bfloat16 (else float32)
   c10::optional<at::Tensor> bias;
   int64_t out_features = 0, in_features = 0;
+  // 4-bit: the kernel's input is the layer's input reordered (act-order) and padded to whole
+  // 64-feature chunks: column j of the kernel input is input feature source[j] (in_features: a
+  // zero column), or, without source, the input followed by pad zero columns.
+  c10::optional<at::Tensor> source;
+  int64_t pad = 0;
+  std::vector<c10::intrusive_ptr<Linear>> parts;
 
   void set_dense(const at::Tensor& weight);
   void set_int4(const at::Tensor& qweight, const at::Tensor& meta, int64_t group_size, int64_t in_features,
                 int64_t dense_from_rows, bool prefill_bf16);
   void set_bias(const at::Tensor& bias);
+  void add_part(const c10::intrusive_ptr<Linear>& part);  // kConcat: the next output slice
+  // The layer's input features (fewer than the kernel's columns) and, where the columns are
+  // reordered, which feature feeds each; call after set_int4.
+  void set_input_layout(const c10::optional<at::Tensor>& source, int64_t in_features);
   at::Tensor apply(const at::Tensor& x) const;
   std::string describe() const;
 };
@@ -70,10 +81,17 @@ struct DecoderLayer : torch::CustomClassHolder {
   enum class Activation { kSilu, kGeluTanh, kGelu };
   Activation activation = Activation::kSilu;
   bool parallel = false;
+  // A sparse mixture of experts in place of the MLP (Mixtral): router [experts, hidden]; per token
+  // the top_k experts by softmax probability, renormalized, weight their gated MLPs' outputs.
+  at::Tensor router;
+  int64_t top_k = 0;
+  std::vector<c10::intrusive_ptr<Linear>> expert_gate_up, expert_down;
 
   void set_norm(const std::string& slot, const at::Tensor& weight, double eps);
   void set_layer_norm(const std::string& slot, const at::Tensor& weight, const at::Tensor& bias, double eps);
   void set_parallel(bool parallel);
+  void set_router(const at::Tensor& weight, int64_t top_k);
+  void add_expert(const c10::intrusive_ptr<Linear>& gate_up, const c10::intrusive_ptr<Linear>& down);
   void set_attention(const c10::intrusive_ptr<Linear>& qkv, const c10::intrusive_ptr<Linear>& o, int64_t num_heads,
                      int64_t num_kv_heads, int64_t head_dim, double scale);
   void set_mlp(const c10::intrusive_ptr<Linear>& gate_up, const c10::intrusive_ptr<Linear>& down,
@@ -103,6 +121,7 @@ struct DecoderLayer : torch::CustomClassHolder {
                              const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
                              const at::Tensor& block_tables, const at::Tensor& context_lens) const;
   at::Tensor finish_parallel(const at::Tensor& x) const;
+  int64_t hidden_size() const;  // of the block outputs
 
  private:
   Norm* slot(const std::string& name);
@@ -111,6 +130,8 @@ struct DecoderLayer : torch::CustomClassHolder {
                     at::Tensor v_cache, const at::Tensor& slots, const at::Tensor& block_tables,
                     const at::Tensor& context_lens) const;
   at::Tensor mlp_of(const at::Tensor& x) const;  // down(act(...)) of the normed x
+  at::Tensor experts_of(const at::Tensor& x) const;  // the routed experts' weighted sum
+
 };
 
 // The decode step of every decoder layer of one unsplit model, one call.

@@ -97,16 +97,26 @@ class NativeLinear:
 
     ``dense``: ``weight`` float32 ``[N, K]``. ``int4``: ``qweight`` / ``meta`` as the native
     4-bit kernel packs them, its ``group_size``, ``in_features`` and the dtype of its
-    products of many rows (``prefill_dtype``).
+    products of many rows (``prefill_dtype``); where the kernel's columns are the input
+    reordered (act-order) or padded, ``kernel_in`` columns, column j fed by input feature
+    ``source[j]`` (``in_features``: a zero column), or without ``source`` the input then zeros.
+    ``concat``: ``parts`` whose outputs lie side by side (parts with different act-order orders).
     """
 
-    kind: str  # "dense" or "int4"
+    kind: str  # "dense", "int4" or "concat"
     weight: torch.Tensor | None = None
     qweight: torch.Tensor | None = None
     meta: torch.Tensor | None = None
     group_size: int = 0
     in_features: int = 0
     prefill_dtype: torch.dtype = torch.float32
+    source: torch.Tensor | None = None
+    kernel_in: int = 0
+    parts: tuple[NativeLinear, ...] = ()  # "concat": these side by side
+
+    @classmethod
+    def concat(cls, parts: list[NativeLinear]) -> NativeLinear:
+        return cls("concat", parts=tuple(parts), in_features=parts[0].in_features)
 
     @classmethod
     def dense(cls, weight: torch.Tensor) -> NativeLinear:
@@ -115,10 +125,10 @@ class NativeLinear:
     @classmethod
     def int4(
         cls, qweight: torch.Tensor, meta: torch.Tensor, group_size: int, in_features: int,
-        prefill_dtype: torch.dtype,
+        prefill_dtype: torch.dtype, source: torch.Tensor | None = None,
     ) -> NativeLinear:
         return cls("int4", qweight=qweight, meta=meta, group_size=group_size, in_features=in_features,
-                   prefill_dtype=prefill_dtype)
+                   prefill_dtype=prefill_dtype, source=source, kernel_in=qweight.shape[1] * 4)
 
 
 class QuantConfig(ABC):

@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 
 from text_generation_server.kernels.config import KernelConfig
+from text_generation_server.layers.quant.base import NativeLinear
 from text_generation_server.quantize.packing import unpack_gptq
 
 
@@ -100,6 +101,13 @@ class ConcatKernel(GPTQKernel):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([k(x) for k in self.kernels], dim=-1)
+
+    def native_linear(self) -> NativeLinear | None:
+        """The parts side by side, where every part has a native form."""
+        parts = [getattr(k, "native_linear", lambda: None)() for k in self.kernels]
+        if any(p is None for p in parts):
+            return None
+        return NativeLinear.concat(parts)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {

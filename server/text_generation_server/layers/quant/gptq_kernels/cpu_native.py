@@ -114,10 +114,10 @@ class CpuInt4NativeKernel(GPTQKernel):
         return kernel
 
     def native_linear(self) -> NativeLinear | None:
-        """These weights for the native decoder layers, when the input needs no reordering."""
-        if self.source is not None or self.pad:
-            return None
-        return NativeLinear.int4(self.qweight, self.meta, self.group_size, self.in_features, self.prefill_dtype)
+        """These weights for the native decoder layers, with the input's reordering and padding."""
+        return NativeLinear.int4(
+            self.qweight, self.meta, self.group_size, self.in_features, self.prefill_dtype, source=self.source
+        )
 
     def tensors(self) -> dict[str, torch.Tensor]:
         held = {"qweight": self.qweight, "meta": self.meta}
