@@ -298,7 +298,7 @@ def test_each_rank_reads_and_holds_only_its_shard(tiny_llama_tied, monkeypatch):
     assert held[0][mlp][1] + held[1][mlp][1] == full[mlp].shape[1]
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "granite", "phi3", "gemma2", "gemma3", "falcon-7b", "falcon-40b"])
+@pytest.mark.parametrize("arch", ["qwen3", "granite", "phi3", "gemma2", "gemma3", "mixtral", "falcon-7b", "falcon-40b"])
 def test_family_member_quantized_by_our_quantizer_serves_its_encoded_weights_natively(
     tmp_path, arch, cpu_kernels, monkeypatch
 ):
@@ -324,6 +324,9 @@ def test_family_member_quantized_by_our_quantizer_serves_its_encoded_weights_nat
             vocab_size=384, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, ffn_hidden_size=128,
             layer_norm_epsilon=1e-5, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
             **layout)
+    elif arch == "mixtral":  # each expert calibrated on the tokens routed to it, written on its own
+        model_cls, config = tf.MixtralForCausalLM, tf.MixtralConfig(
+            **small, num_local_experts=4, num_experts_per_tok=2)
     elif arch == "gemma3":  # Gemma 2's norms, q/k head norms, two rotary tables
         model_cls, config = tf.Gemma3ForCausalLM, tf.Gemma3TextConfig(
             **small, head_dim=32, sliding_window=7, layer_types=["sliding_attention", "full_attention"],

@@ -45,6 +45,8 @@ from text_generation_server.quantize.memory import (
     peak_rss_mib,
     return_freed_memory,
 )
+from text_generation_server.quantize.moe import PREFIX as MOE_PREFIX
+from text_generation_server.quantize.moe import CheckpointMoE, is_moe
 from text_generation_server.quantize.packing import pack_gptq, packed_length
 
 # Linears that read the same input, in the order the layer computes them.
@@ -71,7 +73,13 @@ FALCON_LINEAR_GROUPS: tuple[tuple[str, ...], ...] = (
 
 
 def linear_groups(layer: torch.nn.Module) -> tuple[tuple[str, ...], ...]:
-    """The layer's linears in GPTQ's order, grouped by the input they share."""
+    """The layer's linears in GPTQ's order, grouped by the input they share (a Mixtral layer:
+    its attention's, then each expert's w1+w3 and w2 where its experts are loaded)."""
+    if is_moe(layer):
+        experts = getattr(getattr(layer, MOE_PREFIX, None), "experts", ())
+        per_expert = [g for e in range(len(experts)) for g in (
+            (f"{MOE_PREFIX}.experts.{e}.w1", f"{MOE_PREFIX}.experts.{e}.w3"), (f"{MOE_PREFIX}.experts.{e}.w2",))]
+        return LINEAR_GROUPS[:2] + tuple(per_expert)
     if hasattr(layer, "self_attention"):
         return FALCON_LINEAR_GROUPS
     return FUSED_LINEAR_GROUPS if hasattr(layer.self_attn, "qkv_proj") else LINEAR_GROUPS
@@ -125,19 +133,22 @@ def check_shapes(config, spec: QuantSpec, trust_remote_code: bool = False) -> di
     device (no memory).
     """
     layer = decoder_parts(meta_model(config, trust_remote_code)).layers[0]
+    shapes = {name: tuple(_submodule(layer, name).weight.shape) for group in linear_groups(layer) for name in group}
+    if is_moe(layer):  # every expert alike
+        shapes[f"{MOE_PREFIX}.experts.E.w1"] = shapes[f"{MOE_PREFIX}.experts.E.w3"] = (
+            config.intermediate_size, config.hidden_size)
+        shapes[f"{MOE_PREFIX}.experts.E.w2"] = (config.hidden_size, config.intermediate_size)
     ragged = {}
-    for group in linear_groups(layer):
-        for name in group:
-            out_f, in_f = _submodule(layer, name).weight.shape
-            if 0 < spec.group_size < in_f and in_f % spec.group_size:
-                ragged[name] = in_f
-            try:
-                packed_length(in_f, spec.bits)
-                packed_length(out_f, spec.bits)
-            except ValueError as err:
-                raise QuantizationConfigError(
-                    f"{spec.bits}-bit packing cannot hold {name} (weight {out_f}x{in_f}): {err}"
-                ) from err
+    for name, (out_f, in_f) in shapes.items():
+        if 0 < spec.group_size < in_f and in_f % spec.group_size:
+            ragged[name] = in_f
+        try:
+            packed_length(in_f, spec.bits)
+            packed_length(out_f, spec.bits)
+        except ValueError as err:
+            raise QuantizationConfigError(
+                f"{spec.bits}-bit packing cannot hold {name} (weight {out_f}x{in_f}): {err}"
+            ) from err
     return ragged
 
 
@@ -298,12 +309,13 @@ def _check_layer_structure(layer, x: torch.Tensor, kwargs: dict) -> None:
         )
 
 
-def _quantize_layer_sequential(layer, q: LayerQuantizer, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-    qkv, o, gate_up, down = linear_groups(layer)
-    attn, mlp = layer.self_attn, layer.mlp
-    o_proj, down_proj = _submodule(layer, o[0]), _submodule(layer, down[0])
+def _quantize_attention(layer, q: LayerQuantizer, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    """Quantize q/k/v then o; returns the residual stream after the attention block, per batch
+    (``hidden`` is consumed)."""
+    qkv, o = linear_groups(layer)[:2]
+    attn = layer.self_attn
+    o_proj = _submodule(layer, o[0])
     scale = _residual_scale(layer)
-    mlp_norm = _mlp_norm(layer)
     with torch.no_grad():
         acc = HessianAccumulator(hidden[0].shape[-1])
         for x in hidden:
@@ -320,13 +332,23 @@ def _quantize_layer_sequential(layer, q: LayerQuantizer, hidden: list[torch.Tens
         q.solve(o, acc)
 
         residual = []
-        acc = HessianAccumulator(hidden[0].shape[-1])
         for i, x in enumerate(hidden):
-            h = x + scale * _attention_block_out(layer, o_proj(attn_out[i]))
+            residual.append(x + scale * _attention_block_out(layer, o_proj(attn_out[i])))
             attn_out[i] = hidden[i] = None
-            residual.append(h)
+    return residual
+
+
+def _quantize_layer_sequential(layer, q: LayerQuantizer, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    gate_up, down = linear_groups(layer)[2:]
+    mlp = layer.mlp
+    down_proj = _submodule(layer, down[0])
+    scale = _residual_scale(layer)
+    mlp_norm = _mlp_norm(layer)
+    residual = _quantize_attention(layer, q, hidden, kwargs)
+    with torch.no_grad():
+        acc = HessianAccumulator(residual[0].shape[-1])
+        for h in residual:
             acc.add(mlp_norm(h))
-        del attn_out
         q.solve(gate_up, acc)
 
         total = sum(h.numel() for h in residual) // residual[0].shape[-1] * down_proj.in_features * 4
@@ -349,6 +371,56 @@ def _quantize_layer_sequential(layer, q: LayerQuantizer, hidden: list[torch.Tens
                 outputs.append(h + scale * _mlp_block_out(layer, mlp(mlp_norm(h))))
             residual[i] = None
     return outputs
+
+
+def _quantize_layer_moe(layer, q: LayerQuantizer, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    """Attention as for Llama; then each expert's w1+w3 and w2 calibrated on the tokens the
+    (float) router sends it, with its quantized w1/w3 feeding w2's Hessian."""
+    moe = getattr(layer, MOE_PREFIX)
+    residual = _quantize_attention(layer, q, hidden, kwargs)
+    with torch.no_grad():
+        width = residual[0].shape[-1]
+        normed = [layer.post_attention_layernorm(h).reshape(-1, width) for h in residual]
+        routes = [moe.route(n)[1] for n in normed]
+        for e, expert in enumerate(moe.experts):
+            picked = [n[(chosen == e).any(-1)] for n, chosen in zip(normed, routes, strict=True)]
+            base = f"{MOE_PREFIX}.experts.{e}."
+            acc = HessianAccumulator(width)
+            for x in picked:
+                acc.add(x)
+            if acc.rows == 0:
+                logger.warning(f"{q.prefix}{base.rstrip('.')}: no calibration token chose this expert; "
+                               f"its weights are rounded to nearest")  # fmt: skip
+                acc.add(torch.eye(width))
+            q.solve((base + "w1", base + "w3"), acc)
+            acc = HessianAccumulator(expert.w2.in_features)
+            for x in picked:
+                acc.add(expert.hidden_of(x))
+            if acc.rows == 0:
+                acc.add(torch.eye(expert.w2.in_features))
+            q.solve((base + "w2",), acc)
+        return [h + moe(n).reshape(h.shape) for h, n in zip(residual, normed, strict=True)]
+
+
+def _check_moe_structure(layer, x: torch.Tensor, kwargs: dict) -> None:
+    """The staged MoE layer reproduces transformers' forward, its experts filled with the same
+    weights (skipped, logged, where transformers' expert layout is not the one known here)."""
+    moe = getattr(layer, MOE_PREFIX)
+    if not moe.load_into(layer.mlp):
+        logger.debug("transformers' expert layout is not the stacked one; the MoE layer check is skipped")
+        return
+    try:
+        with torch.no_grad():
+            ref = _layer_output(layer(x, **kwargs))
+            attn = _layer_output(layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs))
+            h = x + attn
+            out = h + moe(layer.post_attention_layernorm(h).reshape(-1, h.shape[-1])).reshape(h.shape)
+    finally:
+        release(layer.mlp)
+    if not torch.allclose(ref, out, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-6):
+        raise UnsupportedArchitectureError(
+            f"{type(layer).__name__}: the experts as read from the checkpoint do not reproduce the layer"
+        )
 
 
 def _quantize_layer_generic(layer, q: LayerQuantizer, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
@@ -421,21 +493,35 @@ def quantize_model(
         for index, layer in enumerate(layers):
             t_layer = time.perf_counter()
             prefix = f"{parts.layer_prefix}{index}."
-            load_module(layer, prefix, checkpoint)
             kwargs = [batch_kwargs[index] for batch_kwargs in inputs.kwargs]
-            if index == 0 and _staged(layer):
-                _check_layer_structure(layer, hidden[0][:1], _slice_kwargs(kwargs[0], 1))
+            moe = is_moe(layer)
+            if moe:  # the experts as the checkpoint stores them, beside the rest of the layer
+                for name, child in layer.named_children():
+                    if name != "mlp":
+                        load_module(child, f"{prefix}{name}.", checkpoint)
+                setattr(layer, MOE_PREFIX, CheckpointMoE.load(checkpoint, prefix, config))
+                if index == 0:
+                    _check_moe_structure(layer, hidden[0][:1], _slice_kwargs(kwargs[0], 1))
+            else:
+                load_module(layer, prefix, checkpoint)
+                if index == 0 and _staged(layer):
+                    _check_layer_structure(layer, hidden[0][:1], _slice_kwargs(kwargs[0], 1))
             quantizer = LayerQuantizer(layer, prefix, spec, result)
-            if not true_sequential:
+            if moe:
+                run = _quantize_layer_moe  # true-sequential within each expert either way
+            elif not true_sequential:
                 run = _quantize_layer_parallel
             else:
                 run = _quantize_layer_sequential if _staged(layer) else _quantize_layer_generic
             hidden = run(layer, quantizer, hidden, kwargs)
+            groups = linear_groups(layer)
+            if moe:
+                delattr(layer, MOE_PREFIX)
             release(layer)
             return_freed_memory()
             errors = " ".join(
                 f"{r.name.rsplit('.', 1)[-1].removesuffix('_proj')}={r.rel_error:.4f}"
-                for r in result.reports[-sum(len(g) for g in linear_groups(layer)):]
+                for r in result.reports[-sum(len(g) for g in groups):]
             )
             logger.info(
                 f"layer {index + 1}/{len(layers)} ({mode}) {time.perf_counter() - t_layer:.1f} s, "
