@@ -1,13 +1,17 @@
 """GPTQ checkpoints cross between our tools and GPTQModel 7.6.0 (transformers + optimum).
 
-Both directions, on a tiny random Llama, with the peer running in its own
-virtualenv (``make peer-gptqmodel`` builds it in ``.cache/peers/gptqmodel``;
-installing GPTQModel into the project venv would replace torch):
+Both directions, on tiny random models (a Llama, a Falcon of falcon-40b's layout, a Mixtral),
+with the peer running in its own virtualenv (``make peer-gptqmodel`` builds it in
+``.cache/peers/gptqmodel``; installing GPTQModel into the project venv would replace torch):
 
 - a checkpoint written by ``text-generation-server quantize`` loads in
-  transformers with GPTQModel and gives the same greedy text as our server;
+  transformers with GPTQModel and gives the same greedy text as our server
+  (Llama, Falcon; our Mixtral checkpoints keep the original checkpoint's expert
+  names, ``block_sparse_moe.experts.E.w1``, which TGI and vLLM read and
+  GPTQModel 7 with transformers 5 does not);
 - a checkpoint written by GPTQModel serves with ``--quantize gptq`` and gives
-  the same greedy text as GPTQModel on it.
+  the same greedy text as GPTQModel on it (all three; its Mixtral names the
+  experts ``mlp.experts.E.gate_proj``).
 
 "The same" up to the two sides' arithmetic: a first difference is allowed
 only where our top-2 log-probabilities are within GPTQModel's bf16 noise.
@@ -26,7 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_model import build_tiny_llama
+from tiny_model import build_random, build_tiny_llama, build_tokenizer
 from transformers import AutoTokenizer
 
 from .conftest import REPO, ServerProcess
@@ -122,15 +126,45 @@ def assert_same_greedy(checkpoint: Path, ours: dict[str, dict], peer_tokens: dic
         print(f"near-tie: {prompt!r} token {i}: ours {mine[i]!r}, GPTQModel {theirs[i]!r}, top-2 gap {gap:.3f}")
 
 
+def build_fp32(arch: str, path: Path) -> Path:
+    """A tiny random float checkpoint with a tokenizer, wide enough for whole groups of 32 in
+    every linear layer (64 and 128 inputs)."""
+    import transformers as tf
+
+    if arch == "llama":
+        return build_tiny_llama(path, hidden_size=64, intermediate_size=128)
+    base = dict(vocab_size=384, max_position_embeddings=256, pad_token_id=3, bos_token_id=1, eos_token_id=2,
+                hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    if arch == "falcon-40b":
+        config = tf.FalconConfig(**base, num_kv_heads=2, new_decoder_architecture=True, parallel_attn=True,
+                                 ffn_hidden_size=128, layer_norm_epsilon=1e-5)
+        model = build_random(path, tf.FalconForCausalLM, config)
+    else:
+        config = tf.MixtralConfig(**base, intermediate_size=128, num_key_value_heads=2, num_local_experts=4,
+                                  num_experts_per_tok=2, rms_norm_eps=1e-5)
+        model = build_random(path, tf.MixtralForCausalLM, config)
+    build_tokenizer(model)
+    return model
+
+
+_built: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="module")
-def tiny_fp32(tmp_path_factory) -> Path:
-    # Wide enough for whole groups of 32 in every linear layer (64 and 128 inputs).
-    return build_tiny_llama(tmp_path_factory.mktemp("interop-fp32"), hidden_size=64, intermediate_size=128)
+def fp32(tmp_path_factory):
+    def get(arch: str) -> Path:
+        if arch not in _built:
+            _built[arch] = build_fp32(arch, tmp_path_factory.mktemp(f"interop-{arch}"))
+        return _built[arch]
+
+    return get
 
 
+@pytest.mark.parametrize("arch", ["llama", "falcon-40b"])
 def test_our_checkpoint_loads_in_transformers_with_gptqmodel_and_generates_the_same(
-    peer_python, tiny_fp32, tmp_path
+    peer_python, fp32, tmp_path, arch
 ):
+    tiny_fp32 = fp32(arch)
     out = tmp_path / "ours-gptq"
     quantize = subprocess.run(
         [
@@ -150,7 +184,9 @@ def test_our_checkpoint_loads_in_transformers_with_gptqmodel_and_generates_the_s
     assert_same_greedy(out, ours, peer["tokens"])
 
 
-def test_gptqmodel_checkpoint_serves_and_generates_what_gptqmodel_generates(peer_python, tiny_fp32, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "falcon-40b", "mixtral"])
+def test_gptqmodel_checkpoint_serves_and_generates_what_gptqmodel_generates(peer_python, fp32, tmp_path, arch):
+    tiny_fp32 = fp32(arch)
     tok = AutoTokenizer.from_pretrained(tiny_fp32)
     text = " ".join(["the quick brown fox jumps over the lazy dog", "def main(): return 0", "once upon a time"] * 60)
     ids = tok(text, return_tensors="pt").input_ids[0]

@@ -8,8 +8,10 @@ of those experts' gated MLPs (``w2(silu(w1 x) * w3 x)``).
 Every expert is split across the shards like a dense MLP (``w1``/``w3`` by output rows, ``w2``
 by input columns, in units the quantization allows), so each rank holds a slice of every
 expert and computes its partial sum of the weighted outputs; the layer all-reduces once, after
-the experts, as a dense MLP does. GPTQ checkpoints quantize each expert's linears on their own
-(GPTQModel's layout), the router stays float.
+the experts, as a dense MLP does. GPTQ checkpoints quantize each expert's linears on their own,
+the router stays float; both namings are read: ``block_sparse_moe.experts.E.w1/w3/w2`` (the
+original checkpoints, AutoGPTQ) and ``mlp.experts.E.gate_proj/up_proj/down_proj`` with
+``mlp.gate`` (GPTQModel 7 with transformers 5).
 """
 
 from __future__ import annotations
@@ -159,3 +161,22 @@ class MixtralForCausalLM(MistralForCausalLM):
     @classmethod
     def intermediate_size(cls, config: Any) -> int:
         return config.intermediate_size
+
+    # transformers 5's names (GPTQModel 7 writes them) -> the original checkpoint's.
+    _EXPERT_NAMES: ClassVar[dict[str, str]] = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+    _TENSORS: ClassVar[tuple[str, ...]] = ("weight", "bias", "qweight", "scales", "qzeros", "g_idx")
+
+    def checkpoint_views(self, weights: Any) -> None:
+        c = self.config
+        for i in range(c.num_hidden_layers):
+            src, dst = f"model.layers.{i}.mlp", f"model.layers.{i}.block_sparse_moe"
+            if not weights.has(f"{src}.gate.weight"):
+                continue
+            renames = {f"{src}.gate.weight": f"{dst}.gate.weight"}
+            for e in range(c.num_local_experts):
+                for new, old in self._EXPERT_NAMES.items():
+                    for suffix in self._TENSORS:
+                        renames[f"{src}.experts.{e}.{new}.{suffix}"] = f"{dst}.experts.{e}.{old}.{suffix}"
+            for old, new in renames.items():
+                if weights.has(old):
+                    weights.split(old, 0, [(new, None)])
