@@ -196,10 +196,9 @@ def spawn(world_size: int, tmp: Path, models: list[Path]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def world2(tmp_path_factory, tiny_llama, tiny_llama_tied, mqa_llama, tiny_qwen3, llama_biases, tiny_phi3,
-           tiny_falcon7b, tiny_gemma3, tiny_mixtral, gptq_mixtral) -> dict:  # fmt: skip
-    models = [tiny_llama_tied, tiny_llama, mqa_llama, tiny_qwen3, llama_biases, tiny_phi3, tiny_falcon7b, tiny_gemma3,
-              tiny_mixtral, gptq_mixtral[0]]
+def world2(request, tmp_path_factory, tiny_llama, tiny_llama_tied, mqa_llama, gptq_mixtral) -> dict:
+    models = [tiny_llama_tied, tiny_llama, mqa_llama, *(request.getfixturevalue(a) for a in ARCHITECTURES),
+              gptq_mixtral[0]]
     # The GPTQ checkpoint through the reference kernel: exactly its dequantized weights.
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GPTQ_KERNEL", "gptq-reference")
@@ -207,9 +206,8 @@ def world2(tmp_path_factory, tiny_llama, tiny_llama_tied, mqa_llama, tiny_qwen3,
 
 
 @pytest.fixture(scope="module")
-def world3(tmp_path_factory, tiny_llama_tied, tiny_qwen3, tiny_granite, tiny_gemma2, tiny_falcon7b,
-           tiny_falcon40b, tiny_mixtral) -> dict:  # fmt: skip
-    models = [tiny_llama_tied, tiny_qwen3, tiny_granite, tiny_gemma2, tiny_falcon7b, tiny_falcon40b, tiny_mixtral]
+def world3(request, tmp_path_factory, tiny_llama_tied) -> dict:
+    models = [tiny_llama_tied, *(request.getfixturevalue(a) for a in ARCHITECTURES)]
     return spawn(3, tmp_path_factory.mktemp("tp3"), models)
 
 
@@ -316,77 +314,28 @@ def test_tied_model_equals_transformers_at_world_size_3(world3, tiny_llama_tied)
     check_model(world3, str(tiny_llama_tied))
 
 
-@pytest.mark.parametrize("world", ["world2", "world3"])
-def test_qwen3_equals_transformers_on_2_and_3_shards_through_the_native_layers(request, world, tiny_qwen3):
-    run = request.getfixturevalue(world)
-    results = [r[f"model:{tiny_qwen3}"] for r in run["ranks"]]
-    assert all(r["plan"] in ("native-cpu-layers", "modules") for r in results), [r["plan"] for r in results]
-    if tp_worker_native():
-        assert {r["plan"] for r in results} == {"native-cpu-layers"}
-    check_model(run, str(tiny_qwen3))
-
-
-def test_row_parallel_biases_are_added_once_on_2_shards(world2, llama_biases):
-    results = [r[f"model:{llama_biases}"] for r in world2["ranks"]]
-    if tp_worker_native():
-        assert {r["plan"] for r in results} == {"native-cpu-layers"}
-    check_model(world2, str(llama_biases))
-
-
-def test_granite_equals_transformers_on_3_shards_through_the_native_layers(world3, tiny_granite):
-    results = [r[f"model:{tiny_granite}"] for r in world3["ranks"]]
-    if tp_worker_native():
-        assert {r["plan"] for r in results} == {"native-cpu-layers"}
-    check_model(world3, str(tiny_granite))
-
-
-def test_phi3_fused_checkpoint_equals_transformers_on_2_shards(world2, tiny_phi3):
-    results = [r[f"model:{tiny_phi3}"] for r in world2["ranks"]]
-    if tp_worker_native():
-        assert {r["plan"] for r in results} == {"native-cpu-layers"}
-    assert [r["num_kv_heads"] for r in results] == [1, 1]
-    check_model(world2, str(tiny_phi3))
-
-
-def test_gemma2_equals_transformers_on_3_shards_through_the_native_layers(world3, tiny_gemma2):
-    results = [r[f"model:{tiny_gemma2}"] for r in world3["ranks"]]
-    if tp_worker_native():
-        assert {r["plan"] for r in results} == {"native-cpu-layers"}
-    check_model(world3, str(tiny_gemma2))
+# Every architecture beside Llama, on 2 and 3 shards. Head counts the shard count does not divide
+# (6 heads / 3 KV heads on 2 ranks; 5 heads / 1 KV head on 2 and 3; 2 KV heads shared by 3 ranks).
+ARCHITECTURES = ["llama_biases", "tiny_qwen3", "tiny_granite", "tiny_phi3", "tiny_gemma2", "tiny_gemma3",
+                 "tiny_falcon7b", "tiny_falcon40b", "tiny_mixtral"]
+# KV heads per rank where a rank holds a share of one (replicated or regrouped).
+KV_HEADS = {
+    ("tiny_phi3", "world2"): [1, 1], ("tiny_phi3", "world3"): [1, 1, 1],
+    ("tiny_falcon7b", "world2"): [1, 1], ("tiny_falcon7b", "world3"): [1, 1, 1],
+    ("tiny_falcon40b", "world2"): [1, 1], ("tiny_falcon40b", "world3"): [1, 1, 1],
+}
 
 
 @pytest.mark.parametrize("world", ["world2", "world3"])
-def test_falcon7b_layout_equals_transformers_on_2_and_3_shards(request, world, tiny_falcon7b):
-    run = request.getfixturevalue(world)
-    results = [r[f"model:{tiny_falcon7b}"] for r in run["ranks"]]
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_each_architecture_equals_transformers_on_2_and_3_shards_through_the_native_layers(request, world, arch):
+    run, path = request.getfixturevalue(world), request.getfixturevalue(arch)
+    results = [r[f"model:{path}"] for r in run["ranks"]]
     if tp_worker_native():
         assert {r["plan"] for r in results} == {"native-cpu-layers"}
-    assert [r["num_kv_heads"] for r in results] == [1] * len(results)
-    check_model(run, str(tiny_falcon7b))
-
-
-def test_falcon40b_layout_equals_transformers_on_3_shards(world3, tiny_falcon40b):
-    results = [r[f"model:{tiny_falcon40b}"] for r in world3["ranks"]]
-    if tp_worker_native():
-        assert {r["plan"] for r in results} == {"native-cpu-layers"}
-    assert [r["num_kv_heads"] for r in results] == [1, 1, 1]
-    check_model(world3, str(tiny_falcon40b))
-
-
-def test_gemma3_equals_transformers_on_2_shards_through_the_native_layers(world2, tiny_gemma3):
-    results = [r[f"model:{tiny_gemma3}"] for r in world2["ranks"]]
-    if tp_worker_native():
-        assert {r["plan"] for r in results} == {"native-cpu-layers"}
-    check_model(world2, str(tiny_gemma3))
-
-
-@pytest.mark.parametrize("world", ["world2", "world3"])
-def test_mixtral_with_experts_split_across_2_and_3_shards_equals_transformers(request, world, tiny_mixtral):
-    run = request.getfixturevalue(world)
-    results = [r[f"model:{tiny_mixtral}"] for r in run["ranks"]]
-    if tp_worker_native():
-        assert {r["plan"] for r in results} == {"native-cpu-layers"}
-    check_model(run, str(tiny_mixtral))
+    if (arch, world) in KV_HEADS:
+        assert [r["num_kv_heads"] for r in results] == KV_HEADS[arch, world]
+    check_model(run, str(path))
 
 
 def test_gptq_mixtral_with_each_expert_split_in_whole_groups_on_2_shards(world2, gptq_mixtral):
