@@ -328,7 +328,9 @@ KV_HEADS = {
 
 @pytest.mark.parametrize("world", ["world2", "world3"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_each_architecture_equals_transformers_on_2_and_3_shards_through_the_native_layers(request, world, arch):
+def test_each_architecture_equals_transformers_on_2_and_3_shards_through_the_native_layers(
+    request, world, arch, record_property
+):
     run, path = request.getfixturevalue(world), request.getfixturevalue(arch)
     results = [r[f"model:{path}"] for r in run["ranks"]]
     if tp_worker_native():
@@ -336,6 +338,12 @@ def test_each_architecture_equals_transformers_on_2_and_3_shards_through_the_nat
     if (arch, world) in KV_HEADS:
         assert [r["num_kv_heads"] for r in results] == KV_HEADS[arch, world]
     check_model(run, str(path))
+    ids = tp_worker.PROMPT + tp_worker.DECODE
+    got = torch.cat([results[0]["prefill"], results[0]["decode"]])[:-1]
+    want = reference(str(path), ids)[:-1]
+    lp = (got.log_softmax(-1) - want.log_softmax(-1))[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].abs().max()
+    record_property(f"figures: {arch} on {len(results)} shards",
+                    f"{results[0]['plan']}, largest token logprob difference {float(lp):.1e}")
 
 
 def test_gptq_mixtral_with_each_expert_split_in_whole_groups_on_2_shards(world2, gptq_mixtral):

@@ -164,7 +164,7 @@ def test_family_members_in_half_dtypes_stay_close_to_float32(tmp_path, kind, dty
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3", "granite", "phi3", "gemma2", "gemma3", "mixtral", "falcon-7b", "falcon-40b", "falcon-seq", "mistral", "mistral-window", "qwen2-window", "llama-biases", "llama3-rope", "linear-rope"])
-def test_family_members_equal_transformers_through_prefill_and_decode(tmp_path, kind, cpu_kernels):
+def test_family_members_equal_transformers_through_prefill_and_decode(tmp_path, kind, cpu_kernels, record_property):
     path = family_checkpoint(tmp_path, kind)
     ids = random_ids(40, 384, seed=11)
     expected = reference_logits(path, ids)
@@ -174,10 +174,14 @@ def test_family_members_equal_transformers_through_prefill_and_decode(tmp_path, 
     runner = PagedRunner(model, block_size=4)
     prefill = runner.step([("a", ids[:30])])[0]
     torch.testing.assert_close(prefill, expected[:30], atol=ATOL, rtol=0)
+    decode = []
     for pos in range(30, 40):
-        torch.testing.assert_close(
-            runner.step([("a", [ids[pos]])])[0][0], expected[pos], atol=ATOL, rtol=0
-        )
+        decode.append(runner.step([("a", [ids[pos]])])[0][0])
+        torch.testing.assert_close(decode[-1], expected[pos], atol=ATOL, rtol=0)
+    got = torch.cat([prefill, torch.stack(decode)])
+    # Each prompt token's logprob (the next id's), as the closing figures report it.
+    lp = (got.log_softmax(-1) - expected.log_softmax(-1))[torch.arange(39), torch.tensor(ids[1:])].abs().max()
+    record_property(f"figures: {kind}", f"{model.plan.name}, largest prompt-token logprob difference {float(lp):.1e}")
 
 
 def test_multi_file_checkpoint_with_index_loads_the_same_model(tmp_path, tiny_llama):
