@@ -87,10 +87,16 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
           const float* kt = kc + (table[pos / BS] * BS + pos % BS) * tok + h * D;
           __m256 acc = _mm256_setzero_ps();
           for (int64_t i = 0; i < nv; ++i) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * i), _mm256_loadu_ps(kt + 8 * i), acc);
-          float s = hsum(acc) * sc;
-          if (cap > 0) s = cap * std::tanh(s / cap);
+          const float s = hsum(acc) * sc;
           srow[t] = s;
           mx = std::max(mx, s);
+        }
+        if (cap > 0) {  // Gemma 2: capped in a pass of its own, the loop above stays as it is
+          mx = -INFINITY;
+          for (int64_t t = 0; t < L; ++t) {
+            srow[t] = cap * std::tanh(srow[t] / cap);
+            mx = std::max(mx, srow[t]);
+          }
         }
         const __m256 mv = _mm256_set1_ps(mx);
         __m256 sum = _mm256_setzero_ps();
