@@ -19,6 +19,8 @@ LINEAR_SUFFIXES = (
     "q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
     "gate_proj.weight", "up_proj.weight", "down_proj.weight",
     "w1.weight", "w2.weight", "w3.weight",  # Mixtral's experts, each quantized on its own (GPTQModel)
+    "qkv_proj.weight", "gate_up_proj.weight",  # Phi-3's fused projections, quantized fused
+    "query_key_value.weight", "attention.dense.weight", "dense_h_to_4h.weight", "dense_4h_to_h.weight",  # Falcon
 )
 
 

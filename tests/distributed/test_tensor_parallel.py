@@ -143,18 +143,29 @@ def tiny_mixtral(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gptq_mixtral(tmp_path_factory) -> tuple[Path, Path]:
-    """A GPTQ Mixtral (g32, act-order; each expert's w1/w2/w3 quantized on its own) and its
-    dequantized twin; intermediate 128 splits into whole groups on 2 ranks."""
+def gptq_models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """GPTQ checkpoints (g32, act-order, as GPTQModel lays them out) and their dequantized twins:
+    Mixtral (each expert's w1/w2/w3 on its own), Phi-3 (qkv_proj and gate_up_proj quantized
+    fused) and Falcon of falcon-40b's layout (query_key_value fused with its heads interleaved).
+    Widths split into whole groups of 32 on 2 and 3 ranks."""
     import transformers as tf
     from gptq_checkpoint import write_gptq_checkpoint
 
-    config = tf.MixtralConfig(vocab_size=384, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                              num_experts_per_tok=2, max_position_embeddings=256, rms_norm_eps=1e-5)
-    root = tmp_path_factory.mktemp("gptq-mixtral")
-    dense = build_random(root / "mixtral", tf.MixtralForCausalLM, config)
-    return write_gptq_checkpoint(dense, root / "mixtral-gptq", group_size=32, desc_act=True)
+    base = dict(vocab_size=384, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    configs = {
+        "mixtral": (tf.MixtralForCausalLM, tf.MixtralConfig(**base, intermediate_size=128, num_key_value_heads=2,
+                                                            num_local_experts=4, num_experts_per_tok=2)),
+        "phi3": (tf.Phi3ForCausalLM, tf.Phi3Config(**base, intermediate_size=128, num_key_value_heads=2)),
+        "falcon-40b": (tf.FalconForCausalLM, tf.FalconConfig(**base, num_kv_heads=2, new_decoder_architecture=True,
+                                                            parallel_attn=True, ffn_hidden_size=128)),
+    }
+    root = tmp_path_factory.mktemp("gptq-archs")
+    out = {}
+    for name, (cls, config) in configs.items():
+        dense = build_random(root / name, cls, config)
+        out[name] = write_gptq_checkpoint(dense, root / f"{name}-gptq", group_size=32, desc_act=True)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -196,19 +207,22 @@ def spawn(world_size: int, tmp: Path, models: list[Path]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def world2(request, tmp_path_factory, tiny_llama, tiny_llama_tied, mqa_llama, gptq_mixtral) -> dict:
+def world2(request, tmp_path_factory, tiny_llama, tiny_llama_tied, mqa_llama, gptq_models) -> dict:
     models = [tiny_llama_tied, tiny_llama, mqa_llama, *(request.getfixturevalue(a) for a in ARCHITECTURES),
-              gptq_mixtral[0]]
-    # The GPTQ checkpoint through the reference kernel: exactly its dequantized weights.
+              *(q for q, _ in gptq_models.values())]
+    # The GPTQ checkpoints through the reference kernel: exactly their dequantized weights.
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GPTQ_KERNEL", "gptq-reference")
         return spawn(2, tmp_path_factory.mktemp("tp2"), models)
 
 
 @pytest.fixture(scope="module")
-def world3(request, tmp_path_factory, tiny_llama_tied) -> dict:
-    models = [tiny_llama_tied, *(request.getfixturevalue(a) for a in ARCHITECTURES)]
-    return spawn(3, tmp_path_factory.mktemp("tp3"), models)
+def world3(request, tmp_path_factory, tiny_llama_tied, gptq_models) -> dict:
+    models = [tiny_llama_tied, *(request.getfixturevalue(a) for a in ARCHITECTURES),
+              *(q for q, _ in gptq_models.values())]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPTQ_KERNEL", "gptq-reference")
+        return spawn(3, tmp_path_factory.mktemp("tp3"), models)
 
 
 @pytest.fixture(params=["world2", "world3"])
@@ -346,9 +360,11 @@ def test_each_architecture_equals_transformers_on_2_and_3_shards_through_the_nat
                     f"{results[0]['plan']}, largest token logprob difference {float(lp):.1e}")
 
 
-def test_gptq_mixtral_with_each_expert_split_in_whole_groups_on_2_shards(world2, gptq_mixtral):
-    quantized, dense = gptq_mixtral
-    check_model(world2, str(quantized), reference_dir=str(dense))
+@pytest.mark.parametrize("world", ["world2", "world3"])
+@pytest.mark.parametrize("arch", ["mixtral", "phi3", "falcon-40b"])
+def test_gptq_checkpoints_of_fused_and_expert_layouts_split_in_whole_groups(request, world, arch, gptq_models):
+    quantized, dense = gptq_models[arch]
+    check_model(request.getfixturevalue(world), str(quantized), reference_dir=str(dense))
 
 
 def tp_worker_native() -> bool:
