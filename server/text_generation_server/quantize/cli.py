@@ -98,6 +98,12 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per calibration window (clamped to the model's max positions)")
     p.add_argument("--seed", type=integer, default=0, help="seed for choosing calibration windows")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run that was stopped (Ctrl-C, killed) from its last saved layer, with the same "
+                        "result as an uninterrupted run; its progress is kept in .OUTPUT_DIR.progress beside OUTPUT_DIR")
+    p.add_argument("--save-every", type=number, default=60.0, metavar="SECONDS",
+                   help="save finished layers and their activations for --resume at most this often "
+                        "(0: after every layer)")
     p.add_argument("--json-output", action="store_true", help="log as JSON lines")
 
 
@@ -165,6 +171,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         out = quantize_checkpoint(
             args.model_id, args.output_dir, spec, calibration, revision=args.revision,
             trust_remote_code=args.trust_remote_code, true_sequential=args.true_sequential, overwrite=args.overwrite,
+            resume=args.resume, save_every=args.save_every,
         )
         if args.upload_to_model_id:
             upload(out, args.upload_to_model_id)
@@ -172,7 +179,11 @@ def run_quantize(args: argparse.Namespace) -> int:
         logger.error(str(err))
         return 1
     except KeyboardInterrupt:
-        logger.error(f"interrupted; nothing was written to {args.output_dir}")
+        from text_generation_server.quantize.progress import RunProgress
+
+        kept = RunProgress.path_for(args.output_dir)
+        also = f"; the layers finished so far are kept in {kept}: rerun with --resume to continue" if kept.exists() else ""
+        logger.error(f"interrupted; nothing was written to {args.output_dir}{also}")
         return 130
     return 0
 

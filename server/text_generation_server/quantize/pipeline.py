@@ -23,6 +23,7 @@ from text_generation_server.quantize.data import (
 )
 from text_generation_server.quantize.gptq import QuantSpec
 from text_generation_server.quantize.memory import peak_rss_mib
+from text_generation_server.quantize.progress import RunProgress
 from text_generation_server.quantize.runner import (
     LinearReport,
     check_shapes,
@@ -105,6 +106,8 @@ def quantize_checkpoint(
     trust_remote_code: bool = False,
     true_sequential: bool = True,
     overwrite: bool = False,
+    resume: bool = False,
+    save_every: float = 60.0,
 ) -> Path:
     """Quantize ``model_id`` into a v1 GPTQ checkpoint at ``output_dir``; returns its path."""
     t_start = time.perf_counter()
@@ -145,8 +148,12 @@ def quantize_checkpoint(
     )
 
     t_quant = time.perf_counter()
+    progress = RunProgress(
+        output_dir, RunProgress.describe(spec, windows, model_path, true_sequential), every_s=save_every
+    )
     result = quantize_model(
-        model_path, config, windows, spec, true_sequential=true_sequential, trust_remote_code=trust_remote_code
+        model_path, config, windows, spec, true_sequential=true_sequential, trust_remote_code=trust_remote_code,
+        progress=progress, resume=resume,
     )
     log_error_table(result.reports)
     t_quant = time.perf_counter() - t_quant
@@ -160,6 +167,7 @@ def quantize_checkpoint(
     qconfig = quantization_config(spec, true_sequential, calib_meta)
     with atomic_output_dir(output_dir) as tmp:
         write_checkpoint(tmp, model_path, result.tensors, result.replaced, qconfig)
+    progress.finish()
     size = sum(f.stat().st_size for f in output_dir.iterdir() if f.is_file())
     logger.info(
         f"Wrote {output_dir} ({size / 2**20:.1f} MiB) in {time.perf_counter() - t_start:.1f} s "

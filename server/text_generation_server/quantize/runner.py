@@ -48,6 +48,7 @@ from text_generation_server.quantize.memory import (
 from text_generation_server.quantize.moe import PREFIX as MOE_PREFIX
 from text_generation_server.quantize.moe import CheckpointMoE, is_moe
 from text_generation_server.quantize.packing import pack_gptq, packed_length
+from text_generation_server.quantize.progress import RunProgress
 
 # Linears that read the same input, in the order the layer computes them.
 LINEAR_GROUPS: tuple[tuple[str, ...], ...] = (
@@ -466,12 +467,15 @@ def quantize_model(
     true_sequential: bool = True,
     trust_remote_code: bool = False,
     batch_tokens: int = 4096,
+    progress: RunProgress | None = None,
+    resume: bool = False,
 ) -> QuantizedModel:
     """GPTQ-quantize every decoder layer's linears of the checkpoint at ``model_path``.
 
     ``windows`` are the calibration token ids ``[nsamples, seqlen]``. Returns the
     packed tensors (checkpoint names) and a per-linear error report; the
-    caller writes the checkpoint.
+    caller writes the checkpoint. With ``progress``, finished layers are saved as
+    the run goes, and with ``resume`` an earlier run's saved layers are taken up.
     """
     map_large_buffers()
     checkpoint = SafetensorsCheckpoint(model_path)
@@ -487,10 +491,20 @@ def quantize_model(
     parts = decoder_parts(model)
     layers = parts.layers
     hidden, inputs.hidden = inputs.hidden, []
+    done = progress.start(resume) if progress is not None else 0
+    if done:
+        tensors, reports, hidden = progress.load(done, LinearReport)
+        result.tensors.update(tensors)
+        result.reports.extend(reports)
+        result.replaced.update(f"{r.name}.{suffix}" for r in reports for suffix in ("weight", "bias"))
+    unsaved: dict[int, tuple[dict[str, torch.Tensor], list[LinearReport]]] = {}
+    last_save = time.perf_counter()
     mode = "true-sequential" if true_sequential else "one pass per layer"
-    bar = tqdm(total=len(layers), desc="GPTQ layers", unit="layer", dynamic_ncols=True)
+    bar = tqdm(total=len(layers), initial=done, desc="GPTQ layers", unit="layer", dynamic_ncols=True)
     try:
         for index, layer in enumerate(layers):
+            if index < done:
+                continue
             t_layer = time.perf_counter()
             prefix = f"{parts.layer_prefix}{index}."
             kwargs = [batch_kwargs[index] for batch_kwargs in inputs.kwargs]
@@ -519,15 +533,21 @@ def quantize_model(
                 delattr(layer, MOE_PREFIX)
             release(layer)
             return_freed_memory()
+            layer_reports = result.reports[-sum(len(g) for g in groups):]
             errors = " ".join(
-                f"{r.name.rsplit('.', 1)[-1].removesuffix('_proj')}={r.rel_error:.4f}"
-                for r in result.reports[-sum(len(g) for g in groups):]
+                f"{r.name.rsplit('.', 1)[-1].removesuffix('_proj')}={r.rel_error:.4f}" for r in layer_reports
             )
             logger.info(
                 f"layer {index + 1}/{len(layers)} ({mode}) {time.perf_counter() - t_layer:.1f} s, "
                 f"peak RSS {peak_rss_mib():.0f} MiB: rel. output error {errors}"
             )
+            bar.set_postfix_str(f"layer {index + 1} worst rel. error {max(r.rel_error for r in layer_reports):.4f}")
             bar.update(1)
+            if progress is not None:
+                unsaved[index] = ({k: v for k, v in result.tensors.items() if k.startswith(prefix)}, layer_reports)
+                if time.perf_counter() - last_save >= progress.every_s or index == len(layers) - 1:
+                    progress.save(unsaved, hidden)
+                    unsaved, last_save = {}, time.perf_counter()
     finally:
         bar.close()
     return result
