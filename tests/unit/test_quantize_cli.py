@@ -428,7 +428,11 @@ def test_already_quantized_source_is_refused(quantized, corpus, tmp_path, capfd)
     assert "already quantized" in capfd.readouterr().err
 
 
-def test_failure_midway_leaves_nothing_behind(tiny_llama, corpus, tmp_path, monkeypatch):
+def test_failure_midway_leaves_no_output_and_resume_writes_it(tiny_llama, corpus, tmp_path, monkeypatch, capfd):
+    """A write that fails leaves no OUTPUT_DIR, only the run's progress; --resume then writes the
+    checkpoint without quantizing a layer again."""
+    real_write = pipeline.write_checkpoint
+
     def broken_write(out_dir, *args, **kwargs):
         (Path(out_dir) / "model.safetensors").write_bytes(b"partial")
         raise OSError("No space left on device")
@@ -436,7 +440,13 @@ def test_failure_midway_leaves_nothing_behind(tiny_llama, corpus, tmp_path, monk
     monkeypatch.setattr(pipeline, "write_checkpoint", broken_write)
     with pytest.raises(OSError, match="No space left"):
         quantize(tiny_llama, tmp_path / "q", corpus, "--groupsize", "32")
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".q.progress"]
+    monkeypatch.setattr(pipeline, "write_checkpoint", real_write)
+    capfd.readouterr()
+    assert quantize(tiny_llama, tmp_path / "q", corpus, "--groupsize", "32", "--resume") == 0
+    err = capfd.readouterr().err
+    assert "2 layer(s) finished by an earlier run" in err and "layer 1/2" not in err, err[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
 
 
 def test_seqlen_is_clamped_to_the_model_positions(tiny_llama, corpus, tmp_path, capfd):
