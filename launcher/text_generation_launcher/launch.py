@@ -82,11 +82,14 @@ def shard_argv(args: LauncherArgs, model_path: Path, commands: Commands) -> list
 
 
 def shard_env(args: LauncherArgs, rank: int, base: Mapping[str, str]) -> dict[str, str]:
-    """The environment of shard ``rank``: its place in the process group and its share of the CPU threads."""
+    """The environment of shard ``rank``: its place in the process group, its device (``LOCAL_RANK``:
+    the rank's GPU among the visible ones, whatever the launcher inherited) and its share of the CPU
+    threads."""
     env = dict(base)
     env.update(
         RANK=str(rank),
         WORLD_SIZE=str(args.num_shard),
+        LOCAL_RANK=str(rank),
         MASTER_ADDR=args.master_addr,
         MASTER_PORT=str(args.master_port),
     )

@@ -12,8 +12,10 @@ import asyncio
 import functools
 import importlib
 import importlib.util
+import json
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -74,18 +76,34 @@ class ShardEnv:
 # ---- start-up choices, each logged once -------------------------------------------
 
 
-def choose_device(env: ShardEnv) -> torch.device:
+def choose_device(env: ShardEnv, environ: Mapping[str, str] | None = None) -> torch.device:
+    """The shard's device: GPU ``LOCAL_RANK`` (the launcher sets it to the rank; RANK where it is
+    unset) among the visible ones when CUDA is present, else the CPU. A GPU index beyond the
+    visible devices is refused naming both, rather than putting two shards on one GPU."""
     import torch
 
-    if torch.cuda.is_available():
-        local = os.environ.get("LOCAL_RANK", "").strip()
-        index = int(local) if local.isdigit() else env.rank % torch.cuda.device_count()
-        return torch.device("cuda", index)
-    return torch.device("cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    environ = os.environ if environ is None else environ
+    local = environ.get("LOCAL_RANK", "").strip()
+    if local and not local.isdigit():
+        raise ShardStartError(f"LOCAL_RANK={local!r} must be a GPU index (0, 1, ...)")
+    index = int(local) if local else env.rank
+    count = torch.cuda.device_count()
+    if index >= count:
+        visible = environ.get("CUDA_VISIBLE_DEVICES")
+        where = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+        raise ShardStartError(
+            f"shard {env.rank} is to run on GPU {index} (LOCAL_RANK), but {count} GPU(s) are visible{where}; "
+            f"use at most {count} shard(s) on this host"
+        )
+    return torch.device("cuda", index)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The compute dtype for ``--dtype`` on ``device`` (``auto``: float16 on CUDA, float32 on CPU)."""
+def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None = None) -> torch.dtype:
+    """The compute dtype for ``--dtype`` on ``device``. ``auto``: float32 on the CPU; on CUDA the
+    checkpoint's own half dtype (``checkpoint_dtype``, config.json's), bfloat16 only where the GPU
+    has it, float16 otherwise. An explicit bfloat16 on a GPU without it is refused."""
     import torch
 
     if device.type == "cpu":
@@ -105,10 +123,28 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         else:
             logger.info(f"dtype {name} on CPU ({found})")
         return getattr(torch, name)
+    bf16 = torch.cuda.is_bf16_supported()
+    gpu = torch.cuda.get_device_name(device)
     if name == "auto":
-        logger.info(f"dtype float16 on {device}")
-        return torch.float16
+        chosen = checkpoint_dtype if checkpoint_dtype in ("float16", "bfloat16") else "float16"
+        if chosen == "bfloat16" and not bf16:
+            logger.info(f"dtype float16 on {device} ({gpu} has no bfloat16; the checkpoint is bfloat16)")
+            return torch.float16
+        logger.info(f"dtype {chosen} on {device} ({gpu}; the checkpoint's {checkpoint_dtype or 'dtype unknown'})")
+        return getattr(torch, chosen)
+    if name == "bfloat16" and not bf16:
+        raise ShardStartError(f"--dtype bfloat16: {gpu} ({device}) has no bfloat16 support; use float16")
     return getattr(torch, name)
+
+
+def checkpoint_dtype(model_dir: Path) -> str | None:
+    """config.json's ``dtype`` (or ``torch_dtype``), where it names one."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("dtype") or config.get("torch_dtype")
+    return value if isinstance(value, str) else None
 
 
 def configure_threads(world_size: int) -> int:
@@ -190,12 +226,13 @@ def _serve(args: argparse.Namespace, env: ShardEnv) -> None:
     model_dir = resolve_model_dir(args.model, args.revision)
     logger.info(f"Loading model {model_dir} (rank {env.rank}/{env.world_size})")
     device = choose_device(env)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = resolve_dtype(args.dtype, device, checkpoint_dtype(model_dir))
     # Before joining the group: a model that cannot fit fails every rank alike, with figures.
     check_model_fits(model_dir, dtype, env.world_size, device, quantize=args.quantize)
     threads = configure_threads(env.world_size)
-    # Every parallel torch call of this shard, loading included, runs on this one thread.
-    worker = ModelWorker()
+    # Every parallel torch call of this shard, loading included, runs on this one thread (its
+    # current CUDA device is the shard's, so kernels launch where the tensors are).
+    worker = ModelWorker(device)
     worker.call(torch.set_num_threads, threads)
     dist = init_distributed(
         env.rank,

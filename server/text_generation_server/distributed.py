@@ -303,8 +303,11 @@ def init_distributed(
             f"check that rank 0 is running and the master address and port match ({text})"
         ) from e
     try:
+        # NCCL binds the group to the rank's GPU at once (device_id) rather than guessing it
+        # from whatever device is current at the first collective.
+        device_id = {"device_id": device} if device.type == "cuda" else {}
         tdist.init_process_group(
-            backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+            backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **device_id
         )
         # A barrier proves every peer joined; without it a missing peer would
         # surface only at the first collective of the first request.

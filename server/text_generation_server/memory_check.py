@@ -83,14 +83,18 @@ def check_model_fits(
 ) -> Footprint | None:
     """Raise :class:`ModelTooLargeError` naming the required and available figures when the weights cannot fit.
 
-    Only host memory is checked (CPU shards); the host's available memory is
-    shared by the ``world_size`` shards starting on it. Returns the estimate,
-    or None when it does not apply (CUDA, or weights quantized while loading).
+    A CPU shard's share is the host's available memory divided by the ``world_size`` shards
+    starting on it; a GPU shard's is its own GPU's free memory. Returns the estimate, or None
+    when it does not apply (weights quantized while loading).
     """
     from text_generation_server.layers.quant.registry import quantizes_at_load
 
     # Quantization applied while loading makes the resident weights smaller than this estimate.
-    if device.type != "cpu" or quantizes_at_load(quantize):
+    if quantizes_at_load(quantize):
+        return None
+    if device.type == "cuda":
+        return _check_gpu(model_dir, dtype, world_size, device, available_bytes)
+    if device.type != "cpu":
         return None
     from text_generation_server.engine.kv_cache import host_available_bytes
 
@@ -110,4 +114,24 @@ def check_model_fits(
         f"Weights need {_gib(need.per_shard_bytes)} per shard ({_gib(need.total_bytes)} in {dtype_name}); "
         f"{_gib(share)} available to each of {shards}"
     )
+    return need
+
+
+def _check_gpu(
+    model_dir: Path, dtype: torch.dtype, world_size: int, device: torch.device, available_bytes: int | None
+) -> Footprint:
+    """The shard's weights against its GPU's free memory (before the KV cache, which is sized after)."""
+    import torch
+
+    need = footprint(model_dir, dtype, world_size)
+    free = torch.cuda.mem_get_info(device)[0] if available_bytes is None else available_bytes
+    dtype_name = str(dtype).removeprefix("torch.")
+    shards = f"{world_size} shard{'s' if world_size > 1 else ''}"
+    if need.per_shard_bytes > free:
+        raise ModelTooLargeError(
+            f"model too large for {device}: each shard needs {_gib(need.per_shard_bytes)} for its weights "
+            f"({_gib(need.total_bytes)} in {dtype_name} over {shards}) but {_gib(free)} of its memory is free; "
+            f"use more shards (one GPU each), a quantized checkpoint, or a GPU with more memory"
+        )
+    logger.info(f"Weights need {_gib(need.per_shard_bytes)} per shard on {device}; {_gib(free)} free there")
     return need

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import torch
 from loguru import logger
 
 from text_generation_server.engine.generator import Generator
@@ -36,20 +37,26 @@ STOP_GRACE_S = 3.0
 
 
 class ModelWorker:
-    """One daemon thread running model calls in submission order.
+    """One daemon thread running model calls in submission order, on ``device`` (a GPU shard's
+    CUDA device is made current on that thread).
 
     A daemon thread, so a shard told to stop can exit even while a forward
     waits on a peer that is gone.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
         # (future, function, args) per call; None stops the thread.
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.device = device
         self._thread = threading.Thread(target=self._loop, name="model-worker", daemon=True)
         self._thread.start()
         self.pending = 0
 
     def _loop(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            # CUDA's current device is per thread: loading, warm-up and every forward run here,
+            # and Triton launches on the current device.
+            torch.cuda.set_device(self.device)
         while True:
             item = self._queue.get()
             if item is None:

@@ -96,5 +96,13 @@ def test_weights_quantized_while_loading_are_not_estimated(checkpoint, quantize)
     assert check_model_fits(checkpoint, torch.float32, 1, CPU, quantize=quantize, available_bytes=1) is None
 
 
-def test_cuda_shards_are_not_checked_against_host_memory(checkpoint):
-    assert check_model_fits(checkpoint, torch.float32, 1, torch.device("cuda", 0), available_bytes=1) is None
+def test_a_gpu_shard_is_checked_against_its_gpus_free_memory_not_the_hosts(checkpoint):
+    gpu = torch.device("cuda", 1)
+    # Each of 2 shards needs about 1.5 GiB of its own GPU (not a share of one pool).
+    assert check_model_fits(checkpoint, torch.float32, 2, gpu, available_bytes=2 * GIB) is not None
+    with pytest.raises(ModelTooLargeError) as err:
+        check_model_fits(checkpoint, torch.float32, 2, gpu, available_bytes=GIB)
+    message = str(err.value)
+    assert message.startswith("model too large for cuda:1: ")
+    assert f"each shard needs {gib(TOTAL_FP32 / 2)} for its weights" in message
+    assert f"but {gib(GIB)} of its memory is free" in message and "quantized checkpoint" in message

@@ -125,7 +125,71 @@ def test_auto_dtype_is_float32_on_cpu_and_explicit_choices_are_kept():
     cpu = torch.device("cpu")
     assert cli.resolve_dtype("auto", cpu) == torch.float32
     assert cli.resolve_dtype("bfloat16", cpu) == torch.bfloat16
-    assert cli.resolve_dtype("auto", torch.device("cuda", 0)) == torch.float16
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """CUDA as the shard sees it: two GPUs, bf16 support switchable."""
+    caps = {"bf16": True}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: caps["bf16"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
+    return caps
+
+
+@pytest.mark.parametrize("checkpoint,bf16,want", [
+    ("bfloat16", True, torch.bfloat16),
+    ("bfloat16", False, torch.float16),  # a GPU without bf16 (V100, T4) runs float16
+    ("float16", True, torch.float16),
+    ("float32", True, torch.float16),
+    (None, True, torch.float16),
+])  # fmt: skip
+def test_auto_dtype_on_cuda_follows_the_checkpoint_where_the_gpu_can(fake_gpus, checkpoint, bf16, want):
+    fake_gpus["bf16"] = bf16
+    assert cli.resolve_dtype("auto", torch.device("cuda", 0), checkpoint) == want
+
+
+def test_bfloat16_on_a_gpu_without_it_is_refused(fake_gpus):
+    fake_gpus["bf16"] = False
+    with pytest.raises(cli.ShardStartError, match="--dtype bfloat16: Test GPU .* has no bfloat16 support; use float16"):
+        cli.resolve_dtype("bfloat16", torch.device("cuda", 1))
+
+
+def test_each_shard_takes_the_gpu_its_local_rank_names_and_an_absent_one_is_refused(fake_gpus):
+    env = cli.ShardEnv(1, 2, "localhost", 29500)
+    assert cli.choose_device(env, {"LOCAL_RANK": "1"}) == torch.device("cuda", 1)
+    assert cli.choose_device(env, {}) == torch.device("cuda", 1)  # RANK where LOCAL_RANK is unset
+    with pytest.raises(cli.ShardStartError, match=r"shard 1 is to run on GPU 2 \(LOCAL_RANK\), but 2 GPU\(s\) are "
+                                                  r"visible \(CUDA_VISIBLE_DEVICES=0,1\); use at most 2 shard"):
+        cli.choose_device(env, {"LOCAL_RANK": "2", "CUDA_VISIBLE_DEVICES": "0,1"})
+    with pytest.raises(cli.ShardStartError, match="LOCAL_RANK='gpu1' must be a GPU index"):
+        cli.choose_device(env, {"LOCAL_RANK": "gpu1"})
+
+
+def test_the_model_worker_thread_makes_the_shards_gpu_current(monkeypatch):
+    """CUDA's current device is per thread: the thread that loads and runs the model sets it."""
+    import threading
+
+    from text_generation_server.server import ModelWorker
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.append((threading.current_thread().name, d)))
+    worker = ModelWorker(torch.device("cuda", 1))
+    assert worker.call(lambda: threading.current_thread().name) == "model-worker"
+    assert seen == [("model-worker", torch.device("cuda", 1))]
+    ModelWorker(torch.device("cpu")).call(lambda: None)
+    assert len(seen) == 1
+
+
+def test_checkpoint_dtype_reads_either_spelling(tmp_path):
+    import json as _json
+
+    (tmp_path / "config.json").write_text(_json.dumps({"torch_dtype": "bfloat16"}))
+    assert cli.checkpoint_dtype(tmp_path) == "bfloat16"
+    (tmp_path / "config.json").write_text(_json.dumps({"dtype": "float16", "torch_dtype": "bfloat16"}))
+    assert cli.checkpoint_dtype(tmp_path) == "float16"
+    assert cli.checkpoint_dtype(tmp_path / "missing") is None
 
 
 def test_threads_are_split_between_shards_unless_omp_num_threads_is_set(monkeypatch):

@@ -88,23 +88,24 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
         )
     if _WORD % bits == 0:
         per = _WORD // bits
-        shifts = torch.arange(per, dtype=torch.int64).mul_(bits).view(1, per, 1)
+        shifts = torch.arange(per, dtype=torch.int64, device=codes.device).mul_(bits).view(1, per, 1)
         words = (c.view(words_n, per, cols) << shifts).sum(dim=1)
         return _to_int32(words)
     # Bit stream across word boundaries (3 bits): place the low part of each
     # value in its word and the spill-over in the next one. Bits never
     # overlap, so summing is the same as or-ing.
-    offset = torch.arange(n, dtype=torch.int64) * bits
+    offset = torch.arange(n, dtype=torch.int64, device=codes.device) * bits
     word_idx = offset // _WORD
     shift = (offset % _WORD).view(n, 1)
-    words = torch.zeros(words_n + 1, cols, dtype=torch.int64)
+    words = torch.zeros(words_n + 1, cols, dtype=torch.int64, device=codes.device)
     words.index_add_(0, word_idx, (c << shift) & _WORD_MASK)
     words.index_add_(0, word_idx + 1, c >> (_WORD - shift))
     return _to_int32(words[:words_n])
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, n: int | None = None) -> torch.Tensor:
-    """Inverse of :func:`pack_rows`: int32 ``[words, cols]`` -> int32 codes ``[n, cols]``.
+    """Inverse of :func:`pack_rows`: int32 ``[words, cols]`` -> int32 codes ``[n, cols]``, on the
+    packed tensor's device.
 
     ``n`` defaults to ``words * 32 / bits``; a different ``n`` must fit the words.
     """
@@ -120,12 +121,12 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int | None = None) -> torch.
     mask = (1 << bits) - 1
     if _WORD % bits == 0:
         per = _WORD // bits
-        shifts = torch.arange(per, dtype=torch.int64).mul_(bits).view(1, per, 1)
+        shifts = torch.arange(per, dtype=torch.int64, device=packed.device).mul_(bits).view(1, per, 1)
         return ((w.unsqueeze(1) >> shifts) & mask).reshape(n, cols).to(torch.int32)
-    offset = torch.arange(n, dtype=torch.int64) * bits
+    offset = torch.arange(n, dtype=torch.int64, device=packed.device) * bits
     word_idx = offset // _WORD
     shift = (offset % _WORD).view(n, 1)
-    padded = torch.cat([w, torch.zeros(1, cols, dtype=torch.int64)])
+    padded = torch.cat([w, torch.zeros(1, cols, dtype=torch.int64, device=packed.device)])
     low = padded[word_idx] >> shift
     high = (padded[word_idx + 1] << (_WORD - shift)) & _WORD_MASK
     return ((low | high) & mask).to(torch.int32)

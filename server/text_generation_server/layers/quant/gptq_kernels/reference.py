@@ -26,18 +26,9 @@ class ReferenceKernel(GPTQKernel):
         return None
 
     def dequantize(self) -> torch.Tensor:
-        """The dense ``[out, in]`` weight in float32."""
+        """The dense ``[out, in]`` weight in float32, built on the weights' own device."""
         w = self.weights
-        # The unpacking helpers build their shift tables on the CPU.
-        dense = dequantize_gptq(
-            w.qweight.cpu(),
-            w.qzeros.cpu(),
-            w.scales.cpu(),
-            self.g_idx.cpu(),
-            w.bits,
-            w.checkpoint_format,
-        )
-        return dense.to(w.qweight.device)
+        return dequantize_gptq(w.qweight, w.qzeros, w.scales, self.g_idx, w.bits, w.checkpoint_format)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize().to(x.dtype))

@@ -1,0 +1,38 @@
+"""A GPU shard's work stays on its GPU (skips without CUDA): the reference GPTQ kernel dequantizes
+on the device, and the model worker thread's current device is the shard's."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_the_reference_gptq_kernel_dequantizes_on_the_gpu_and_equals_the_cpu():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dataclasses import replace
+
+    from gptq_random import random_gptq
+    from text_generation_server.layers.quant.gptq_kernels.reference import ReferenceKernel
+
+    weights, _ = random_gptq(256, 128, group_size=64)
+    cpu = ReferenceKernel(weights).dequantize()
+    gpu = torch.device("cuda", 0)
+    moved = replace(weights, qweight=weights.qweight.to(gpu), qzeros=weights.qzeros.to(gpu),
+                    scales=weights.scales.to(gpu), g_idx=weights.g_idx.to(gpu))  # fmt: skip
+    on_gpu = ReferenceKernel(moved).dequantize()
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), cpu, rtol=0, atol=0)
+
+
+def test_the_model_worker_runs_on_the_last_gpu():
+    from text_generation_server.server import ModelWorker
+
+    last = torch.device("cuda", torch.cuda.device_count() - 1)
+    worker = ModelWorker(last)
+    assert worker.call(torch.cuda.current_device) == last.index
+    assert worker.call(lambda: torch.ones(1, device="cuda").device) == last
