@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TGIS_PROTO := .cache/tgis/generation.proto
 
-.PHONY: install proto kernels run test test-unit test-e2e lint bench bench-peers soak clean peer-gptqmodel
+.PHONY: install proto kernels run test test-unit test-e2e lint bench bench-peers soak clean peer-gptqmodel gpu-check
 
 install: $(STAMP) proto $(TGIS_PROTO) kernels
 
@@ -59,6 +59,11 @@ bench: install
 # The optional llama.cpp peer: builds llama-cpp-python from source (minutes).
 bench-peers: install
 	$(PIP) install -q llama-cpp-python
+
+# On a GPU host: tests/gpu, the GPTQ kernel at 7B shapes, the model on CUDA against the CPU, NCCL,
+# a 7B-wide Llama's decode (fp16 and 4-bit), the launcher; one JSON report (gpu-check.json).
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py --out gpu-check.json $(ARGS)
 
 # A few minutes of steady load on a real launch (loopback only); not part of `make test`.
 soak: install

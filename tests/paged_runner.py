@@ -48,17 +48,18 @@ class PagedRunner:
             tables.append(list(blocks))
             self.lengths[seq_id] = end
         width = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
+        device = self.model.device  # the step's tensors where the model is (a GPU model too)
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64, device=device)
         attn = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
             block_tables=block_tables,
-            context_lens=torch.tensor(context_lens, dtype=torch.int64),
+            context_lens=torch.tensor(context_lens, dtype=torch.int64, device=device),
             query_lens=query_lens,
         )
         with torch.inference_mode():
             hidden = self.forward(
-                torch.tensor(ids, dtype=torch.int64),
-                torch.tensor(positions, dtype=torch.int64),
+                torch.tensor(ids, dtype=torch.int64, device=device),
+                torch.tensor(positions, dtype=torch.int64, device=device),
                 self.kv_caches,
                 attn,
             )
