@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from text_generation_server.utils.argtypes import (
     choice,
+    fraction,
     integer,
     non_empty,
     non_negative_float,
@@ -48,6 +49,7 @@ class LauncherArgs:
     num_shard: int = 1
     quantize: str | None = None
     dtype: str | None = None
+    cuda_memory_fraction: float = 1.0
     trust_remote_code: bool = False
     # Router limits: None = not set, the router's default applies.
     max_concurrent_requests: int | None = None
@@ -175,7 +177,10 @@ _FLAGS: list[_Flag] = [
           shown="the checkpoint's own quantization_config, else none"),
     _Flag(("--dtype",), ("DTYPE",), choice(DTYPE_CHOICES),
           f"Compute dtype: {'|'.join(DTYPE_CHOICES)}. Not allowed with --quantize gptq.", metavar="DTYPE",
-          shown="float16 on CUDA, float32 on CPU"),
+          shown="float32 on CPU; on CUDA the checkpoint's float16/bfloat16 (float16 where the GPU has no bfloat16)"),
+    _Flag(("--cuda-memory-fraction",), ("CUDA_MEMORY_FRACTION",), fraction,
+          "Share of each GPU's memory a shard may use: weights, a maximal prefill's activations (measured at "
+          "warm-up) and the KV cache, which takes the rest.", default=1.0),
     _Flag(("--trust-remote-code",), ("TRUST_REMOTE_CODE",), parse_bool,
           "Accepted for TGI compatibility and passed to the shards, where it changes nothing: no Python code "
           "from the checkpoint ever runs (architectures are built in; configs and tokenizers load with "

@@ -93,6 +93,7 @@ def shard_env(args: LauncherArgs, rank: int, base: Mapping[str, str]) -> dict[st
         MASTER_ADDR=args.master_addr,
         MASTER_PORT=str(args.master_port),
     )
+    env["CUDA_MEMORY_FRACTION"] = str(args.cuda_memory_fraction)
     if "OMP_NUM_THREADS" not in base:
         env["OMP_NUM_THREADS"] = str(max(1, _cpu_count() // args.num_shard))
     if args.huggingface_hub_cache is not None:

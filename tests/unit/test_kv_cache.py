@@ -124,3 +124,34 @@ def test_host_available_memory_reads_meminfo(tmp_path):
     meminfo.write_text("MemTotal:  100 kB\n")
     with pytest.raises(CacheFullError, match="MemAvailable"):
         host_available_bytes(meminfo)
+
+
+def test_a_gpu_cache_takes_what_is_left_under_the_fraction_after_the_prefill_peak():
+    from text_generation_server.engine.kv_cache import cuda_cache_budget
+
+    gib = 2**30
+    # 80 GiB GPU, 14 GiB held by the weights, 70 GiB free (a CUDA context and another process
+    # hold the rest), a maximal prefill peaked 6 GiB above the weights: min(70, 80 - 14) - 6.
+    assert cuda_cache_budget(total=80 * gib, free=70 * gib, reserved=14 * gib, activations=6 * gib,
+                             fraction=1.0) == 60 * gib  # fmt: skip
+    # --cuda-memory-fraction 0.5: 40 GiB in all for this shard: min(70, 40 - 14) - 6.
+    assert cuda_cache_budget(total=80 * gib, free=70 * gib, reserved=14 * gib, activations=6 * gib,
+                             fraction=0.5) == 20 * gib  # fmt: skip
+    # Nothing left: zero, not negative.
+    assert cuda_cache_budget(total=16 * gib, free=1 * gib, reserved=14 * gib, activations=2 * gib,
+                             fraction=1.0) == 0  # fmt: skip
+
+
+@pytest.mark.parametrize("raw,want", [("", 1.0), ("0.9", 0.9), ("1", 1.0)])
+def test_cuda_memory_fraction_reads_the_launchers_variable(raw, want):
+    from text_generation_server.engine.kv_cache import cuda_memory_fraction
+
+    assert cuda_memory_fraction({"CUDA_MEMORY_FRACTION": raw}) == want
+
+
+@pytest.mark.parametrize("raw", ["0", "1.5", "half"])
+def test_a_cuda_memory_fraction_outside_0_1_is_refused_naming_it(raw):
+    from text_generation_server.engine.kv_cache import cuda_memory_fraction
+
+    with pytest.raises(ValueError, match=rf"CUDA_MEMORY_FRACTION='{raw}' must be a number in \(0, 1\]"):
+        cuda_memory_fraction({"CUDA_MEMORY_FRACTION": raw})

@@ -175,7 +175,7 @@ def test_launcher_killed_with_sigkill_leaves_no_orphans(launch):
 
 def test_shards_get_rank_world_master_device_and_a_share_of_threads(launch):
     # An inherited LOCAL_RANK would put every shard on one GPU: each shard gets its own.
-    run = launch(["--num-shard", "2", "--dtype", "bfloat16", "--json-output"],
+    run = launch(["--num-shard", "2", "--dtype", "bfloat16", "--json-output", "--cuda-memory-fraction", "0.8"],
                  env={"OMP_NUM_THREADS": "", "LOCAL_RANK": "0"})  # fmt: skip
     run.wait_ready()
     starts = {e["who"]: e for e in run.events() if e["event"] == "start"}
@@ -186,6 +186,7 @@ def test_shards_get_rank_world_master_device_and_a_share_of_threads(launch):
         assert shard["argv"][shard["argv"].index("--dtype") + 1] == "bfloat16"
         assert shard["env"]["RANK"] == str(rank) and shard["env"]["WORLD_SIZE"] == "2"
         assert shard["env"]["LOCAL_RANK"] == str(rank)
+        assert shard["env"]["CUDA_MEMORY_FRACTION"] == "0.8"
         assert shard["env"]["MASTER_ADDR"] == "localhost"
         assert shard["env"]["MASTER_PORT"] == run.argv[run.argv.index("--master-port") + 1]
         assert shard["env"]["OMP_NUM_THREADS"] == ""  # set by the user (even empty): left alone

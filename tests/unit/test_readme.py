@@ -125,7 +125,7 @@ def _sample(kind, candidates: list[str]) -> str:
 
 @pytest.mark.parametrize("flag", _FLAGS, ids=lambda f: f.names[0])
 def test_every_environment_variable_in_the_table_sets_its_flag(flag):
-    candidates = ["2", "true", "gptq", "float32", str(README)]
+    candidates = ["2", "true", "gptq", "float32", "0.5", str(README)]
     value = _sample(flag.kind, candidates)
     baseline = build_parser(env={}).get_default(flag.dest)
     for env_name in flag.env:

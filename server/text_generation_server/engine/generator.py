@@ -23,8 +23,12 @@ from text_generation_server.engine.kv_cache import (
     BlockAllocator,
     CacheFullError,
     KVCache,
+    _gib,
     blocks_for_memory,
     blocks_for_tokens,
+    bytes_per_block,
+    cuda_cache_budget,
+    cuda_memory_fraction,
     default_num_blocks,
 )
 from text_generation_server.engine.sampler import SampledToken, sample, token_stats
@@ -253,18 +257,21 @@ class Generator:
         m = self.model
         error: CacheFullError | None = None
         try:
-            num_blocks = blocks_for_memory(
-                num_layers=m.num_layers,
-                num_kv_heads=m.num_kv_heads,
-                head_dim=m.head_dim,
-                dtype=m.dtype,
-                device=self.device,
-                block_size=bs,
-                max_batch_total_tokens=int(request.max_batch_total_tokens),
-                max_total_tokens=max_total,
-                min_tokens=min_tokens,
-                world_size=self.dist.world_size,
-            )
+            if self.device.type == "cuda" and not request.max_batch_total_tokens:
+                num_blocks = self._cuda_blocks_after_peak(warm, min_tokens)
+            else:
+                num_blocks = blocks_for_memory(
+                    num_layers=m.num_layers,
+                    num_kv_heads=m.num_kv_heads,
+                    head_dim=m.head_dim,
+                    dtype=m.dtype,
+                    device=self.device,
+                    block_size=bs,
+                    max_batch_total_tokens=int(request.max_batch_total_tokens),
+                    max_total_tokens=max_total,
+                    min_tokens=min_tokens,
+                    world_size=self.dist.world_size,
+                )
         except CacheFullError as e:
             error, num_blocks = e, 0
         # Every rank must agree (and fail together), or the next collective would hang.
@@ -293,6 +300,53 @@ class Generator:
         return generate_pb2.WarmupResponse(
             max_supported_total_tokens=usable * bs, num_blocks=usable, block_size=bs
         )
+
+    def _cuda_blocks_after_peak(self, warm: generate_pb2.Batch, min_tokens: int) -> int:
+        """A GPU shard's cache size, after the warm-up batch has run on a cache just big enough
+        for it: the memory the activations of a maximal prefill peaked at stays free."""
+        bs, m, device = self.block_size, self.model, self.device
+        per_block = bytes_per_block(m.num_layers, bs, m.num_kv_heads, m.head_dim, m.dtype)
+        probe = blocks_for_tokens(min_tokens, bs) + 1
+        self._allocate_cache(probe)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        try:
+            if warm.requests:
+                _, cached, _ = self.prefill(warm)
+                if cached is not None:
+                    self.decode([cached])
+            torch.cuda.synchronize(device)
+        except torch.cuda.OutOfMemoryError as e:
+            raise CacheFullError(
+                f"the warm-up prefill ({sum(len(r.input_ids) for r in warm.requests)} tokens) does not fit on "
+                f"{device} beside the weights: lower --max-batch-prefill-tokens or use more shards ({e})"
+            ) from None
+        finally:
+            self.clear_cache(None)
+            self._release_cache()
+        activations = torch.cuda.max_memory_allocated(device) - before
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        reserved = torch.cuda.memory_reserved(device)
+        fraction = cuda_memory_fraction()
+        budget = cuda_cache_budget(total=total, free=free, reserved=reserved, activations=activations,
+                                   fraction=fraction)  # fmt: skip
+        blocks = budget // per_block
+        needed = blocks_for_tokens(min_tokens, bs)
+        if blocks - 1 < needed:
+            raise CacheFullError(
+                f"not enough memory on {device} for the KV cache: {_gib(total)} in all, {fraction:.0%} usable "
+                f"(--cuda-memory-fraction), {_gib(reserved)} held by the weights, {_gib(activations)} by a "
+                f"maximal prefill's activations, {_gib(free)} free: {max(blocks - 1, 0) * bs} tokens fit but "
+                f"{needed * bs} are needed; lower --max-batch-prefill-tokens or --max-total-tokens"
+            )
+        logger.info(
+            f"KV cache sized after the warm-up peak on {device}: {_gib(total)} in all, {fraction:.0%} usable, "
+            f"weights {_gib(reserved)}, prefill activations {_gib(activations)}: {(blocks - 1) * bs} tokens "
+            f"({_gib(blocks * per_block)})"
+        )
+        return blocks
 
     # ---- internals ------------------------------------------------------------------
 

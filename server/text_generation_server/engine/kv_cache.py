@@ -238,6 +238,30 @@ def blocks_for_memory(
     return usable + 1
 
 
+def cuda_memory_fraction(environ=None) -> float:
+    """``CUDA_MEMORY_FRACTION`` (TGI's ``--cuda-memory-fraction``, passed by the launcher): the share
+    of a GPU's memory this shard may use, 1.0 where unset."""
+    import os
+
+    raw = (os.environ if environ is None else environ).get("CUDA_MEMORY_FRACTION", "").strip()
+    if not raw:
+        return 1.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise ValueError(f"CUDA_MEMORY_FRACTION={raw!r} must be a number in (0, 1]")
+    return value
+
+
+def cuda_cache_budget(*, total: int, free: int, reserved: int, activations: int, fraction: float) -> int:
+    """Bytes a GPU shard's KV cache may take, sized after the warm-up's peak: what is free, and no
+    more than ``fraction`` of the GPU less what this process already holds (``reserved``: weights
+    and allocator cache), less the activations a maximal prefill needed on top of them."""
+    return max(0, min(free, int(total * fraction) - reserved) - activations)
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 

@@ -118,6 +118,17 @@ def positive_float(value: str) -> float:
     return result
 
 
+def fraction(value: str) -> float:
+    """A number in (0, 1] (a share of a device's memory)."""
+    try:
+        result = float(value)
+    except ValueError:
+        result = math.nan
+    if not 0 < result <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {value!r}")
+    return result
+
+
 def choice(choices: Sequence[str]) -> Callable[[str], str]:
     """A parser accepting exactly one of ``choices`` (case-sensitive, as the values are written)."""
     allowed = tuple(choices)

@@ -57,7 +57,7 @@ async def main() -> int:
     parser.add_argument("--uds-path", required=True)
     args, _ = parser.parse_known_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    env_seen = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")}
+    env_seen = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "CUDA_MEMORY_FRACTION")}
     record("start", argv=sys.argv[1:], env=env_seen, pgid=os.getpgid(0))
 
     stop = asyncio.Event()
