@@ -664,3 +664,25 @@ def test_hub_dataset_without_the_datasets_package_says_which_extra_to_install(mo
     err = capfd.readouterr().err
     assert "pip install 'text-generation-server[quantize]'" in err and "Traceback" not in err
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("device,message", [
+    ("cuda", "--device cuda: no CUDA device is visible; use --device cpu"),
+    ("cuda:3", "--device cuda:3: no CUDA device is visible; use --device cpu"),
+    ("tpu", "--device 'tpu': expected auto, cpu, cuda or cuda:N"),
+])  # fmt: skip
+def test_a_device_that_is_not_there_is_refused_before_any_work(tiny_llama, corpus, tmp_path, capfd, device, message):
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA")
+    assert quantize(tiny_llama, tmp_path / "q", corpus, "--device", device) == 1
+    err = capfd.readouterr().err
+    assert message in err and "Calibration" not in err, err[-2000:]
+    assert not (tmp_path / "q").exists()
+
+
+def test_an_explicit_cpu_device_gives_the_auto_checkpoint_on_a_cpu_host(quantized, tiny_llama, corpus, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("auto is the GPU on this host")
+    assert quantize(tiny_llama, tmp_path / "q", corpus, "--groupsize", "32", "--device", "cpu") == 0
+    want, got = read_tensors(quantized), read_tensors(tmp_path / "q")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

@@ -98,6 +98,9 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per calibration window (clamped to the model's max positions)")
     p.add_argument("--seed", type=integer, default=0, help="seed for choosing calibration windows")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
+    p.add_argument("--device", default="auto",
+                   help="where each layer is quantized: auto (the first GPU where CUDA is present, else the CPU), "
+                        "cpu, cuda or cuda:N")
     p.add_argument("--resume", action="store_true",
                    help="continue a run that was stopped (Ctrl-C, killed) from its last saved layer, with the same "
                         "result as an uninterrupted run; its progress is kept in .OUTPUT_DIR.progress beside OUTPUT_DIR")
@@ -171,7 +174,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         out = quantize_checkpoint(
             args.model_id, args.output_dir, spec, calibration, revision=args.revision,
             trust_remote_code=args.trust_remote_code, true_sequential=args.true_sequential, overwrite=args.overwrite,
-            resume=args.resume, save_every=args.save_every,
+            resume=args.resume, save_every=args.save_every, device=args.device,
         )
         if args.upload_to_model_id:
             upload(out, args.upload_to_model_id)

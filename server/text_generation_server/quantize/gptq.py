@@ -158,12 +158,14 @@ class HessianAccumulator:
 
     def __init__(self, in_features: int) -> None:
         self.in_features = in_features
-        self._sum = torch.zeros(in_features, in_features, dtype=torch.float32)
+        self._sum: torch.Tensor | None = None  # on the device of the first inputs
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs ``[..., in_features]``."""
         x = x.detach().reshape(-1, self.in_features).to(torch.float32)
+        if self._sum is None:
+            self._sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
         self._sum.addmm_(x.t(), x)
         self.rows += x.shape[0]
 
@@ -213,7 +215,7 @@ def group_aware_permutation(diag: torch.Tensor, group_size: int) -> torch.Tensor
     groups = -(-n // group_size)
     # Pad the short last group with -inf: its padding sorts after its real
     # columns and never wins the group's maximum, and is dropped below.
-    padded = torch.full((groups * group_size,), float("-inf"), dtype=diag.dtype)
+    padded = torch.full((groups * group_size,), float("-inf"), dtype=diag.dtype, device=diag.device)
     padded[:n] = diag
     d = padded.view(groups, group_size)
     local = torch.argsort(d, dim=1, descending=True, stable=True)
@@ -267,8 +269,9 @@ def _gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
 
-    scales = torch.empty(groups, out_f)
-    zeros = torch.empty(groups, out_f)
+    dev = w.device
+    scales = torch.empty(groups, out_f, device=dev)
+    zeros = torch.empty(groups, out_f, device=dev)
     if not grouped or spec.static_groups:
         for g in range(groups):
             cols = slice(g * size, min((g + 1) * size, in_f))
@@ -289,9 +292,9 @@ def _gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     # Either way group g has min(size, in_f - g * size) columns: when size
     # does not divide in_f the last group is shorter (AutoGPTQ's layout).
     if spec.act_order and grouped and not spec.static_groups:
-        col_group = torch.arange(in_f) // size
+        col_group = torch.arange(in_f, device=dev) // size
     else:
-        natural = torch.arange(in_f) if perm is None else perm
+        natural = torch.arange(in_f, device=dev) if perm is None else perm
         col_group = natural // size
     col_group_list = col_group.tolist()
     group_len = [min(size, in_f - g * size) for g in range(groups)]
@@ -308,14 +311,14 @@ def _gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     else:
         bounds = [*range(0, in_f, spec.block_size), in_f]
 
-    codes = torch.empty(out_f, in_f)
-    losses = torch.zeros(out_f)
+    codes = torch.empty(out_f, in_f, device=dev)
+    losses = torch.zeros(out_f, device=dev)
     scale_col = zero_col = None
     last_group = -1
     for i1, i2 in itertools.pairwise(bounds):
         w1 = w[:, i1:i2]
         u1 = u[i1:i2, i1:i2]
-        err1 = torch.empty(out_f, i2 - i1)
+        err1 = torch.empty(out_f, i2 - i1, device=dev)
         for i in range(i2 - i1):
             col = i1 + i
             g = col_group_list[col]
@@ -339,7 +342,7 @@ def _gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     if perm is not None:
         inv = torch.argsort(perm)
         codes = codes[:, inv]
-        g_idx = torch.empty(in_f, dtype=torch.int32)
+        g_idx = torch.empty(in_f, dtype=torch.int32, device=dev)
         g_idx[perm] = col_group.to(torch.int32)
     else:
         g_idx = col_group.to(torch.int32)

@@ -26,6 +26,7 @@ from text_generation_server.quantize.memory import peak_rss_mib
 from text_generation_server.quantize.progress import RunProgress
 from text_generation_server.quantize.runner import (
     LinearReport,
+    QuantizationConfigError,
     check_shapes,
     quantize_model,
 )
@@ -96,6 +97,30 @@ def calibration_data(
     return windows, text.source
 
 
+def resolve_device(name: str) -> torch.device:
+    """``--device``: ``auto`` (the first GPU where CUDA is present, else the CPU), ``cpu``, ``cuda`` or
+    ``cuda:N``; a GPU that is not there is refused naming what is."""
+    if name == "auto":
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise QuantizationConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+        if device.type not in ("cpu", "cuda"):
+            raise QuantizationConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                raise QuantizationConfigError(f"--device {name}: no CUDA device is visible; use --device cpu")
+            device = torch.device("cuda", device.index or 0)
+            if device.index >= count:
+                raise QuantizationConfigError(f"--device {name}: only {count} CUDA device(s) are visible")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
+    logger.info(f"Quantizing on {device} ({where}); layers move there one at a time")
+    return device
+
+
 def quantize_checkpoint(
     model_id: str | None,
     output_dir: Path,
@@ -108,12 +133,14 @@ def quantize_checkpoint(
     overwrite: bool = False,
     resume: bool = False,
     save_every: float = 60.0,
+    device: str = "auto",
 ) -> Path:
     """Quantize ``model_id`` into a v1 GPTQ checkpoint at ``output_dir``; returns its path."""
     t_start = time.perf_counter()
     cpu_start = time.process_time()
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite)
+    run_device = resolve_device(device)
     model_path = resolve(model_id, revision)
     check_output_dir(output_dir, overwrite, model_path)
     raw_config = read_config_json(model_path)
@@ -153,7 +180,7 @@ def quantize_checkpoint(
     )
     result = quantize_model(
         model_path, config, windows, spec, true_sequential=true_sequential, trust_remote_code=trust_remote_code,
-        progress=progress, resume=resume,
+        progress=progress, resume=resume, device=run_device,
     )
     log_error_table(result.reports)
     t_quant = time.perf_counter() - t_quant

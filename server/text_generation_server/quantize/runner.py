@@ -256,11 +256,13 @@ class LayerQuantizer:
         for lin_name, lin, w, part in zip(group, linears, weights, parts, strict=True):
             full = self.prefix + lin_name
             rel = relative_output_error(w, part.dequant, h)
-            packed = pack_gptq(part.codes, part.scales, part.zeros, part.g_idx, self.spec.bits)
+            # Packed and kept on the CPU, whatever device the layer runs on.
+            packed = pack_gptq(part.codes.cpu(), part.scales.cpu(), part.zeros.cpu(), part.g_idx.cpu(),
+                               self.spec.bits)  # fmt: skip
             for key, tensor in packed.items():
                 self.result.tensors[f"{full}.{key}"] = tensor
             if lin.bias is not None:
-                self.result.tensors[f"{full}.bias"] = lin.bias.data.to(torch.float16).clone()
+                self.result.tensors[f"{full}.bias"] = lin.bias.data.to("cpu", torch.float16).clone()
             self.result.replaced.add(f"{full}.weight")
             self.result.replaced.add(f"{full}.bias")
             self.result.reports.append(LinearReport(full, tuple(w.shape), rel, part.percdamp))
@@ -392,13 +394,13 @@ def _quantize_layer_moe(layer, q: LayerQuantizer, hidden: list[torch.Tensor], kw
             if acc.rows == 0:
                 logger.warning(f"{q.prefix}{base.rstrip('.')}: no calibration token chose this expert; "
                                f"its weights are rounded to nearest")  # fmt: skip
-                acc.add(torch.eye(width))
+                acc.add(torch.eye(width, device=expert.w1.weight.device))
             q.solve((base + "w1", base + "w3"), acc)
             acc = HessianAccumulator(expert.w2.in_features)
             for x in picked:
                 acc.add(expert.hidden_of(x))
             if acc.rows == 0:
-                acc.add(torch.eye(expert.w2.in_features))
+                acc.add(torch.eye(expert.w2.in_features, device=expert.w2.weight.device))
             q.solve((base + "w2",), acc)
         return [h + moe(n).reshape(h.shape) for h, n in zip(residual, normed, strict=True)]
 
@@ -469,6 +471,7 @@ def quantize_model(
     batch_tokens: int = 4096,
     progress: RunProgress | None = None,
     resume: bool = False,
+    device: torch.device | None = None,
 ) -> QuantizedModel:
     """GPTQ-quantize every decoder layer's linears of the checkpoint at ``model_path``.
 
@@ -476,7 +479,10 @@ def quantize_model(
     packed tensors (checkpoint names) and a per-linear error report; the
     caller writes the checkpoint. With ``progress``, finished layers are saved as
     the run goes, and with ``resume`` an earlier run's saved layers are taken up.
+    Each layer runs on ``device`` (default the CPU): its weights, the calibration
+    activations and the Hessian work (float32) move there for the layer and back.
     """
+    device = device or torch.device("cpu")
     map_large_buffers()
     checkpoint = SafetensorsCheckpoint(model_path)
     model = meta_model(config, trust_remote_code)
@@ -520,6 +526,12 @@ def quantize_model(
                 load_module(layer, prefix, checkpoint)
                 if index == 0 and _staged(layer):
                     _check_layer_structure(layer, hidden[0][:1], _slice_kwargs(kwargs[0], 1))
+            if device.type != "cpu":
+                layer.to(device)
+                if moe:
+                    getattr(layer, MOE_PREFIX).to(device)
+                hidden = [h.to(device) for h in hidden]
+                kwargs = [_to_device(kw, device) for kw in kwargs]
             quantizer = LayerQuantizer(layer, prefix, spec, result)
             if moe:
                 run = _quantize_layer_moe  # true-sequential within each expert either way
@@ -528,6 +540,8 @@ def quantize_model(
             else:
                 run = _quantize_layer_sequential if _staged(layer) else _quantize_layer_generic
             hidden = run(layer, quantizer, hidden, kwargs)
+            if device.type != "cpu":
+                hidden = [h.cpu() for h in hidden]
             groups = linear_groups(layer)
             if moe:
                 delattr(layer, MOE_PREFIX)
@@ -551,6 +565,17 @@ def quantize_model(
     finally:
         bar.close()
     return result
+
+
+def _to_device(value, device: torch.device):
+    """A layer's keyword arguments (masks, rotary tables, nested in tuples) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
 
 
 def _slice_kwargs(kwargs: dict, n: int) -> dict:
