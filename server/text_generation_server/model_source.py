@@ -53,6 +53,10 @@ class ModelNotFoundError(FileNotFoundError):
     """The model cannot be used as given; the message names it and says what to do."""
 
 
+class ModelNotCachedError(ModelNotFoundError):
+    """A hub id that is not in the Hugging Face cache (``download-weights`` would fetch it)."""
+
+
 class PickleConsentError(ModelNotFoundError):
     """The model's weights are pickle files and converting them was not consented to (--trust-remote-code)."""
 
@@ -258,7 +262,7 @@ def _cached_snapshot(model_id: str, revision: str | None) -> Path:
     except (LocalEntryNotFoundError, HFValidationError, OSError):
         at = f" at revision {revision}" if revision else ""
         rev = f" --revision {revision}" if revision else ""
-        raise ModelNotFoundError(
+        raise ModelNotCachedError(
             f"model {model_id}{at} is not in the Hugging Face cache {cache}; download it first with "
             f"`text-generation-server download-weights {model_id}{rev}` (set HUGGINGFACE_HUB_CACHE or "
             "--huggingface-hub-cache if it is cached elsewhere)"

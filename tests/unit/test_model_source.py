@@ -414,15 +414,20 @@ def fake_hub(tmp_path, monkeypatch, hub_cache):
 
     monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
 
-    def snapshot_download(repo_id, *, revision=None, cache_dir=None, allow_patterns=None, **kwargs):
-        from huggingface_hub.errors import RepositoryNotFoundError
+    def snapshot_download(repo_id, *, revision=None, cache_dir=None, allow_patterns=None, local_files_only=False,
+                          **kwargs):  # fmt: skip
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
+        snapshot = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / ("0" * 40)
+        if local_files_only:  # the cache only, as the real one
+            if not snapshot.is_dir():
+                raise LocalEntryNotFoundError(f"{repo_id} is not cached")
+            return str(snapshot)
         if repo_id not in remotes:
             from types import SimpleNamespace
 
             raise RepositoryNotFoundError(f"404 {repo_id}", response=SimpleNamespace(headers={}, request=None))
         calls.append(list(allow_patterns or []))
-        snapshot = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / ("0" * 40)
         snapshot.mkdir(parents=True, exist_ok=True)
         for f in remotes[repo_id].iterdir():
             if allow_patterns is None or any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
@@ -444,6 +449,28 @@ def test_download_weights_fetches_config_tokenizer_and_safetensors_only(fake_hub
     assert sorted(p.name for p in path.iterdir()) == sorted(p.name for p in tiny_llama.iterdir())
     assert len(calls) == 1
     assert resolve_model("org/tiny") == path
+
+
+def test_quantize_downloads_a_hub_id_that_is_not_cached_first(fake_hub, tiny_llama, tmp_path, capfd):
+    """As TGI's quantize: `quantize ORG/NAME OUT` fetches config, tokenizer and safetensors (no .bin),
+    then quantizes; a second run finds it in the cache."""
+    from gptq_twin import calibration_text
+    from text_generation_server.quantize import cli as quantize_cli
+
+    remotes, calls = fake_hub
+    remote = copy_checkpoint(tiny_llama, tmp_path / "remote")
+    (remote / "training_args.bin").write_bytes(b"x")
+    remotes["org/tiny"] = remote
+    text = calibration_text(tmp_path / "calib.txt")
+    argv = ["quantize", "org/tiny", str(tmp_path / "q"), "--dataset", str(text), "--nsamples", "4", "--seqlen", "32",
+            "--groupsize", "32"]  # fmt: skip
+    assert quantize_cli.main(argv) == 0
+    err = capfd.readouterr().err
+    assert "org/tiny is not in the Hugging Face cache: downloading it first" in err
+    assert len(calls) == 1 and not any(p.endswith(".bin") for p in calls[0])
+    assert (tmp_path / "q" / "model.safetensors").is_file()
+    assert quantize_cli.main([*argv[:2], str(tmp_path / "q2"), *argv[3:]]) == 0
+    assert len(calls) == 1  # cached now
 
 
 def test_download_weights_converts_a_bin_only_repository(fake_hub, tiny_llama, tmp_path):
