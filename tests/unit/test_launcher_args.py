@@ -265,3 +265,14 @@ def test_the_quantize_choices_are_the_registrys_and_the_dtype_rule_is_its_own():
         assert (refusal is not None) == (name == "gptq"), (name, refusal)
         assert quantizes_at_load(name) == name.startswith("bitsandbytes")
     assert dtype_flag_refusal(None, "float16", "no flag") is None and not quantizes_at_load(None)
+
+
+def test_tgis_environment_names_are_honoured_and_tgi_names_win_over_them():
+    """A TGIS deployment's environment (MODEL_NAME, NUM_GPUS, DTYPE_STR, MAX_SEQUENCE_LENGTH) sets
+    the same flags; it no longer serves the built-in model instead of MODEL_NAME."""
+    args = parse([], {"MODEL_NAME": "org/served", "NUM_GPUS": "2", "DTYPE_STR": "bfloat16",
+                      "MAX_SEQUENCE_LENGTH": "2048"})  # fmt: skip
+    assert (args.model_id, args.num_shard, args.dtype, args.max_total_tokens) == ("org/served", 2, "bfloat16", 2048)
+    args = parse([], {"MODEL_NAME": "org/tgis", "MODEL_ID": "org/tgi"})
+    assert args.model_id == "org/tgi"
+    assert "DTYPE_STR='half'" in refused([], {"DTYPE_STR": "half"})
