@@ -31,10 +31,12 @@ from text_generation_server.layers.linear import MergedColumnParallelLinear, Row
 from text_generation_server.layers.norm import LayerNorm
 from text_generation_server.layers.rotary import rope_refusal
 from text_generation_server.models.llama import (
+    LINEAR_TENSORS,
     LlamaAttention,
     LlamaBuild,
     LlamaDecoderLayer,
     LlamaForCausalLM,
+    whole_words,
 )
 from text_generation_server.models.spec import DecoderLayerSpec, MLPSpec
 from text_generation_server.weights import CheckpointError, shard_range
@@ -160,11 +162,6 @@ class FalconForCausalLM(LlamaForCausalLM):
         bias = bool(config.bias)
         return {"qkv_bias": bias, "o_bias": bias, "mlp_bias": bias}
 
-    # Tensors of a linear layer: the dim of its output features (None: per input feature).
-    _LINEAR_TENSORS: ClassVar[tuple[tuple[str, int | None], ...]] = (
-        ("weight", 0), ("bias", 0), ("qweight", 1), ("scales", 1), ("qzeros", 1), ("g_idx", None),
-    )
-
     def _qkv_heads(self) -> dict[str, list[int]]:
         """Which head rows of ``query_key_value`` are q, k and v, in the checkpoint's order."""
         c = self.config
@@ -203,12 +200,12 @@ class FalconForCausalLM(LlamaForCausalLM):
             for old, new in linears.items():
                 if not (weights.has(f"{src}.{old}.weight") or weights.has(f"{src}.{old}.qweight")):
                     missing.append(f"{src}.{old}.weight")
-                for suffix, _ in self._LINEAR_TENSORS:
+                for suffix, _ in LINEAR_TENSORS:
                     renames[f"{src}.{old}.{suffix}"] = f"{dst}.{new}.{suffix}"
             fused = f"{src}.self_attention.query_key_value"
             if not (weights.has(f"{fused}.weight") or weights.has(f"{fused}.qweight")):
                 missing.append(f"{fused}.weight")
-            for suffix, dim in self._LINEAR_TENSORS:
+            for suffix, dim in LINEAR_TENSORS:
                 name = f"{fused}.{suffix}"
                 if not weights.has(name):
                     continue
@@ -216,7 +213,7 @@ class FalconForCausalLM(LlamaForCausalLM):
                 if dim is None:  # every part has all of it
                     weights.split(name, 0, [(n, None) for n in parts])
                     continue
-                unit = 1 if suffix != "qzeros" else _features_per_word(name, d, per)
+                unit = 1 if suffix != "qzeros" else d // whole_words(name, d, per, "a head")
                 weights.regroup(name, dim, [
                     (n, [(a // unit, b // unit) for a, b in segments[p]])
                     for n, p in zip(parts, ("q", "k", "v"), strict=True)
@@ -241,8 +238,3 @@ def _runs(rows: list[int], size: int) -> list[tuple[int, int]]:
             runs.append((r * size, (r + 1) * size))
     return runs
 
-
-def _features_per_word(name: str, head_dim: int, per: Any) -> int:
-    if per is None or head_dim % per:
-        raise CheckpointError(f"{name}: a head of {head_dim} features does not fill whole packed words")
-    return int(per)

@@ -106,10 +106,14 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def config_refusal(cls, config: Any) -> str | None:
+        return cls._activation_refusal(config) or rope_refusal(config)
+
+    @classmethod
+    def _activation_refusal(cls, config: Any) -> str | None:
         act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
         if act not in _ACTIVATIONS:
             return f"hidden_activation '{act}' is not built for {cls.__name__} (gelu_pytorch_tanh only)"
-        return rope_refusal(config)
+        return None
 
     @classmethod
     def _activation(cls, config: Any) -> str:
@@ -207,9 +211,9 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
 
     @classmethod
     def config_refusal(cls, config: Any) -> str | None:
-        act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
-        if act not in _ACTIVATIONS:
-            return f"hidden_activation '{act}' is not built for {cls.__name__} (gelu_pytorch_tanh only)"
+        why = cls._activation_refusal(config)
+        if why is not None:
+            return why
         if getattr(config, "use_bidirectional_attention", False):
             return "use_bidirectional_attention (an encoder's mask) is not built"
         for layer_type, sub in _gemma3_rope_configs(config).items():

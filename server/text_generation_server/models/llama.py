@@ -522,11 +522,6 @@ class Phi3ForCausalLM(LlamaForCausalLM):
                     f"the 4k-context checkpoints are served")
         return super().config_refusal(config)
 
-    # Tensors of a linear layer and the dim along its output features (None: per input feature).
-    _LINEAR_TENSORS: ClassVar[tuple[tuple[str, int | None], ...]] = (
-        ("weight", 0), ("bias", 0), ("qweight", 1), ("scales", 1), ("qzeros", 1), ("g_idx", None),
-    )
-
     def checkpoint_views(self, weights: Any) -> None:
         c = self.config
         q = c.num_attention_heads * self.head_dim
@@ -540,7 +535,7 @@ class Phi3ForCausalLM(LlamaForCausalLM):
         for i in range(c.num_hidden_layers):
             for block, fused, parts in fused_layers:
                 prefix = f"model.layers.{i}.{block}"
-                for suffix, dim in self._LINEAR_TENSORS:
+                for suffix, dim in LINEAR_TENSORS:
                     name = f"{prefix}.{fused}.{suffix}"
                     if not weights.has(name):
                         continue
@@ -550,13 +545,22 @@ class Phi3ForCausalLM(LlamaForCausalLM):
                         continue
                     sizes = [size for _, size in parts]
                     if suffix == "qzeros":
-                        sizes = [_whole_words(name, size, per) for size in sizes]
+                        sizes = [whole_words(name, size, per) for size in sizes]
                     weights.split(name, dim, list(zip(names, sizes, strict=True)))
 
 
-def _whole_words(name: str, features: int, per: Any) -> int:
+# Tensors a checkpoint may hold for one linear layer (dense or GPTQ) and the dim along its output
+# features (None: per input feature). Views of fused or renamed linears cover each of them.
+LINEAR_TENSORS: tuple[tuple[str, int | None], ...] = (
+    ("weight", 0), ("bias", 0), ("qweight", 1), ("scales", 1), ("qzeros", 1), ("g_idx", None),
+)
+
+
+def whole_words(name: str, features: int, per: Any, what: str = "a part") -> int:
+    """Packed words (``per`` features each, the quantization's ``features_per_word``) holding
+    ``features`` output features; :class:`CheckpointError` when they do not fill whole words."""
     from text_generation_server.weights import CheckpointError
 
     if per is None or (features / per) != int(features / per):
-        raise CheckpointError(f"{name}: a part of {features} output features does not fill whole packed words")
+        raise CheckpointError(f"{name}: {what} of {features} output features does not fill whole packed words")
     return int(features / per)

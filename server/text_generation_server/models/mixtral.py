@@ -26,6 +26,7 @@ from text_generation_server.layers.fused import silu_mul
 from text_generation_server.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from text_generation_server.layers.loading import replicated_weight_loader, set_weight_attrs
 from text_generation_server.models.llama import (
+    LINEAR_TENSORS,
     LlamaAttention,
     LlamaBuild,
     LlamaDecoderLayer,
@@ -164,7 +165,6 @@ class MixtralForCausalLM(MistralForCausalLM):
 
     # transformers 5's names (GPTQModel 7 writes them) -> the original checkpoint's.
     _EXPERT_NAMES: ClassVar[dict[str, str]] = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-    _TENSORS: ClassVar[tuple[str, ...]] = ("weight", "bias", "qweight", "scales", "qzeros", "g_idx")
 
     def checkpoint_views(self, weights: Any) -> None:
         c = self.config
@@ -175,7 +175,7 @@ class MixtralForCausalLM(MistralForCausalLM):
             renames = {f"{src}.gate.weight": f"{dst}.gate.weight"}
             for e in range(c.num_local_experts):
                 for new, old in self._EXPERT_NAMES.items():
-                    for suffix in self._TENSORS:
+                    for suffix, _ in LINEAR_TENSORS:
                         renames[f"{src}.experts.{e}.{new}.{suffix}"] = f"{dst}.experts.{e}.{old}.{suffix}"
             for old, new in renames.items():
                 if weights.has(old):
