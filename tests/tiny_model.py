@@ -19,8 +19,19 @@ CORPUS = [
 ]
 
 
+# A ChatML-like template that refuses roles it does not know, as real templates do.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+    "<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
 def build_tokenizer(path: Path, vocab_size: int = 384):
-    """A byte-level BPE tokenizer with <s>, </s>, <unk>, <pad>; saved to path."""
+    """A byte-level BPE tokenizer with <s>, </s>, <unk>, <pad> and a chat template; saved to path."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -42,6 +53,7 @@ def build_tokenizer(path: Path, vocab_size: int = 384):
         unk_token="<unk>",
         pad_token="<pad>",
     )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
     return fast
 

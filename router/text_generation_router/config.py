@@ -72,6 +72,9 @@ class RouterArgs:
     tls_cert_path: str | None = None
     tls_key_path: str | None = None
     tls_client_ca_cert_path: str | None = None
+    api_key: str | None = None
+    cors_allow_origin: tuple[str, ...] = ()
+    max_client_batch_size: int = 4
 
     @property
     def tls(self) -> TlsFiles | None:
@@ -113,7 +116,8 @@ _FLAGS: list[tuple[tuple[str, ...], tuple[str, ...], Callable[[str], object] | N
     (("--shard-uds-path",), ("SHARD_UDS_PATH",), str, "/tmp/text-generation-server/shard",
      "Prefix of the shard sockets; the router connects to {path}-0 and discovers the rest."),
     (("--grpc-port",), ("GRPC_PORT",), port_or_zero, 8033, "Port of the public gRPC API."),
-    (("--port",), ("PORT",), port_or_zero, 3000, "Port of the HTTP /health and /metrics endpoints."),
+    (("--port",), ("PORT",), port_or_zero, 3000,
+     "Port of the HTTP API: TGI's routes, the OpenAI-compatible /v1 routes, /health, /metrics and /docs."),
     (("--hostname",), ("HOSTNAME",), str, "0.0.0.0", "Address to listen on."),
     (("--max-concurrent-requests",), ("MAX_CONCURRENT_REQUESTS",), positive_int, 128,
      "Requests in flight (queued or generating) before new ones get RESOURCE_EXHAUSTED."),
@@ -157,6 +161,13 @@ _FLAGS: list[tuple[tuple[str, ...], tuple[str, ...], Callable[[str], object] | N
      "longer has its stream cancelled (KV freed, admission slot returned)."),
     (("--max-connections",), ("MAX_CONNECTIONS",), positive_int, 1024,
      "Client connections the gRPC port accepts at once; more are refused at connect."),
+    (("--max-client-batch-size",), ("MAX_CLIENT_BATCH_SIZE",), positive_int, 4,
+     "Prompts one HTTP /v1/completions request may carry."),
+    (("--api-key",), ("API_KEY",), str, None,
+     "Require `Authorization: Bearer KEY` on every HTTP route but /health and /metrics (prefer the "
+     "API_KEY environment variable: a flag shows in the process list)."),
+    (("--cors-allow-origin",), ("CORS_ALLOW_ORIGIN",), str, None,
+     "Origins browsers may call the HTTP API from, comma-separated (default: no CORS headers)."),
     (("--json-output",), ("JSON_OUTPUT",), None, False, "Log one JSON object per line."),
     (("--tls-cert-path",), ("TLS_CERT_PATH",), readable_file, None,
      "PEM certificate (chain) of the public gRPC port; with --tls-key-path, serves gRPC over TLS."),
@@ -204,7 +215,11 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     Raises ConfigError for contradictions; argparse itself exits 2 on malformed flags.
     """
     namespace = build_parser(env).parse_args(argv)
-    args = RouterArgs(**vars(namespace))
+    values = vars(namespace)
+    origins = values.pop("cors_allow_origin") or ""
+    if values.get("api_key") is not None and not values["api_key"].strip():
+        raise ConfigError("--api-key (API_KEY) is empty; set a key or leave it unset")
+    args = RouterArgs(**values, cors_allow_origin=tuple(o.strip() for o in origins.split(",") if o.strip()))
     check_static(args)
     return args
 

@@ -42,11 +42,13 @@ class Entry:
         now: float,
         *,
         kind: str = "single",
+        api: str = "grpc",
         correlation_id: str = "",
     ) -> None:
         self.id = request_id
         self.request = request
         self.kind = kind
+        self.api = api
         self.correlation_id = correlation_id
         self.queued_at = now
         self.started_at: float | None = None

@@ -35,21 +35,25 @@ class RouterMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.request_count = Counter(
-            "tgi_request_count", "Generation requests received, by kind (single, batch, stream)", ["kind"], registry=r
+            "tgi_request_count",
+            "Generation requests received, by kind (single, batch, stream) and API (grpc, http, openai)",
+            ["kind", "api"],
+            registry=r,
         )
         self.request_input_count = Counter(
             "tgi_request_input_count", "Prompts received (a batch request counts each prompt)", registry=r
         )
         self.request_success = Counter(
             "tgi_request_success",
-            "Prompts completed, by stop reason and kind of call (single, batch, stream)",
-            ["stop_reason", "kind"],
+            "Prompts completed, by stop reason, kind of call (single, batch, stream) and API (grpc, http, openai)",
+            ["stop_reason", "kind", "api"],
             registry=r,
         )
         self.request_failure = Counter(
             "tgi_request_failure",
-            "Prompts that failed, by cause (validation, conc_limit, unavailable, generate, cancelled, stalled)",
-            ["err"],
+            "Prompts that failed, by cause (validation, conc_limit, unavailable, generate, cancelled, stalled) "
+            "and API (grpc, http, openai)",
+            ["err", "api"],
             registry=r,
         )
         self.request_input_length = Histogram(

@@ -90,18 +90,20 @@ class Scheduler:
             self._task = None
 
     def submit(
-        self, requests: list[ValidatedRequest], *, kind: str = "single", correlation_id: str = ""
+        self, requests: list[ValidatedRequest], *, kind: str = "single", api: str = "grpc", correlation_id: str = ""
     ) -> list[Entry]:
         """Queue requests (together, so they can share a prefill); returns their entries.
 
-        ``kind`` (single, batch, stream) labels the success metric;
+        ``kind`` (single, batch, stream) and ``api`` (grpc, http, openai) label the metrics;
         ``correlation_id`` (the client's x-correlation-id) appears in every log line about them.
         """
         now = time.monotonic()
         entries = []
         for request in requests:
             entries.append(
-                Entry(self._next_request_id, request, self._tokenizer, now, kind=kind, correlation_id=correlation_id)
+                Entry(
+                    self._next_request_id, request, self._tokenizer, now, kind=kind, api=api, correlation_id=correlation_id
+                )
             )
             self._next_request_id += 1
             self._metrics.request_input_length.observe(request.input_length)
@@ -122,7 +124,7 @@ class Scheduler:
         self._queue.remove(entry)
         self._running.pop(entry.id, None)
         entry.finish(fmaas.CANCELLED)
-        self._metrics.request_failure.labels(err=cause).inc()
+        self._metrics.request_failure.labels(err=cause, api=entry.api).inc()
         entry.log.info(f"{entry.label} cancelled {why} after {entry.generated} token(s)")
         self._request_finished()
         self._wake.set()
@@ -440,7 +442,7 @@ class Scheduler:
     def _record_success(self, entry: Entry, now: float) -> None:
         reason = fmaas.StopReason.Name(entry.stop_reason)
         metrics = self._metrics
-        metrics.request_success.labels(stop_reason=reason, kind=entry.kind).inc()
+        metrics.request_success.labels(stop_reason=reason, kind=entry.kind, api=entry.api).inc()
         metrics.request_generated_tokens.observe(entry.generated)
         metrics.request_total_tokens.observe(entry.request.input_length + entry.generated)
         metrics.request_duration.observe(now - entry.queued_at)
@@ -458,7 +460,7 @@ class Scheduler:
         entry.log.warning(f"{entry.label} failed after {entry.generated} token(s): {code.name}: {message}")
         self._running.pop(entry.id, None)
         entry.fail(code, message)
-        self._metrics.request_failure.labels(err="generate").inc()
+        self._metrics.request_failure.labels(err="generate", api=entry.api).inc()
         self._request_finished()
 
     def _request_finished(self) -> None:

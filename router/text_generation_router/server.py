@@ -9,6 +9,7 @@ the batching loop and only then reports SERVING.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import time
 
 import grpc
@@ -20,17 +21,22 @@ from text_generation_server.pb.generate.v1 import generate_pb2
 
 from .config import RouterArgs, resolve_limits, resolve_sequence_limits, tokenizer_path
 from .health import GENERATION_SERVICE, HealthState
-from .http import HttpServer
+from .http import HttpServer, HttpSettings, build_app
 from .memory import limit_arenas, trim_when_idle
 from .metrics import RouterMetrics
 from .scheduler import Scheduler
-from .servicer import GenerationServicer, ServingState
+from .servicer import GenerationServicer
+from .serving import ServingState
 from .shard_client import ShardClient
 from .tls import server_credentials
 from .tokenization import Tokenizer
 from .validation import Validator
 from .wire import UndecodableRequestInterceptor
 
+try:
+    VERSION = importlib.metadata.version("text-generation-server")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    VERSION = "0.0.0"
 # What a call may carry besides its texts (parameters, stop sequences, framing) above --payload-limit.
 RECEIVE_MARGIN_BYTES = 1 << 20
 # Calls one client connection may have open at once (admission limits the server as a whole).
@@ -125,11 +131,19 @@ class Router:
         args = self.args
         limit_arenas()
         self.tokenizer = Tokenizer.load(tokenizer_path(args))
-        self.state = ServingState(tokenizer=self.tokenizer, metrics=self.metrics)
+        self.state = ServingState(
+            tokenizer=self.tokenizer, metrics=self.metrics, model_id=args.model_id or "",
+            max_client_batch_size=args.max_client_batch_size, version=VERSION, started_at=int(time.time()),
+        )
         state = self.state
         self._background.add(asyncio.ensure_future(trim_when_idle(lambda: state.in_flight == 0)))
         await self._start_grpc()
-        self._http = HttpServer(args.hostname, args.port, is_serving=lambda: self.health.serving, metrics=self.metrics)
+        settings = HttpSettings(
+            api_key=args.api_key, cors_allow_origin=args.cors_allow_origin, payload_limit=args.payload_limit,
+            max_best_of=args.max_best_of,
+        )
+        app = build_app(self.state, settings, is_serving=lambda: self.health.serving)
+        self._http = HttpServer(args.hostname, args.port, app)
         try:
             await self._http.start()
         except OSError as err:
@@ -143,6 +157,8 @@ class Router:
             f"world size {info.world_size}, max_position_embeddings {info.max_position_embeddings}, "
             f"vocab {info.vocab_size}, quantize {info.quantize or 'none'}, kernel {info.kernel or 'default'}"
         )
+        state.model_id = args.model_id or info.model_id or state.model_id
+        state.model_dtype, state.model_device_type = info.dtype, info.device_type
         max_input, max_total, max_prefill = resolve_sequence_limits(args, info.max_position_embeddings)
         await self.client.clear_cache()
         warmup_start = time.monotonic()

@@ -12,58 +12,19 @@ freed at the next step. The single served model answers any model_id.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 
 import grpc
 from loguru import logger
 from text_generation_server.pb.fmaas import generation_pb2 as fmaas
 from text_generation_server.pb.fmaas import generation_pb2_grpc
 
-from .config import Limits
 from .entry import Entry
-from .metrics import RouterMetrics
 from .request import Failure, InputTokens
 from .responses import stream_first, stream_step, token_info
-from .scheduler import Scheduler
-from .tokenization import Tokenizer
-from .validation import ValidationError, Validator, refuse_adapter
-
-
-class ApiError(Exception):
-    """Ends an RPC with ``code`` and ``message``."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-@dataclass
-class ServingState:
-    """What the handlers need; limits, validator and scheduler exist once the shards are warm."""
-
-    tokenizer: Tokenizer
-    metrics: RouterMetrics
-    limits: Limits | None = None
-    validator: Validator | None = None
-    scheduler: Scheduler | None = None
-    draining: bool = False
-    in_flight: int = 0
-
-    def check_available(self) -> None:
-        if self.draining:
-            raise ApiError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
-        if self.scheduler is not None and self.scheduler.failed:
-            raise ApiError(grpc.StatusCode.UNAVAILABLE, f"the model shards are unavailable: {self.scheduler.failed}")
-        if self.scheduler is None or self.validator is None or self.limits is None:
-            raise ApiError(
-                grpc.StatusCode.UNAVAILABLE,
-                "the model is still loading or warming up; retry when health reports SERVING",
-            )
+from .serving import ApiError, ServingState
+from .validation import ValidationError, refuse_adapter
 
 
 def _status_errors(handler):
@@ -84,6 +45,8 @@ def _status_errors(handler):
 
 
 CORRELATION_ID_HEADER = "x-correlation-id"
+# The api label of this API's metrics.
+API = "grpc"
 
 
 def correlation_id(context: grpc.aio.ServicerContext) -> str:
@@ -124,12 +87,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         return logger.bind(correlation_id=cid) if cid else logger
 
     def _invalid(self, err: ValidationError, context: grpc.aio.ServicerContext) -> ApiError:
-        self._state.metrics.request_failure.labels(err="validation").inc()
+        self._state.metrics.request_failure.labels(err="validation", api=API).inc()
         self._log(context).warning(f"Rejected request{self._who(context)}: {err}")
         return ApiError(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
     def _internal(self, method: str, err: Exception, context: grpc.aio.ServicerContext) -> ApiError:
-        self._state.metrics.request_failure.labels(err="internal").inc()
+        self._state.metrics.request_failure.labels(err="internal", api=API).inc()
         self._log(context).opt(exception=err).error(
             f"{method}{self._who(context)} failed unexpectedly: {type(err).__name__}: {err}"
         )
@@ -137,62 +100,29 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     async def _abort(self, context: grpc.aio.ServicerContext, err: ApiError) -> None:
         if err.code == grpc.StatusCode.UNAVAILABLE:
-            self._state.metrics.request_failure.labels(err="unavailable").inc()
+            self._state.metrics.request_failure.labels(err="unavailable", api=API).inc()
         await context.abort(err.code, err.message)
 
-    def _check_payload(self, texts: list[str]) -> None:
-        """Refuse a call whose texts exceed --payload-limit bytes, before any is tokenized."""
-        limit = self._state.limits.payload_limit
-        total = 0
-        for text in texts:
-            # A text has at least as many UTF-8 bytes as characters: a huge one is refused uncopied.
-            total += len(text) if len(text) > limit else len(text.encode("utf-8", "surrogatepass"))
-            if total > limit:
-                raise ValidationError(
-                    f"the texts of this call carry more than {limit} bytes (at least {total}); "
-                    f"--payload-limit allows {limit} bytes per call: send less text or raise the limit"
-                )
-
-    @contextlib.contextmanager
-    def _admit(self, prompts: int, context: grpc.aio.ServicerContext) -> Iterator[None]:
+    def _admit(self, prompts: int, context: grpc.aio.ServicerContext):
         """Count prompts against --max-concurrent-requests for the life of the RPC."""
-        state = self._state
-        state.check_available()
-        limit = state.limits.max_concurrent_requests
-        if state.in_flight + prompts > limit:
-            state.metrics.request_failure.labels(err="conc_limit").inc(prompts)
-            self._log(context).warning(
-                f"Model is overloaded: {state.in_flight} prompts in flight, limit {limit}; "
-                f"refused a call of {prompts}{self._who(context)}"
-            )
-            raise ApiError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"Model is overloaded: {state.in_flight} prompts in flight and this call adds {prompts}; "
-                f"the limit is {limit} (--max-concurrent-requests)",
-            )
-        state.in_flight += prompts
-        state.metrics.request_input_count.inc(prompts)
-        try:
-            yield
-        finally:
-            state.in_flight -= prompts
+        return self._state.admit(prompts, api=API, who=self._who(context), log=self._log(context))
 
     # ---- RPCs ------------------------------------------------------------------------
 
     @_status_errors
     async def Generate(self, request: fmaas.BatchedGenerationRequest, context) -> fmaas.BatchedGenerationResponse:
         state = self._state
-        state.metrics.request_count.labels(kind="single" if len(request.requests) == 1 else "batch").inc()
+        state.metrics.request_count.labels(kind="single" if len(request.requests) == 1 else "batch", api=API).inc()
         state.check_available()
         if not request.requests:
             return fmaas.BatchedGenerationResponse()
         kind = "single" if len(request.requests) == 1 else "batch"
-        self._check_payload([r.text for r in request.requests])
+        self._state.check_payload([r.text for r in request.requests])
         with self._admit(len(request.requests), context):
             validated = await self._validate(
                 [r.text for r in request.requests], request.params, request.adapter_id or request.prefix_id
             )
-            entries = state.scheduler.submit(validated, kind=kind, correlation_id=correlation_id(context))
+            entries = state.scheduler.submit(validated, kind=kind, api=API, correlation_id=correlation_id(context))
             try:
                 responses = await asyncio.gather(*(self._collect(e) for e in entries))
             finally:
@@ -201,10 +131,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         return fmaas.BatchedGenerationResponse(responses=responses)
 
     async def _validate(self, texts: list[str], params: fmaas.Parameters, adapter_id: str) -> list:
-        start = time.monotonic()
-        validated = await self._state.validator.validate(texts, params, adapter_id=adapter_id)
-        self._state.metrics.request_validation_duration.observe(time.monotonic() - start)
-        return validated
+        return await self._state.validate(texts, params, adapter_id=adapter_id)
 
     async def _collect(self, entry: Entry) -> fmaas.GenerationResponse:
         """Wait for one prompt to finish and build its unary response."""
@@ -235,16 +162,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         # Written with context.write rather than yielded, so that each message's wait for the
         # client (HTTP/2 flow control) is bounded by --stream-write-timeout.
         state = self._state
-        state.metrics.request_count.labels(kind="stream").inc()
+        state.metrics.request_count.labels(kind="stream", api=API).inc()
         state.check_available()
         if not request.HasField("request"):
             raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "request is missing: set request.text")
-        self._check_payload([request.request.text])
+        self._state.check_payload([request.request.text])
         with self._admit(1, context):
             [validated] = await self._validate(
                 [request.request.text], request.params, request.adapter_id or request.prefix_id
             )
-            [entry] = state.scheduler.submit([validated], kind="stream", correlation_id=correlation_id(context))
+            [entry] = state.scheduler.submit([validated], kind="stream", api=API, correlation_id=correlation_id(context))
             try:
                 async for message in self._stream(entry):
                     if not await self._write(context, message, entry):
@@ -311,7 +238,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             return fmaas.BatchedTokenizeResponse()
         # Bounded and admitted like generation: its texts count against --payload-limit and its
         # items against --max-concurrent-requests while they are tokenized.
-        self._check_payload([item.text for item in request.requests])
+        self._state.check_payload([item.text for item in request.requests])
         with self._admit(len(request.requests), context):
             for item in request.requests:
                 response = await state.tokenizer.encode_async(

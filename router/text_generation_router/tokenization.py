@@ -59,6 +59,7 @@ class Tokenizer:
         self._long_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer-long")
         self.eos_token_id: int | None = hf_tokenizer.eos_token_id
         self.vocab_size: int = len(hf_tokenizer)
+        self._special_ids = frozenset(hf_tokenizer.all_special_ids)
 
     @classmethod
     def load(cls, path: Path | str) -> Tokenizer:
@@ -76,20 +77,29 @@ class Tokenizer:
         logger.info(f"Loaded tokenizer from {path} ({type(hf).__name__}, vocab {len(hf)})")
         return cls(hf)
 
-    def encode(self, text: str, *, with_tokens: bool = False, with_offsets: bool = False) -> Encoding:
-        """Token ids as the model sees them (special tokens such as BOS added as configured)."""
-        return self._encode(self._tok, text, with_tokens, with_offsets)
+    def encode(
+        self, text: str, *, with_tokens: bool = False, with_offsets: bool = False, add_special_tokens: bool = True
+    ) -> Encoding:
+        """Token ids as the model sees them (special tokens such as BOS added as configured, unless
+        ``add_special_tokens`` is False: for a text that already holds them, a rendered chat template)."""
+        return self._encode(self._tok, text, with_tokens, with_offsets, add_special_tokens)
 
     @staticmethod
-    def _encode(tok, text: str, with_tokens: bool, with_offsets: bool) -> Encoding:
-        enc = tok(text, return_offsets_mapping=with_offsets)
+    def _encode(tok, text: str, with_tokens: bool, with_offsets: bool, add_special_tokens: bool = True) -> Encoding:
+        enc = tok(text, return_offsets_mapping=with_offsets, add_special_tokens=add_special_tokens)
         ids = list(enc["input_ids"])
         tokens = tok.convert_ids_to_tokens(ids) if with_tokens else None
         offsets = [tuple(o) for o in enc["offset_mapping"]] if with_offsets else None
         return Encoding(ids=ids, tokens=tokens, offsets=offsets)
 
     async def encode_async(
-        self, text: str, *, with_tokens: bool = False, with_offsets: bool = False, then: Callable[[Encoding], T] | None = None
+        self,
+        text: str,
+        *,
+        with_tokens: bool = False,
+        with_offsets: bool = False,
+        add_special_tokens: bool = True,
+        then: Callable[[Encoding], T] | None = None,
     ) -> Encoding | T:
         """``encode`` on a tokenizer thread: the long-text one from :data:`LONG_TEXT_CHARS` characters.
 
@@ -105,7 +115,7 @@ class Tokenizer:
             executor, tok = self._executor, self._tok
 
         def work():
-            encoding = self._encode(tok, text, with_tokens, with_offsets)
+            encoding = self._encode(tok, text, with_tokens, with_offsets, add_special_tokens)
             return encoding if then is None else then(encoding)
 
         return await loop.run_in_executor(executor, work)
@@ -118,6 +128,31 @@ class Tokenizer:
         """The vocabulary string of one id (TokenInfo.text), '' for an id outside the vocabulary."""
         token = self._tok.convert_ids_to_tokens(int(token_id))
         return token if isinstance(token, str) else ""
+
+    def token_text(self, token_id: int) -> str:
+        """The text one token decodes to on its own (special tokens as written, e.g. '</s>')."""
+        return self._tok.decode([int(token_id)], skip_special_tokens=False)
+
+    def is_special(self, token_id: int) -> bool:
+        return int(token_id) in self._special_ids
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's chat template (tokenizer_config.json or chat_template.jinja), None without one."""
+        template = getattr(self._tok, "chat_template", None)
+        return template or None
+
+    def apply_chat_template(self, messages: list[dict], **kwargs) -> str:
+        """The prompt text of a conversation, rendered by transformers' sandboxed Jinja environment.
+
+        Raises ValueError (a message the client can act on) for a conversation the template refuses.
+        """
+        from jinja2 import TemplateError
+
+        try:
+            return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        except TemplateError as err:
+            raise ValueError(f"the model's chat template refused the messages: {err}") from None
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -86,14 +86,18 @@ class Validator:
         params: fmaas.Parameters,
         *,
         adapter_id: str = "",
+        add_special_tokens: bool = True,
     ) -> list[ValidatedRequest]:
-        """Validate one call's prompts; raise ValidationError on the first problem."""
+        """Validate one call's prompts; raise ValidationError on the first problem.
+
+        ``add_special_tokens`` False for a text that already holds them (a rendered chat template).
+        """
         refuse_adapter(adapter_id)
         checked = self._check_params(params)
         validated = []
         for index, text in enumerate(texts):
             where = f"requests[{index}]" if len(texts) > 1 else "request"
-            validated.append(await self._validate_text(text, checked, where))
+            validated.append(await self._validate_text(text, checked, where, add_special_tokens))
         return validated
 
     def _check_params(self, params: fmaas.Parameters) -> _Params:
@@ -201,11 +205,11 @@ class Validator:
         )
         return config, not s.HasField("seed")
 
-    async def _validate_text(self, text: str, p: _Params, where: str) -> ValidatedRequest:
+    async def _validate_text(self, text: str, p: _Params, where: str, add_special_tokens: bool = True) -> ValidatedRequest:
         limits = self._limits
         if not text:
             raise ValidationError(f"{where}.text must not be empty")
-        ids = (await self._tokenizer.encode_async(text)).ids
+        ids = (await self._tokenizer.encode_async(text, add_special_tokens=add_special_tokens)).ids
         if 0 < p.truncate_input_tokens < len(ids):
             ids = ids[-p.truncate_input_tokens :]
         if self._vocab is not None and ids and max(ids) >= self._vocab:

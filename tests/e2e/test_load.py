@@ -208,9 +208,9 @@ def test_64_concurrent_streams_of_mixed_lengths_all_complete_with_the_right_stop
         generated += last.generated_token_count
 
     after = wait_idle(server)
-    assert delta(before, after, 'tgi_request_count_total{kind="stream"}') == 64
+    assert delta(before, after, 'tgi_request_count_total{api="grpc",kind="stream"}') == 64
     for reason, count in reasons.items():
-        assert delta(before, after, f'tgi_request_success_total{{kind="stream",stop_reason="{reason}"}}') == count
+        assert delta(before, after, f'tgi_request_success_total{{api="grpc",kind="stream",stop_reason="{reason}"}}') == count
     assert delta(before, after, "tgi_generated_tokens_total") == generated
     assert delta(before, after, "tgi_request_first_token_duration_count") == sum(
         1 for messages in results.values() if messages[-1].generated_token_count > 0
@@ -271,7 +271,7 @@ def test_16_streams_cancelled_midway_free_their_kv_and_leave_the_others_unaffect
 
     after = wait_idle(server)
     assert after["tgi_batch_current_size"] == 0 and after["tgi_kv_cache_blocks_used"] == 0
-    assert delta(before, after, 'tgi_request_failure_total{err="cancelled"}') == 16
+    assert delta(before, after, 'tgi_request_failure_total{api="grpc",err="cancelled"}') == 16
     for i in range(4):
         messages = results[("witness", i)]
         assert messages[-1].stop_reason == pb.MAX_TOKENS and messages[-1].generated_token_count == 20
@@ -327,8 +327,8 @@ def test_requests_above_max_concurrent_requests_get_resource_exhausted_while_acc
     assert len(accepted) == MAX_CONCURRENT
     assert all(m[-1].stop_reason == pb.MAX_TOKENS and m[-1].generated_token_count == 40 for m in accepted.values())
     after = wait_idle(server)
-    assert delta(before, after, 'tgi_request_failure_total{err="conc_limit"}') == len(refused)
-    assert delta(before, after, 'tgi_request_success_total{kind="stream",stop_reason="MAX_TOKENS"}') == MAX_CONCURRENT
+    assert delta(before, after, 'tgi_request_failure_total{api="grpc",err="conc_limit"}') == len(refused)
+    assert delta(before, after, 'tgi_request_success_total{api="grpc",kind="stream",stop_reason="MAX_TOKENS"}') == MAX_CONCURRENT
 
 
 def test_streams_whose_clients_stop_reading_are_cancelled_and_free_their_slots_and_kv(server, pb, record_property):
@@ -369,8 +369,8 @@ def test_streams_whose_clients_stop_reading_are_cancelled_and_free_their_slots_a
 
         after = wait_idle(server, timeout=STREAM_WRITE_TIMEOUT_S + 120)
         freed = time.monotonic() - started
-        assert delta(before, after, 'tgi_request_failure_total{err="stalled"}') == MAX_CONCURRENT
-        assert delta(before, after, 'tgi_request_failure_total{err="cancelled"}') == 0
+        assert delta(before, after, 'tgi_request_failure_total{api="grpc",err="stalled"}') == MAX_CONCURRENT
+        assert delta(before, after, 'tgi_request_failure_total{api="grpc",err="cancelled"}') == 0
         with grpc.insecure_channel(server.address) as channel:
             reply = generation_pb2_grpc.GenerationServiceStub(channel).Generate(
                 pb.BatchedGenerationRequest(

@@ -308,7 +308,7 @@ def test_cancelled_stream_is_filtered_out_of_the_running_batch(harness, hf_token
     assert filters, h.shard.methods()
     assert all(ids["Cancel me"] not in keep_ids for keep_ids in filters)
     assert [ids["Keep me"]] in filters
-    assert wait_for(lambda: h.metric("tgi_request_failure_total", err="cancelled") == 1)
+    assert wait_for(lambda: h.metric("tgi_request_failure_total", err="cancelled", api="grpc") == 1)
     assert wait_for(lambda: h.shard.tokens_held() == 0)
 
 
@@ -322,7 +322,7 @@ def test_a_passed_grpc_deadline_ends_the_request_and_frees_its_kv(harness):
     with pytest.raises(grpc.RpcError) as err:
         stub.Generate(batched(["Too slow"], params(500)), timeout=0.4)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert wait_for(lambda: h.metric("tgi_request_failure_total", err="cancelled") == 2)
+    assert wait_for(lambda: h.metric("tgi_request_failure_total", err="cancelled", api="grpc") == 2)
     h.model.step_delay = 0.0005
     assert other.result().responses[0].generated_token_count == 80
     assert wait_for(lambda: h.shard.tokens_held() == 0 and h.metric("tgi_kv_cache_blocks_used") == 0)
@@ -495,7 +495,7 @@ def test_empty_text_and_too_long_input_are_invalid_argument(harness, hf_tokenize
     with pytest.raises(grpc.RpcError) as err:
         list(stub.GenerateStream(pb.SingleGenerationRequest(), timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert h.metric("tgi_request_failure_total", err="validation") >= 3
+    assert h.metric("tgi_request_failure_total", err="validation", api="grpc") >= 3
     assert not [m for m in h.shard.methods() if m == "Prefill"]
 
 
@@ -594,8 +594,8 @@ def test_metrics_endpoint_exposes_request_token_queue_and_batch_metrics(harness)
     status, body = h.http_get("/metrics")
     assert status == 200
     for name in (
-        'tgi_request_count_total{kind="batch"} 1.0',
-        'tgi_request_success_total{kind="batch",stop_reason="MAX_TOKENS"} 2.0',
+        'tgi_request_count_total{api="grpc",kind="batch"} 1.0',
+        'tgi_request_success_total{api="grpc",kind="batch",stop_reason="MAX_TOKENS"} 2.0',
         "tgi_generated_tokens_total 8.0",
         "tgi_queue_size 0.0",
         "tgi_batch_current_size 0.0",
@@ -611,8 +611,8 @@ def test_metrics_have_tgis_names_for_latency_tokens_and_kind(harness):
     stub = h.stub()
     stub.Generate(batched(["Hello"], params(4)), timeout=10)
     list(stub.GenerateStream(single("Hello", params(3)), timeout=10))
-    assert h.metric("tgi_request_success_total", kind="single", stop_reason="MAX_TOKENS") == 1
-    assert h.metric("tgi_request_success_total", kind="stream", stop_reason="MAX_TOKENS") == 1
+    assert h.metric("tgi_request_success_total", kind="single", stop_reason="MAX_TOKENS", api="grpc") == 1
+    assert h.metric("tgi_request_success_total", kind="stream", stop_reason="MAX_TOKENS", api="grpc") == 1
     assert h.metric("tgi_request_first_token_duration_count") == 2
     # Time between tokens: 3 gaps + 2 gaps, and one mean time per token per prompt.
     assert h.metric("tgi_request_inter_token_duration_count") == 5
