@@ -85,6 +85,25 @@ class LauncherArgs:
     tls_cert_path: str | None = None
     tls_key_path: str | None = None
     tls_client_ca_cert_path: str | None = None
+    # HTTP API.
+    api_key: str | None = None
+    cors_allow_origin: str | None = None
+    max_client_batch_size: int | None = None
+    # TGI flags that real manifests carry: honoured, or refused by check() naming why.
+    disable_custom_kernels: bool = False
+    usage_stats: str = "on"
+    kv_cache_dtype: str | None = None
+    speculate: int | None = None
+    validation_workers: int | None = None
+    cuda_graphs: str | None = None
+    rope_scaling: str | None = None
+    rope_factor: float | None = None
+    watermark_gamma: float | None = None
+    watermark_delta: float | None = None
+    lora_adapters: str | None = None
+    enable_prefill_logprobs: bool = False
+    disable_grammar_support: bool = False
+    otlp_service_name: str | None = None
 
     @property
     def served_model_name(self) -> str:
@@ -120,6 +139,7 @@ ROUTER_LIMIT_FLAGS: dict[str, str] = {
     "shard_step_timeout": "--shard-step-timeout",
     "stream_write_timeout": "--stream-write-timeout",
     "max_connections": "--max-connections",
+    "max_client_batch_size": "--max-client-batch-size",
 }
 
 # TLS of the public gRPC port, passed to the router when set: launcher dest -> router flag.
@@ -208,9 +228,9 @@ _FLAGS: list[_Flag] = [
     _Flag(("--waiting-served-ratio",), ("WAITING_SERVED_RATIO",), non_negative_float,
           "Waiting requests, as a fraction of the running batch, that pause decoding for a prefill.",
           shown="0.3"),
-    _Flag(("--max-batch-prefill-tokens",), ("MAX_BATCH_PREFILL_TOKENS",), positive_int,
+    _Flag(("--max-batch-prefill-tokens",), ("MAX_BATCH_PREFILL_TOKENS", "MAX_PREFILL_WEIGHT"), positive_int,
           "Input tokens per prefill.", shown="max-input-tokens + 50"),
-    _Flag(("--max-batch-total-tokens",), ("MAX_BATCH_TOTAL_TOKENS",), positive_int,
+    _Flag(("--max-batch-total-tokens",), ("MAX_BATCH_TOTAL_TOKENS", "MAX_BATCH_WEIGHT"), positive_int,
           "Tokens the running batch may hold.", shown="the KV cache capacity"),
     _Flag(("--max-waiting-tokens",), ("MAX_WAITING_TOKENS",), non_negative_int,
           "Decode steps after which waiting requests are admitted anyway.", shown="20"),
@@ -233,10 +253,20 @@ _FLAGS: list[_Flag] = [
     _Flag(("--max-connections",), ("MAX_CONNECTIONS",), positive_int,
           "Client connections the gRPC port accepts at once; further ones are closed at connect.",
           shown="1024"),
-    _Flag(("--shutdown-timeout",), ("SHUTDOWN_TIMEOUT",), non_negative_float,
+    _Flag(("--shutdown-timeout", "--graceful-termination-timeout"), ("SHUTDOWN_TIMEOUT", "GRACEFUL_TERMINATION_TIMEOUT"),
+          non_negative_float,
           "Seconds a process gets to exit after SIGTERM (after the drain, for the router) before SIGKILL.",
           default=10.0, metavar="SECONDS"),
-    _Flag(("--port",), ("PORT",), port, "HTTP port of /health and /metrics.", default=3000),
+    _Flag(("--port",), ("PORT",), port,
+          "HTTP port: TGI's routes (/generate, /generate_stream, /info, /tokenize), the OpenAI-compatible /v1 "
+          "routes, /health, /metrics and the OpenAPI page /docs.", default=3000),
+    _Flag(("--api-key",), ("API_KEY",), non_empty,
+          "Require `Authorization: Bearer KEY` on every HTTP route but /health and /metrics (given to the router "
+          "through its environment, never on a command line).", metavar="KEY"),
+    _Flag(("--cors-allow-origin",), ("CORS_ALLOW_ORIGIN",), non_empty,
+          "Origins browsers may call the HTTP API from, comma-separated.", metavar="ORIGINS", shown="no CORS headers"),
+    _Flag(("--max-client-batch-size",), ("MAX_CLIENT_BATCH_SIZE",), positive_int,
+          "Prompts one /v1/completions request may carry.", shown="4"),
     _Flag(("--grpc-port",), ("GRPC_PORT",), port,
           "gRPC port of fmaas.GenerationService, grpc.health.v1 and reflection.", default=8033),
     _Flag(("--tls-cert-path",), ("TLS_CERT_PATH",), readable_file,
@@ -265,6 +295,43 @@ _FLAGS: list[_Flag] = [
     _Flag(("--otlp-endpoint",), ("OTLP_ENDPOINT",), non_empty,
           "Accepted for TGI compatibility; trace export is not implemented and the value is ignored.",
           metavar="URL"),
+    _Flag(("--otlp-service-name",), ("OTLP_SERVICE_NAME",), non_empty,
+          "Accepted for TGI compatibility, with --otlp-endpoint; ignored the same way.", metavar="NAME"),
+    _Flag(("--disable-custom-kernels",), ("DISABLE_CUSTOM_KERNELS",), parse_bool,
+          "Serve with the plain torch formulation of every layer instead of the native CPU kernels "
+          "(the shards get CPU_KERNELS=off).", default=False, switch=True),
+    _Flag(("--usage-stats",), ("USAGE_STATS",), choice(("on", "off", "no-stack")),
+          "Accepted for TGI compatibility: this server never sends usage statistics anywhere, whatever the value.",
+          default="on", metavar="on|off|no-stack"),
+    _Flag(("--validation-workers",), ("VALIDATION_WORKERS",), positive_int,
+          "Accepted for TGI compatibility: the router tokenizes on two threads of its own (short and long "
+          "texts) whatever the value.", shown="2"),
+    _Flag(("--enable-prefill-logprobs",), ("ENABLE_PREFILL_LOGPROBS",), parse_bool,
+          "Accepted for TGI compatibility: prompt log probabilities (decoder_input_details) are always available.",
+          default=False, switch=True),
+    _Flag(("--disable-grammar-support",), ("DISABLE_GRAMMAR_SUPPORT",), parse_bool,
+          "Accepted for TGI compatibility: guided generation (grammar) is not supported, so requests with a "
+          "grammar are refused either way.", default=False, switch=True),
+    _Flag(("--cuda-graphs",), ("CUDA_GRAPHS",), non_empty,
+          "TGI's CUDA graph batch sizes: only 0 (none) is accepted; decode steps are not captured as CUDA graphs.",
+          metavar="SIZES"),
+    _Flag(("--speculate",), ("SPECULATE",), non_negative_int,
+          "Speculative decoding: only 0 is accepted; every token is decoded by the model itself.", metavar="N",
+          shown="0"),
+    _Flag(("--kv-cache-dtype",), ("KV_CACHE_DTYPE",), choice(("fp8", "fp8_e4m3fn", "fp8_e5m2")),
+          "Refused: the KV cache is kept in the compute dtype.", metavar="DTYPE", shown="the compute dtype"),
+    _Flag(("--rope-scaling",), ("ROPE_SCALING",), choice(("linear", "dynamic")),
+          "Refused: rope scaling is read from the model's config.json.", metavar="KIND",
+          shown="from config.json"),
+    _Flag(("--rope-factor",), ("ROPE_FACTOR",), positive_float,
+          "Refused: rope scaling is read from the model's config.json.", metavar="FACTOR",
+          shown="from config.json"),
+    _Flag(("--watermark-gamma",), ("WATERMARK_GAMMA",), positive_float, "Refused: watermarking is not supported.",
+          metavar="GAMMA"),
+    _Flag(("--watermark-delta",), ("WATERMARK_DELTA",), positive_float, "Refused: watermarking is not supported.",
+          metavar="DELTA"),
+    _Flag(("--lora-adapters",), ("LORA_ADAPTERS",), non_empty,
+          "Refused: this server serves one model without adapters.", metavar="IDS"),
 ]
 
 
@@ -334,6 +401,7 @@ def parse_args(
     called when the shard count depends on it. Raises ArgsError for a bad
     environment value or a contradiction; argparse exits 2 on a malformed flag.
     """
+    _check_tgis_environment(os.environ if env is None else env)
     namespace = vars(build_parser(env).parse_args(argv))
     namespace["num_shard"] = resolve_num_shard(
         namespace["sharded"], namespace["num_shard"], cuda_device_count or visible_cuda_devices
@@ -393,6 +461,7 @@ def check(args: LauncherArgs) -> None:
                 f"--max-input-tokens ({args.max_input_tokens}) must be < --max-total-tokens "
                 f"({args.max_total_tokens}): every request needs room for at least one new token"
             )
+    _check_tgi_flags(args)
     if args.port == args.grpc_port:
         raise ArgsError(f"--port and --grpc-port are both {args.port}; the HTTP and gRPC servers need different ports")
     if args.num_shard > 1 and args.master_port in (args.port, args.grpc_port):
@@ -400,6 +469,56 @@ def check(args: LauncherArgs) -> None:
             f"--master-port {args.master_port} is also the router's --port/--grpc-port; pick another --master-port"
         )
     _check_router_flags(args)
+
+
+# TGIS environment names with no flag of their own: what each means here (tgis_environment_notes).
+_TGIS_NOTES = {
+    "DEPLOYMENT_FRAMEWORK": "the serving path is chosen from the model (native CPU layers, CUDA modules)",
+    "FLASH_ATTENTION": "attention always reads the paged KV cache in place",
+    "MAX_PREFILL_PADDING": "prefill batches are not padded (each prompt keeps its length)",
+}
+
+
+def tgis_environment_notes(env: Mapping[str, str]) -> list[str]:
+    """One log line for each TGIS environment name that is set and has no effect of its own here."""
+    return [f"{name}={env[name]}: {why}" for name, why in _TGIS_NOTES.items() if env.get(name)]
+
+
+def _check_tgis_environment(env: Mapping[str, str]) -> None:
+    """TGIS environment settings this server cannot honour, refused naming the variable."""
+    if env.get("OUTPUT_SPECIAL_TOKENS", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise ArgsError(
+            "environment variable OUTPUT_SPECIAL_TOKENS=true: generated text never includes special tokens "
+            "here (the token details name them); unset it or set it to false"
+        )
+    if env.get("PT2_COMPILE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise ArgsError(
+            "environment variable PT2_COMPILE=true: models are not compiled with torch.compile; the native "
+            "kernels are chosen at load. Unset it or set it to false"
+        )
+
+
+def _check_tgi_flags(args: LauncherArgs) -> None:
+    """TGI flags whose features this server does not have: refused with the reason, never ignored."""
+    refusals = [
+        (args.kv_cache_dtype is not None, f"--kv-cache-dtype {args.kv_cache_dtype}: the KV cache is kept in the "
+         "compute dtype (fp8 KV caches are not supported); leave it unset"),
+        (bool(args.speculate), f"--speculate {args.speculate}: speculative decoding is not available; leave it "
+         "unset or 0"),
+        (args.rope_scaling is not None or args.rope_factor is not None,
+         "--rope-scaling/--rope-factor: rope scaling is read from the model's config.json (rope_scaling); "
+         "set it there instead"),
+        (args.watermark_gamma is not None or args.watermark_delta is not None,
+         "--watermark-gamma/--watermark-delta: watermarking is not supported; leave them unset"),
+        (args.lora_adapters is not None, f"--lora-adapters {args.lora_adapters}: this server serves one model "
+         "without adapters; leave it unset"),
+        (args.cuda_graphs is not None and args.cuda_graphs.strip() != "0",
+         f"--cuda-graphs {args.cuda_graphs}: decode steps are not captured as CUDA graphs; pass 0 or leave it "
+         "unset"),
+    ]
+    for refused, message in refusals:
+        if refused:
+            raise ArgsError(message)
 
 
 def router_limit_args(args: LauncherArgs) -> list[str]:

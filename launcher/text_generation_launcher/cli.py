@@ -16,18 +16,20 @@ from pathlib import Path
 from loguru import logger
 from text_generation_server.utils.log import setup_logging
 
-from .args import ArgsError, LauncherArgs, parse_args
+from .args import ArgsError, LauncherArgs, parse_args, tgis_environment_notes
 from .launch import Commands, serve
 from .supervisor import Supervisor
 
 
 def resolve(args: LauncherArgs) -> Path | None:
     """The local checkpoint to serve, or None after logging why there is none."""
-    from text_generation_server.model_source import ModelNotFoundError, resolve_model
+    from text_generation_server.model_source import ModelNotFoundError, resolve_or_download
 
     logger.info(f"Resolving model {args.served_model_name}{f' at revision {args.revision}' if args.revision else ''}")
     try:
-        path = resolve_model(args.model_id, args.revision)
+        # A hub id that is not cached is downloaded here, before any shard starts, as TGI's launcher
+        # does: config, tokenizer and safetensors only (serving never unpickles .bin weights).
+        path = resolve_or_download(args.model_id, args.revision)
     except ModelNotFoundError as err:
         logger.error(f"Model not found: {err}")
         return None
@@ -43,8 +45,12 @@ def run(argv: Sequence[str] | None = None, commands: Commands | None = None) -> 
         print(f"text-generation-launcher: error: {err}", file=sys.stderr)
         return 2
     setup_logging("launcher", json_output=args.json_output)
-    if args.otlp_endpoint is not None:
-        logger.warning(f"--otlp-endpoint {args.otlp_endpoint} ignored: trace export is not implemented")
+    if args.otlp_endpoint is not None or args.otlp_service_name is not None:
+        logger.warning("--otlp-endpoint/--otlp-service-name ignored: trace export is not implemented")
+    if args.validation_workers is not None:
+        logger.info(f"--validation-workers {args.validation_workers}: the router tokenizes on two threads of its own")
+    for note in tgis_environment_notes(os.environ):
+        logger.info(note)
     if args.huggingface_hub_cache is not None:
         # Read by model resolution here and inherited by every child.
         os.environ["HUGGINGFACE_HUB_CACHE"] = os.environ["HF_HUB_CACHE"] = args.huggingface_hub_cache

@@ -94,10 +94,20 @@ def shard_env(args: LauncherArgs, rank: int, base: Mapping[str, str]) -> dict[st
         MASTER_PORT=str(args.master_port),
     )
     env["CUDA_MEMORY_FRACTION"] = str(args.cuda_memory_fraction)
+    if args.disable_custom_kernels:
+        env["CPU_KERNELS"] = "off"
     if "OMP_NUM_THREADS" not in base:
         env["OMP_NUM_THREADS"] = str(max(1, _cpu_count() // args.num_shard))
     if args.huggingface_hub_cache is not None:
         env["HUGGINGFACE_HUB_CACHE"] = env["HF_HUB_CACHE"] = args.huggingface_hub_cache
+    return env
+
+
+def router_env(args: LauncherArgs, base: Mapping[str, str]) -> dict[str, str]:
+    """The router's environment: the launcher's, with the API key (kept off every command line)."""
+    env = dict(base)
+    if args.api_key is not None:
+        env["API_KEY"] = args.api_key
     return env
 
 
@@ -114,6 +124,8 @@ def router_argv(args: LauncherArgs, model_path: Path, commands: Commands) -> lis
         *router_limit_args(args),
         *router_tls_args(args),
     ]
+    if args.cors_allow_origin is not None:
+        argv += ["--cors-allow-origin", args.cors_allow_origin]
     if args.json_output:
         argv.append("--json-output")
     return argv
@@ -165,13 +177,14 @@ def serve(
                 logger.info(f"Shard {rank} ready ({elapsed:.1f} s)")
 
             logger.info("Starting router")
-            router = supervisor.spawn("router", router_argv(args, model_path, commands), env)
+            router = supervisor.spawn("router", router_argv(args, model_path, commands), router_env(args, env))
             elapsed = supervisor.wait_ready(router, _router_ready_probe(args))
             logger.info(f"Router ready ({elapsed:.1f} s)")
             logger.info(
                 f"Ready: fmaas.GenerationService on {args.hostname}:{args.grpc_port}{_tls_note(args)} "
                 f"(model {args.served_model_name}, {args.num_shard} shard{'s' if args.num_shard > 1 else ''}); "
-                f"HTTP /health and /metrics on {args.hostname}:{args.port}"
+                f"HTTP API (TGI routes, OpenAI-compatible /v1, /health, /metrics, /docs) on {args.hostname}:{args.port}"
+                f"{' (API key required)' if args.api_key else ''}"
             )
             ready = True
             supervisor.watch()

@@ -125,6 +125,20 @@ def resolve_model(model_id: str | None, revision: str | None = None) -> Path:
     return check_checkpoint_dir(snapshot, model_id=model_id)
 
 
+def resolve_or_download(model_id: str | None, revision: str | None = None, *, trust_remote_code: bool = False) -> Path:
+    """:func:`resolve_model`, and for a hub id not in the cache its download first, as
+    ``download-weights`` does (config, tokenizer, safetensors; refused offline naming the model and
+    ``download-weights``): what the launcher and ``quantize`` do with a model id, as TGI's do."""
+    try:
+        return resolve_model(model_id, revision)
+    except ModelNotCachedError:
+        if model_id is None:
+            raise
+    at = f" at revision {revision}" if revision else ""
+    logger.info(f"{model_id}{at} is not in the Hugging Face cache: downloading it first, as download-weights does")
+    return download_weights(model_id, revision, trust_remote_code=trust_remote_code)
+
+
 def download_weights(model_id: str | None, revision: str | None = None, *, trust_remote_code: bool = False) -> Path:
     """Download ``model_id`` (config, tokenizer, safetensors) into the Hugging Face cache and return its path.
 
@@ -298,7 +312,8 @@ def _download(model_id: str, revision: str | None, patterns: list[str]) -> Path:
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
         raise ModelNotFoundError(
             f"the Hugging Face hub is unreachable (offline, or HF_HUB_OFFLINE is set) and model {model_id} "
-            f"is not in the cache {cache}"
+            f"is not in the cache {cache}; download it where the hub is reachable with "
+            f"`text-generation-server download-weights {model_id}` and point HUGGINGFACE_HUB_CACHE at that cache"
         ) from None
     except (HfHubHTTPError, HFValidationError, OSError) as err:
         raise ModelNotFoundError(f"downloading model {model_id} failed: {err}") from None

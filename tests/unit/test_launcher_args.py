@@ -276,3 +276,51 @@ def test_tgis_environment_names_are_honoured_and_tgi_names_win_over_them():
     args = parse([], {"MODEL_NAME": "org/tgis", "MODEL_ID": "org/tgi"})
     assert args.model_id == "org/tgi"
     assert "DTYPE_STR='half'" in refused([], {"DTYPE_STR": "half"})
+
+
+def test_tgis_batch_weights_set_the_token_budgets_and_unhonourable_settings_are_refused():
+    from text_generation_launcher.args import tgis_environment_notes
+
+    args = parse([], {"MAX_BATCH_WEIGHT": "8192", "MAX_PREFILL_WEIGHT": "2048"})
+    assert (args.max_batch_total_tokens, args.max_batch_prefill_tokens) == (8192, 2048)
+    assert "OUTPUT_SPECIAL_TOKENS" in refused([], {"OUTPUT_SPECIAL_TOKENS": "true"})
+    assert "PT2_COMPILE" in refused([], {"PT2_COMPILE": "true"})
+    parse([], {"OUTPUT_SPECIAL_TOKENS": "false", "PT2_COMPILE": "false"})
+    notes = tgis_environment_notes({"DEPLOYMENT_FRAMEWORK": "tgis_native", "FLASH_ATTENTION": "true"})
+    assert [n.split("=")[0] for n in notes] == ["DEPLOYMENT_FRAMEWORK", "FLASH_ATTENTION"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--speculate", "2"], "--speculate 2: speculative decoding"),
+        (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8"),
+        (["--rope-scaling", "linear"], "config.json"),
+        (["--rope-factor", "2"], "config.json"),
+        (["--watermark-gamma", "0.5"], "watermarking"),
+        (["--lora-adapters", "org/a"], "adapters"),
+        (["--cuda-graphs", "1,2,4"], "CUDA graphs"),
+    ],
+)
+def test_tgi_flags_for_features_this_server_lacks_are_refused_naming_why(argv, needle):
+    assert needle in refused(argv)
+
+
+def test_tgi_flags_from_real_manifests_are_accepted_and_honoured():
+    from text_generation_launcher.launch import Commands, router_argv, router_env, shard_env
+
+    args = parse(["--speculate", "0", "--cuda-graphs", "0", "--usage-stats", "off", "--validation-workers", "4",
+                  "--enable-prefill-logprobs", "--disable-grammar-support", "--graceful-termination-timeout", "30",
+                  "--disable-custom-kernels", "--api-key", "k3y", "--cors-allow-origin", "https://a.example",
+                  "--max-client-batch-size", "8", "--max-best-of", "3"])  # fmt: skip
+    assert args.shutdown_timeout == 30.0
+    assert shard_env(args, 0, {})["CPU_KERNELS"] == "off"
+    assert "CPU_KERNELS" not in shard_env(parse([]), 0, {})
+    commands = Commands(server=("server",), router=("router",))
+    argv = router_argv(args, Path("/m"), commands)
+    # the key travels in the router's environment, never on a command line (ps shows those)
+    assert "k3y" not in " ".join(argv) and router_env(args, {"A": "1"}) == {"A": "1", "API_KEY": "k3y"}
+    assert argv[argv.index("--cors-allow-origin") + 1] == "https://a.example"
+    assert argv[argv.index("--max-client-batch-size") + 1] == "8"
+    assert argv[argv.index("--max-best-of") + 1] == "3"
+    assert parse([], {"USAGE_STATS": "no-stack"}).usage_stats == "no-stack"

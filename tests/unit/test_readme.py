@@ -125,7 +125,7 @@ def _sample(kind, candidates: list[str]) -> str:
 
 @pytest.mark.parametrize("flag", _FLAGS, ids=lambda f: f.names[0])
 def test_every_environment_variable_in_the_table_sets_its_flag(flag):
-    candidates = ["2", "true", "gptq", "float32", "0.5", str(README)]
+    candidates = ["2", "true", "gptq", "float32", "0.5", "off", "fp8", "linear", str(README)]
     value = _sample(flag.kind, candidates)
     baseline = build_parser(env={}).get_default(flag.dest)
     for env_name in flag.env:
@@ -159,7 +159,7 @@ def test_metric_labels_in_the_list_are_the_metrics_labels():
 
 @pytest.mark.parametrize(
     "heading",
-    ["Quick start", "Python client", "Serving a GPTQ model", "Quantizing a model", "bitsandbytes", "Sharding",
+    ["Quick start", "Python client", "HTTP API", "Serving a GPTQ model", "Quantizing a model", "bitsandbytes", "Sharding",
      "TLS", "Docker", "Kubernetes", "Configuration", "Metrics"],
 )
 def test_readme_has_the_section_a_user_expects(heading):

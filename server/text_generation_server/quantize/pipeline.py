@@ -65,22 +65,11 @@ def resolve(model_id: str | None, revision: str | None) -> Path:
     """The model's directory: a local one, the cached snapshot of a hub id, or, for a hub id not in
     the cache, its download (config, tokenizer and safetensors, as ``download-weights`` fetches
     them; refused offline, naming the model and ``download-weights``)."""
-    from text_generation_server.model_source import (
-        ModelNotCachedError,
-        download_weights,
-        resolve_model,
-    )
+    from text_generation_server.model_source import resolve_or_download
 
     if model_id in (None, "", "default"):
         model_id = None
-    try:
-        return resolve_model(model_id, revision)
-    except ModelNotCachedError:
-        if model_id is None:
-            raise
-    at = f" at revision {revision}" if revision else ""
-    logger.info(f"{model_id}{at} is not in the Hugging Face cache: downloading it first, as download-weights does")
-    return download_weights(model_id, revision)
+    return resolve_or_download(model_id, revision)
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool):
