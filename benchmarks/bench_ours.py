@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 from bench_prompts import Prompt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from text_generation_benchmark.http_target import HttpTarget
 from text_generation_benchmark.measure import Shape
 from text_generation_benchmark.server_target import ServerTarget
 from text_generation_benchmark.shard_target import ShardTarget
@@ -41,13 +42,14 @@ class Launcher:
     def __init__(self, name: str, args: list[str], workdir: Path, threads: int) -> None:
         self.name = name
         self.grpc_port = _free_port()
+        self.http_port = _free_port()
         self.uds_path = str(workdir / f"{name}-shard")
         self.log_path = workdir / f"{name}.log"
         self.cmd = [
             str(LAUNCHER),
             *args,
             "--grpc-port", str(self.grpc_port),
-            "--port", str(_free_port()),
+            "--port", str(self.http_port),
             "--shard-uds-path", self.uds_path,
             "--master-port", str(_free_port()),
         ]
@@ -108,14 +110,17 @@ class OurServer:
     def __init__(self, launcher: Launcher) -> None:
         self.launcher = launcher
         self.server = ServerTarget(launcher.address, connect_timeout=30)
+        self.http = HttpTarget(f"http://127.0.0.1:{launcher.http_port}")
         self.shard = ShardTarget(launcher.uds_path, connect_timeout=30)
 
     async def connect(self) -> None:
         await self.server.connect()
+        await self.http.connect()
         await self.shard.connect()
 
     async def close(self) -> None:
         await self.server.close()
+        await self.http.close()
         await self.shard.close()
 
     def describe(self) -> dict:
@@ -134,6 +139,15 @@ class OurServer:
         """Per-token times of the same generation with Prefill/Decode called on the shard directly."""
         run = await self.shard.run(Shape(1, len(prompt.ids), n), [prompt.ids])
         return run.inter_token_s
+
+    async def http_single_stream_times(self, prompt: Prompt, n: int) -> list[float]:
+        """Per-token times of one stream through HTTP /generate_stream (first token excluded)."""
+        run = await self.http.run(Shape(1, len(prompt.ids), n), [prompt.text])
+        return run.inter_token_s
+
+    async def http_ttft(self, prompt: Prompt) -> float:
+        run = await self.http.run(Shape(1, len(prompt.ids), 1), [prompt.text])
+        return run.ttft_s[0]
 
     async def batched(self, prompts: list[Prompt], n: int) -> float:
         run = await self.server.run(Shape(len(prompts), len(prompts[0].ids), n), [p.text for p in prompts])

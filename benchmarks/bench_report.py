@@ -29,6 +29,8 @@ class Contestant:
     ttft_s: list[float] = field(default_factory=list)
     grpc_per_token_ms: list[float] = field(default_factory=list)
     shard_per_token_ms: list[float] = field(default_factory=list)
+    http_per_token_ms: list[float] = field(default_factory=list)
+    http_ttft_s: list[float] = field(default_factory=list)
 
     @property
     def available(self) -> bool:
@@ -39,7 +41,8 @@ class Contestant:
         return statistics.median(values) if values else None
 
     def to_dict(self) -> dict[str, Any]:
-        figures = ("single_stream_tok_s", "batched_tok_s", "ttft_s", "grpc_per_token_ms", "shard_per_token_ms")
+        figures = ("single_stream_tok_s", "batched_tok_s", "ttft_s", "grpc_per_token_ms", "shard_per_token_ms",
+                   "http_per_token_ms", "http_ttft_s")
         return {
             "name": self.name,
             "ours": self.ours,
@@ -101,6 +104,13 @@ def ratios(rows: list[Contestant], streams: int, ttft_tokens: int) -> list[Ratio
             out.append(Ratio(f"server overhead (gRPC+router vs shard Decode): {ours.name}",
                              _per_round(ours.grpc_per_token_ms, ours.shard_per_token_ms, lambda g, s: g / s - 1),
                              "< 0.10", 0.10, False))
+        if len(ours.http_per_token_ms) == len(ours.grpc_per_token_ms) and ours.http_per_token_ms:
+            out.append(Ratio(f"single-stream tok/s, HTTP / gRPC: {ours.name}",
+                             _per_round(ours.grpc_per_token_ms, ours.http_per_token_ms, lambda g, h: g / h),
+                             ">= 0.95", 0.95, True))
+        if len(ours.http_ttft_s) == len(ours.ttft_s) and ours.http_ttft_s:
+            out.append(Ratio(f"TTFT {ttft_tokens}-token prompt, HTTP / gRPC: {ours.name}",
+                             _per_round(ours.http_ttft_s, ours.ttft_s, div), "<= 1.05", 1.05, False))
     return out
 
 

@@ -12,7 +12,9 @@ same CPU threads:
   transformers, one multi-sequence batch for llama.cpp);
 - time to first token for a long prompt;
 - our per-token time through gRPC + router versus the shard's Decode
-  called directly (the server overhead).
+  called directly (the server overhead);
+- our single-stream per-token time and time to first token through the
+  HTTP API (/generate_stream) against the same through gRPC.
 
 Timings on a shared host vary several-fold, so only ratios taken within a
 round are compared, and the load average is printed with them. Results go
@@ -163,9 +165,11 @@ async def measure_one(row: Contestant, impl, prompts, long_prompt, opts, warmup:
     batch = prompts[: opts.streams]
     if isinstance(impl, OurServer):
         grpc_gaps = await impl.single_stream_times(prompts[0], n)
+        http_gaps = await impl.http_single_stream_times(prompts[0], n)
         shard_gaps = await impl.shard_decode_times(prompts[0], n)
         batched = await impl.batched(batch, 4 if warmup else n)
         ttft = await impl.ttft(long_prompt)
+        http_ttft = await impl.http_ttft(long_prompt)
         if warmup:
             return
         grpc_ms = 1e3 * sum(grpc_gaps) / len(grpc_gaps)
@@ -173,6 +177,9 @@ async def measure_one(row: Contestant, impl, prompts, long_prompt, opts, warmup:
         row.single_stream_tok_s.append(1e3 / grpc_ms)
         row.grpc_per_token_ms.append(grpc_ms)
         row.shard_per_token_ms.append(shard_ms)
+        if http_gaps:  # TGI's API has no minimum length: a stream ending at its first token has no gap
+            row.http_per_token_ms.append(1e3 * sum(http_gaps) / len(http_gaps))
+        row.http_ttft_s.append(http_ttft)
     else:
         single = impl.single_stream(prompts[0].ids, n)
         batched = impl.batched([p.ids for p in batch], 4 if warmup else n)

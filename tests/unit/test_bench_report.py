@@ -24,7 +24,8 @@ META = {
 def rows() -> list[Contestant]:
     ours = Contestant("ours_gptq", "ours GPTQ", True, "4bit", single_stream_tok_s=[100, 40, 90],
                       batched_tok_s=[300, 300, 300], ttft_s=[0.2, 0.5, 0.3],
-                      grpc_per_token_ms=[11, 22, 10.5], shard_per_token_ms=[10, 20, 10])
+                      grpc_per_token_ms=[11, 22, 10.5], shard_per_token_ms=[10, 20, 10],
+                      http_per_token_ms=[11, 20, 21], http_ttft_s=[0.2, 0.55, 0.3])
     missing = Contestant("ours_fp32", "ours fp32", True, "fp32", why_unavailable="did not start")
     tf = Contestant("transformers", "transformers fp32", False, "fp32", single_stream_tok_s=[20, 10, 30],
                     batched_tok_s=[100, 200, 150], ttft_s=[1.0, 1.0, 0.5])
@@ -42,6 +43,10 @@ def test_ratios_are_taken_within_each_round_then_the_median():
     assert ttft.values == [0.2, 0.5, 0.6] and ttft.value == 0.5 and ttft.met
     overhead = by_name["server overhead (gRPC+router vs shard Decode): ours GPTQ"]
     assert overhead.values == pytest.approx([0.1, 0.1, 0.05]) and not overhead.met
+    http = by_name["single-stream tok/s, HTTP / gRPC: ours GPTQ"]  # gRPC ms / HTTP ms
+    assert http.values == pytest.approx([1.0, 1.1, 0.5]) and http.value == 1.0 and http.met
+    http_ttft = by_name["TTFT 512-token prompt, HTTP / gRPC: ours GPTQ"]
+    assert http_ttft.values == pytest.approx([1.0, 1.1, 1.0]) and http_ttft.met
 
 
 def test_unavailable_rows_give_no_ratio_but_are_listed_with_their_reason():

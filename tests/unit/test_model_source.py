@@ -538,3 +538,39 @@ def test_a_repository_without_any_weights_is_named_as_such_without_consent(fake_
 def test_download_weights_of_a_missing_repository_names_it(fake_hub):
     with pytest.raises(ModelNotFoundError, match="model org/missing does not exist on the Hugging Face hub"):
         download_weights("org/missing")
+
+
+def test_the_launcher_downloads_a_hub_id_that_is_not_cached_before_any_shard_starts(fake_hub, tiny_llama, tmp_path,
+                                                                                     capfd, monkeypatch):
+    """As TGI's launcher: `--model-id ORG/NAME` not in the cache is fetched (config, tokenizer,
+    safetensors; the revision passed on) before the shards are started; offline it is refused
+    naming the model and download-weights, and nothing is started."""
+    from text_generation_launcher import cli as launcher_cli
+    from text_generation_launcher.args import parse_args
+
+    remotes, calls = fake_hub
+    remote = copy_checkpoint(tiny_llama, tmp_path / "remote")
+    (remote / "pytorch_model.bin").write_bytes(b"x")
+    remotes["org/tiny"] = remote
+    started = []
+    monkeypatch.setattr(launcher_cli, "serve", lambda args, path, *rest: started.append(path) or 0)
+    assert launcher_cli.run(["--model-id", "org/tiny"]) == 0
+    assert len(calls) == 1 and not any(p.endswith(".bin") for p in calls[0])
+    assert started == [resolve_model("org/tiny")]
+    assert "org/tiny is not in the Hugging Face cache: downloading it first" in capfd.readouterr().err
+
+    import huggingface_hub
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    def offline(*args, local_files_only=False, **kwargs):
+        if local_files_only:
+            from huggingface_hub.errors import LocalEntryNotFoundError
+
+            raise LocalEntryNotFoundError("not cached")
+        raise OfflineModeIsEnabled("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert launcher_cli.run(["--model-id", "org/other", "--revision", "v2"]) == 1
+    err = capfd.readouterr().err
+    assert "org/other" in err and "download-weights org/other" in err and len(started) == 1
+    assert parse_args(["--model-id", "org/other"], env={}).model_id == "org/other"
