@@ -7,9 +7,14 @@
 #   docker build -t text-generation-server:0.1.0 .                   # CUDA (default target)
 #   docker build --target cpu -t text-generation-server:0.1.0-cpu .  # CPU only
 #
-#   docker run --gpus all --shm-size 1g -p 8033:8033 -p 3000:3000 -v "$PWD/data:/data" \
+#   docker run --gpus all --shm-size 1g -p 8033:8033 -p 8080:80 -v "$PWD/data:/data" \
 #       text-generation-server:0.1.0 --model-id M --quantize gptq --sharded true --num-shard 2
+#   curl localhost:8080/generate -X POST -H 'Content-Type: application/json' \
+#       -d '{"inputs": "The capital of France is", "parameters": {"max_new_tokens": 20}}'
 #
+# Ports: gRPC (fmaas.GenerationService) on 8033; the HTTP API (TGI's routes,
+# the OpenAI-compatible /v1 routes, /health, /metrics) on 80, as in TGI's
+# image (ENV PORT=80 below; -e PORT=... moves it).
 # --shm-size: sharded runs exchange tensors through /dev/shm (NCCL on CUDA),
 # and Docker's default of 64 MB is too small for them; give at least 1g.
 # /data holds the Hugging Face cache and the converted default model: mount
@@ -92,21 +97,28 @@ COPY --from=cpu-builder /opt/venv /opt/venv
 
 # HOSTNAME: Docker and Kubernetes set it to the container's name, and the
 # launcher reads HOSTNAME as the address to listen on; pin all interfaces.
+# PORT: the HTTP API listens on 80, as in TGI's image (the launcher's own
+# default is 3000). uid 1000 may bind a port below 1024 here because Docker
+# (20.10+) sets net.ipv4.ip_unprivileged_port_start=0 in a container's own
+# network namespace. Where that sysctl is not set (Kubernetes pods by
+# default, `docker run --network host`, older engines) set PORT to 1024 or
+# above: the Kubernetes manifests set PORT=3000.
 ENV PATH=/opt/venv/bin:$PATH \
     VIRTUAL_ENV=/opt/venv \
     HOME=/home/tgi \
     HOSTNAME=0.0.0.0 \
+    PORT=80 \
     HUGGINGFACE_HUB_CACHE=/data \
     TEXT_GENERATION_CACHE=/data/text-generation-server \
     PYTHONUNBUFFERED=1
 
 VOLUME /data
 WORKDIR /home/tgi
-EXPOSE 8033 3000
+EXPOSE 8033 80
 USER 1000:1000
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30m --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '3000'), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '80'), timeout=4)"]
 
 ENTRYPOINT ["tini", "--", "text-generation-launcher"]
 
@@ -179,20 +191,25 @@ RUN groupadd --gid 1000 tgi \
 
 COPY --from=cuda-builder /opt/venv /opt/venv
 
+# As in the cpu image: HOSTNAME pins all interfaces; PORT=80 puts the HTTP
+# API where TGI's image has it, which uid 1000 may bind because Docker
+# (20.10+) sets net.ipv4.ip_unprivileged_port_start=0 in containers (not
+# under --network host, nor in Kubernetes pods: there set PORT=3000).
 ENV PATH=/opt/venv/bin:$PATH \
     VIRTUAL_ENV=/opt/venv \
     HOME=/home/tgi \
     HOSTNAME=0.0.0.0 \
+    PORT=80 \
     HUGGINGFACE_HUB_CACHE=/data \
     TEXT_GENERATION_CACHE=/data/text-generation-server \
     PYTHONUNBUFFERED=1
 
 VOLUME /data
 WORKDIR /home/tgi
-EXPOSE 8033 3000
+EXPOSE 8033 80
 USER 1000:1000
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30m --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '3000'), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '80'), timeout=4)"]
 
 ENTRYPOINT ["tini", "--", "text-generation-launcher"]

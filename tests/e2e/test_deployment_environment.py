@@ -4,9 +4,10 @@ No flags: the environment is the image's ENV (from the Dockerfile), then
 the cpu overlay's ConfigMap, then the container's own env, as Kubernetes
 layers them. Only what cannot hold on a test host is replaced: /data becomes
 a temporary directory, the model is the tiny test checkpoint, the ports are
-free ones and there is one thread. The pod's probes, the image's
-HEALTHCHECK and the autoscaler's metric must then work against the real
-processes, and SIGTERM must end everything within the pod's grace period.
+free ones (the pod's PORT is checked first) and there is one thread. The
+pod's probes, the image's HEALTHCHECK and the autoscaler's metric must then
+work against the real processes, and SIGTERM must end everything within the
+pod's grace period.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def test_pod_environment_serves_probes_and_stops_within_the_grace_period(launch,
     env = {k: v.replace("/data", str(data)) if v.startswith("/data") else v for k, v in env.items()}
     env.update(MODEL_ID=str(tiny_llama), OMP_NUM_THREADS="1")
     assert env["HOSTNAME"] == "0.0.0.0" and env["NUM_SHARD"] == "1"
+    # The pod's PORT (its `http` container port) wins over the image's PORT=80, which a non-root pod cannot bind.
+    assert image.env()["PORT"] == "80"
+    assert env["PORT"] == str({p["name"]: p["containerPort"] for p in server["ports"]}["http"])
 
     started = launch([], env=env)
 

@@ -172,12 +172,28 @@ def test_image_passes_every_argument_to_the_launcher(dockerfile, target):
 
 
 @pytest.mark.parametrize("target", FINAL_TARGETS)
-def test_image_exposes_the_launchers_default_ports(dockerfile, target):
+def test_image_serves_http_on_port_80_like_tgis_image_and_exposes_it(dockerfile, target):
+    """`docker run -p 8080:80 IMAGE` answers `curl localhost:8080/generate`, as with TGI's image."""
     from text_generation_launcher.args import parse_args
 
+    stage = dockerfile.stage(target)
+    env = stage.env()
+    assert env["PORT"] == "80"
+    # The launcher reads the image's PORT (its own default, 3000, is not what the image serves on).
+    image_args = parse_args([], env={"PORT": env["PORT"]}, cuda_device_count=lambda: 0)
     defaults = parse_args([], env={}, cuda_device_count=lambda: 0)
-    exposed = {int(p.split("/")[0]) for i in dockerfile.stage(target).find("EXPOSE") for p in i.value.split()}
-    assert exposed == {defaults.grpc_port, defaults.port} == {8033, 3000}
+    assert image_args.port == 80 and image_args.grpc_port == defaults.grpc_port == 8033
+    exposed = {int(p.split("/")[0]) for i in stage.find("EXPOSE") for p in i.value.split()}
+    assert exposed == {image_args.grpc_port, int(env["PORT"])} == {8033, 80}
+
+
+def test_binding_port_80_as_a_non_root_user_is_explained():
+    # uid 1000 binds 80 only because Docker sets this sysctl in a container's network namespace.
+    text = DOCKERFILE.read_text()
+    assert "net.ipv4.ip_unprivileged_port_start=0" in text and "-p 8080:80" in text
+    readme = DEPLOY_README.read_text()
+    assert "net.ipv4.ip_unprivileged_port_start=0" in readme and "-p 8080:80" in readme
+    assert "-p 3000:3000 -v" not in readme, "a docker run example still publishes the launcher's default port"
 
 
 @pytest.mark.parametrize("target", FINAL_TARGETS)
@@ -351,6 +367,9 @@ def test_healthcheck_passes_when_health_is_200_and_fails_on_503(dockerfile, targ
     assert rest.startswith("CMD ")
     argv = Instruction("CMD", rest[4:], healthcheck.line).exec_form()
     assert argv and argv[0] == "python"
+    # Without PORT in the environment it falls back to the port the image sets.
+    (fallback,) = re.findall(r"os\.environ\.get\('PORT', '(\d+)'\)", argv[-1])
+    assert fallback == dockerfile.stage(target).env()["PORT"] == "80"
     # The start period covers model loading, as the Kubernetes startup probe does.
     assert flags["start-period"] == "30m"
     for status, ok in ((200, True), (503, False)):

@@ -325,6 +325,39 @@ def test_launcher_listens_on_all_interfaces_without_service_link_variables(overl
     assert pod_spec(deployment)["enableServiceLinks"] is False
 
 
+def image_env(overlay: str) -> dict[str, str]:
+    """The ENV of the Dockerfile target the overlay's main container runs (cpu for a -cpu tag, else cuda)."""
+    _, tag, _ = split_image(container(one(rendered(overlay), "Deployment"))["image"])
+    target = "cpu" if tag and tag.endswith("-cpu") else "cuda"
+    return Dockerfile.load(REPO / "Dockerfile").stage(target).env()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pod_serves_http_on_its_http_container_port_not_the_images_port_80(overlay):
+    """The image's PORT=80 binds under Docker only (it sets net.ipv4.ip_unprivileged_port_start=0).
+
+    A pod running as uid 1000 with every capability dropped cannot bind below
+    1024, so the container's env sets PORT to the `http` containerPort, over
+    the image's ENV (Kubernetes layers the container's env over the image's).
+    """
+    from text_generation_launcher.args import parse_args
+
+    resources = rendered(overlay)
+    deployment = one(resources, "Deployment")
+    server = container(deployment)
+    image = image_env(overlay)
+    assert image["PORT"] == "80"
+    env = {**image, **container_env(server, resources)}
+    args = parse_args([], env=env, cuda_device_count=lambda: 0)
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    assert {"name": "PORT", "value": str(ports["http"])} in server["env"]
+    assert args.port == ports["http"] == 3000
+    assert args.grpc_port == ports["grpc"] == 8033
+    assert pod_spec(deployment)["securityContext"]["runAsUser"] != 0
+    assert server["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert min(ports.values()) >= 1024, "a non-root pod without NET_BIND_SERVICE cannot bind it"
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_model_caches_are_on_the_persistent_volume(overlay):
     resources = rendered(overlay)
@@ -342,7 +375,7 @@ def test_configmap_is_a_valid_launcher_configuration(overlay):
     args, env = launcher_args(overlay)  # raises ArgsError on a contradiction
     deployment = one(rendered(overlay), "Deployment")
     ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
-    assert (args.grpc_port, args.port) == (ports["grpc"], ports["http-metrics"])
+    assert (args.grpc_port, args.port) == (ports["grpc"], ports["http"])
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(args.port)
     assert annotations["prometheus.io/path"] == "/metrics"
@@ -403,7 +436,8 @@ def test_gpu_init_container_downloads_the_configured_model_into_the_volume(tmp_p
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_service_exposes_grpc_and_metrics_on_the_pods_named_ports(overlay):
+def test_service_exposes_grpc_and_the_http_api_on_the_pods_named_ports(overlay):
+    args, env = launcher_args(overlay)
     resources = rendered(overlay)
     deployment = one(resources, "Deployment")
     service = one(resources, "Service")
@@ -411,12 +445,19 @@ def test_service_exposes_grpc_and_metrics_on_the_pods_named_ports(overlay):
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert service["spec"]["selector"].items() <= labels.items()
     ports = {p["name"]: p for p in service["spec"]["ports"]}
-    assert set(ports) == {"grpc", "http-metrics"}
-    assert ports["grpc"]["port"] == 8033 and ports["grpc"]["appProtocol"] == "grpc"
-    assert ports["http-metrics"]["port"] == 3000
+    assert set(ports) == {"grpc", "http"}
     named = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+    assert set(named) == set(ports)
     for name, port in ports.items():
-        assert named[port["targetPort"]] == port["port"], name
+        # By name, so the Service follows the container port; each to the port of its own name.
+        assert port["targetPort"] == name and port["protocol"] == "TCP", name
+    assert ports["grpc"]["port"] == named["grpc"] == args.grpc_port == 8033
+    assert ports["grpc"]["appProtocol"] == "grpc"
+    # The HTTP API on the Service's port 80, where TGI's image (and this one: ENV PORT=80) serves it,
+    # reaching the pod's `http` port, on which the launcher listens (the container's PORT).
+    assert ports["http"]["port"] == int(image_env(overlay)["PORT"]) == 80
+    assert ports["http"]["appProtocol"] == "http"
+    assert named["http"] == int(env["PORT"]) == args.port == 3000
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -65,11 +65,14 @@ def test_tls_overlay_changes_only_tls_env_mount_and_probes():
 def test_probes_use_http_health_because_kubelet_grpc_probes_have_no_tls():
     container = server(deployment("tls"))
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     for probe in PROBES:
         spec = container[probe]
         assert {"grpc", "httpGet", "tcpSocket", "exec"} & set(spec) == {"httpGet"}, probe
         assert spec["httpGet"]["path"] == "/health"
-        assert ports[spec["httpGet"]["port"]] == 3000
+        # The plaintext HTTP API's container port, where the launcher listens (the container's PORT).
+        assert spec["httpGet"]["port"] == "http", probe
+        assert ports["http"] == int(env["PORT"]) == 3000
 
 
 def test_tls_variables_point_into_the_mounted_secret_and_the_launcher_accepts_them(tmp_path):
