@@ -502,3 +502,29 @@ def test_stream_events_carry_a_tgi_error_when_generation_fails_midway(harness):
         h.group.shards[0].fail_next["Decode"] = (__import__("grpc").StatusCode.INTERNAL, "device lost")
         events = [json.loads(line[5:]) for line in lines if line]
     assert "error" in events[-1] and events[-1]["error_type"] in ("generation", "unavailable")
+
+
+def test_a_client_that_stops_reading_its_stream_is_cancelled_after_the_write_timeout(harness):
+    """As GenerateStream over gRPC: an SSE reader that takes nothing for --stream-write-timeout
+    has its generation cancelled (KV freed, admission returned, counted as stalled)."""
+    # About 600 bytes per event, 30 000 events: more than the kernel's largest send buffer (4 MiB
+    # by default) and uvicorn's 64 KiB can hold, so the writes must block.
+    h = harness(FakeModel(max_position_embeddings=32768, kv_capacity=10_000_000), stream_write_timeout=0.5,
+                max_new_tokens=30000, max_total_tokens=32768)
+    body = json.dumps({"inputs": "Hello", "parameters": {"max_new_tokens": 30000, "top_n_tokens": 5}}).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # before connecting: a small window
+    sock.connect(("127.0.0.1", h.router.http_port))
+    try:
+        sock.sendall(b"POST /generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not h.metric("tgi_request_failure_total", err="stalled", api="http"):
+            time.sleep(0.05)
+        assert h.metric("tgi_request_failure_total", err="stalled", api="http") == 1
+        while time.monotonic() < deadline and (h.router.state.in_flight or h.shard.tokens_held()):
+            time.sleep(0.05)
+        assert h.router.state.in_flight == 0 and h.shard.tokens_held() == 0
+        assert h.metric("tgi_generated_tokens_total") < 30000
+    finally:
+        sock.close()

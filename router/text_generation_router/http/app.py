@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..serving import ApiError, ServingState
 from ..validation import ValidationError
 from . import openai, tgi
+from .calls import EventSource
 from .errors import error_body
 from .schemas import (
     ChatCompletion,
@@ -123,6 +124,34 @@ class _Guard:
         )(scope, receive, send)
 
 
+class EventStream(StreamingResponse):
+    """Server-sent events, each of which the client must take within --stream-write-timeout.
+
+    A client that stops reading fills the connection's buffers and every later write waits; its
+    generation is then cancelled (KV freed, admission returned, counted as stalled) and the
+    connection closed, as GenerateStream does over gRPC.
+    """
+
+    def __init__(self, source: EventSource, write_timeout: float) -> None:
+        super().__init__(source.events, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.source = source
+        self.write_timeout = write_timeout
+
+    async def stream_response(self, send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.body_iterator:
+                try:
+                    async with asyncio.timeout(self.write_timeout):
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                except TimeoutError:
+                    self.source.call.stall(self.write_timeout)
+                    return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await self.source.events.aclose()
+
+
 def _readable(err: RequestValidationError, content_type: str) -> str:
     """One line naming each field that did not parse and why."""
     problems = []
@@ -181,7 +210,7 @@ def build_app(state: ServingState, settings: HttpSettings, *, is_serving: Callab
             return JSONResponse(body, status_code=status)
         if isinstance(result, dict | list):
             return JSONResponse(result)
-        return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)
+        return EventStream(result, state.limits.stream_write_timeout)
 
     # ---- TGI --------------------------------------------------------------------------------
 

@@ -121,6 +121,14 @@ class Call:
         for entry in self.entries:
             self.state.scheduler.cancel(entry, why="by the client (HTTP connection closed)")
 
+    def stall(self, timeout: float) -> None:
+        """The client stopped reading its event stream: cancel, counted as stalled."""
+        for entry in self.entries:
+            self.state.scheduler.cancel(
+                entry, cause="stalled",
+                why=f"because the client took no event for {timeout:g} s (--stream-write-timeout)",
+            )
+
     def close(self) -> None:
         """Stop watching, cancel what did not finish, return the admission slots (idempotent)."""
         if self._watcher is not None:
@@ -130,6 +138,14 @@ class Call:
             for entry in self.entries:
                 self.state.scheduler.cancel(entry)
         self._stack.close()
+
+
+@dataclass
+class EventSource:
+    """A started streaming call: its server-sent events and the call they belong to."""
+
+    events: AsyncIterator[bytes]
+    call: Call
 
 
 async def _cancel_on_disconnect(request: Request, cancel: Callable[[], None]) -> None:

@@ -24,7 +24,7 @@ from text_generation_server.pb.fmaas import generation_pb2 as fmaas
 from ..request import Step, TokenOut
 from ..serving import ServingState
 from ..validation import ValidationError
-from .calls import Call, Outcome, collect, events, finish_reason
+from .calls import Call, EventSource, Outcome, collect, events, finish_reason
 from .schemas import ChatRequest, CompletionRequest
 from .tgi import error_json, sse
 
@@ -175,7 +175,7 @@ async def chat_completions(state: ServingState, request: Request, body: ChatRequ
         call.close()
         raise
     if body.stream:
-        return _chat_stream(state, call, entry, body, top_n)
+        return EventSource(_chat_stream(state, call, entry, body, top_n), call)
     try:
         outcome = await collect(entry)
     finally:
@@ -265,7 +265,7 @@ async def completions(state: ServingState, request: Request, body: CompletionReq
         call.close()
         raise
     if body.stream:
-        return _completions_stream(state, call, entries, body)
+        return EventSource(_completions_stream(state, call, entries, body), call)
     try:
         outcomes = await asyncio.gather(*(collect(e) for e in entries))
     finally:

@@ -22,7 +22,7 @@ from text_generation_server.pb.fmaas import generation_pb2 as fmaas
 from ..request import InputTokens, TokenOut
 from ..serving import ServingState
 from ..validation import ValidationError
-from .calls import Call, Outcome, collect, events, finish_reason
+from .calls import Call, EventSource, Outcome, collect, events, finish_reason
 from .schemas import GenerateParameters
 
 API = "http"
@@ -175,7 +175,7 @@ async def generate_stream(state: ServingState, request: Request, body) -> AsyncI
     except BaseException:
         call.close()
         raise
-    return _stream_events(state, call, entry, body)
+    return EventSource(_stream_events(state, call, entry, body), call)
 
 
 async def _stream_events(state: ServingState, call: Call, entry, body) -> AsyncIterator[bytes]:
