@@ -456,12 +456,20 @@ def test_metrics_label_the_api_of_each_request(harness):
     requests.post(url(h, "/v1/completions"), json={"prompt": "Hi", "max_tokens": 2}, timeout=10)
     grpc_greedy(h, "Hi", 2)
     requests.post(url(h, "/generate"), json={"inputs": ""}, timeout=10)
-    assert h.metric("tgi_request_count_total", kind="single", api="http") == 2  # the refused one too
+    h.group.shards[0].fail_next["Prefill"] = (__import__("grpc").StatusCode.INTERNAL, "device lost")
+    failed = requests.post(url(h, "/generate"), json={"inputs": "Hi"}, headers={"x-correlation-id": "abc-1"},
+                           timeout=10)
+    assert failed.status_code in (424, 503)
+    assert h.metric("tgi_request_count_total", kind="single", api="http") == 3  # the refused ones too
     for api in ("openai", "grpc"):
         assert h.metric("tgi_request_count_total", kind="single", api=api) == 1, api
     for api in ("http", "openai", "grpc"):
         assert h.metric("tgi_request_success_total", kind="single", stop_reason="MAX_TOKENS", api=api) == 1, api
     assert h.metric("tgi_request_failure_total", err="validation", api="http") == 1
+    # a failed generation is counted once, by the scheduler
+    generate = h.metric("tgi_request_failure_total", err="generate", api="http")
+    unavailable = h.metric("tgi_request_failure_total", err="unavailable", api="http")
+    assert generate + unavailable == 1
 
 
 def test_http_and_grpc_share_admission(harness):

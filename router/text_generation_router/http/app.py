@@ -198,11 +198,14 @@ def build_app(state: ServingState, settings: HttpSettings, *, is_serving: Callab
             result = await work
         except (ValidationError, ApiError) as err:
             status, body = error_body(err)
-            cause = {422: "validation", 429: None, 503: "unavailable"}.get(status, "generate")
-            if cause:  # admission refusals are counted where they happen (conc_limit)
-                state.metrics.request_failure.labels(err=cause, api=api).inc()
+            # Counted here as the gRPC servicer counts them: a refused request (validation) and an
+            # unavailable server; admission (conc_limit) and generation failures (generate) are
+            # counted where they happen.
             if isinstance(err, ValidationError):
+                state.metrics.request_failure.labels(err="validation", api=api).inc()
                 logger.warning(f"Rejected HTTP request: {err}")
+            elif status == 503:
+                state.metrics.request_failure.labels(err="unavailable", api=api).inc()
             return JSONResponse(body, status_code=status)
         except Exception as err:
             state.metrics.request_failure.labels(err="internal", api=api).inc()

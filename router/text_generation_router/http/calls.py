@@ -113,7 +113,10 @@ class Call:
         except BaseException:
             self._stack.close()
             raise
-        self.entries = state.scheduler.submit(validated, kind=self.kind, api=self.api)
+        # TGIS's x-correlation-id, taken from an HTTP header as from gRPC metadata: it names the
+        # requests in every log line about them.
+        correlation_id = request.headers.get("x-correlation-id", "")
+        self.entries = state.scheduler.submit(validated, kind=self.kind, api=self.api, correlation_id=correlation_id)
         self._watcher = asyncio.ensure_future(_cancel_on_disconnect(request, self.cancel_all))
         return self.entries
 
