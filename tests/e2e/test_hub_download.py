@@ -52,7 +52,7 @@ def test_an_uncached_hub_id_is_downloaded_then_served(hub, tmp_path):
         assert info["model_id"] == "org/tiny"
         log = server.log_path.read_text()
         assert "org/tiny at revision main is not in the Hugging Face cache: downloading it first" in log
-XX
+        assert f"Fetching {len(wanted)} files" in log  # huggingface_hub progress bar
         assert log.index("downloading it first") < log.index("Starting shard 0")
     finally:
         assert server.stop() == 0, server.log_tail()
