@@ -222,7 +222,7 @@ class Validator:
         if n > limits.max_input_tokens:
             raise ValidationError(
                 f"{where}: input has {n} tokens but max_input_tokens is {limits.max_input_tokens}; "
-                f"shorten the input or set truncate_input_tokens (keeps the last N tokens)"
+                f"shorten the input or set truncate_input_tokens (HTTP: truncate; keeps the last N tokens)"
             )
         if n + p.min_new_tokens > limits.max_total_tokens:
             raise ValidationError(

@@ -536,3 +536,26 @@ def test_a_client_that_stops_reading_its_stream_is_cancelled_after_the_write_tim
         assert h.metric("tgi_generated_tokens_total") < 30000
     finally:
         sock.close()
+
+
+def test_requests_the_server_cancels_while_draining_get_503_or_an_error_event(harness):
+    import threading
+
+    h = harness(FakeModel(step_delay=0.02))
+    answers = {}
+
+    def unary():
+        answers["unary"] = requests.post(url(h, "/generate"), json={"inputs": "Hi", "parameters": {
+            "max_new_tokens": 500}}, timeout=20)
+
+    thread = threading.Thread(target=unary)
+    thread.start()
+    stream = requests.post(url(h, "/generate_stream"), json={"inputs": "Hello", "parameters": {
+        "max_new_tokens": 500}}, stream=True, timeout=20)
+    lines = stream.iter_lines()
+    assert json.loads(next(line for line in lines if line)[5:])["index"] == 1
+    h.loop.call(h.router.scheduler.cancel_all)
+    thread.join(20)
+    assert answers["unary"].status_code == 503 and "shutting down" in answers["unary"].json()["error"]
+    last = json.loads([line for line in lines if line][-1][5:])
+    assert last["error_type"] == "unavailable" and "shutting down" in last["error"]

@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import grpc
 from fastapi import Request
 from text_generation_server.pb.fmaas import generation_pb2 as fmaas
 
@@ -65,7 +66,16 @@ async def events(entry: Entry) -> AsyncIterator[InputTokens | Step]:
             return
 
 
+def cancelled_error() -> ApiError:
+    """What a request cancelled by the server (a drain running out of time) answers."""
+    return ApiError(
+        grpc.StatusCode.UNAVAILABLE,
+        "the request was cancelled before it finished: the server is shutting down; retry on another replica",
+    )
+
+
 async def collect(entry: Entry) -> Outcome:
+    """Wait for one prompt to finish; ApiError when it failed or was cancelled."""
     outcome = Outcome(entry.request)
     parts = []
     async for event in events(entry):
@@ -76,6 +86,8 @@ async def collect(entry: Entry) -> Outcome:
         if event.token is not None:
             outcome.steps.append(event)
         outcome.last = event
+    if outcome.last.stop_reason == fmaas.CANCELLED:
+        raise cancelled_error()
     outcome.text = "".join(parts)
     return outcome
 

@@ -24,7 +24,7 @@ from text_generation_server.pb.fmaas import generation_pb2 as fmaas
 from ..request import Step, TokenOut
 from ..serving import ServingState
 from ..validation import ValidationError
-from .calls import Call, EventSource, Outcome, collect, events, finish_reason
+from .calls import Call, EventSource, Outcome, cancelled_error, collect, events, finish_reason
 from .schemas import ChatRequest, CompletionRequest
 from .tgi import error_json, sse
 
@@ -201,6 +201,7 @@ async def _chat_stream(state: ServingState, call: Call, entry, body: ChatRequest
             if not isinstance(event, Step) or (event.token is None and not event.finished):
                 continue
             if event.token is None and event.stop_reason == fmaas.CANCELLED:
+                yield sse(error_json(cancelled_error()))
                 return
             choice = {
                 "index": 0,
@@ -314,6 +315,7 @@ async def _completions_stream(state: ServingState, call: Call, entries, body: Co
             if not isinstance(event, Step) or (event.token is None and not event.finished):
                 continue
             if event.token is None and event.stop_reason == fmaas.CANCELLED:
+                yield sse(error_json(cancelled_error()))
                 return
             generated[index] = event.generated_tokens
             logprobs = None

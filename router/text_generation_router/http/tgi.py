@@ -22,7 +22,7 @@ from text_generation_server.pb.fmaas import generation_pb2 as fmaas
 from ..request import InputTokens, TokenOut
 from ..serving import ServingState
 from ..validation import ValidationError
-from .calls import Call, EventSource, Outcome, collect, events, finish_reason
+from .calls import Call, EventSource, Outcome, cancelled_error, collect, events, finish_reason
 from .schemas import GenerateParameters
 
 API = "http"
@@ -190,10 +190,10 @@ async def _stream_events(state: ServingState, call: Call, entry, body) -> AsyncI
                 continue
             parts.append(event.text)
             if event.token is None:
-                if not event.finished:
-                    continue
-                # Ended without a new token (cancelled): nothing more to send.
-                return
+                if event.finished:  # cancelled by the server (the client's own cancel ends the stream)
+                    yield sse(error_json(cancelled_error()))
+                    return
+                continue
             index += 1
             special = state.tokenizer.is_special(event.token.token_id)
             message = {
