@@ -59,8 +59,24 @@ class SafetensorsCheckpoint:
         with safe_open(str(self._where[name]), framework="pt") as handle:
             return handle.get_tensor(name)
 
+    def shape(self, name: str) -> list[int]:
+        """The tensor's shape, read from the file's header (nothing is loaded)."""
+        with safe_open(str(self._where[name]), framework="pt") as handle:
+            return handle.get_slice(name).get_shape()
+
+    def dtype(self, name: str) -> torch.dtype:
+        with safe_open(str(self._where[name]), framework="pt") as handle:
+            return _TORCH_DTYPES[handle.get_slice(name).get_dtype()]
+
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in set(self._where.values()))
+
+
+_TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def read_config_json(path: Path) -> dict:

@@ -196,7 +196,8 @@ def quantize_checkpoint(
     }
     qconfig = quantization_config(spec, true_sequential, calib_meta)
     with atomic_output_dir(output_dir) as tmp:
-        write_checkpoint(tmp, model_path, result.tensors, result.replaced, qconfig)
+        packed = {**progress.packed_tensors(config.num_hidden_layers), **result.tensors}
+        write_checkpoint(tmp, model_path, packed, result.replaced, qconfig)
     progress.finish()
     size = sum(f.stat().st_size for f in output_dir.iterdir() if f.is_file())
     logger.info(

@@ -2,10 +2,11 @@
 
 Beside OUTPUT_DIR, in ``.OUTPUT_DIR.progress/``: the run's settings (``run.json``), each
 finished layer's packed tensors and error reports (``layer-NNNNN.safetensors``, its reports in
-the file's metadata) and the calibration activations leaving the last saved layer
-(``hidden-NNNNN.pt``). Progress is saved at most every ``every_s`` seconds (the activations are
-as large as the calibration set times the hidden size; layers finished since the last save are
-redone on resume). Every file is written to a temporary name and renamed into place, so a
+the file's metadata; written as soon as the layer is done, so no layer's tensors stay in memory,
+and read back by the checkpoint writer) and the calibration activations leaving the last saved
+layer (``hidden-NNNNN.pt``). The activations are saved at most every ``every_s`` seconds (they
+are as large as the calibration set times the hidden size; layers finished since the last save
+are redone on resume). Every file is written to a temporary name and renamed into place, so a
 process killed at any moment leaves only whole files; the activations are written before the
 layers' tensors and the previous activations removed only after them, so the last activations
 whose layers are all on disk always mark where to continue.
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 from loguru import logger
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from text_generation_server.quantize.writer import OutputDirError
 
@@ -81,35 +82,55 @@ class RunProgress:
                 return last + 1
         return 0
 
-    def save(self, layers: dict[int, tuple[dict[str, torch.Tensor], list[Any]]], hidden: list[torch.Tensor]) -> None:
-        """Layers finished since the last save (index -> tensors, reports) and the activations
-        after the last of them."""
-        last = max(layers)
-        self._atomic(f"hidden-{last:05d}.pt", lambda path: torch.save(hidden, path))
-        for index, (tensors, reports) in sorted(layers.items()):
-            meta = {"reports": json.dumps([asdict(r) for r in reports])}
-            packed = {k: v.contiguous() for k, v in tensors.items()}
-            self._atomic(f"layer-{index:05d}.safetensors",
-                         lambda path, packed=packed, meta=meta: save_file(packed, str(path), metadata=meta))
+    def save_layer(self, index: int, tensors: dict[str, torch.Tensor], reports: list[Any]) -> None:
+        """One finished layer's packed tensors and error reports."""
+        meta = {"reports": json.dumps([asdict(r) for r in reports])}
+        packed = {k: v.contiguous() for k, v in tensors.items()}
+        self._atomic(f"layer-{index:05d}.safetensors", lambda path: save_file(packed, str(path), metadata=meta))
+
+    def save_hidden(self, index: int, hidden: list[torch.Tensor]) -> None:
+        """The activations leaving layer ``index`` (whose layer file, and all before it, are saved)."""
+        self._atomic(f"hidden-{index:05d}.pt", lambda path: torch.save(hidden, path))
         for old in self.dir.glob("hidden-*.pt"):
-            if old.name != f"hidden-{last:05d}.pt":
+            if old.name != f"hidden-{index:05d}.pt":
                 old.unlink(missing_ok=True)
 
-    def load(self, done: int, report_cls: type) -> tuple[dict[str, torch.Tensor], list[Any], list[torch.Tensor]]:
-        """The tensors and reports of the ``done`` finished layers and the activations after them."""
+    def load(self, done: int, report_cls: type) -> tuple[list[Any], list[torch.Tensor]]:
+        """The reports of the ``done`` finished layers and the activations after them (their
+        tensors stay on disk: :meth:`packed_tensors`)."""
         from safetensors import safe_open
 
-        tensors: dict[str, torch.Tensor] = {}
         reports: list[Any] = []
         for i in range(done):
-            path = self.dir / f"layer-{i:05d}.safetensors"
-            tensors.update(load_file(str(path)))
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(str(self.dir / f"layer-{i:05d}.safetensors"), framework="pt") as f:
                 for r in json.loads(f.metadata()["reports"]):
                     r["shape"] = tuple(r["shape"])
                     reports.append(report_cls(**r))
         hidden = torch.load(self.dir / f"hidden-{done - 1:05d}.pt", weights_only=True)
-        return tensors, reports, hidden
+        return reports, hidden
+
+    def packed_tensors(self, layers: int) -> dict[str, Any]:
+        """Every saved layer's packed tensors as the writer takes them (read when written)."""
+        from safetensors import safe_open
+
+        from text_generation_server.quantize.checkpoint import _TORCH_DTYPES
+        from text_generation_server.quantize.writer import PendingTensor
+
+        def loader(path: Path, name: str):
+            def load() -> torch.Tensor:
+                with safe_open(str(path), framework="pt") as f:
+                    return f.get_tensor(name)
+            return load
+
+        pending: dict[str, Any] = {}
+        for i in range(layers):
+            path = self.dir / f"layer-{i:05d}.safetensors"
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    view = f.get_slice(name)
+                    pending[name] = PendingTensor(_TORCH_DTYPES[view.get_dtype()], tuple(view.get_shape()),
+                                                  loader(path, name))
+        return pending
 
     def finish(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

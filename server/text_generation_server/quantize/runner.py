@@ -499,11 +499,9 @@ def quantize_model(
     hidden, inputs.hidden = inputs.hidden, []
     done = progress.start(resume) if progress is not None else 0
     if done:
-        tensors, reports, hidden = progress.load(done, LinearReport)
-        result.tensors.update(tensors)
+        reports, hidden = progress.load(done, LinearReport)
         result.reports.extend(reports)
         result.replaced.update(f"{r.name}.{suffix}" for r in reports for suffix in ("weight", "bias"))
-    unsaved: dict[int, tuple[dict[str, torch.Tensor], list[LinearReport]]] = {}
     last_save = time.perf_counter()
     mode = "true-sequential" if true_sequential else "one pass per layer"
     bar = tqdm(total=len(layers), initial=done, desc="GPTQ layers", unit="layer", dynamic_ncols=True)
@@ -558,10 +556,13 @@ def quantize_model(
             bar.set_postfix_str(f"layer {index + 1} worst rel. error {max(r.rel_error for r in layer_reports):.4f}")
             bar.update(1)
             if progress is not None:
-                unsaved[index] = ({k: v for k, v in result.tensors.items() if k.startswith(prefix)}, layer_reports)
+                # The layer's packed tensors go to disk now (the writer reads them back), so memory
+                # holds one layer's work, never the quantized model.
+                names = [k for k in result.tensors if k.startswith(prefix)]
+                progress.save_layer(index, {k: result.tensors.pop(k) for k in names}, layer_reports)
                 if time.perf_counter() - last_save >= progress.every_s or index == len(layers) - 1:
-                    progress.save(unsaved, hidden)
-                    unsaved, last_save = {}, time.perf_counter()
+                    progress.save_hidden(index, hidden)
+                    last_save = time.perf_counter()
     finally:
         bar.close()
     return result

@@ -3,6 +3,12 @@
 The checkpoint is assembled in a temporary directory beside the output and
 renamed into place only once complete, so a failed or interrupted run never
 leaves something that looks like a valid checkpoint.
+
+Tensors are streamed into the safetensors files one at a time (the header is
+computed from shapes and dtypes first): the packed layers are read back from
+the run's progress files and the copied source tensors from the memory-mapped
+checkpoint, so writing needs the memory of the largest single tensor, not of
+the model or of an output shard.
 """
 
 from __future__ import annotations
@@ -10,14 +16,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import struct
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import torch
 from loguru import logger
-from safetensors.torch import save_file
 
 from text_generation_server.quantize.checkpoint import SafetensorsCheckpoint
 from text_generation_server.quantize.gptq import QuantSpec
@@ -105,6 +112,55 @@ def atomic_output_dir(output_dir: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+@dataclass(frozen=True)
+class PendingTensor:
+    """A tensor to write: its dtype and shape now, its values when ``load`` is called."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def save_streaming(path: Path, tensors: Mapping[str, PendingTensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file holding one tensor in memory at a time (same format as save_file:
+    an 8-byte header length, the JSON header padded to 8 bytes, the tensors' bytes in name order)."""
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        t = tensors[name]
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for name in names:
+            t = tensors[name]
+            value = t.load()
+            if value.dtype != t.dtype or tuple(value.shape) != t.shape:
+                raise ValueError(f"{name}: expected {t.dtype} {t.shape}, got {value.dtype} {tuple(value.shape)}")
+            if value.numel():
+                f.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del value
+
+
 def _to_fp16(name: str, tensor: torch.Tensor) -> torch.Tensor:
     if not tensor.is_floating_point():
         return tensor
@@ -127,10 +183,14 @@ def _shard(names: list[str], sizes: dict[str, int], max_bytes: int) -> list[list
     return shards
 
 
+def _pending(tensor: torch.Tensor) -> PendingTensor:
+    return PendingTensor(tensor.dtype, tuple(tensor.shape), lambda: tensor)
+
+
 def write_checkpoint(
     out_dir: Path,
     source_dir: Path,
-    quantized: dict[str, torch.Tensor],
+    quantized: Mapping[str, torch.Tensor | PendingTensor],
     replaced: set[str],
     quant_config: dict,
     max_shard_bytes: int = MAX_SHARD_BYTES,
@@ -138,18 +198,22 @@ def write_checkpoint(
     """Write weights, config.json (with ``quantization_config``), quantize_config.json
     and the source's tokenizer/generation files into ``out_dir``.
 
-    ``quantized`` holds the packed tensors; every source tensor not named in
-    ``replaced`` is copied in float16 (embeddings, norms, LM head).
+    ``quantized`` holds the packed tensors (or how to load them); every source tensor not named
+    in ``replaced`` is copied in float16 (embeddings, norms, LM head), read when it is written.
     """
     out_dir = Path(out_dir)
     source_dir = Path(source_dir)
     source = SafetensorsCheckpoint(source_dir)
-    tensors: dict[str, torch.Tensor] = dict(quantized)
+    tensors: dict[str, PendingTensor] = {
+        n: t if isinstance(t, PendingTensor) else _pending(t) for n, t in quantized.items()
+    }
     for name in source.keys():
         if name not in replaced:
-            tensors[name] = _to_fp16(name, source.get(name))
+            shape = tuple(source.shape(name))
+            dtype = torch.float16 if source.dtype(name).is_floating_point else source.dtype(name)
+            tensors[name] = PendingTensor(dtype, shape, lambda name=name: _to_fp16(name, source.get(name)))
     names = sorted(tensors)
-    sizes = {n: tensors[n].numel() * tensors[n].element_size() for n in names}
+    sizes = {n: tensors[n].nbytes for n in names}
     shards = _shard(names, sizes, max_shard_bytes)
     written: list[Path] = []
     if len(shards) == 1:
@@ -158,7 +222,7 @@ def write_checkpoint(
         files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for file, shard in zip(files, shards, strict=True):
-        save_file({n: tensors[n] for n in shard}, str(out_dir / file), metadata={"format": "pt"})
+        save_streaming(out_dir / file, {n: tensors[n] for n in shard}, metadata={"format": "pt"})
         written.append(out_dir / file)
         weight_map.update(dict.fromkeys(shard, file))
     if len(shards) > 1:
