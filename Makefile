@@ -66,7 +66,7 @@ bench: install
 bench-peers: install
 	$(PIP) install -q llama-cpp-python
 
-# On a GPU host: tests/gpu, the GPTQ kernel at 7B shapes, the model on CUDA against the CPU, NCCL,
+# On a GPU host: tests/gpu, the GPTQ kernel and the paged decode attention at 7B shapes, the model on CUDA against the CPU, NCCL,
 # a 7B-wide Llama's decode (fp16 and 4-bit), the launcher; one JSON report (gpu-check.json).
 gpu-check: install
 	$(PY) benchmarks/gpu_check.py --out gpu-check.json $(ARGS)

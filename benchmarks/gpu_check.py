@@ -116,6 +116,38 @@ def section_kernels(args) -> dict:
     return out
 
 
+def section_attention(args) -> dict:
+    """The Triton paged decode attention against SDPA over gathered keys: error and time per decode step
+    at 7B shapes (32 heads, 8 KV heads of 128), 32 sequences."""
+    from text_generation_server.layers.attention import AttentionMetadata, TorchSDPABackend
+    from text_generation_server.layers.triton_attention import paged_attention_decode
+
+    device = torch.device("cuda", 0)
+    out = {}
+    heads, kv_heads, dim, block = 32, 8, 128, 16
+    for context in (512, 2048):
+        batch = 32
+        blocks = context // block
+        tables = torch.randperm(batch * blocks, device=device).view(batch, blocks) + 1
+        k_cache = torch.randn(batch * blocks + 1, block, kv_heads, dim, device=device, dtype=torch.float16)
+        v_cache = torch.randn_like(k_cache)
+        q = torch.randn(batch, heads, dim, device=device, dtype=torch.float16)
+        lens = torch.full((batch,), context, device=device)
+        attn = AttentionMetadata(slot_mapping=torch.zeros(batch, dtype=torch.long, device=device),
+                                 block_tables=tables, context_lens=lens, query_lens=[1] * batch)
+        sdpa = TorchSDPABackend()
+        want = sdpa._decode(q, k_cache, v_cache, attn, dim ** -0.5, rows=None).float()
+        got = paged_attention_decode(q, k_cache, v_cache, tables, lens, dim ** -0.5).float()
+        args_ = (q, k_cache, v_cache)
+        t_triton = cuda_time(lambda a=args_, t=tables, n=lens: paged_attention_decode(*a, t, n, dim ** -0.5))
+        t_sdpa = cuda_time(lambda a=args_, m=attn, s=sdpa: s._decode(*a, m, dim ** -0.5, rows=None))
+        out[f"32 seqs x {context} tokens"] = {
+            "rel_error": float((got - want).abs().max() / want.abs().max()),
+            "triton_us": t_triton * 1e6, "sdpa_gather_us": t_sdpa * 1e6, "speedup": t_sdpa / t_triton,
+        }  # fmt: skip
+    return out
+
+
 def build_llama(path: Path, *, hidden: int, inter: int, layers: int, heads: int, kv_heads: int, vocab: int,
                 dtype: str) -> Path:  # fmt: skip
     """A random Llama checkpoint written straight from tensors (no transformers model built)."""
@@ -290,6 +322,7 @@ def section_launcher(args) -> dict:
 SECTIONS = {
     "tests_gpu": section_tests_gpu,
     "kernels": section_kernels,
+    "attention": section_attention,
     "model": section_model,
     "nccl": section_nccl,
     "decode_7b": section_decode_7b,

@@ -96,6 +96,7 @@ def shard_env(args: LauncherArgs, rank: int, base: Mapping[str, str]) -> dict[st
     env["CUDA_MEMORY_FRACTION"] = str(args.cuda_memory_fraction)
     if args.disable_custom_kernels:
         env["CPU_KERNELS"] = "off"
+        env["DISABLE_CUSTOM_KERNELS"] = "true"
     if "OMP_NUM_THREADS" not in base:
         env["OMP_NUM_THREADS"] = str(max(1, _cpu_count() // args.num_shard))
     if args.huggingface_hub_cache is not None:

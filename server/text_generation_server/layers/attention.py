@@ -8,12 +8,14 @@ plus the new ones). A sequence's new tokens sit at positions
 ``[context_len - query_len, context_len)``.
 
 The arithmetic lives behind :class:`AttentionBackend`, chosen once per model
-by :func:`select_attention_backend`; a fused paged kernel for CUDA can slot
-in there without touching the model code.
+by :func:`select_attention_backend`: SDPA over gathered keys anywhere, the
+native paged decode kernel on CPUs that have it, the Triton paged decode
+kernel on CUDA (``triton_attention.py``).
 """
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -350,6 +352,38 @@ class CpuPagedDecodeBackend(TorchSDPABackend):
         )
 
 
+class TritonPagedDecodeBackend(TorchSDPABackend):
+    """Decode steps with the Triton paged decode kernel (``triton_attention.py``), reading keys and
+    values in place from the cache blocks; prefills and mixed steps take the SDPA path."""
+
+    name = "Triton paged decode (CUDA), torch-sdpa for prefill"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
+    ) -> torch.Tensor:
+        if not attn.is_decode or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+            return super().forward(q, k, v, k_cache, v_cache, attn, scale, window, softcap)
+        from text_generation_server.layers.triton_attention import paged_attention_decode
+
+        write_kv(k, v, k_cache, v_cache, attn.slot_mapping)
+        return paged_attention_decode(q, k_cache, v_cache, attn.block_tables, attn.context_lens, scale, window,
+                                      softcap)
+
+
+def custom_kernels_disabled() -> bool:
+    """``DISABLE_CUSTOM_KERNELS`` (TGI's launcher flag, passed to the shards): plain torch only."""
+    return os.environ.get("DISABLE_CUSTOM_KERNELS", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def select_attention_backend(device: torch.device) -> AttentionBackend:
     """The attention implementation for ``device``; called once per model and logged."""
     backend: AttentionBackend = TorchSDPABackend()
@@ -360,11 +394,14 @@ def select_attention_backend(device: torch.device) -> AttentionBackend:
         else:
             logger.info(f"Native CPU kernels not used: {status.reason}")
     if device.type == "cuda":
-        logger.info(
-            f"Attention backend: {backend.name} on {device} (no fused paged CUDA kernel is built in)"
-        )
-    else:
-        logger.info(f"Attention backend: {backend.name} on {device}")
+        from text_generation_server.layers.triton_attention import triton_unavailable
+
+        why = "DISABLE_CUSTOM_KERNELS is set" if custom_kernels_disabled() else triton_unavailable(device)
+        if why is None:
+            backend = TritonPagedDecodeBackend()
+        else:
+            logger.info(f"Triton paged decode attention not used: {why}")
+    logger.info(f"Attention backend: {backend.name} on {device}")
     return backend
 
 

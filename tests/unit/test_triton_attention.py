@@ -1,0 +1,55 @@
+"""The Triton paged decode attention (CUDA's decode path) against the SDPA reference.
+
+On this CPU host the kernel runs under ``TRITON_INTERPRET=1`` in a fresh interpreter
+(``triton_attention_check.py``; the variable must be set before Triton is imported) on
+small shapes: multi-head and grouped KV heads, a head size that is not a power of two,
+block tables in shuffled order, contexts shorter and longer than a block, a sliding
+window, Gemma's soft cap, float16; and a whole decode step through the backend (cache
+write included). tests/gpu runs the same script on CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+CASES = [
+    ["mha", 4, 4, 16, 4, [1, 7, 13], None, None, "float32"],
+    ["gqa", 8, 2, 32, 16, [5, 40, 33, 16], None, None, "float32"],
+    ["head_dim_24", 4, 1, 24, 8, [9, 3], None, None, "float32"],
+    ["window", 4, 2, 16, 4, [3, 11, 20], 5, None, "float32"],
+    ["softcap", 4, 2, 16, 4, [6, 19], None, 2.0, "float32"],
+    ["float16", 4, 2, 16, 16, [17, 70], None, None, "float16"],
+]
+
+
+@pytest.mark.timeout(600)
+def test_triton_paged_decode_matches_sdpa_under_the_interpreter():
+    script = Path(__file__).with_name("triton_attention_check.py")
+    done = subprocess.run([sys.executable, str(script), json.dumps(CASES)], capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(errors) == {c[0] for c in CASES} | {"backend_step"}
+    for name, error in errors.items():
+        assert error < (2e-3 if name == "float16" else 1e-5), (name, error)
+
+
+def test_cuda_selects_the_triton_backend_unless_custom_kernels_are_disabled(monkeypatch):
+    from text_generation_server.layers.attention import (
+        TorchSDPABackend,
+        TritonPagedDecodeBackend,
+        select_attention_backend,
+    )
+
+    monkeypatch.delenv("DISABLE_CUSTOM_KERNELS", raising=False)
+    assert isinstance(select_attention_backend(torch.device("cuda", 0)), TritonPagedDecodeBackend)
+    monkeypatch.setenv("DISABLE_CUSTOM_KERNELS", "true")
+    backend = select_attention_backend(torch.device("cuda", 0))
+    assert type(backend) is TorchSDPABackend
