@@ -14,7 +14,7 @@ import asyncio
 import json
 import time
 
-from text_generation_benchmark.measure import RunMeasurement, Shape, TargetError
+from text_generation_benchmark.measure import RunMeasurement, Shape, TargetError, from_token_times
 
 
 class HttpTarget:
@@ -53,16 +53,7 @@ class HttpTarget:
             raise ValueError(f"{len(texts)} prompts for a batch of {shape.batch_size}")
         start = time.perf_counter()
         streams = await asyncio.gather(*(self._stream(text, shape) for text in texts))
-        ttft = [times[0] - start for times in streams]
-        gaps = [b - a for times in streams for a, b in zip(times, times[1:], strict=False)]
-        return RunMeasurement(
-            shape=shape,
-            prefill_s=max(ttft),
-            ttft_s=ttft,
-            inter_token_s=gaps,
-            total_s=max(times[-1] for times in streams) - start,
-            generated_tokens=sum(len(times) for times in streams),
-        )
+        return from_token_times(shape, start, streams)
 
     async def _stream(self, text: str, shape: Shape) -> list[float]:
         assert self._session is not None, "connect() first"

@@ -68,6 +68,20 @@ class RunMeasurement:
         return self.generated_tokens / self.total_s
 
 
+def from_token_times(shape: Shape, start: float, streams: list[list[float]]) -> RunMeasurement:
+    """The measurement of concurrent streams sent at ``start``, from each token's arrival time."""
+    ttft = [times[0] - start for times in streams]
+    gaps = [b - a for times in streams for a, b in zip(times, times[1:], strict=False)]
+    return RunMeasurement(
+        shape=shape,
+        prefill_s=max(ttft),
+        ttft_s=ttft,
+        inter_token_s=gaps,
+        total_s=max(times[-1] for times in streams) - start,
+        generated_tokens=sum(len(times) for times in streams),
+    )
+
+
 # (key in JSON, label in the table, unit, scale from seconds or tokens/s)
 METRICS: tuple[tuple[str, str, str, float], ...] = (
     ("prefill_latency_ms", "prefill latency", "ms", 1e3),

@@ -17,7 +17,7 @@ import grpc
 from text_generation_server.pb.fmaas import generation_pb2 as pb
 from text_generation_server.pb.fmaas import generation_pb2_grpc
 
-from text_generation_benchmark.measure import RunMeasurement, Shape, TargetError
+from text_generation_benchmark.measure import RunMeasurement, Shape, TargetError, from_token_times
 
 # Any text works: the server keeps only the last ``prompt_tokens`` tokens of it.
 PROMPT_SENTENCE = (
@@ -129,16 +129,7 @@ class ServerTarget:
             *(self._stream(pb.SingleGenerationRequest(model_id=MODEL_ID, request=pb.GenerationRequest(text=text),
                                                       params=params), shape) for text in texts)
         )
-        ttft = [times[0] - start for times in streams]
-        gaps = [b - a for times in streams for a, b in zip(times, times[1:], strict=False)]
-        return RunMeasurement(
-            shape=shape,
-            prefill_s=max(ttft),
-            ttft_s=ttft,
-            inter_token_s=gaps,
-            total_s=max(times[-1] for times in streams) - start,
-            generated_tokens=sum(len(times) for times in streams),
-        )
+        return from_token_times(shape, start, streams)
 
     async def _stream(self, request: pb.SingleGenerationRequest, shape: Shape) -> list[float]:
         """Arrival time of each generated token (a message carrying k tokens counts k times)."""

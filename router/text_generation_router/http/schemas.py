@@ -171,50 +171,42 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class ChatRequest(_Body):
+class _OpenAIRequest(_Body):
+    """The fields OpenAI's chat and completion requests share."""
+
     model: str | None = Field(None, description="Any name: this server serves one model")
-    messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None
     temperature: float | None = Field(None, description="0 means greedy; default 1.0 (sampling)")
     top_p: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
     n: int | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: Any | None = None
+    user: str | None = None
+
+
+class ChatRequest(_OpenAIRequest):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
     tools: Any | None = None
     tool_choice: Any | None = None
     response_format: Any | None = None
-    user: str | None = None
 
 
-class CompletionRequest(_Body):
-    model: str | None = Field(None, description="Any name: this server serves one model")
+class CompletionRequest(_OpenAIRequest):
     prompt: str | list[str]
     max_tokens: int | None = Field(None, description="Tokens to generate at most (default 16, as OpenAI's)")
-    temperature: float | None = Field(None, description="0 means greedy; default 1.0 (sampling)")
-    top_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     echo: bool = False
     logprobs: int | None = None
-    n: int | None = None
     suffix: str | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None
-    logit_bias: Any | None = None
     best_of: int | None = None
-    user: str | None = None
 
 
 class Usage(BaseModel):
