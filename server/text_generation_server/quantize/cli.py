@@ -17,7 +17,7 @@ from loguru import logger
 
 from text_generation_server.quantize.data import BUILTIN_DATASET, HUB_DATASETS_INSTALL
 from text_generation_server.quantize.packing import SUPPORTED_BITS
-from text_generation_server.utils.argtypes import integer, number, positive_int
+from text_generation_server.utils.argtypes import integer, non_negative_int, number, positive_int
 from text_generation_server.utils.log import setup_logging
 
 
@@ -107,6 +107,9 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=number, default=60.0, metavar="SECONDS",
                    help="save finished layers and their activations for --resume at most this often "
                         "(0: after every layer)")
+    p.add_argument("--activation-memory", type=non_negative_int, default=None, metavar="MIB",
+                   help="MiB of calibration activations kept in memory; the rest go to files beside OUTPUT_DIR "
+                        "while the run lasts, 0 for all of them (default: half the memory available at the start)")
     p.add_argument("--json-output", action="store_true", help="log as JSON lines")
 
 
@@ -175,6 +178,7 @@ def run_quantize(args: argparse.Namespace) -> int:
             args.model_id, args.output_dir, spec, calibration, revision=args.revision,
             trust_remote_code=args.trust_remote_code, true_sequential=args.true_sequential, overwrite=args.overwrite,
             resume=args.resume, save_every=args.save_every, device=args.device,
+            activation_memory=None if args.activation_memory is None else args.activation_memory << 20,
         )
         if args.upload_to_model_id:
             upload(out, args.upload_to_model_id)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
+from text_generation_server.quantize.activations import ActivationStore, default_budget_bytes
 from text_generation_server.quantize.checkpoint import load_config, read_config_json
 from text_generation_server.quantize.data import (
     BUILTIN_DATASET,
@@ -137,8 +138,12 @@ def quantize_checkpoint(
     resume: bool = False,
     save_every: float = 60.0,
     device: str = "auto",
+    activation_memory: int | None = None,
 ) -> Path:
-    """Quantize ``model_id`` into a v1 GPTQ checkpoint at ``output_dir``; returns its path."""
+    """Quantize ``model_id`` into a v1 GPTQ checkpoint at ``output_dir``; returns its path.
+
+    ``activation_memory``: bytes of calibration activations kept in memory (default half the
+    available memory); the rest go to files beside the output while the run lasts."""
     t_start = time.perf_counter()
     cpu_start = time.process_time()
     output_dir = Path(output_dir)
@@ -181,10 +186,17 @@ def quantize_checkpoint(
     progress = RunProgress(
         output_dir, RunProgress.describe(spec, windows, model_path, true_sequential), every_s=save_every
     )
-    result = quantize_model(
-        model_path, config, windows, spec, true_sequential=true_sequential, trust_remote_code=trust_remote_code,
-        progress=progress, resume=resume, device=run_device,
-    )
+    budget = default_budget_bytes() if activation_memory is None else activation_memory
+    store = ActivationStore(budget, progress.spill_dir)
+    store.clear_directory()  # what a stopped run left
+    logger.info(f"Calibration activations: up to {budget / 2**20:.0f} MiB in memory, the rest in {store.dir}")
+    try:
+        result = quantize_model(
+            model_path, config, windows, spec, true_sequential=true_sequential, trust_remote_code=trust_remote_code,
+            progress=progress, resume=resume, device=run_device, activations=store,
+        )
+    finally:
+        store.clear_directory()
     log_error_table(result.reports)
     t_quant = time.perf_counter() - t_quant
 

@@ -4,7 +4,7 @@ Beside OUTPUT_DIR, in ``.OUTPUT_DIR.progress/``: the run's settings (``run.json`
 finished layer's packed tensors and error reports (``layer-NNNNN.safetensors``, its reports in
 the file's metadata; written as soon as the layer is done, so no layer's tensors stay in memory,
 and read back by the checkpoint writer) and the calibration activations leaving the last saved
-layer (``hidden-NNNNN.pt``). The activations are saved at most every ``every_s`` seconds (they
+layer (``hidden-NNNNN.safetensors``, one tensor per batch, written and read a batch at a time). The activations are saved at most every ``every_s`` seconds (they
 are as large as the calibration set times the hidden size; layers finished since the last save
 are redone on resume). Every file is written to a temporary name and renamed into place, so a
 process killed at any moment leaves only whole files; the activations are written before the
@@ -76,7 +76,7 @@ class RunProgress:
 
     def finished_layers(self) -> int:
         """Layers 0..n-1 are on disk with the activations after layer n-1: n (largest such)."""
-        saved = sorted((int(p.stem.split("-")[1]) for p in self.dir.glob("hidden-*.pt")), reverse=True)
+        saved = sorted((int(p.stem.split("-")[1]) for p in self.dir.glob("hidden-*.safetensors")), reverse=True)
         for last in saved:
             if all((self.dir / f"layer-{i:05d}.safetensors").exists() for i in range(last + 1)):
                 return last + 1
@@ -88,16 +88,24 @@ class RunProgress:
         packed = {k: v.contiguous() for k, v in tensors.items()}
         self._atomic(f"layer-{index:05d}.safetensors", lambda path: save_file(packed, str(path), metadata=meta))
 
-    def save_hidden(self, index: int, hidden: list[torch.Tensor]) -> None:
-        """The activations leaving layer ``index`` (whose layer file, and all before it, are saved)."""
-        self._atomic(f"hidden-{index:05d}.pt", lambda path: torch.save(hidden, path))
-        for old in self.dir.glob("hidden-*.pt"):
-            if old.name != f"hidden-{index:05d}.pt":
+    def save_hidden(self, index: int, hidden: Any) -> None:
+        """The activations leaving layer ``index`` (an ActivationList; its layer file and all
+        before it are saved)."""
+        name = f"hidden-{index:05d}.safetensors"
+        self._atomic(name, lambda path: hidden.save(path))
+        for old in self.dir.glob("hidden-*.safetensors"):
+            if old.name != name:
                 old.unlink(missing_ok=True)
 
-    def load(self, done: int, report_cls: type) -> tuple[list[Any], list[torch.Tensor]]:
-        """The reports of the ``done`` finished layers and the activations after them (their
-        tensors stay on disk: :meth:`packed_tensors`)."""
+    @property
+    def spill_dir(self) -> Path:
+        """Where calibration activations beyond the memory budget are kept while the run lasts
+        (``.OUTPUT_DIR.activations/``, beside the progress; removed when the run ends either way)."""
+        return self.dir.parent / (self.dir.name.removesuffix(".progress") + ".activations")
+
+    def load(self, done: int, report_cls: type) -> tuple[list[Any], Path]:
+        """The reports of the ``done`` finished layers and the file of the activations after them
+        (the layers' tensors stay on disk: :meth:`packed_tensors`)."""
         from safetensors import safe_open
 
         reports: list[Any] = []
@@ -106,8 +114,7 @@ class RunProgress:
                 for r in json.loads(f.metadata()["reports"]):
                     r["shape"] = tuple(r["shape"])
                     reports.append(report_cls(**r))
-        hidden = torch.load(self.dir / f"hidden-{done - 1:05d}.pt", weights_only=True)
-        return reports, hidden
+        return reports, self.dir / f"hidden-{done - 1:05d}.safetensors"
 
     def packed_tensors(self, layers: int) -> dict[str, Any]:
         """Every saved layer's packed tensors as the writer takes them (read when written)."""

@@ -18,14 +18,17 @@ forward of the unquantized layer (AutoGPTQ's non-sequential mode).
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from loguru import logger
 from tqdm import tqdm
 
+from text_generation_server.quantize.activations import ActivationList, ActivationStore
 from text_generation_server.quantize.checkpoint import (
     SafetensorsCheckpoint,
     UnsupportedArchitectureError,
@@ -157,12 +160,14 @@ class _LayerInputs:
     """Calibration activations entering the current layer, with the keyword
     arguments the model passes to each layer (mask, rotary tables, ...)."""
 
-    def __init__(self) -> None:
-        self.hidden: list[torch.Tensor] = []
+    def __init__(self, hidden: ActivationList) -> None:
+        self.hidden = hidden
         self.kwargs: list[list[dict]] = []  # [batch][layer]
 
 
-def capture_layer_inputs(model, checkpoint: SafetensorsCheckpoint, windows: torch.Tensor, batch_size: int) -> _LayerInputs:
+def capture_layer_inputs(
+    model, checkpoint: SafetensorsCheckpoint, windows: torch.Tensor, batch_size: int, store: ActivationStore
+) -> _LayerInputs:
     """Run the embeddings and record what every decoder layer would receive.
 
     Each decoder layer is swapped for a recorder that passes hidden states
@@ -192,7 +197,7 @@ def capture_layer_inputs(model, checkpoint: SafetensorsCheckpoint, windows: torc
                 raise _StopForward
             return hidden_states
 
-    captured = _LayerInputs()
+    captured = _LayerInputs(store.list())
     for i in range(len(originals)):
         layers[i] = Recorder(i)
     try:
@@ -326,7 +331,7 @@ def _quantize_attention(layer, q: LayerQuantizer, hidden: list[torch.Tensor], kw
         q.solve(qkv, acc)
 
         acc = HessianAccumulator(o_proj.in_features)
-        attn_out = []
+        attn_out = hidden.new()
         for x, kw in zip(hidden, kwargs, strict=True):
             normed = layer.input_layernorm(x)
             a = _capture_input(o_proj, lambda normed=normed, kw=kw: attn(hidden_states=normed, **kw))
@@ -334,7 +339,7 @@ def _quantize_attention(layer, q: LayerQuantizer, hidden: list[torch.Tensor], kw
             attn_out.append(a)
         q.solve(o, acc)
 
-        residual = []
+        residual = hidden.new()
         for i, x in enumerate(hidden):
             residual.append(x + scale * _attention_block_out(layer, o_proj(attn_out[i])))
             attn_out[i] = hidden[i] = None
@@ -354,7 +359,7 @@ def _quantize_layer_sequential(layer, q: LayerQuantizer, hidden: list[torch.Tens
             acc.add(mlp_norm(h))
         q.solve(gate_up, acc)
 
-        total = sum(h.numel() for h in residual) // residual[0].shape[-1] * down_proj.in_features * 4
+        total = residual.numel() // residual[0].shape[-1] * down_proj.in_features * 4
         keep = total <= MLP_CACHE_BYTES
         acc = HessianAccumulator(down_proj.in_features)
         mlp_hidden = []
@@ -365,7 +370,7 @@ def _quantize_layer_sequential(layer, q: LayerQuantizer, hidden: list[torch.Tens
             mlp_hidden.append(m if keep else None)
         q.solve(down, acc)
 
-        outputs = []
+        outputs = residual.new()
         for i, h in enumerate(residual):
             if keep:
                 outputs.append(h + scale * _mlp_block_out(layer, down_proj(mlp_hidden[i])))
@@ -402,7 +407,12 @@ def _quantize_layer_moe(layer, q: LayerQuantizer, hidden: list[torch.Tensor], kw
             if acc.rows == 0:
                 acc.add(torch.eye(expert.w2.in_features, device=expert.w2.weight.device))
             q.solve((base + "w2",), acc)
-        return [h + moe(n).reshape(h.shape) for h, n in zip(residual, normed, strict=True)]
+        outputs = residual.new()
+        for i, n in enumerate(normed):
+            h = residual[i]
+            outputs.append(h + moe(n).reshape(h.shape))
+            residual[i] = normed[i] = None
+        return outputs
 
 
 def _check_moe_structure(layer, x: torch.Tensor, kwargs: dict) -> None:
@@ -436,7 +446,16 @@ def _quantize_layer_generic(layer, q: LayerQuantizer, hidden: list[torch.Tensor]
             for x, kw in zip(hidden, kwargs, strict=True):
                 acc.add(_capture_input(first, lambda x=x, kw=kw: layer(x, **kw)))
             q.solve(group, acc)
-        return [_layer_output(layer(x, **kw)) for x, kw in zip(hidden, kwargs, strict=True)]
+        return _outputs(layer, hidden, kwargs)
+
+
+def _outputs(layer, hidden: ActivationList, kwargs: list[dict]) -> ActivationList:
+    """The layer's output for each batch, its input released as it goes."""
+    outputs = hidden.new()
+    for i, kw in enumerate(kwargs):
+        outputs.append(_layer_output(layer(hidden[i], **kw)))
+        hidden[i] = None
+    return outputs
 
 
 def _quantize_layer_parallel(layer, q: LayerQuantizer, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
@@ -457,7 +476,7 @@ def _quantize_layer_parallel(layer, q: LayerQuantizer, hidden: list[torch.Tensor
     for group in groups:
         q.solve(group, accs[group])
     with torch.no_grad():
-        return [_layer_output(layer(x, **kw)) for x, kw in zip(hidden, kwargs, strict=True)]
+        return _outputs(layer, hidden, kwargs)
 
 
 def quantize_model(
@@ -472,6 +491,7 @@ def quantize_model(
     progress: RunProgress | None = None,
     resume: bool = False,
     device: torch.device | None = None,
+    activations: ActivationStore | None = None,
 ) -> QuantizedModel:
     """GPTQ-quantize every decoder layer's linears of the checkpoint at ``model_path``.
 
@@ -481,14 +501,17 @@ def quantize_model(
     the run goes, and with ``resume`` an earlier run's saved layers are taken up.
     Each layer runs on ``device`` (default the CPU): its weights, the calibration
     activations and the Hessian work (float32) move there for the layer and back.
+    ``activations`` keeps the calibration activations within a memory budget, the rest on disk
+    (default: all in memory).
     """
     device = device or torch.device("cpu")
+    store = activations or ActivationStore(1 << 62, Path(tempfile.gettempdir()))
     map_large_buffers()
     checkpoint = SafetensorsCheckpoint(model_path)
     model = meta_model(config, trust_remote_code)
     batch_size = max(1, batch_tokens // windows.shape[1])
     t0 = time.perf_counter()
-    inputs = capture_layer_inputs(model, checkpoint, windows, batch_size)
+    inputs = capture_layer_inputs(model, checkpoint, windows, batch_size, store)
     logger.info(
         f"Captured layer inputs for {windows.shape[0]} windows of {windows.shape[1]} tokens "
         f"in {len(inputs.hidden)} batches ({time.perf_counter() - t0:.1f} s)"
@@ -496,10 +519,12 @@ def quantize_model(
     result = QuantizedModel()
     parts = decoder_parts(model)
     layers = parts.layers
-    hidden, inputs.hidden = inputs.hidden, []
+    hidden = inputs.hidden
     done = progress.start(resume) if progress is not None else 0
     if done:
-        reports, hidden = progress.load(done, LinearReport)
+        hidden.release()
+        reports, hidden_file = progress.load(done, LinearReport)
+        hidden = store.from_file(hidden_file)
         result.reports.extend(reports)
         result.replaced.update(f"{r.name}.{suffix}" for r in reports for suffix in ("weight", "bias"))
     last_save = time.perf_counter()
@@ -528,7 +553,7 @@ def quantize_model(
                 layer.to(device)
                 if moe:
                     getattr(layer, MOE_PREFIX).to(device)
-                hidden = [h.to(device) for h in hidden]
+                hidden = hidden.map(lambda h: h.to(device))
                 kwargs = [_to_device(kw, device) for kw in kwargs]
             quantizer = LayerQuantizer(layer, prefix, spec, result)
             if moe:
@@ -539,7 +564,7 @@ def quantize_model(
                 run = _quantize_layer_sequential if _staged(layer) else _quantize_layer_generic
             hidden = run(layer, quantizer, hidden, kwargs)
             if device.type != "cpu":
-                hidden = [h.cpu() for h in hidden]
+                hidden = hidden.map(lambda h: h.cpu())
             groups = linear_groups(layer)
             if moe:
                 delattr(layer, MOE_PREFIX)
@@ -549,9 +574,10 @@ def quantize_model(
             errors = " ".join(
                 f"{r.name.rsplit('.', 1)[-1].removesuffix('_proj')}={r.rel_error:.4f}" for r in layer_reports
             )
+            spilled = f", activations on disk {store.spilled_bytes / 2**20:.0f} MiB" if store.spilled_total else ""
             logger.info(
                 f"layer {index + 1}/{len(layers)} ({mode}) {time.perf_counter() - t_layer:.1f} s, "
-                f"peak RSS {peak_rss_mib():.0f} MiB: rel. output error {errors}"
+                f"peak RSS {peak_rss_mib():.0f} MiB{spilled}: rel. output error {errors}"
             )
             bar.set_postfix_str(f"layer {index + 1} worst rel. error {max(r.rel_error for r in layer_reports):.4f}")
             bar.update(1)
