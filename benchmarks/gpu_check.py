@@ -117,8 +117,8 @@ def section_kernels(args) -> dict:
 
 
 def section_attention(args) -> dict:
-    """The Triton paged decode attention against SDPA over gathered keys: error and time per decode step
-    at 7B shapes (32 heads, 8 KV heads of 128), 32 sequences."""
+    """The Triton paged attention against the SDPA path: error and time per decode step at 7B shapes
+    (32 heads, 8 KV heads of 128), 32 sequences; and a 4 x 512-token prefill in one launch."""
     from text_generation_server.layers.attention import AttentionMetadata, TorchSDPABackend
     from text_generation_server.layers.triton_attention import paged_attention_decode
 
@@ -141,10 +141,33 @@ def section_attention(args) -> dict:
         args_ = (q, k_cache, v_cache)
         t_triton = cuda_time(lambda a=args_, t=tables, n=lens: paged_attention_decode(*a, t, n, dim ** -0.5))
         t_sdpa = cuda_time(lambda a=args_, m=attn, s=sdpa: s._decode(*a, m, dim ** -0.5, rows=None))
-        out[f"32 seqs x {context} tokens"] = {
+        out[f"decode 32 seqs x {context} tokens"] = {
             "rel_error": float((got - want).abs().max() / want.abs().max()),
             "triton_us": t_triton * 1e6, "sdpa_gather_us": t_sdpa * 1e6, "speedup": t_sdpa / t_triton,
         }  # fmt: skip
+    # Prefill: 4 prompts of 512 tokens in one step (varlen kernel against SDPA, one call per sequence).
+    from text_generation_server.layers.triton_attention import paged_attention_varlen
+
+    seqs, n = 4, 512
+    blocks = n // block
+    tables = torch.arange(seqs * blocks, device=device).view(seqs, blocks) + 1
+    k_cache = torch.randn(seqs * blocks + 1, block, kv_heads, dim, device=device, dtype=torch.float16)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(seqs * n, heads, dim, device=device, dtype=torch.float16)
+    k = torch.randn(seqs * n, kv_heads, dim, device=device, dtype=torch.float16)
+    v = torch.randn_like(k)
+    slots = (tables[:, :, None] * block + torch.arange(block, device=device)).reshape(-1)
+    lens = torch.full((seqs,), n, device=device)
+    attn = AttentionMetadata(slot_mapping=slots, block_tables=tables, context_lens=lens, query_lens=[n] * seqs)
+    sdpa = TorchSDPABackend()
+    want = sdpa.forward(q, k, v, k_cache, v_cache, attn, dim ** -0.5).float()
+    got = paged_attention_varlen(q, k_cache, v_cache, tables, lens, [n] * seqs, dim ** -0.5).float()
+    t_triton = cuda_time(lambda: paged_attention_varlen(q, k_cache, v_cache, tables, lens, [n] * seqs, dim ** -0.5))
+    t_sdpa = cuda_time(lambda: sdpa.forward(q, k, v, k_cache, v_cache, attn, dim ** -0.5))
+    out[f"prefill {seqs} x {n} tokens"] = {
+        "rel_error": float((got - want).abs().max() / want.abs().max()),
+        "triton_us": t_triton * 1e6, "sdpa_per_sequence_us": t_sdpa * 1e6, "speedup": t_sdpa / t_triton,
+    }  # fmt: skip
     return out
 
 

@@ -1,4 +1,4 @@
-"""The Triton paged decode attention compiled for CUDA equals the SDPA path (skips without a GPU)."""
+"""The Triton paged attention kernels compiled for CUDA equal the SDPA path (skips without a GPU)."""
 
 from __future__ import annotations
 
@@ -19,13 +19,19 @@ CASES = [
     ["softcap", 8, 4, 256, 16, [33, 513], None, 50.0, "bfloat16"],
     ["head_dim_80", 16, 16, 80, 16, [64, 129], None, None, "float16"],
 ]
+VARLEN = [
+    ["prefill-128", 32, 8, 128, 16, [[500, 500], [37, 37]], None, None, "float16"],
+    ["mixed", 16, 4, 64, 16, [[200, 900], [1, 70], [64, 64]], None, None, "float16"],
+    ["varlen window", 8, 2, 128, 16, [[300, 300]], 64, None, "bfloat16"],
+    ["varlen softcap", 8, 4, 256, 16, [[130, 130]], None, 50.0, "bfloat16"],
+]
 
 
-def test_triton_paged_decode_on_cuda_equals_sdpa():
+def test_triton_paged_attention_on_cuda_equals_sdpa():
     pytest.importorskip("triton")
     script = Path(__file__).resolve().parents[1] / "unit" / "triton_attention_check.py"
-    done = subprocess.run([sys.executable, str(script), json.dumps(CASES), "cuda"], capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run([sys.executable, str(script), json.dumps(CASES), "cuda", json.dumps(VARLEN)],
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     errors = json.loads(done.stdout.strip().splitlines()[-1])
     for name, error in errors.items():

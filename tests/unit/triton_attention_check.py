@@ -1,9 +1,11 @@
 """Run the Triton paged decode attention on random caches; print its error against the SDPA path.
 
 Started by test_triton_attention.py in a fresh interpreter with ``TRITON_INTERPRET=1`` (it must
-be set before Triton is imported), and by the CUDA tests on a GPU. Argument: a JSON list of cases
-``[name, heads, kv_heads, head_dim, block_size, context_lens, window, softcap, dtype]``; optional
-second argument the device. Prints ``{name: max abs error relative to the output's max}``.
+be set before Triton is imported), and by the CUDA tests on a GPU. Arguments: a JSON list of decode
+cases ``[name, heads, kv_heads, head_dim, block_size, context_lens, window, softcap, dtype]``; the
+device (default cpu); a JSON list of mixed-step cases ``[name, heads, kv_heads, head_dim, block_size,
+[[new_tokens, context_len], ...], window, softcap, dtype]``. Prints ``{name: max abs error relative
+to the output's max}``.
 """
 
 from __future__ import annotations
@@ -65,9 +67,46 @@ def backend_step(device) -> float:
     return float((got.cpu() - want).abs().max() / want.abs().max())
 
 
+def varlen_case(heads, kv_heads, head_dim, block_size, seqs, window, softcap, dtype, device) -> float:
+    """A mixed step (fresh prompts, chunks after earlier context, single tokens) through the Triton
+    backend against the SDPA backend; ``seqs`` lists (new tokens, context length) per sequence."""
+    from text_generation_server.layers.attention import TritonPagedDecodeBackend
+
+    gen = torch.Generator().manual_seed(head_dim * 3 + len(seqs))
+    dtype = getattr(torch, dtype)
+    max_blocks = max(-(-ctx // block_size) for _, ctx in seqs)
+    num_blocks = len(seqs) * max_blocks + 2
+    ids = torch.randperm(num_blocks - 1, generator=gen)[: len(seqs) * max_blocks] + 1
+    tables = ids.view(len(seqs), max_blocks)
+    slots = []
+    for b, (n, ctx) in enumerate(seqs):
+        for p in range(ctx - n, ctx):
+            slots.append(int(tables[b, p // block_size]) * block_size + p % block_size)
+    tokens = sum(n for n, _ in seqs)
+    caches = [torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype) for _ in range(2)]
+    q = torch.randn(tokens, heads, head_dim, generator=gen).to(dtype)
+    k = torch.randn(tokens, kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(tokens, kv_heads, head_dim, generator=gen).to(dtype)
+    meta = dict(block_tables=tables, context_lens=torch.tensor([c for _, c in seqs]),
+                query_lens=[n for n, _ in seqs])
+    ref = [c.float().clone() for c in caches]
+    want = TorchSDPABackend().forward(q.float(), k.float(), v.float(), *ref,
+                                      AttentionMetadata(slot_mapping=torch.tensor(slots), **meta),
+                                      head_dim ** -0.5, window, softcap)
+    dev = [c.to(device) for c in caches]
+    attn = AttentionMetadata(slot_mapping=torch.tensor(slots).to(device),
+                             **{k_: (v_.to(device) if isinstance(v_, torch.Tensor) else v_) for k_, v_ in meta.items()})
+    got = TritonPagedDecodeBackend().forward(q.to(device), k.to(device), v.to(device), *dev, attn, head_dim ** -0.5,
+                                             window, softcap).float().cpu()
+    return float((got - want).abs().max() / want.abs().max())
+
+
 def main() -> None:
     device = torch.device(sys.argv[2] if len(sys.argv) > 2 else "cpu")
     errors = {"backend_step": backend_step(device)}
+    if len(sys.argv) > 3:
+        for name, heads, kv_heads, head_dim, block_size, seqs, window, softcap, dtype in json.loads(sys.argv[3]):
+            errors[name] = varlen_case(heads, kv_heads, head_dim, block_size, seqs, window, softcap, dtype, device)
     for name, heads, kv_heads, head_dim, block_size, lens, window, softcap, dtype in json.loads(sys.argv[1]):
         errors[name] = case(heads, kv_heads, head_dim, block_size, lens, window, softcap, dtype, device)
     print(json.dumps(errors))

@@ -353,10 +353,11 @@ class CpuPagedDecodeBackend(TorchSDPABackend):
 
 
 class TritonPagedDecodeBackend(TorchSDPABackend):
-    """Decode steps with the Triton paged decode kernel (``triton_attention.py``), reading keys and
-    values in place from the cache blocks; prefills and mixed steps take the SDPA path."""
+    """CUDA: every step in one Triton kernel launch per layer (``triton_attention.py``), keys and
+    values read in place from the cache blocks: the decode kernel when every sequence adds one
+    token, the varlen kernel for prefills, chunks after earlier context and mixed steps."""
 
-    name = "Triton paged decode (CUDA), torch-sdpa for prefill"
+    name = "Triton paged attention (CUDA): decode and varlen prefill kernels"
 
     def forward(
         self,
@@ -370,13 +371,19 @@ class TritonPagedDecodeBackend(TorchSDPABackend):
         window: int | None = None,
         softcap: float | None = None,
     ) -> torch.Tensor:
-        if not attn.is_decode or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
             return super().forward(q, k, v, k_cache, v_cache, attn, scale, window, softcap)
-        from text_generation_server.layers.triton_attention import paged_attention_decode
+        from text_generation_server.layers.triton_attention import (
+            paged_attention_decode,
+            paged_attention_varlen,
+        )
 
         write_kv(k, v, k_cache, v_cache, attn.slot_mapping)
-        return paged_attention_decode(q, k_cache, v_cache, attn.block_tables, attn.context_lens, scale, window,
-                                      softcap)
+        if attn.is_decode:
+            return paged_attention_decode(q, k_cache, v_cache, attn.block_tables, attn.context_lens, scale, window,
+                                          softcap)
+        return paged_attention_varlen(q, k_cache, v_cache, attn.block_tables, attn.context_lens, attn.query_lens,
+                                      scale, window, softcap)
 
 
 def custom_kernels_disabled() -> bool:
