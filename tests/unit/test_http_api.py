@@ -171,6 +171,10 @@ def test_compat_route_serves_both_and_huggingface_hub_reads_them(shared):
     assert streamed[-1].details.finish_reason == "length"
     plain = list(client.text_generation("Hello world", max_new_tokens=4, stream=True))
     assert "".join(plain) == reference
+    # SageMaker endpoints call /invocations, the same route as TGI's
+    sagemaker = requests.post(url(shared, "/invocations"), json={"inputs": "Hello world", "parameters": {
+        "max_new_tokens": 4}}, timeout=10).json()
+    assert sagemaker == [{"generated_text": reference}]
 
 
 def test_info_tokenize_models_and_openapi(shared, hf_tokenizer):
@@ -184,7 +188,7 @@ def test_info_tokenize_models_and_openapi(shared, hf_tokenizer):
     models = requests.get(url(shared, "/v1/models"), timeout=10).json()
     assert models["object"] == "list" and models["data"][0]["id"] == "fake-model"
     document = requests.get(url(shared, "/api-doc/openapi.json"), timeout=10).json()
-    for path in ("/generate", "/generate_stream", "/", "/tokenize", "/info", "/health", "/metrics",
+    for path in ("/generate", "/generate_stream", "/", "/invocations", "/tokenize", "/info", "/health", "/metrics",
                  "/v1/chat/completions", "/v1/completions", "/v1/models"):
         assert path in document["paths"], path
     docs = requests.get(url(shared, "/docs"), timeout=10)

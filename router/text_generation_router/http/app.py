@@ -229,8 +229,11 @@ def build_app(state: ServingState, settings: HttpSettings, *, is_serving: Callab
         return await run(tgi.API, tgi.generate_stream(state, request, body))
 
     @app.post("/", response_model=list[GenerateResponse], responses=errors, tags=["Text Generation Inference"])
+    @app.post("/invocations", response_model=list[GenerateResponse], responses=errors,
+              tags=["Text Generation Inference"])
     async def compat_generate(request: Request, body: CompatGenerateRequest):
-        """/generate (its answer in a one-item list, as TGI's), or /generate_stream when `stream` is true."""
+        """/generate (its answer in a one-item list, as TGI's), or /generate_stream when `stream` is true
+        (also at /invocations, the route SageMaker endpoints call, as TGI's)."""
         if body.stream:
             return await run(tgi.API, tgi.generate_stream(state, request, body))
         return await run(tgi.API, _listed(tgi.generate(state, request, body, settings.max_best_of)))
