@@ -57,7 +57,8 @@ class HttpTarget:
 
     async def _stream(self, text: str, shape: Shape) -> list[float]:
         assert self._session is not None, "connect() first"
-        body = {"inputs": text, "parameters": {"max_new_tokens": shape.new_tokens, "truncate": shape.prompt_tokens}}
+        body = {"inputs": text, "parameters": {"max_new_tokens": shape.new_tokens, "truncate": shape.prompt_tokens,
+                                               "details": True}}
         times: list[float] = []
         try:
             async with self._session.post(f"{self.base_url}/generate_stream", json=body) as answer:

@@ -118,6 +118,10 @@ def test_text_generation_client_stream_ends_with_generated_text_and_details(shar
     last = events[-1]
     assert last.details.finish_reason == "length" and last.details.generated_tokens == 5
     assert last.generated_text == "".join(e.token.text for e in events) == grpc_greedy(shared, "Hello world", 5).text
+    plain = requests.post(url(shared, "/generate_stream"), json={"inputs": "Hello world", "parameters": {
+        "max_new_tokens": 2}}, stream=True, timeout=10)
+    last_plain = sse_events(plain)[-1]
+    assert last_plain["details"] is None and last_plain["generated_text"] is not None  # details only when asked
 
 
 def test_sampling_parameters_seed_and_stop_sequences(shared, hf_tokenizer):

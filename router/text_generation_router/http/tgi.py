@@ -205,6 +205,7 @@ async def _stream_events(state: ServingState, call: Call, entry, body) -> AsyncI
             }
             if event.finished:
                 message["generated_text"] = "".join(parts)
+            if event.finished and p.details:  # as TGI's: the finish reason and seed when asked
                 message["details"] = {
                     "finish_reason": finish_reason(event),
                     "generated_tokens": event.generated_tokens,
