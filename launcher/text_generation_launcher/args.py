@@ -251,7 +251,8 @@ _FLAGS: list[_Flag] = [
           "stops reading longer is cancelled (KV freed, admission slot returned, counted as "
           "tgi_request_failure{err=\"stalled\"}).", metavar="SECONDS", shown="30"),
     _Flag(("--max-connections",), ("MAX_CONNECTIONS",), positive_int,
-          "Client connections the gRPC port accepts at once; further ones are closed at connect.",
+          "Client connections the gRPC port accepts at once (further ones are closed at connect), and requests "
+          "the HTTP port serves at once (further ones get 503).",
           shown="1024"),
     _Flag(("--shutdown-timeout", "--graceful-termination-timeout"), ("SHUTDOWN_TIMEOUT", "GRACEFUL_TERMINATION_TIMEOUT"),
           non_negative_float,

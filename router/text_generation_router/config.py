@@ -160,7 +160,8 @@ _FLAGS: list[tuple[tuple[str, ...], tuple[str, ...], Callable[[str], object] | N
      "Seconds a GenerateStream message may wait for the client to take it; a client that stops reading "
      "longer has its stream cancelled (KV freed, admission slot returned)."),
     (("--max-connections",), ("MAX_CONNECTIONS",), positive_int, 1024,
-     "Client connections the gRPC port accepts at once; more are refused at connect."),
+     "Client connections the gRPC port accepts at once (more are refused at connect), and requests the HTTP "
+     "port serves at once (more get 503)."),
     (("--max-client-batch-size",), ("MAX_CLIENT_BATCH_SIZE",), positive_int, 4,
      "Prompts one HTTP /v1/completions request may carry."),
     (("--api-key",), ("API_KEY",), str, None,

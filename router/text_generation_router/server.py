@@ -140,10 +140,10 @@ class Router:
         await self._start_grpc()
         settings = HttpSettings(
             api_key=args.api_key, cors_allow_origin=args.cors_allow_origin, payload_limit=args.payload_limit,
-            max_best_of=args.max_best_of,
+            max_best_of=args.max_best_of, max_connections=args.max_connections,
         )
         app = build_app(self.state, settings, is_serving=lambda: self.health.serving)
-        self._http = HttpServer(args.hostname, args.port, app)
+        self._http = HttpServer(args.hostname, args.port, app, max_connections=args.max_connections)
         try:
             await self._http.start()
         except OSError as err:

@@ -567,3 +567,30 @@ def test_requests_the_server_cancels_while_draining_get_503_or_an_error_event(ha
     assert answers["unary"].status_code == 503 and "shutting down" in answers["unary"].json()["error"]
     last = json.loads([line for line in lines if line][-1][5:])
     assert last["error_type"] == "unavailable" and "shutting down" in last["error"]
+
+
+def test_a_body_that_never_arrives_is_408_and_connections_are_bounded(harness, monkeypatch):
+    from text_generation_router.http import app as http_app
+
+    monkeypatch.setattr(http_app, "BODY_READ_TIMEOUT_S", 0.5)
+    h = harness(max_connections=3)
+    with socket.create_connection(("127.0.0.1", h.router.http_port), timeout=10) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"inputs\"")
+        answer = b""
+        while chunk := sock.recv(65536):  # the server closes the connection after its answer
+            answer += chunk
+        answer = answer.decode()
+    assert answer.startswith("HTTP/1.1 408") and "did not arrive" in answer
+    # --max-connections bounds the HTTP port too: idle connections beyond it are answered 503
+    idle = [socket.create_connection(("127.0.0.1", h.router.http_port), timeout=10) for _ in range(3)]
+    try:
+        time.sleep(0.3)
+        assert requests.get(url(h, "/health"), timeout=10).status_code == 503
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and requests.get(url(h, "/health"), timeout=10).status_code != 200:
+        time.sleep(0.1)
+    assert requests.get(url(h, "/health"), timeout=10).status_code == 200

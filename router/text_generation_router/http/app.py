@@ -49,6 +49,8 @@ from .schemas import (
 
 # What a body may carry besides its texts (parameters, JSON escapes) above --payload-limit.
 BODY_MARGIN_BYTES = 1 << 20
+# Seconds a client may take to send its request body (a slow sender holds a connection, nothing else).
+BODY_READ_TIMEOUT_S = 60.0
 # Routes an API key does not guard: orchestrators' probes and Prometheus.
 OPEN_ROUTES = frozenset({"/health", "/metrics"})
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -60,6 +62,7 @@ class HttpSettings:
     cors_allow_origin: tuple[str, ...] = ()
     payload_limit: int = 2_000_000
     max_best_of: int = 2
+    max_connections: int = 1024
 
 
 def _error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
@@ -94,17 +97,23 @@ class _Guard:
             return
         # Read the body here (chunked bodies have no length) and hand it on in one piece.
         chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away before sending its body
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body:
-                await self._too_large(scope, receive, send, size)
-                return
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(BODY_READ_TIMEOUT_S):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return  # the client went away before sending its body
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > self.max_body:
+                        await self._too_large(scope, receive, send, size)
+                        return
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            await _error(408, f"the request body did not arrive within {BODY_READ_TIMEOUT_S:g} s", "timeout",
+                         {"Connection": "close"})(scope, receive, send)
+            return
         delivered = False
 
         async def replay():
@@ -359,7 +368,8 @@ def _listen(host: str, port: int) -> socket.socket:
 class HttpServer:
     """uvicorn serving :func:`build_app` on the running event loop (no signal handlers of its own)."""
 
-    def __init__(self, host: str, port: int, app: FastAPI) -> None:
+    def __init__(self, host: str, port: int, app: FastAPI, *, max_connections: int = 1024) -> None:
+        self._max_connections = max_connections
         self._host = host
         self._requested_port = port
         self._app = app
@@ -380,6 +390,8 @@ class HttpServer:
             server_header=False,
             timeout_keep_alive=75,
             timeout_graceful_shutdown=2,
+            # --max-connections bounds this port too: beyond it uvicorn answers 503 at once.
+            limit_concurrency=self._max_connections,
         )
         config.load()
         server = uvicorn.Server(config)
