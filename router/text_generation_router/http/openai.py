@@ -14,6 +14,7 @@ them, never ignored.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,6 +31,11 @@ from .tgi import error_json, sse
 
 API = "openai"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+
+def _lp(value: float) -> float:
+    """A logprob JSON can carry: OpenAI's -9999.0 for one that is not finite (a token masked out)."""
+    return value if math.isfinite(value) else -9999.0
 
 
 def _openai_finish(step: Step) -> str:
@@ -152,10 +158,10 @@ def _chat_logprob(state: ServingState, token: TokenOut, top_n: int) -> dict:
     text = tok.token_text(token.token_id)
     return {
         "token": text,
-        "logprob": token.logprob,
+        "logprob": _lp(token.logprob),
         "bytes": list(text.encode("utf-8")),
         "top_logprobs": [
-            {"token": (t := tok.token_text(tid)), "logprob": lp, "bytes": list(t.encode("utf-8"))}
+            {"token": (t := tok.token_text(tid)), "logprob": _lp(lp), "bytes": list(t.encode("utf-8"))}
             for tid, lp in token.top_tokens[:top_n]
         ],
     }
@@ -233,8 +239,8 @@ def _completion_logprobs(state: ServingState, outcome: Outcome, top_n: int, offs
     for token in outcome.tokens:
         text = tok.token_text(token.token_id)
         tokens.append(text)
-        logprobs.append(token.logprob)
-        tops.append({tok.token_text(tid): lp for tid, lp in token.top_tokens[:top_n]} if top_n else None)
+        logprobs.append(_lp(token.logprob))
+        tops.append({tok.token_text(tid): _lp(lp) for tid, lp in token.top_tokens[:top_n]} if top_n else None)
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
@@ -321,8 +327,8 @@ async def _completions_stream(state: ServingState, call: Call, entries, body: Co
             logprobs = None
             if body.logprobs is not None and event.token is not None:
                 text = state.tokenizer.token_text(event.token.token_id)
-                top = {state.tokenizer.token_text(t): lp for t, lp in event.token.top_tokens[: body.logprobs]}
-                logprobs = {"tokens": [text], "token_logprobs": [event.token.logprob],
+                top = {state.tokenizer.token_text(t): _lp(lp) for t, lp in event.token.top_tokens[: body.logprobs]}
+                logprobs = {"tokens": [text], "token_logprobs": [_lp(event.token.logprob)],
                             "top_logprobs": [top or None], "text_offset": [0]}
             yield sse({**envelope, "choices": [{
                 "index": index, "text": event.text, "logprobs": logprobs,
