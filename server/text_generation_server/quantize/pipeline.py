@@ -101,6 +101,28 @@ def calibration_data(
     return windows, text.source
 
 
+def resolve_calibration_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``--calibration-dtype``: float32, bfloat16, or auto (bfloat16 where the device has bfloat16
+    matrix instructions: AMX/AVX-512 BF16 CPUs, CUDA GPUs that support it; float32 elsewhere)."""
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        fast = torch.cuda.is_bf16_supported()
+    else:
+        flags = ""
+        try:
+            flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                          if line.startswith("flags")), "")
+        except OSError:
+            pass
+        fast = any(f in flags.split() for f in ("amx_bf16", "avx512_bf16"))
+    dtype = torch.bfloat16 if fast else torch.float32
+    logger.info(f"--calibration-dtype auto: {str(dtype)[6:]} on {device}")
+    return dtype
+
+
 def resolve_device(name: str) -> torch.device:
     """``--device``: ``auto`` (the first GPU where CUDA is present, else the CPU), ``cpu``, ``cuda`` or
     ``cuda:N``; a GPU that is not there is refused naming what is."""
@@ -139,6 +161,7 @@ def quantize_checkpoint(
     save_every: float = 60.0,
     device: str = "auto",
     activation_memory: int | None = None,
+    calibration_dtype: str = "float32",
 ) -> Path:
     """Quantize ``model_id`` into a v1 GPTQ checkpoint at ``output_dir``; returns its path.
 
@@ -194,6 +217,7 @@ def quantize_checkpoint(
         result = quantize_model(
             model_path, config, windows, spec, true_sequential=true_sequential, trust_remote_code=trust_remote_code,
             progress=progress, resume=resume, device=run_device, activations=store,
+            calibration_dtype=resolve_calibration_dtype(calibration_dtype, run_device),
         )
     finally:
         store.clear_directory()

@@ -40,6 +40,8 @@ from text_generation_server.quantize.checkpoint import (
 from text_generation_server.quantize.gptq import (
     HessianAccumulator,
     QuantSpec,
+    calibration_precision,
+    exact_precision,
     gptq_quantize,
     relative_output_error,
 )
@@ -251,6 +253,10 @@ class LayerQuantizer:
         self.result = result
 
     def solve(self, group: tuple[str, ...], acc: HessianAccumulator) -> None:
+        with exact_precision(acc.device):
+            self._solve(group, acc)
+
+    def _solve(self, group: tuple[str, ...], acc: HessianAccumulator) -> None:
         h = acc.hessian()
         linears = [_submodule(self.layer, n) for n in group]
         weights = [lin.weight.data for lin in linears]
@@ -492,6 +498,7 @@ def quantize_model(
     resume: bool = False,
     device: torch.device | None = None,
     activations: ActivationStore | None = None,
+    calibration_dtype: torch.dtype = torch.float32,
 ) -> QuantizedModel:
     """GPTQ-quantize every decoder layer's linears of the checkpoint at ``model_path``.
 
@@ -502,7 +509,8 @@ def quantize_model(
     Each layer runs on ``device`` (default the CPU): its weights, the calibration
     activations and the Hessian work (float32) move there for the layer and back.
     ``activations`` keeps the calibration activations within a memory budget, the rest on disk
-    (default: all in memory).
+    (default: all in memory). ``calibration_dtype`` bfloat16 runs the calibration forwards and
+    Hessian products in bfloat16 (the solve stays float32).
     """
     device = device or torch.device("cpu")
     store = activations or ActivationStore(1 << 62, Path(tempfile.gettempdir()))
@@ -562,7 +570,8 @@ def quantize_model(
                 run = _quantize_layer_parallel
             else:
                 run = _quantize_layer_sequential if _staged(layer) else _quantize_layer_generic
-            hidden = run(layer, quantizer, hidden, kwargs)
+            with calibration_precision(calibration_dtype, device):
+                hidden = run(layer, quantizer, hidden, kwargs)
             if device.type != "cpu":
                 hidden = hidden.map(lambda h: h.cpu())
             groups = linear_groups(layer)
