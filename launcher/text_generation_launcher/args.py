@@ -102,6 +102,7 @@ class LauncherArgs:
     watermark_delta: float | None = None
     lora_adapters: str | None = None
     enable_prefill_logprobs: bool = False
+    prefix_caching: bool = True
     disable_grammar_support: bool = False
     otlp_service_name: str | None = None
 
@@ -229,7 +230,9 @@ _FLAGS: list[_Flag] = [
           "Waiting requests, as a fraction of the running batch, that pause decoding for a prefill.",
           shown="0.3"),
     _Flag(("--max-batch-prefill-tokens",), ("MAX_BATCH_PREFILL_TOKENS", "MAX_PREFILL_WEIGHT"), positive_int,
-          "Input tokens per prefill.", shown="max-input-tokens + 50"),
+          "Prompt tokens per step; a longer prompt is prefilled in chunks of this size between the running "
+          "requests' decode steps (smaller keeps their inter-token latency while long prompts arrive).",
+          shown="max-input-tokens + 50"),
     _Flag(("--max-batch-total-tokens",), ("MAX_BATCH_TOTAL_TOKENS", "MAX_BATCH_WEIGHT"), positive_int,
           "Tokens the running batch may hold.", shown="the KV cache capacity"),
     _Flag(("--max-waiting-tokens",), ("MAX_WAITING_TOKENS",), non_negative_int,
@@ -307,6 +310,10 @@ _FLAGS: list[_Flag] = [
     _Flag(("--validation-workers",), ("VALIDATION_WORKERS",), positive_int,
           "Accepted for TGI compatibility: the router tokenizes on two threads of its own (short and long "
           "texts) whatever the value.", shown="2"),
+    _Flag(("--prefix-caching",), ("PREFIX_CACHING", "USE_PREFIX_CACHING"), parse_bool,
+          "Reuse the KV blocks of a prompt prefix already computed (a shared system prompt, earlier turns of "
+          "a chat) for later requests with the same prefix, least recently used evicted first.",
+          default=True, metavar="true|false"),
     _Flag(("--enable-prefill-logprobs",), ("ENABLE_PREFILL_LOGPROBS",), parse_bool,
           "Accepted for TGI compatibility: prompt log probabilities (decoder_input_details) are always available.",
           default=False, switch=True),

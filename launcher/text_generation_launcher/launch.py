@@ -94,6 +94,7 @@ def shard_env(args: LauncherArgs, rank: int, base: Mapping[str, str]) -> dict[st
         MASTER_PORT=str(args.master_port),
     )
     env["CUDA_MEMORY_FRACTION"] = str(args.cuda_memory_fraction)
+    env["PREFIX_CACHING"] = "true" if args.prefix_caching else "false"
     if args.disable_custom_kernels:
         env["CPU_KERNELS"] = "off"
         env["DISABLE_CUSTOM_KERNELS"] = "true"

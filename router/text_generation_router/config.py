@@ -140,7 +140,8 @@ _FLAGS: list[tuple[tuple[str, ...], tuple[str, ...], Callable[[str], object] | N
     (("--waiting-served-ratio",), ("WAITING_SERVED_RATIO",), non_negative_float, 0.3,
      "Waiting requests needed, as a fraction of the running batch, to pause decoding for a prefill."),
     (("--max-batch-prefill-tokens",), ("MAX_BATCH_PREFILL_TOKENS",), positive_int, None,
-     "Input tokens per prefill (default: max-input-tokens + 50)."),
+     "Prompt tokens per step (default: max-input-tokens + 50); longer prompts are prefilled in chunks of "
+     "this size between the running requests' decode steps."),
     (("--max-batch-total-tokens",), ("MAX_BATCH_TOTAL_TOKENS",), positive_int, None,
      "Tokens the running batch may hold (default: the KV cache capacity Warmup reports)."),
     (("--max-waiting-tokens",), ("MAX_WAITING_TOKENS",), non_negative_int, 20,
@@ -233,12 +234,6 @@ def check_static(args: RouterArgs) -> None:
                 f"--max-input-tokens ({args.max_input_tokens}) must be < --max-total-tokens "
                 f"({args.max_total_tokens}): every request needs room for at least one new token"
             )
-    if args.max_batch_prefill_tokens is not None and args.max_input_tokens is not None:
-        if args.max_batch_prefill_tokens < args.max_input_tokens:
-            raise ConfigError(
-                f"--max-batch-prefill-tokens ({args.max_batch_prefill_tokens}) must be >= "
-                f"--max-input-tokens ({args.max_input_tokens}), or a maximal input could never be prefilled"
-            )
     if args.max_batch_total_tokens is not None:
         if args.max_total_tokens is not None and args.max_batch_total_tokens < args.max_total_tokens:
             raise ConfigError(
@@ -297,13 +292,10 @@ def resolve_sequence_limits(args: RouterArgs, max_position_embeddings: int) -> t
         raise ConfigError(
             f"--max-input-tokens ({max_input}) must be < --max-total-tokens ({max_total})"
         )
+    # A prompt longer than the prefill budget is prefilled in chunks of at most that many tokens.
     prefill = args.max_batch_prefill_tokens
     if prefill is None:
         prefill = max_input + PREFILL_TOKENS_HEADROOM
-    elif prefill < max_input:
-        raise ConfigError(
-            f"--max-batch-prefill-tokens ({prefill}) must be >= --max-input-tokens ({max_input})"
-        )
     return max_input, max_total, prefill
 
 

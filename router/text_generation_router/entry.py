@@ -56,6 +56,7 @@ class Entry:
         self.deadline = now + request.time_limit_ms / 1000.0 if request.time_limit_ms > 0 else None
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.generated = 0
+        self.cached_tokens = 0  # prompt tokens whose KV the prefix cache held
         self.cancelled = False
         self.done = False
         self.stop_reason: int = fmaas.NOT_FINISHED

@@ -130,6 +130,29 @@ class RouterMetrics:
         self.kv_cache_blocks_total = Gauge(
             "tgi_kv_cache_blocks_total", "Usable KV cache blocks on each shard", registry=r
         )
+        self.kv_cache_blocks_cached = Gauge(
+            "tgi_kv_cache_blocks_cached",
+            "KV cache blocks holding a reusable prompt prefix that no request holds (evicted when needed)",
+            registry=r,
+        )
+        self.prefix_cache_prompt_tokens = Counter(
+            "tgi_prefix_cache_prompt_tokens",
+            "Prompt tokens prefilled (with or without a cached prefix)",
+            registry=r,
+        )
+        self.prefix_cache_reused_tokens = Counter(
+            "tgi_prefix_cache_reused_tokens",
+            "Prompt tokens whose KV came from the prefix cache instead of being computed",
+            registry=r,
+        )
+        self.prefix_cache_hits = Counter(
+            "tgi_prefix_cache_hits", "Prompts that reused at least one cached prefix block", registry=r
+        )
+        self.prefix_cache_hit_ratio = Gauge(
+            "tgi_prefix_cache_hit_ratio",
+            "Share of all prompt tokens prefilled so far that came from the prefix cache",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -15,6 +15,12 @@ times as many as running ones, or when ``max_waiting_tokens`` steps passed
 since the last prefill, so decoding is not interrupted for every arrival.
 A prefill the shard refuses for lack of KV memory (RESOURCE_EXHAUSTED) goes
 back to the head of the queue and is retried once some request finished.
+
+A step holds at most ``max_batch_prefill_tokens`` prompt tokens: a longer
+prompt is prefilled in chunks, its first in the Prefill and the rest in the
+Decode steps that follow, beside the running requests' tokens (chunked
+prefill), so running streams keep their pace while it arrives. No other
+prefill starts until its last chunk ran.
 """
 
 from __future__ import annotations
@@ -68,6 +74,8 @@ class Scheduler:
         self._prefill_blocked = False
         self._prefill_cap: int | None = None
         self.failed: str | None = None
+        self._prompt_tokens = 0  # prompt tokens prefilled, and those the prefix cache held
+        self._reused_tokens = 0
 
     # ---- called by the servicer -------------------------------------------------------
 
@@ -191,7 +199,7 @@ class Scheduler:
                         break
                     batches = list(cached)
                     self._expire_waiting()
-                    if len(self._queue) and not self._prefill_blocked:
+                    if len(self._queue) and not self._prefill_blocked and not self._chunking():
                         running = len(self._running)
                         min_size = None if waiting_steps >= limits.max_waiting_tokens else int(running * limits.waiting_served_ratio)
                         new = self._queue.next_batch(
@@ -228,11 +236,15 @@ class Scheduler:
     def _prefill_may_be_due(self, waiting_steps: int) -> bool:
         """Whether admission might take waiting requests before the next step (then the step
         waits for this one's tokens to be handled, and admission sees the result)."""
-        if not len(self._queue) or self._prefill_blocked:
+        if not len(self._queue) or self._prefill_blocked or self._chunking():
             return False
         if waiting_steps >= self._limits.max_waiting_tokens:
             return True
         return len(self._queue) >= int(len(self._running) * self._limits.waiting_served_ratio)
+
+    def _chunking(self) -> bool:
+        """Whether a running prompt is still being prefilled in chunks (no token yet)."""
+        return any(e.generated == 0 and e.started_at is not None for e in self._running.values())
 
     def _admission_cap(self, running: int) -> int | None:
         cap = None if self._limits.max_batch_size is None else self._limits.max_batch_size - running
@@ -266,7 +278,7 @@ class Scheduler:
         self._metrics.batch_inference_count.labels(method="prefill").inc()
         self._metrics.batch_inference_batch_size.labels(method="prefill").observe(len(entries))
         try:
-            answer = await self._client.prefill(batch)
+            answer = await self._client.prefill(batch, self._limits.max_batch_prefill_tokens)
         except ShardError as err:
             self._metrics.batch_inference_failure.labels(method="prefill").inc()
             live = [e for e in entries if not e.done]
@@ -360,7 +372,7 @@ class Scheduler:
         self._metrics.batch_inference_batch_size.labels(method="decode").observe(size)
         start = time.monotonic()
         try:
-            answer = await self._client.decode(batches)
+            answer = await self._client.decode(batches, self._limits.max_batch_prefill_tokens)
         except ShardError as err:
             self._metrics.batch_inference_failure.labels(method="decode").inc()
             if err.fatal:
@@ -420,6 +432,7 @@ class Scheduler:
                 if entry.request.response.input_tokens:
                     entry.on_input_tokens(list(generation.prefill_tokens))
                 self._metrics.request_first_token_duration.observe(now - entry.queued_at)
+                self._count_prefix_reuse(entry, generation.cached_tokens)
             elif entry.last_token_at is not None:
                 self._metrics.request_inter_token_duration.observe(now - entry.last_token_at)
             entry.last_token_at = now
@@ -430,6 +443,20 @@ class Scheduler:
                 self._record_success(entry, now)
                 self._request_finished()
         self._update_gauges()
+
+    def _count_prefix_reuse(self, entry: Entry, cached_tokens: int) -> None:
+        entry.cached_tokens = cached_tokens
+        metrics = self._metrics
+        metrics.prefix_cache_prompt_tokens.inc(entry.request.input_length)
+        if cached_tokens:
+            metrics.prefix_cache_hits.inc()
+            metrics.prefix_cache_reused_tokens.inc(cached_tokens)
+        self._prompt_tokens += entry.request.input_length
+        self._reused_tokens += cached_tokens
+        metrics.prefix_cache_hit_ratio.set(self._reused_tokens / max(1, self._prompt_tokens))
+        if cached_tokens:
+            entry.log.debug(f"{entry.label} reused {cached_tokens} of {entry.request.input_length} prompt tokens "
+                            f"from the prefix cache")
 
     def _expire_waiting(self) -> None:
         expired = self._queue.take_expired(time.monotonic())
@@ -477,6 +504,7 @@ class Scheduler:
         if usage is not None:
             self._metrics.kv_cache_blocks_used.set(usage.blocks_used)
             self._metrics.kv_cache_blocks_total.set(usage.blocks_total)
+            self._metrics.kv_cache_blocks_cached.set(usage.blocks_cached)
 
     def fail_all(self, message: str) -> None:
         """The shards are gone: fail every request, stop the loop, and report it (idempotent)."""

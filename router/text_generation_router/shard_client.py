@@ -206,11 +206,13 @@ class ShardClient:
     async def warmup(self, request: generate_pb2.WarmupRequest) -> generate_pb2.WarmupResponse:
         return await self._call_all("Warmup", request)
 
-    async def prefill(self, batch: generate_pb2.Batch) -> generate_pb2.PrefillResponse:
-        return self._note_usage(await self._call_all("Prefill", generate_pb2.PrefillRequest(batch=batch), timeout=self.step_timeout))
+    async def prefill(self, batch: generate_pb2.Batch, chunk_tokens: int = 0) -> generate_pb2.PrefillResponse:
+        request = generate_pb2.PrefillRequest(batch=batch, chunk_tokens=chunk_tokens)
+        return self._note_usage(await self._call_all("Prefill", request, timeout=self.step_timeout))
 
-    async def decode(self, batches: list[generate_pb2.CachedBatch]) -> generate_pb2.DecodeResponse:
-        return self._note_usage(await self._call_all("Decode", generate_pb2.DecodeRequest(batches=batches), timeout=self.step_timeout))
+    async def decode(self, batches: list[generate_pb2.CachedBatch], chunk_tokens: int = 0) -> generate_pb2.DecodeResponse:
+        request = generate_pb2.DecodeRequest(batches=batches, chunk_tokens=chunk_tokens)
+        return self._note_usage(await self._call_all("Decode", request, timeout=self.step_timeout))
 
     async def filter_batch(self, batch_id: int, keep: list[int]) -> generate_pb2.CachedBatch:
         answer = await self._call_all(

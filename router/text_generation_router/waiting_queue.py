@@ -65,8 +65,10 @@ class WaitingQueue:
     ) -> list[Entry] | None:
         """Pop the next prefill batch, or None when fewer than ``min_size`` requests fit.
 
-        ``admit_first_anyway`` lets the head of the queue in even if it is over
-        budget (nothing else is running; the shard has the last word).
+        A prompt longer than what is left of ``prefill_token_budget`` joins only as the first of
+        the batch (the shards prefill it in chunks of the budget). ``admit_first_anyway`` lets the
+        head of the queue in even if it is over the token budget (nothing else is running; the
+        shard has the last word).
         """
         if not self._entries or (max_size is not None and max_size <= 0):
             return None
@@ -76,7 +78,8 @@ class WaitingQueue:
         for entry in self._entries:
             prefill = entry.request.input_length
             total = entry.kv_tokens(self._block_size)
-            fits = prefill_tokens + prefill <= prefill_token_budget and total_tokens + total <= token_budget
+            prefill_fits = not chosen or prefill_tokens + prefill <= prefill_token_budget
+            fits = prefill_fits and total_tokens + total <= token_budget
             if not fits and not (admit_first_anyway and not chosen):
                 break
             chosen.append(entry)

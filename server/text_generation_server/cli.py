@@ -76,6 +76,18 @@ class ShardEnv:
 # ---- start-up choices, each logged once -------------------------------------------
 
 
+def prefix_caching_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """``PREFIX_CACHING`` (TGI's name; the launcher's --prefix-caching sets it): on unless it is
+    0/false/off/no."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get("PREFIX_CACHING", "").strip().lower()
+    if raw in ("", "1", "true", "on", "yes"):
+        return True
+    if raw in ("0", "false", "off", "no"):
+        return False
+    raise ShardStartError(f"PREFIX_CACHING={raw!r} must be true or false (1/0, on/off)")
+
+
 def choose_device(env: ShardEnv, environ: Mapping[str, str] | None = None) -> torch.device:
     """The shard's device: GPU ``LOCAL_RANK`` (the launcher sets it to the rank; RANK where it is
     unset) among the visible ones when CUDA is present, else the CPU. A GPU index beyond the
@@ -226,6 +238,8 @@ def _serve(args: argparse.Namespace, env: ShardEnv) -> None:
     model_dir = resolve_model_dir(args.model, args.revision)
     logger.info(f"Loading model {model_dir} (rank {env.rank}/{env.world_size})")
     device = choose_device(env)
+    prefix_caching = prefix_caching_enabled()
+    logger.info(f"Prefix caching {'on' if prefix_caching else 'off (PREFIX_CACHING)'}")
     dtype = resolve_dtype(args.dtype, device, checkpoint_dtype(model_dir))
     # Before joining the group: a model that cannot fit fails every rank alike, with figures.
     check_model_fits(model_dir, dtype, env.world_size, device, quantize=args.quantize)
@@ -265,6 +279,7 @@ def _serve(args: argparse.Namespace, env: ShardEnv) -> None:
                 model_id=args.model or DEFAULT_MODEL_ID,
                 quantize=getattr(model, "quantize", args.quantize),
                 eos_token_ids=eos_token_ids(model.config, model_dir),
+                prefix_caching=prefix_caching,
             )
         )
         make_socket_dir(Path(args.uds_path).parent)

@@ -143,7 +143,7 @@ class ShardServicer(generate_pb2_grpc.TextGenerationServiceServicer):
 
     async def Prefill(self, request, context):
         (generations, batch, timings), usage = await self._run_with_usage(
-            self.generator.prefill, request.batch
+            self.generator.prefill, request.batch, request.chunk_tokens
         )
         response = generate_pb2.PrefillResponse(
             generations=generations, timings=timings, kv_cache=usage
@@ -154,7 +154,7 @@ class ShardServicer(generate_pb2_grpc.TextGenerationServiceServicer):
 
     async def Decode(self, request, context):
         (generations, batch, timings), usage = await self._run_with_usage(
-            self.generator.decode, list(request.batches)
+            self.generator.decode, list(request.batches), request.chunk_tokens
         )
         response = generate_pb2.DecodeResponse(
             generations=generations, timings=timings, kv_cache=usage

@@ -92,6 +92,28 @@ def run_rank(rank: int, world_size: int, port: int, model_dir: str, out_dir: str
         generations, running, _ = gen.decode([running])
         collect(generations)
     result["free_after"] = (gen.allocator.num_free, gen.allocator.num_usable)
+
+    # Prefix caching and chunked prefill on this rank's heads: a prompt sharing a served prefix,
+    # with and without the cache, whole and in chunks of 5 tokens.
+    def run(generator, rid, ids, chunk=0):
+        out = []
+        generations, cached, _ = generator.prefill(pb.Batch(id=rid, requests=[pb.Request(
+            id=rid, input_ids=ids, stopping=pb.StoppingParameters(max_new_tokens=5, ignore_eos_token=True),
+            top_n_tokens=3)]), chunk)
+        while True:
+            out += [(g.token.id, g.token.logprob, g.cached_tokens) for g in generations]
+            if cached is None:
+                return out
+            generations, cached, _ = generator.decode([cached], chunk)
+
+    shared = [(5 * i + 2) % 120 + 1 for i in range(21)]
+    warm = Generator(model, dist, block_size=4, prefix_caching=True)
+    run(warm, 20, shared + [3])
+    result["prefix"] = {
+        "warm": run(warm, 21, shared + [9, 10, 11]),
+        "cold": run(Generator(model, dist, block_size=4), 21, shared + [9, 10, 11]),
+        "chunked": run(Generator(model, dist, block_size=4), 21, shared + [9, 10, 11], chunk=5),
+    }
     dist.barrier()
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     dist.shutdown()

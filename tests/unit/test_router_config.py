@@ -58,7 +58,6 @@ def test_a_malformed_environment_variable_names_the_variable():
     "argv, words",
     [
         (["--max-input-tokens", "100", "--max-total-tokens", "100"], ["--max-input-tokens (100)", "--max-total-tokens (100)"]),
-        (["--max-input-tokens", "100", "--max-batch-prefill-tokens", "50"], ["--max-batch-prefill-tokens (50)", "--max-input-tokens (100)"]),
         (["--max-total-tokens", "100", "--max-batch-total-tokens", "50"], ["--max-batch-total-tokens (50)", "--max-total-tokens (100)"]),
         (["--max-batch-prefill-tokens", "100", "--max-batch-total-tokens", "50"], ["--max-batch-prefill-tokens (100)"]),
         (["--max-new-tokens", "10", "--default-max-new-tokens", "20"], ["--default-max-new-tokens (20)", "--max-new-tokens (10)"]),

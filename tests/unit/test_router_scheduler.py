@@ -38,10 +38,11 @@ class _Tokenizer:
 class _Held:
     request: generate_pb2.Request
     generated: int = 0
+    prefilled: int = 0  # prompt tokens in the cache (chunked prefill)
 
     @property
     def tokens(self) -> int:
-        return len(self.request.input_ids) + self.generated
+        return self.prefilled + self.generated
 
 
 @dataclass
@@ -53,13 +54,24 @@ class ScriptedShards:
     calls: list[tuple[str, list[int]]] = field(default_factory=list)
     batches: dict[int, list[_Held]] = field(default_factory=dict)
     decodes: int = 0
+    chunks: list[int] = field(default_factory=list)  # chunk_tokens of every Prefill and Decode
 
     def tokens_held(self) -> int:
         return sum(h.tokens for held in self.batches.values() for h in held)
 
-    def _step(self, batch_id: int, held: list[_Held]):
+    def _step(self, batch_id: int, held: list[_Held], chunk: int = 0):
         generations, live = [], []
+        budget = chunk or None
         for h in held:
+            left = len(h.request.input_ids) - h.prefilled
+            if left:
+                take = left if budget is None else min(left, budget)
+                if budget is not None:
+                    budget -= take
+                h.prefilled += take
+                if take < left:
+                    live.append(h)
+                    continue
             h.generated += 1
             done = h.generated >= h.request.stopping.max_new_tokens
             generations.append(
@@ -85,23 +97,25 @@ class ScriptedShards:
             current_tokens=sum(h.tokens for h in held),
         )
 
-    async def prefill(self, batch: generate_pb2.Batch) -> generate_pb2.PrefillResponse:
+    async def prefill(self, batch: generate_pb2.Batch, chunk_tokens: int = 0) -> generate_pb2.PrefillResponse:
         await asyncio.sleep(0)
         self.calls.append(("Prefill", [r.id for r in batch.requests]))
-        generations, cached = self._step(batch.id, [_Held(r) for r in batch.requests])
+        self.chunks.append(chunk_tokens)
+        generations, cached = self._step(batch.id, [_Held(r) for r in batch.requests], chunk_tokens)
         answer = generate_pb2.PrefillResponse(generations=generations)
         if cached is not None:
             answer.batch.CopyFrom(cached)
         return answer
 
-    async def decode(self, batches: list[generate_pb2.CachedBatch]) -> generate_pb2.DecodeResponse:
+    async def decode(self, batches: list[generate_pb2.CachedBatch], chunk_tokens: int = 0) -> generate_pb2.DecodeResponse:
         self.decodes += 1
+        self.chunks.append(chunk_tokens)
         if self.on_decode is not None:
             self.on_decode(self.decodes)
         await asyncio.sleep(0)
         held = [h for b in batches for h in self.batches.pop(b.id)]
         self.calls.append(("Decode", [h.request.id for h in held]))
-        generations, cached = self._step(batches[0].id, held)
+        generations, cached = self._step(batches[0].id, held, chunk_tokens)
         answer = generate_pb2.DecodeResponse(generations=generations)
         if cached is not None:
             answer.batch.CopyFrom(cached)
@@ -264,6 +278,41 @@ def test_max_batch_prefill_tokens_splits_waiting_requests_into_prefills_within_t
     prefills = shards.prefills()
     assert [len(p) for p in prefills] == [2, 2, 1]
     assert all(e.generated == 4 and e.stop_reason == fmaas.MAX_TOKENS for e in run.entries)
+
+
+def test_a_prompt_over_the_prefill_budget_is_prefilled_in_chunks_while_the_running_requests_decode():
+    """Budget 25: a 100-token prompt arriving beside two running requests takes 4 steps to prefill;
+    the running ones get a token at every one of them, and nothing else is prefilled meanwhile."""
+    late: list = []
+
+    def on_decode(n: int) -> None:
+        if n == 2:
+            late.extend(run.submit(request(100, 3)))
+        if n == 3:
+            late.extend(run.submit(request(5, 2)))
+
+    shards = ScriptedShards(on_decode=on_decode)
+    run = Run(shards, max_batch_prefill_tokens=25, max_waiting_tokens=0, waiting_served_ratio=0.0)
+    first = run.submit(request(10, 12), request(10, 12))
+    run.run()
+    assert set(shards.chunks) == {25}
+    long, short = late
+    assert shards.prefills() == [entry_ids(first), [long.id], [short.id]]
+    # The long prompt: its Prefill and then three Decode steps hold a chunk each, the running
+    # requests decoding in every one; the short one is prefilled only after the last chunk (and
+    # the step already sent while that chunk's token was being handled).
+    assert decodes_before_prefills(shards)[2] - decodes_before_prefills(shards)[1] == 3 + 1
+    assert all(e.generated == e.request.max_new_tokens for e in run.entries)
+    assert all(len(ids) >= 2 for method, ids in shards.calls if method == "Decode")
+
+
+def test_a_first_prompt_over_the_prefill_budget_is_admitted_alone_and_chunked():
+    shards = ScriptedShards()
+    run = Run(shards, max_batch_prefill_tokens=16, max_waiting_tokens=0)
+    run.submit(request(40, 2), request(4, 2))
+    run.run()
+    assert [len(p) for p in shards.prefills()] == [1, 1]
+    assert all(e.generated == 2 for e in run.entries)
 
 
 def test_max_batch_total_tokens_makes_a_request_that_cannot_fit_now_wait_until_others_finish():

@@ -189,7 +189,7 @@ def test_invalid_request_is_invalid_argument(stub):
 def test_unexpected_error_is_internal_with_the_message(stub, shard, monkeypatch):
     _, _, generator = shard
 
-    def broken(batches):
+    def broken(batches, chunk_tokens=0):
         raise RuntimeError("kernel exploded")
 
     monkeypatch.setattr(generator, "decode", broken)
@@ -205,9 +205,9 @@ def test_health_answers_while_a_long_model_call_runs(stub, shard, monkeypatch):
     release = threading.Event()
     original = generator.prefill
 
-    def slow_prefill(batch):
+    def slow_prefill(batch, chunk_tokens=0):
         release.wait(30)
-        return original(batch)
+        return original(batch, chunk_tokens)
 
     monkeypatch.setattr(generator, "prefill", slow_prefill)
     future = stub.Prefill.future(

@@ -45,6 +45,7 @@ class Outcome:
     steps: list[Step] = field(default_factory=list)
     input_tokens: tuple[TokenOut, ...] = ()
     last: Step | None = None
+    cached_tokens: int = 0  # prompt tokens the prefix cache held
 
     @property
     def tokens(self) -> list[TokenOut]:
@@ -89,6 +90,7 @@ async def collect(entry: Entry) -> Outcome:
     if outcome.last.stop_reason == fmaas.CANCELLED:
         raise cancelled_error()
     outcome.text = "".join(parts)
+    outcome.cached_tokens = entry.cached_tokens
     return outcome
 
 

@@ -102,7 +102,13 @@ def _envelope(state: ServingState, prefix: str) -> dict:
 def _usage(outcomes: list[Outcome]) -> dict:
     prompt = sum(o.request.input_length for o in outcomes)
     completion = sum(o.last.generated_tokens for o in outcomes)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return _usage_of(prompt, completion, sum(o.cached_tokens for o in outcomes))
+
+
+def _usage_of(prompt: int, completion: int, cached: int) -> dict:
+    """OpenAI's usage object; ``cached`` prompt tokens came from the prefix cache."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 # ---- chat -----------------------------------------------------------------------------------
@@ -219,9 +225,7 @@ async def _chat_stream(state: ServingState, call: Call, entry, body: ChatRequest
                 choice["logprobs"] = {"content": [_chat_logprob(state, event.token, top_n)]}
             yield sse({**envelope, "choices": [choice], "usage": None})
             if event.finished and include_usage:
-                prompt = entry.request.input_length
-                usage = {"prompt_tokens": prompt, "completion_tokens": event.generated_tokens,
-                         "total_tokens": prompt + event.generated_tokens}
+                usage = _usage_of(entry.request.input_length, event.generated_tokens, entry.cached_tokens)
                 yield sse({**envelope, "choices": [], "usage": usage})
         yield sse("[DONE]")
     except Exception as err:
@@ -335,10 +339,9 @@ async def _completions_stream(state: ServingState, call: Call, entries, body: Co
                 "finish_reason": _openai_finish(event) if event.finished else None,
             }]})
         if include_usage:
-            prompt = sum(e.request.input_length for e in entries)
-            completion = sum(generated)
-            yield sse({**envelope, "choices": [], "usage": {
-                "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}})
+            usage = _usage_of(sum(e.request.input_length for e in entries), sum(generated),
+                              sum(e.cached_tokens for e in entries))
+            yield sse({**envelope, "choices": [], "usage": usage})
         yield sse("[DONE]")
     finally:
         for task in pumps:

@@ -1,11 +1,14 @@
 """Batch state between RPCs: per request its ids, KV blocks and sampling/stopping state.
 
 A :class:`Batch` builds the flattened model inputs (ids, positions,
-:class:`AttentionMetadata`) for a prefill or a decode step, and is merged
-with other batches (Decode of several cached batches) or filtered (requests
-finished or dropped by the router). Block allocation for a step is all or
-nothing: when the cache is short, :class:`CacheFullError` is raised before
-any request changed.
+:class:`AttentionMetadata`) of one step: each generating request's last
+token, and each prompt not yet in the cache its next tokens (all of them, or
+a chunk when the step's prompt tokens are bounded: chunked prefill). A new
+request first takes the cached blocks of its prompt's longest cached prefix
+(prefix caching), so only the rest is computed. Batches are merged (Decode of
+several cached batches) or filtered (requests finished or dropped by the
+router). Block allocation for a step is all or nothing: when the cache is
+short, :class:`CacheFullError` is raised before any request changed.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from text_generation_server.engine.kv_cache import (
     BlockAllocator,
     CacheFullError,
     blocks_for_tokens,
+    prefix_keys,
 )
 from text_generation_server.engine.sampler import SampleRow, SamplingParams
 from text_generation_server.engine.stopping import StoppingCriteria, StoppingParams
@@ -37,6 +41,18 @@ class RequestState:
     generated: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
     kv_len: int = 0  # tokens whose keys/values are in the cache
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+    block_keys: list[bytes] = field(default_factory=list)  # prefix keys of the full blocks so far
+    prompt_tokens: list[generate_pb2.Token] = field(default_factory=list)  # prompt logprobs so far
+
+    @property
+    def prefilling(self) -> bool:
+        """Part of the prompt is not in the cache yet (chunked prefill)."""
+        return not self.generated
+
+    @property
+    def prompt_left(self) -> int:
+        return len(self.input_ids) - self.kv_len if not self.generated else 0
 
     @property
     def total_len(self) -> int:
@@ -66,10 +82,18 @@ class StepInputs:
     positions: torch.Tensor  # [T]
     attn: AttentionMetadata
     query_starts: list[int]  # B + 1 offsets into the flattened tokens
+    rows: list[RequestState]  # the B requests with tokens in this step, in order
+    samples: list[bool]  # per row: a token is chosen (a decode row, or the prompt's last chunk)
+
+    @property
+    def sampled(self) -> list[tuple[int, RequestState]]:
+        """(row index, request) of the rows whose last token's logits choose a token."""
+        return [(i, r) for i, (r, s) in enumerate(zip(self.rows, self.samples, strict=True)) if s]
 
     @property
     def last_indices(self) -> list[int]:
-        return [end - 1 for end in self.query_starts[1:]]
+        """Flattened index of the last token of every sampled row."""
+        return [self.query_starts[i + 1] - 1 for i, _ in self.sampled]
 
 
 def request_from_pb(
@@ -155,72 +179,113 @@ class Batch:
     # ---- step inputs ----------------------------------------------------------------
 
     def _reserve(
-        self, allocator: BlockAllocator, block_size: int, new_tokens: list[int], what: str
+        self,
+        allocator: BlockAllocator,
+        block_size: int,
+        rows: list[RequestState],
+        new_tokens: list[int],
+        what: str,
     ) -> None:
-        """Give every request blocks for ``new_tokens`` more tokens, all or none."""
+        """Give every row blocks for ``new_tokens`` more tokens, all or none."""
         needs = [
             max(0, blocks_for_tokens(r.kv_len + n, block_size) - len(r.blocks))
-            for r, n in zip(self.requests, new_tokens, strict=True)
+            for r, n in zip(rows, new_tokens, strict=True)
         ]
         total = sum(needs)
         if total > allocator.num_free:
             raise CacheFullError(
-                f"KV cache full: this {what} ({len(self.requests)} requests) needs {total} more "
+                f"KV cache full: this {what} ({len(rows)} requests) needs {total} more "
                 f"blocks ({total * block_size} tokens, {sum(new_tokens)} new) but only "
                 f"{allocator.num_free} of {allocator.num_usable} blocks "
                 f"({allocator.num_free * block_size} of {allocator.num_usable * block_size} tokens) "
                 f"are free"
             )
-        for r, n in zip(self.requests, needs, strict=True):
+        for r, n in zip(rows, needs, strict=True):
             if n:
                 r.blocks.extend(allocator.allocate(n))
 
-    def prepare_prefill(
-        self, allocator: BlockAllocator, block_size: int, device: torch.device
-    ) -> StepInputs:
-        """Every prompt in full; allocates their blocks (the caller frees them on failure)."""
-        if any(r.kv_len or r.generated for r in self.requests):
-            raise ValueError(f"batch {self.id} was already prefilled")
-        self._reserve(allocator, block_size, [len(r.input_ids) for r in self.requests], "prefill")
-        ids, positions, slots = [], [], []
+    def match_prefixes(self, allocator: BlockAllocator, block_size: int) -> None:
+        """Give each new request the cached blocks of its prompt's longest cached prefix.
+
+        Whole blocks only, and never the prompt's last token, whose logits choose the first
+        generated token. Requests that asked for their prompt's logprobs compute every token.
+        """
         for r in self.requests:
-            n = len(r.input_ids)
-            pos = torch.arange(n, dtype=torch.int64)
+            if r.kv_len or r.generated or r.blocks:
+                raise ValueError(f"batch {self.id} was already prefilled")
+            r.block_keys = prefix_keys(r.input_ids, block_size)
+            if r.prefill_logprobs:
+                continue
+            usable = (len(r.input_ids) - 1) // block_size
+            r.blocks = allocator.match(r.block_keys[:usable])
+            r.kv_len = r.cached_tokens = len(r.blocks) * block_size
+
+    def prepare_step(
+        self, allocator: BlockAllocator, block_size: int, device: torch.device, chunk_tokens: int = 0
+    ) -> StepInputs:
+        """The next step's inputs: the last token of every request that is generating, and of
+        every prompt still being prefilled its next tokens, at most ``chunk_tokens`` of them in
+        all (0: no bound) given to prompts in batch order. Allocates the blocks they need (a
+        prompt's whole at its first chunk), all or none (the caller frees a new batch's blocks on
+        failure)."""
+        rows: list[RequestState] = []
+        samples: list[bool] = []
+        counts: list[int] = []
+        budget = chunk_tokens if chunk_tokens > 0 else None
+        for r in self.requests:
+            if r.generated:
+                if r.kv_len != r.total_len - 1:
+                    raise ValueError(f"request {r.id} of batch {self.id} is not ready for a decode step")
+                n = 1
+            else:
+                n = r.prompt_left if budget is None else min(r.prompt_left, budget)
+                if budget is not None:
+                    budget -= n
+                if n == 0:
+                    continue  # no room left in this step's chunk: it waits for the next step
+            rows.append(r)
+            counts.append(n)
+            samples.append(bool(r.generated) or n == r.prompt_left)
+        if not rows:
+            raise ValueError(f"batch {self.id} has nothing to run in this step (chunk of {chunk_tokens} tokens)")
+        what = "decode step" if all(r.generated for r in rows) else "prefill"
+        # A prompt's blocks are reserved whole with the batch's first step (even when this step
+        # has no room for it), so later chunks never run short.
+        holders = [r for r in self.requests if r.prompt_left or any(r is x for x in rows)]
+        self._reserve(allocator, block_size, holders, [r.prompt_left or 1 for r in holders], what)
+        ids, positions, slots = [], [], []
+        for r, n in zip(rows, counts, strict=True):
+            tokens = r.input_ids[r.kv_len : r.kv_len + n] if not r.generated else r.generated[-1:]
+            pos = torch.arange(r.kv_len, r.kv_len + n, dtype=torch.int64)
             blocks = torch.tensor(r.blocks, dtype=torch.int64)
-            ids.append(torch.tensor(r.input_ids, dtype=torch.int64))
+            ids.append(torch.tensor(tokens, dtype=torch.int64))
             positions.append(pos)
             slots.append(blocks[pos // block_size] * block_size + pos % block_size)
-        lens = [len(r.input_ids) for r in self.requests]
         return self._inputs(
-            torch.cat(ids), torch.cat(positions), torch.cat(slots), lens, lens, device
-        )
-
-    def prepare_decode(
-        self, allocator: BlockAllocator, block_size: int, device: torch.device
-    ) -> StepInputs:
-        """Each request's last token; allocates a block for requests that filled theirs."""
-        for r in self.requests:
-            if not r.generated or r.kv_len != r.total_len - 1:
-                raise ValueError(
-                    f"request {r.id} of batch {self.id} is not ready for a decode step"
-                )
-        self._reserve(allocator, block_size, [1] * len(self.requests), "decode step")
-        pos = [r.kv_len for r in self.requests]
-        slots = [
-            r.blocks[p // block_size] * block_size + p % block_size
-            for r, p in zip(self.requests, pos, strict=True)
-        ]
-        return self._inputs(
-            torch.tensor([r.generated[-1] for r in self.requests], dtype=torch.int64),
-            torch.tensor(pos, dtype=torch.int64),
-            torch.tensor(slots, dtype=torch.int64),
-            [1] * len(self.requests),
-            [p + 1 for p in pos],
+            rows,
+            samples,
+            torch.cat(ids),
+            torch.cat(positions),
+            torch.cat(slots),
+            counts,
+            [r.kv_len + n for r, n in zip(rows, counts, strict=True)],
             device,
         )
 
+    def register_prefixes(self, allocator: BlockAllocator, block_size: int, requests: list[RequestState]) -> None:
+        """Offer the full blocks of ``requests`` whose keys and values are all in the cache (prompt
+        and generated tokens) to later requests with the same prefix."""
+        for r in requests:
+            full = min(r.kv_len // block_size, len(r.blocks))
+            if len(r.block_keys) < full:
+                r.block_keys = prefix_keys((r.input_ids + r.generated)[: full * block_size], block_size, r.block_keys)
+            for b in range(full):
+                allocator.register(r.blocks[b], r.block_keys[b])
+
     def _inputs(
         self,
+        rows: list[RequestState],
+        samples: list[bool],
         ids: torch.Tensor,
         positions: torch.Tensor,
         slots: torch.Tensor,
@@ -228,9 +293,9 @@ class Batch:
         context_lens: list[int],
         device: torch.device,
     ) -> StepInputs:
-        width = max(len(r.blocks) for r in self.requests)
-        tables = torch.zeros((len(self.requests), width), dtype=torch.int64)
-        for i, r in enumerate(self.requests):
+        width = max(len(r.blocks) for r in rows)
+        tables = torch.zeros((len(rows), width), dtype=torch.int64)
+        for i, r in enumerate(rows):
             tables[i, : len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.int64)
         starts = [0]
         for q in query_lens:
@@ -241,7 +306,7 @@ class Batch:
             context_lens=torch.tensor(context_lens, dtype=torch.int64, device=device),
             query_lens=list(query_lens),
         )
-        return StepInputs(ids.to(device), positions.to(device), attn, starts)
+        return StepInputs(ids.to(device), positions.to(device), attn, starts, rows, samples)
 
     # ---- merge / filter -------------------------------------------------------------
 

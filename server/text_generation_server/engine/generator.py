@@ -65,6 +65,7 @@ class Generator:
         eos_token_ids: Iterable[int] | None = None,
         num_blocks: int | None = None,
         logits_chunk_rows: int = 512,
+        prefix_caching: bool = False,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -81,6 +82,8 @@ class Generator:
         )
         self.max_position_embeddings = int(getattr(config, "max_position_embeddings", 0) or 0)
         self.logits_chunk_rows = max(1, logits_chunk_rows)
+        # Full KV blocks of earlier prompts (and generations) reused by requests with the same prefix.
+        self.prefix_caching = prefix_caching
         self.batches: dict[int, Batch] = {}
         self.cache: KVCache | None = None
         self.allocator: BlockAllocator | None = None
@@ -123,7 +126,11 @@ class Generator:
         if self.allocator is None:
             return generate_pb2.KvCacheUsage()
         total = self.allocator.num_usable
-        return generate_pb2.KvCacheUsage(blocks_used=total - self.allocator.num_free, blocks_total=total)
+        return generate_pb2.KvCacheUsage(
+            blocks_used=total - self.allocator.num_free,
+            blocks_total=total,
+            blocks_cached=self.allocator.num_cached,
+        )
 
     def _agree_min(self, value: int) -> int:
         """The smallest ``value`` over all ranks, so every rank sizes its cache the same."""
@@ -149,6 +156,7 @@ class Generator:
             eos_token_ids=self.eos_token_ids,
             block_size=self.block_size,
             kernel=str(getattr(self.model, "kernel", "")),
+            prefix_caching=self.prefix_caching,
         )
 
     def health(self) -> None:
@@ -185,7 +193,7 @@ class Generator:
         for i in ids:
             batch = self.batches.pop(i, None)
             if batch is not None:
-                batch.free(self.allocator)
+                self._free(batch)
         logger.debug(f"Cleared batches {ids}; {self.allocator.num_free} blocks free")
 
     def filter_batch(self, batch_id: int, keep_ids: Iterable[int]) -> generate_pb2.CachedBatch:
@@ -200,13 +208,16 @@ class Generator:
                 f"(already finished?); keeping the others"
             )
         dropped = batch.filter(keep)
-        batch.free(self.allocator, dropped)
+        self._free(batch, dropped)
         if not batch.requests:
             del self.batches[batch_id]
         return batch.to_pb()
 
-    def prefill(self, pb_batch: generate_pb2.Batch) -> StepResult:
-        """Run the prompts of a new batch and choose each request's first token."""
+    def prefill(self, pb_batch: generate_pb2.Batch, chunk_tokens: int = 0) -> StepResult:
+        """Run the prompts of a new batch and choose each request's first token.
+
+        With ``chunk_tokens`` > 0 at most that many prompt tokens run (in batch order): a prompt
+        that does not fit gets no token yet and continues in the following :meth:`decode` steps."""
         start = time.perf_counter_ns()
         assert self.allocator is not None
         if pb_batch.id in self.batches:
@@ -217,15 +228,19 @@ class Generator:
         if clash:
             raise ValueError(f"requests {sorted(clash)} are already in a cached batch")
         try:
-            inputs = batch.prepare_prefill(self.allocator, self.block_size, self.device)
-            return self._step(batch, inputs, start, prefill=True)
+            if self.prefix_caching:
+                batch.match_prefixes(self.allocator, self.block_size)
+            inputs = batch.prepare_step(self.allocator, self.block_size, self.device, chunk_tokens)
+            return self._step(batch, inputs, start)
         except BaseException:
             if batch.id not in self.batches:
                 batch.free(self.allocator)
             raise
 
-    def decode(self, cached: Iterable[generate_pb2.CachedBatch]) -> StepResult:
-        """Merge the named batches into the first one's id and advance every request one token."""
+    def decode(self, cached: Iterable[generate_pb2.CachedBatch], chunk_tokens: int = 0) -> StepResult:
+        """Merge the named batches into the first one's id and advance every request one token;
+        prompts still being prefilled advance by their next chunk (at most ``chunk_tokens`` in all,
+        0: the rest of every prompt)."""
         start = time.perf_counter_ns()
         assert self.allocator is not None
         ids = [int(b.id) for b in cached]
@@ -235,11 +250,11 @@ class Generator:
             raise ValueError(f"Decode lists a batch twice: {ids}")
         batches = [self._get(i) for i in ids]
         merged = Batch.concatenate(batches)
-        inputs = merged.prepare_decode(self.allocator, self.block_size, self.device)
+        inputs = merged.prepare_step(self.allocator, self.block_size, self.device, chunk_tokens)
         for i in ids:
             del self.batches[i]
         self.batches[merged.id] = merged
-        return self._step(merged, inputs, start, prefill=False)
+        return self._step(merged, inputs, start)
 
     def warmup(self, request: generate_pb2.WarmupRequest) -> generate_pb2.WarmupResponse:
         """Size the KV cache, then run (and drop) a maximal prefill and one decode step."""
@@ -357,31 +372,42 @@ class Generator:
             raise BatchNotFoundError(f"batch {batch_id} not found; cached batches: {held}")
         return batch
 
-    def _step(
-        self, batch: Batch, inputs: StepInputs, start_ns: int, *, prefill: bool
-    ) -> StepResult:
+    def _free(self, batch: Batch, requests: list[RequestState] | None = None) -> None:
+        """Free the KV blocks of ``requests`` (default: all of ``batch``'s), first offering their
+        full blocks to the prefix cache."""
+        assert self.allocator is not None
+        if self.prefix_caching:
+            batch.register_prefixes(self.allocator, self.block_size, batch.requests if requests is None else requests)
+        batch.free(self.allocator, requests)
+
+    def _step(self, batch: Batch, inputs: StepInputs, start_ns: int) -> StepResult:
         assert self.cache is not None and self.allocator is not None
+        sampled = inputs.sampled
         with torch.inference_mode():
             forward_start = time.perf_counter_ns()
             hidden = self.plan.forward(inputs.input_ids, inputs.positions, self.cache.layers, inputs.attn)
-            last = torch.tensor(inputs.last_indices, device=hidden.device)
-            logits = self.plan.compute_logits(hidden[last])
-            prompt_stats = self._prompt_logprobs(batch, inputs, hidden) if prefill else {}
+            logits = None
+            if sampled:
+                last = torch.tensor(inputs.last_indices, device=hidden.device)
+                logits = self.plan.compute_logits(hidden[last])
+            self._prompt_logprobs(inputs, hidden)
             forward_ns = time.perf_counter_ns() - forward_start
-            chosen = sample(logits, [r.sample_row() for r in batch.requests])
+            chosen = sample(logits, [r.sample_row() for _, r in sampled]) if logits is not None else []
+        prompt_rows = [r for r in inputs.rows if not r.generated]
+        for r, context_len in zip(inputs.rows, inputs.attn.context_lens_list, strict=True):
+            r.kv_len = context_len
+        if self.prefix_caching and prompt_rows:
+            batch.register_prefixes(self.allocator, self.block_size, prompt_rows)
         generations = []
         finished: list[RequestState] = []
-        for r, token, context_len in zip(
-            batch.requests, chosen, inputs.attn.context_lens_list, strict=True
-        ):
-            r.kv_len = context_len
+        for (_, r), token in zip(sampled, chosen, strict=True):
             r.generated.append(token.id)
             reason = r.stopping.check(token.id, len(r.generated))
-            generations.append(self._generation(r, token, reason, prompt_stats.get(r.id)))
+            generations.append(self._generation(r, token, reason))
             if reason != NOT_FINISHED:
                 finished.append(r)
         if finished:
-            batch.free(self.allocator, finished)
+            self._free(batch, finished)
             batch.filter({r.id for r in batch.requests} - {r.id for r in finished})
         cached = None
         if batch.requests:
@@ -392,27 +418,32 @@ class Generator:
         timings = generate_pb2.Timings(
             forward_ns=forward_ns, total_ns=time.perf_counter_ns() - start_ns
         )
+        chunked = sum(1 for r in prompt_rows if not r.generated)
         logger.debug(
-            f"{'Prefill' if prefill else 'Decode'} batch {batch.id}: {len(generations)} requests, "
+            f"{'Prefill' if prompt_rows else 'Decode'} step of batch {batch.id}: {len(inputs.rows)} requests "
+            f"({len(prompt_rows)} prompts{f', {chunked} not finished' if chunked else ''}), "
             f"{inputs.input_ids.numel()} tokens, {len(finished)} finished, "
             f"{forward_ns / 1e6:.1f} ms forward, {self.allocator.num_free} blocks free"
         )
         return generations, cached, timings
 
-    def _prompt_logprobs(
-        self, batch: Batch, inputs: StepInputs, hidden: torch.Tensor
-    ) -> dict[int, list[generate_pb2.Token]]:
-        """Logprob and rank of every prompt token after the first, for requests that asked."""
-        asked = [(i, r) for i, r in enumerate(batch.requests) if r.prefill_logprobs]
-        if not asked:
-            return {}
+    def _prompt_logprobs(self, inputs: StepInputs, hidden: torch.Tensor) -> None:
+        """Logprob and rank of every prompt token this step computed the logits before, for requests
+        that asked; gathered in ``RequestState.prompt_tokens`` until their first generation."""
         rows: list[int] = []
         targets: list[int] = []
-        for i, r in asked:
-            s = inputs.query_starts[i]
-            n = len(r.input_ids)
-            rows.extend(range(s, s + n - 1))
-            targets.extend(r.input_ids[1:])
+        asked: list[tuple[RequestState, int, int]] = []  # request, first position, tokens scored
+        for i, r in enumerate(inputs.rows):
+            if r.generated or not r.prefill_logprobs:
+                continue
+            n = inputs.attn.query_lens[i]
+            first = inputs.attn.context_lens_list[i] - n  # position of the step's first token
+            scored = min(first + n, len(r.input_ids) - 1) - first  # positions whose next token is known
+            rows.extend(range(inputs.query_starts[i], inputs.query_starts[i] + scored))
+            targets.extend(r.input_ids[first + 1 : first + 1 + scored])
+            asked.append((r, first, scored))
+        if not asked:
+            return
         logprobs: list[float] = []
         ranks: list[int] = []
         # Chunked so a long prompt never materialises [prompt_len, vocab] logits at once.
@@ -423,26 +454,21 @@ class Generator:
             values, rank, _, _ = token_stats(lp, tgt)
             logprobs.extend(values.tolist())
             ranks.extend(rank.tolist())
-        out: dict[int, list[generate_pb2.Token]] = {}
         k = 0
-        for _, r in asked:
-            tokens = [generate_pb2.Token(id=r.input_ids[0], logprob=math.nan, rank=0)]
-            for t in r.input_ids[1:]:
-                tokens.append(generate_pb2.Token(id=t, logprob=logprobs[k], rank=ranks[k]))
+        for r, first, scored in asked:
+            if first == 0:
+                r.prompt_tokens.append(generate_pb2.Token(id=r.input_ids[0], logprob=math.nan, rank=0))
+            for t in r.input_ids[first + 1 : first + 1 + scored]:
+                r.prompt_tokens.append(generate_pb2.Token(id=t, logprob=logprobs[k], rank=ranks[k]))
                 k += 1
-            out[r.id] = tokens
-        return out
 
     @staticmethod
-    def _generation(
-        r: RequestState,
-        token: SampledToken,
-        reason: int,
-        prefill_tokens: list[generate_pb2.Token] | None,
-    ) -> generate_pb2.Generation:
+    def _generation(r: RequestState, token: SampledToken, reason: int) -> generate_pb2.Generation:
+        first = len(r.generated) == 1
+        prefill_tokens, r.prompt_tokens = (r.prompt_tokens, []) if first else ([], r.prompt_tokens)
         return generate_pb2.Generation(
             request_id=r.id,
-            prefill_tokens=prefill_tokens or [],
+            prefill_tokens=prefill_tokens,
             token=generate_pb2.Token(
                 id=token.id,
                 logprob=token.logprob,
@@ -452,4 +478,5 @@ class Generator:
             finish_reason=reason,
             generated_tokens=len(r.generated),
             seed=r.sampling.seed,
+            cached_tokens=r.cached_tokens if first else 0,
         )

@@ -7,7 +7,10 @@ zero-initialised for that reason).
 
 from __future__ import annotations
 
+import hashlib
 import math
+from array import array
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -39,7 +42,16 @@ class CacheFullError(RuntimeError):
 
 
 class BlockAllocator:
-    """Hands out block ids ``1 .. num_blocks - 1``; block 0 is the padding block."""
+    """Hands out block ids ``1 .. num_blocks - 1``; block 0 is the padding block.
+
+    Blocks are reference-counted: a block holding a prompt prefix that another
+    request shares (:meth:`share`) is in use until every holder freed it. A
+    full block whose keys and values were registered under a prefix key
+    (:meth:`register`) stays in the cache when its last holder frees it, so a
+    later request with the same prefix can :meth:`match` it; such unheld
+    blocks count as free and are evicted least recently used first when
+    :meth:`allocate` runs out of empty ones.
+    """
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 2:
@@ -49,36 +61,119 @@ class BlockAllocator:
         self.num_blocks = num_blocks
         # Pop from the end: low ids first, which keeps a lightly used cache compact.
         self._free: list[int] = list(range(num_blocks - 1, PADDING_BLOCK, -1))
-        self._used: set[int] = set()
+        self._refs: dict[int, int] = {}
+        # Registered prefixes: key -> block and back; unheld ones in least-recently-used order.
+        self._by_key: dict[bytes, int] = {}
+        self._key_of: dict[int, bytes] = {}
+        self._idle: OrderedDict[int, None] = OrderedDict()
+        self.evictions = 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks a request can get: empty ones plus cached prefixes nobody holds."""
+        return len(self._free) + len(self._idle)
 
     @property
     def num_usable(self) -> int:
         """Blocks that can hold tokens (all but the padding block)."""
         return self.num_blocks - 1
 
+    @property
+    def num_cached(self) -> int:
+        """Blocks holding a registered prefix that no request holds (reusable, evictable)."""
+        return len(self._idle)
+
     def allocate(self, n: int) -> list[int]:
         """``n`` distinct free block ids; raises :class:`CacheFullError` (allocating none) if short."""
         if n < 0:
             raise ValueError(f"cannot allocate {n} blocks")
-        if n > len(self._free):
+        if n > self.num_free:
             raise CacheFullError(
-                f"KV cache full: {n} blocks needed, {len(self._free)} of {self.num_usable} free"
+                f"KV cache full: {n} blocks needed, {self.num_free} of {self.num_usable} free"
             )
-        blocks = [self._free.pop() for _ in range(n)]
-        self._used.update(blocks)
+        blocks = []
+        for _ in range(n):
+            if self._free:
+                block = self._free.pop()
+            else:
+                block, _ = self._idle.popitem(last=False)
+                del self._by_key[self._key_of.pop(block)]
+                self.evictions += 1
+            self._refs[block] = 1
+            blocks.append(block)
         return blocks
 
     def free(self, blocks: list[int]) -> None:
-        """Return blocks to the pool; freeing a block that is not in use is a bug and raises."""
-        unknown = [b for b in blocks if b not in self._used]
+        """Drop one hold on each block; freeing a block that is not held is a bug and raises.
+
+        A block nobody holds any more goes back to the pool, or, when it holds a registered
+        prefix, to the cached ones as the most recently used (blocks later in ``blocks`` counting
+        as less recent than earlier ones, so a sequence's tail is evicted before its head)."""
+        unknown = [b for b in blocks if b not in self._refs]
         if unknown or len(set(blocks)) != len(blocks):
             raise ValueError(f"freeing blocks that are not allocated (or twice): {sorted(blocks)}")
-        self._used.difference_update(blocks)
-        self._free.extend(reversed(blocks))
+        released = []
+        for b in blocks:
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                del self._refs[b]
+                released.append(b)
+        for b in reversed(released):
+            if b in self._key_of:
+                self._idle[b] = None
+            else:
+                self._free.append(b)
+
+    # ---- prefix blocks --------------------------------------------------------------
+
+    def match(self, keys: list[bytes]) -> list[int]:
+        """The cached blocks of the longest run of ``keys`` from the first, now held by the caller
+        (free them as any other block)."""
+        blocks = []
+        for key in keys:
+            block = self._by_key.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+        for b in blocks:
+            if b in self._idle:
+                del self._idle[b]
+                self._refs[b] = 1
+            else:
+                self._refs[b] += 1
+        return blocks
+
+    def register(self, block: int, key: bytes) -> None:
+        """Record that held ``block`` is full and holds the prefix ``key``. A key already cached
+        (the same prefix computed twice) keeps its first block; this one stays private."""
+        if block not in self._refs:
+            raise ValueError(f"registering block {block}, which is not allocated")
+        if key in self._by_key or block in self._key_of:
+            return
+        self._by_key[key] = block
+        self._key_of[block] = key
+
+    def drop_cached(self) -> int:
+        """Forget every cached prefix nobody holds (their blocks become empty); how many."""
+        n = len(self._idle)
+        for b in self._idle:
+            del self._by_key[self._key_of.pop(b)]
+            self._free.append(b)
+        self._idle.clear()
+        return n
+
+
+def prefix_keys(tokens: list[int], block_size: int, start: list[bytes] | None = None) -> list[bytes]:
+    """One key per full block of ``tokens``: a digest of the block's tokens and every token before
+    it, so equal keys mean equal prefixes (128-bit BLAKE2b; a collision is not a practical concern).
+    ``start`` holds the keys already computed for the first blocks; they are extended, not redone."""
+    keys = list(start or [])
+    parent = keys[-1] if keys else b""
+    for b in range(len(keys), len(tokens) // block_size):
+        chunk = array("I", tokens[b * block_size : (b + 1) * block_size]).tobytes()
+        parent = hashlib.blake2b(parent + chunk, digest_size=16).digest()
+        keys.append(parent)
+    return keys
 
 
 def blocks_for_tokens(tokens: int, block_size: int) -> int:
