@@ -57,10 +57,13 @@ lint: install
 	$(VENV)/bin/ruff check server router launcher tests benchmarks proto
 
 # Our server against transformers (and llama.cpp once `make bench-peers` ran);
-# prints ratios and writes benchmarks/results/<timestamp>.json and .png.
+# prints ratios and writes benchmarks/results/<timestamp>.json and .png. Then
+# prefix caching, chunked prefill and speculation against our server without
+# them (FEATURE_ARGS=--quick for a short run).
 bench: install
 	$(PIP) install -q -e '.[bench]'
 	$(PY) benchmarks/run.py $(ARGS)
+	$(PY) benchmarks/serving_features.py $(FEATURE_ARGS)
 
 # The optional llama.cpp peer: builds llama-cpp-python from source (minutes).
 bench-peers: install

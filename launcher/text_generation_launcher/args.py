@@ -324,8 +324,9 @@ _FLAGS: list[_Flag] = [
           "TGI's CUDA graph batch sizes: only 0 (none) is accepted; decode steps are not captured as CUDA graphs.",
           metavar="SIZES"),
     _Flag(("--speculate",), ("SPECULATE",), non_negative_int,
-          "Speculative decoding: only 0 is accepted; every token is decoded by the model itself.", metavar="N",
-          shown="0"),
+          "Speculative decoding: greedy requests guess up to N tokens per step from their own prompt and text "
+          "(n-gram lookup) and keep those the model confirms in one forward; the output is plain greedy "
+          "decoding's. Sampled requests decode one token per step.", metavar="N", shown="0"),
     _Flag(("--kv-cache-dtype",), ("KV_CACHE_DTYPE",), choice(("fp8", "fp8_e4m3fn", "fp8_e5m2")),
           "Refused: the KV cache is kept in the compute dtype.", metavar="DTYPE", shown="the compute dtype"),
     _Flag(("--rope-scaling",), ("ROPE_SCALING",), choice(("linear", "dynamic")),
@@ -506,13 +507,16 @@ def _check_tgis_environment(env: Mapping[str, str]) -> None:
         )
 
 
+MAX_SPECULATE = 16
+
+
 def _check_tgi_flags(args: LauncherArgs) -> None:
     """TGI flags whose features this server does not have: refused with the reason, never ignored."""
     refusals = [
         (args.kv_cache_dtype is not None, f"--kv-cache-dtype {args.kv_cache_dtype}: the KV cache is kept in the "
          "compute dtype (fp8 KV caches are not supported); leave it unset"),
-        (bool(args.speculate), f"--speculate {args.speculate}: speculative decoding is not available; leave it "
-         "unset or 0"),
+        (bool(args.speculate) and args.speculate > MAX_SPECULATE, f"--speculate {args.speculate}: at most "
+         f"{MAX_SPECULATE} guessed tokens per step (each is a query token of the step's forward)"),
         (args.rope_scaling is not None or args.rope_factor is not None,
          "--rope-scaling/--rope-factor: rope scaling is read from the model's config.json (rope_scaling); "
          "set it there instead"),

@@ -88,6 +88,17 @@ def prefix_caching_enabled(environ: Mapping[str, str] | None = None) -> bool:
     raise ShardStartError(f"PREFIX_CACHING={raw!r} must be true or false (1/0, on/off)")
 
 
+def speculate_tokens(environ: Mapping[str, str] | None = None) -> int:
+    """``SPECULATE`` (the launcher's --speculate): tokens a greedy request may guess per step, 0 = none."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get("SPECULATE", "").strip()
+    if not raw:
+        return 0
+    if not raw.isdigit():
+        raise ShardStartError(f"SPECULATE={raw!r} must be a whole number of tokens (0 = no speculation)")
+    return int(raw)
+
+
 def choose_device(env: ShardEnv, environ: Mapping[str, str] | None = None) -> torch.device:
     """The shard's device: GPU ``LOCAL_RANK`` (the launcher sets it to the rank; RANK where it is
     unset) among the visible ones when CUDA is present, else the CPU. A GPU index beyond the
@@ -239,7 +250,9 @@ def _serve(args: argparse.Namespace, env: ShardEnv) -> None:
     logger.info(f"Loading model {model_dir} (rank {env.rank}/{env.world_size})")
     device = choose_device(env)
     prefix_caching = prefix_caching_enabled()
-    logger.info(f"Prefix caching {'on' if prefix_caching else 'off (PREFIX_CACHING)'}")
+    speculate = speculate_tokens()
+    logger.info(f"Prefix caching {'on' if prefix_caching else 'off (PREFIX_CACHING)'}; speculative decoding "
+                f"{f'of up to {speculate} n-gram tokens per step' if speculate else 'off'}")
     dtype = resolve_dtype(args.dtype, device, checkpoint_dtype(model_dir))
     # Before joining the group: a model that cannot fit fails every rank alike, with figures.
     check_model_fits(model_dir, dtype, env.world_size, device, quantize=args.quantize)
@@ -280,6 +293,7 @@ def _serve(args: argparse.Namespace, env: ShardEnv) -> None:
                 quantize=getattr(model, "quantize", args.quantize),
                 eos_token_ids=eos_token_ids(model.config, model_dir),
                 prefix_caching=prefix_caching,
+                speculate=speculate,
             )
         )
         make_socket_dir(Path(args.uds_path).parent)

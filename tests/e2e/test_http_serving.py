@@ -127,3 +127,64 @@ def test_openai_sdk_streams_a_chat_and_the_metrics_count_each_api(server):
     metrics = requests.get(f"{base(server)}/metrics", timeout=10).text
     for api in ("http", "openai", "grpc"):
         assert f'api="{api}"' in metrics, api
+
+
+SYSTEM_PROMPT = (
+    "You are a careful assistant for a railway company. Answer questions about timetables, tickets, "
+    "delays and refunds briefly and politely, and say when you do not know."
+)
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_a_shared_system_prompt_is_served_from_the_prefix_cache_with_the_same_answer(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{base(server)}/v1", api_key="-")
+    before = requests.get(f"{base(server)}/metrics", timeout=10).text
+
+    def ask(question: str):
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+        return client.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0,
+                                              logprobs=True)
+
+    first = ask("When does the last train leave?")
+    again = ask("When does the last train leave?")
+    other = ask("Can I get a refund?")
+    assert first.usage.prompt_tokens > 48
+    # The repeated chat reuses every full block but the one holding its last token; the other
+    # question shares the system prompt's blocks.
+    assert again.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 16
+    assert 16 <= other.usage.prompt_tokens_details.cached_tokens < other.usage.prompt_tokens
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert [t.logprob for t in again.choices[0].logprobs.content] == pytest.approx(
+        [t.logprob for t in first.choices[0].logprobs.content], abs=1e-4)
+    after = requests.get(f"{base(server)}/metrics", timeout=10).text
+    reused = metric(after, "tgi_prefix_cache_reused_tokens_total") - metric(before, "tgi_prefix_cache_reused_tokens_total")
+    assert reused == again.usage.prompt_tokens_details.cached_tokens + other.usage.prompt_tokens_details.cached_tokens
+    assert metric(after, "tgi_prefix_cache_hits_total") - metric(before, "tgi_prefix_cache_hits_total") >= 2
+    assert 0 < metric(after, "tgi_prefix_cache_hit_ratio") < 1
+
+
+def test_chunked_prefill_and_speculation_answer_as_a_whole_prefill_and_plain_greedy(server, tiny_llama, tmp_path):
+    """A launch with --max-batch-prefill-tokens 16 (prompts of 50+ tokens arrive in chunks) and
+    --speculate 3 gives the default launch's tokens."""
+    text = SYSTEM_PROMPT + " Which platform?"
+    reference = grpc_generate(server, text, 40, prompt_tokens=True)
+    assert len(reference.input_tokens) > 3 * 16
+    chunked = ServerProcess(tmp_path, ["--model-id", str(tiny_llama), "--max-batch-prefill-tokens", "16",
+                                       "--prefix-caching", "false", "--speculate", "3"]).start()
+    try:
+        got = grpc_generate(chunked, text, 40, prompt_tokens=True)
+        stream = requests.post(f"http://127.0.0.1:{chunked.http_port}/generate", json={"inputs": text, "parameters": {
+            "max_new_tokens": 40, "details": True}}, timeout=120).json()
+    finally:
+        assert chunked.stop() == 0, chunked.log_tail()
+    assert "speculative decoding of up to 3 n-gram tokens per step" in chunked.log_tail(400)
+    assert [t.text for t in got.tokens] == [t.text for t in reference.tokens]
+    assert [t.logprob for t in got.tokens] == pytest.approx([t.logprob for t in reference.tokens], abs=1e-4)
+    assert [t.logprob for t in got.input_tokens[1:]] == pytest.approx(
+        [t.logprob for t in reference.input_tokens[1:]], abs=1e-4)
+    assert stream["generated_text"] == reference.text

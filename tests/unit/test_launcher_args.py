@@ -292,7 +292,7 @@ def test_tgis_batch_weights_set_the_token_budgets_and_unhonourable_settings_are_
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["--speculate", "2"], "--speculate 2: speculative decoding"),
+        (["--speculate", "17"], "--speculate 17: at most 16"),
         (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8"),
         (["--rope-scaling", "linear"], "config.json"),
         (["--rope-factor", "2"], "config.json"),
@@ -315,6 +315,8 @@ def test_tgi_flags_from_real_manifests_are_accepted_and_honoured():
     assert args.shutdown_timeout == 30.0
     assert shard_env(args, 0, {})["CPU_KERNELS"] == "off"
     assert "CPU_KERNELS" not in shard_env(parse([]), 0, {})
+    assert shard_env(parse(["--speculate", "3"]), 1, {})["SPECULATE"] == "3"
+    assert shard_env(parse(["--prefix-caching", "false"]), 0, {})["PREFIX_CACHING"] == "false"
     commands = Commands(server=("server",), router=("router",))
     argv = router_argv(args, Path("/m"), commands)
     # the key travels in the router's environment, never on a command line (ps shows those)

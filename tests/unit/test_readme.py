@@ -113,10 +113,12 @@ def test_router_limit_defaults_shown_are_the_routers(help_flags):
     assert checked >= 8
 
 
-def _sample(kind, candidates: list[str]) -> str:
+def _sample(kind, candidates: list[str], baseline) -> str:
+    """The first candidate ``kind`` accepts that differs from the default."""
     for value in candidates:
         try:
-            kind(value)
+            if kind(value) == baseline:
+                continue
         except argparse.ArgumentTypeError:
             continue
         return value
@@ -125,9 +127,9 @@ def _sample(kind, candidates: list[str]) -> str:
 
 @pytest.mark.parametrize("flag", _FLAGS, ids=lambda f: f.names[0])
 def test_every_environment_variable_in_the_table_sets_its_flag(flag):
-    candidates = ["2", "true", "gptq", "float32", "0.5", "off", "fp8", "linear", str(README)]
-    value = _sample(flag.kind, candidates)
+    candidates = ["2", "true", "gptq", "float32", "0.5", "off", "fp8", "linear", "false", str(README)]
     baseline = build_parser(env={}).get_default(flag.dest)
+    value = _sample(flag.kind, candidates, baseline)
     for env_name in flag.env:
         got = build_parser(env={env_name: value}).get_default(flag.dest)
         assert got == flag.kind(value) != baseline, env_name

@@ -24,6 +24,7 @@ from text_generation_server.engine.kv_cache import (
     prefix_keys,
 )
 from text_generation_server.engine.sampler import SampleRow, SamplingParams
+from text_generation_server.engine.speculation import NgramIndex
 from text_generation_server.engine.stopping import StoppingCriteria, StoppingParams
 from text_generation_server.layers.attention import AttentionMetadata
 from text_generation_server.pb.generate.v1 import generate_pb2
@@ -44,6 +45,13 @@ class RequestState:
     cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
     block_keys: list[bytes] = field(default_factory=list)  # prefix keys of the full blocks so far
     prompt_tokens: list[generate_pb2.Token] = field(default_factory=list)  # prompt logprobs so far
+    ngrams: NgramIndex | None = None  # prompt + generated ids, for speculative drafts
+    draft: list[int] = field(default_factory=list)  # tokens guessed after the last one, this step
+
+    @property
+    def speculates(self) -> bool:
+        """Greedy on the raw logits, so a guessed token is kept exactly when greedy would choose it."""
+        return not self.sampling.do_sample and self.sampling.repetition_penalty == 1.0
 
     @property
     def prefilling(self) -> bool:
@@ -63,13 +71,15 @@ class RequestState:
         """Tokens this request reaches at its max_new_tokens limit."""
         return len(self.input_ids) + self.stopping.params.max_new_tokens
 
-    def sample_row(self) -> SampleRow:
+    def sample_row(self, ahead: int = 0) -> SampleRow:
+        """The sampler's view of this request for its next token, or (``ahead`` > 0, speculative
+        steps of greedy requests) for the token that many guessed tokens later."""
         penalized = self.sampling.repetition_penalty != 1.0
         return SampleRow(
             params=self.sampling,
             generator=self.generator,
             token_ids=self.input_ids + self.generated if penalized else [],
-            banned_ids=self.stopping.banned_ids(len(self.generated)),
+            banned_ids=self.stopping.banned_ids(len(self.generated) + ahead),
             top_n=self.top_n,
         )
 
@@ -83,17 +93,20 @@ class StepInputs:
     attn: AttentionMetadata
     query_starts: list[int]  # B + 1 offsets into the flattened tokens
     rows: list[RequestState]  # the B requests with tokens in this step, in order
-    samples: list[bool]  # per row: a token is chosen (a decode row, or the prompt's last chunk)
+    # Per row, how many of its last tokens' logits choose tokens: 0 for a prompt chunk that is not
+    # the last, 1 for a decode row or a prompt's last chunk, 1 + guesses for a speculative row.
+    samples: list[int]
 
     @property
     def sampled(self) -> list[tuple[int, RequestState]]:
-        """(row index, request) of the rows whose last token's logits choose a token."""
+        """(row index, request) of the rows that choose tokens."""
         return [(i, r) for i, (r, s) in enumerate(zip(self.rows, self.samples, strict=True)) if s]
 
     @property
-    def last_indices(self) -> list[int]:
-        """Flattened index of the last token of every sampled row."""
-        return [self.query_starts[i + 1] - 1 for i, _ in self.sampled]
+    def logit_indices(self) -> list[int]:
+        """Flattened indices of the tokens whose logits are computed, row after row."""
+        return [t for i, n in enumerate(self.samples) if n
+                for t in range(self.query_starts[i + 1] - n, self.query_starts[i + 1])]
 
 
 def request_from_pb(
@@ -221,22 +234,36 @@ class Batch:
             r.kv_len = r.cached_tokens = len(r.blocks) * block_size
 
     def prepare_step(
-        self, allocator: BlockAllocator, block_size: int, device: torch.device, chunk_tokens: int = 0
+        self,
+        allocator: BlockAllocator,
+        block_size: int,
+        device: torch.device,
+        chunk_tokens: int = 0,
+        speculate: int = 0,
     ) -> StepInputs:
-        """The next step's inputs: the last token of every request that is generating, and of
+        """The next step's inputs: the last token of every request that is generating (followed,
+        with ``speculate`` > 0, by up to that many tokens guessed from its earlier text), and of
         every prompt still being prefilled its next tokens, at most ``chunk_tokens`` of them in
         all (0: no bound) given to prompts in batch order. Allocates the blocks they need (a
         prompt's whole at its first chunk), all or none (the caller frees a new batch's blocks on
         failure)."""
         rows: list[RequestState] = []
-        samples: list[bool] = []
+        samples: list[int] = []
         counts: list[int] = []
         budget = chunk_tokens if chunk_tokens > 0 else None
         for r in self.requests:
             if r.generated:
                 if r.kv_len != r.total_len - 1:
                     raise ValueError(f"request {r.id} of batch {self.id} is not ready for a decode step")
-                n = 1
+                r.draft = []
+                if speculate > 0 and r.speculates:
+                    if r.ngrams is None:
+                        r.ngrams = NgramIndex()
+                        r.ngrams.extend(r.input_ids + r.generated)
+                    # Never past max_new_tokens: the last token a request may get is checked alone.
+                    room = r.stopping.params.max_new_tokens - len(r.generated) - 1
+                    r.draft = r.ngrams.draft(min(speculate, room))
+                n = 1 + len(r.draft)
             else:
                 n = r.prompt_left if budget is None else min(r.prompt_left, budget)
                 if budget is not None:
@@ -245,17 +272,17 @@ class Batch:
                     continue  # no room left in this step's chunk: it waits for the next step
             rows.append(r)
             counts.append(n)
-            samples.append(bool(r.generated) or n == r.prompt_left)
+            samples.append(n if r.generated else int(n == r.prompt_left))
         if not rows:
             raise ValueError(f"batch {self.id} has nothing to run in this step (chunk of {chunk_tokens} tokens)")
         what = "decode step" if all(r.generated for r in rows) else "prefill"
         # A prompt's blocks are reserved whole with the batch's first step (even when this step
         # has no room for it), so later chunks never run short.
         holders = [r for r in self.requests if r.prompt_left or any(r is x for x in rows)]
-        self._reserve(allocator, block_size, holders, [r.prompt_left or 1 for r in holders], what)
+        self._reserve(allocator, block_size, holders, [r.prompt_left or 1 + len(r.draft) for r in holders], what)
         ids, positions, slots = [], [], []
         for r, n in zip(rows, counts, strict=True):
-            tokens = r.input_ids[r.kv_len : r.kv_len + n] if not r.generated else r.generated[-1:]
+            tokens = r.input_ids[r.kv_len : r.kv_len + n] if not r.generated else r.generated[-1:] + r.draft
             pos = torch.arange(r.kv_len, r.kv_len + n, dtype=torch.int64)
             blocks = torch.tensor(r.blocks, dtype=torch.int64)
             ids.append(torch.tensor(tokens, dtype=torch.int64))
@@ -285,7 +312,7 @@ class Batch:
     def _inputs(
         self,
         rows: list[RequestState],
-        samples: list[bool],
+        samples: list[int],
         ids: torch.Tensor,
         positions: torch.Tensor,
         slots: torch.Tensor,

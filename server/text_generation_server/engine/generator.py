@@ -66,6 +66,7 @@ class Generator:
         num_blocks: int | None = None,
         logits_chunk_rows: int = 512,
         prefix_caching: bool = False,
+        speculate: int = 0,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -84,6 +85,10 @@ class Generator:
         self.logits_chunk_rows = max(1, logits_chunk_rows)
         # Full KV blocks of earlier prompts (and generations) reused by requests with the same prefix.
         self.prefix_caching = prefix_caching
+        # Greedy requests guess up to this many tokens per step from their own text (n-gram drafts).
+        self.speculate = max(0, speculate)
+        self.speculated = 0  # guessed tokens checked, and those kept
+        self.accepted = 0
         self.batches: dict[int, Batch] = {}
         self.cache: KVCache | None = None
         self.allocator: BlockAllocator | None = None
@@ -250,7 +255,7 @@ class Generator:
             raise ValueError(f"Decode lists a batch twice: {ids}")
         batches = [self._get(i) for i in ids]
         merged = Batch.concatenate(batches)
-        inputs = merged.prepare_step(self.allocator, self.block_size, self.device, chunk_tokens)
+        inputs = merged.prepare_step(self.allocator, self.block_size, self.device, chunk_tokens, self.speculate)
         for i in ids:
             del self.batches[i]
         self.batches[merged.id] = merged
@@ -388,11 +393,12 @@ class Generator:
             hidden = self.plan.forward(inputs.input_ids, inputs.positions, self.cache.layers, inputs.attn)
             logits = None
             if sampled:
-                last = torch.tensor(inputs.last_indices, device=hidden.device)
-                logits = self.plan.compute_logits(hidden[last])
+                rows = torch.tensor(inputs.logit_indices, device=hidden.device)
+                logits = self.plan.compute_logits(hidden[rows])
             self._prompt_logprobs(inputs, hidden)
             forward_ns = time.perf_counter_ns() - forward_start
-            chosen = sample(logits, [r.sample_row() for _, r in sampled]) if logits is not None else []
+            sample_rows = [r.sample_row(ahead) for i, r in sampled for ahead in range(inputs.samples[i])]
+            chosen = sample(logits, sample_rows) if logits is not None else []
         prompt_rows = [r for r in inputs.rows if not r.generated]
         for r, context_len in zip(inputs.rows, inputs.attn.context_lens_list, strict=True):
             r.kv_len = context_len
@@ -400,12 +406,29 @@ class Generator:
             batch.register_prefixes(self.allocator, self.block_size, prompt_rows)
         generations = []
         finished: list[RequestState] = []
-        for (_, r), token in zip(sampled, chosen, strict=True):
-            r.generated.append(token.id)
-            reason = r.stopping.check(token.id, len(r.generated))
-            generations.append(self._generation(r, token, reason))
-            if reason != NOT_FINISHED:
-                finished.append(r)
+        at = 0
+        for i, r in sampled:
+            tokens = chosen[at : at + inputs.samples[i]]
+            at += inputs.samples[i]
+            # A speculative row keeps the chosen tokens while each guess was what greedy chose: the
+            # token after a correct guess was computed on the right context; after a wrong one, not.
+            kept = 1
+            while kept < len(tokens) and r.draft[kept - 1] == tokens[kept - 1].id:
+                kept += 1
+            for token in tokens[:kept]:
+                r.generated.append(token.id)
+                reason = r.stopping.check(token.id, len(r.generated))
+                generations.append(self._generation(r, token, reason))
+                if reason != NOT_FINISHED:
+                    finished.append(r)
+                    break
+            if r.draft:
+                # Keys/values are right up to the last correct guess; the rest are overwritten later.
+                r.kv_len = r.total_len - 1
+                self.speculated += len(r.draft)
+                self.accepted += kept - 1
+            if r.ngrams is not None:
+                r.ngrams.extend(r.generated[len(r.ngrams.tokens) - len(r.input_ids) :])
         if finished:
             self._free(batch, finished)
             batch.filter({r.id for r in batch.requests} - {r.id for r in finished})
@@ -424,6 +447,7 @@ class Generator:
             f"({len(prompt_rows)} prompts{f', {chunked} not finished' if chunked else ''}), "
             f"{inputs.input_ids.numel()} tokens, {len(finished)} finished, "
             f"{forward_ns / 1e6:.1f} ms forward, {self.allocator.num_free} blocks free"
+            + (f", guessed tokens kept so far {self.accepted}/{self.speculated}" if self.speculate else "")
         )
         return generations, cached, timings
 

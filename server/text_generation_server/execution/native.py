@@ -12,8 +12,9 @@ its norms by slot, its heads, rotary and activation. Decode steps then run
 
 The arithmetic is the modules' own (the same kernels: fused norm, 4-bit or
 dense products, rotary in place, paged attention in place, the MLP activations) minus
-the Python calls between them. Steps that are not pure decode (prefill,
-mixed) and other dtypes run through the modules.
+the Python calls between them. Steps where a sequence adds a few tokens
+(speculative checks, short prompts) run the same way, each token a decode row
+of its own; longer prefills and other dtypes run through the modules.
 
 A layer is taken when :func:`native_layer_unsupported` has nothing against
 it; what it refuses is logged with the plan line.
@@ -200,6 +201,28 @@ def build_layer(layer: DecoderLayerSpec) -> Any:
     return out
 
 
+# Steps whose sequences each add at most this many tokens (speculative checks, short prompts and
+# prompt tails after a cached prefix) run natively too, every token as a decode row of its own; the
+# paged decode kernel reads a sequence's keys once per token, so longer prompts go to the modules.
+MAX_NATIVE_QUERY = 16
+
+
+def as_decode_rows(positions: torch.Tensor, attn: AttentionMetadata) -> AttentionMetadata | None:
+    """``attn`` with every new token as a sequence of its own (its sequence's block table, the
+    tokens up to its position as context), or ``None`` when a sequence adds more than
+    :data:`MAX_NATIVE_QUERY` tokens. The layer writes every token's keys and values before any
+    attends, so each token sees the ones before it in the same step."""
+    if max(attn.query_lens) > MAX_NATIVE_QUERY:
+        return None
+    counts = torch.tensor(attn.query_lens, device=attn.block_tables.device)
+    return AttentionMetadata(
+        slot_mapping=attn.slot_mapping,
+        block_tables=attn.block_tables.repeat_interleave(counts, dim=0).contiguous(),
+        context_lens=(positions + 1).contiguous(),
+        query_lens=[1] * int(positions.numel()),
+    )
+
+
 class _NativeCpuPlan(ExecutionPlan):
     """Decode steps natively; every other step through the modules."""
 
@@ -238,7 +261,10 @@ class _NativeCpuPlan(ExecutionPlan):
         attn: AttentionMetadata,
     ) -> torch.Tensor:
         if not attn.is_decode:
-            return self.modules.forward(input_ids, positions, kv_caches, attn)
+            rows = as_decode_rows(positions, attn)
+            if rows is None:
+                return self.modules.forward(input_ids, positions, kv_caches, attn)
+            attn = rows
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} KV cache layers, got {len(kv_caches)}")
         hidden, residual, cos, sin = self.model.prepare(input_ids, positions)
@@ -293,7 +319,8 @@ class NativeCpuLayersPlan(_NativeCpuPlan):
 
     def describe(self) -> str:
         n = len(self.layers)
-        return f"decode steps through {n} native decoder layers (one call per half layer), prefill through modules"
+        return (f"decode steps and steps of at most {MAX_NATIVE_QUERY} new tokens per sequence through {n} native "
+                f"decoder layers (one call per half layer), longer prefills through modules")
 
 
 class NativeCpuStackPlan(_NativeCpuPlan):
@@ -319,4 +346,5 @@ class NativeCpuStackPlan(_NativeCpuPlan):
 
     def describe(self) -> str:
         n = len(self.layers)
-        return f"decode steps of all {n} decoder layers in one native call, prefill through modules"
+        return (f"decode steps and steps of at most {MAX_NATIVE_QUERY} new tokens per sequence through all {n} "
+                f"decoder layers in one native call, longer prefills through modules")
