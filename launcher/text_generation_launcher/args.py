@@ -327,8 +327,10 @@ _FLAGS: list[_Flag] = [
           "Speculative decoding: greedy requests guess up to N tokens per step from their own prompt and text "
           "(n-gram lookup) and keep those the model confirms in one forward; the output is plain greedy "
           "decoding's. Sampled requests decode one token per step.", metavar="N", shown="0"),
-    _Flag(("--kv-cache-dtype",), ("KV_CACHE_DTYPE",), choice(("fp8", "fp8_e4m3fn", "fp8_e5m2")),
-          "Refused: the KV cache is kept in the compute dtype.", metavar="DTYPE", shown="the compute dtype"),
+    _Flag(("--kv-cache-dtype",), ("KV_CACHE_DTYPE",), choice(("bfloat16", "fp8", "fp8_e4m3fn", "fp8_e5m2")),
+          "Element type of the KV cache: bfloat16 holds twice the tokens of a float32 model's cache in the same "
+          "memory (keys and values are still computed in float32); the fp8 types are refused.", metavar="DTYPE",
+          shown="the compute dtype"),
     _Flag(("--rope-scaling",), ("ROPE_SCALING",), choice(("linear", "dynamic")),
           "Refused: rope scaling is read from the model's config.json.", metavar="KIND",
           shown="from config.json"),
@@ -513,8 +515,8 @@ MAX_SPECULATE = 16
 def _check_tgi_flags(args: LauncherArgs) -> None:
     """TGI flags whose features this server does not have: refused with the reason, never ignored."""
     refusals = [
-        (args.kv_cache_dtype is not None, f"--kv-cache-dtype {args.kv_cache_dtype}: the KV cache is kept in the "
-         "compute dtype (fp8 KV caches are not supported); leave it unset"),
+        (args.kv_cache_dtype is not None and args.kv_cache_dtype.startswith("fp8"), f"--kv-cache-dtype "
+         f"{args.kv_cache_dtype}: fp8 KV caches are not supported; use bfloat16 or leave it unset"),
         (bool(args.speculate) and args.speculate > MAX_SPECULATE, f"--speculate {args.speculate}: at most "
          f"{MAX_SPECULATE} guessed tokens per step (each is a query token of the step's forward)"),
         (args.rope_scaling is not None or args.rope_factor is not None,

@@ -96,6 +96,8 @@ def shard_env(args: LauncherArgs, rank: int, base: Mapping[str, str]) -> dict[st
     env["CUDA_MEMORY_FRACTION"] = str(args.cuda_memory_fraction)
     env["PREFIX_CACHING"] = "true" if args.prefix_caching else "false"
     env["SPECULATE"] = str(args.speculate or 0)
+    if args.kv_cache_dtype is not None:
+        env["KV_CACHE_DTYPE"] = args.kv_cache_dtype
     if args.disable_custom_kernels:
         env["CPU_KERNELS"] = "off"
         env["DISABLE_CUSTOM_KERNELS"] = "true"

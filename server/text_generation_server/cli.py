@@ -99,6 +99,24 @@ def speculate_tokens(environ: Mapping[str, str] | None = None) -> int:
     return int(raw)
 
 
+KV_CACHE_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def kv_cache_dtype(environ: Mapping[str, str] | None = None) -> torch.dtype | None:
+    """``KV_CACHE_DTYPE`` (the launcher's --kv-cache-dtype): the KV cache's element type, None for
+    the compute dtype. bfloat16 halves a float32 model's cache; fp8 is not supported."""
+    import torch
+
+    environ = os.environ if environ is None else environ
+    raw = environ.get("KV_CACHE_DTYPE", "").strip().lower()
+    if raw in ("", "auto"):
+        return None
+    if raw not in KV_CACHE_DTYPES:
+        raise ShardStartError(f"KV_CACHE_DTYPE={raw!r} is not supported; use bfloat16 or leave it unset "
+                              f"(the compute dtype)")
+    return getattr(torch, KV_CACHE_DTYPES[raw])
+
+
 def choose_device(env: ShardEnv, environ: Mapping[str, str] | None = None) -> torch.device:
     """The shard's device: GPU ``LOCAL_RANK`` (the launcher sets it to the rank; RANK where it is
     unset) among the visible ones when CUDA is present, else the CPU. A GPU index beyond the
@@ -251,6 +269,7 @@ def _serve(args: argparse.Namespace, env: ShardEnv) -> None:
     device = choose_device(env)
     prefix_caching = prefix_caching_enabled()
     speculate = speculate_tokens()
+    kv_dtype = kv_cache_dtype()
     logger.info(f"Prefix caching {'on' if prefix_caching else 'off (PREFIX_CACHING)'}; speculative decoding "
                 f"{f'of up to {speculate} n-gram tokens per step' if speculate else 'off'}")
     dtype = resolve_dtype(args.dtype, device, checkpoint_dtype(model_dir))
@@ -294,6 +313,7 @@ def _serve(args: argparse.Namespace, env: ShardEnv) -> None:
                 eos_token_ids=eos_token_ids(model.config, model_dir),
                 prefix_caching=prefix_caching,
                 speculate=speculate,
+                kv_dtype=kv_dtype,
             )
         )
         make_socket_dir(Path(args.uds_path).parent)

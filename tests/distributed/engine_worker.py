@@ -93,8 +93,8 @@ def run_rank(rank: int, world_size: int, port: int, model_dir: str, out_dir: str
         collect(generations)
     result["free_after"] = (gen.allocator.num_free, gen.allocator.num_usable)
 
-    # Prefix caching and chunked prefill on this rank's heads: a prompt sharing a served prefix,
-    # with and without the cache, whole and in chunks of 5 tokens.
+    # Prefix caching, chunked prefill and speculation on this rank's heads: a prompt sharing a
+    # served prefix, with and without the cache, whole, in chunks of 5 tokens, and speculated.
     def run(generator, rid, ids, chunk=0):
         out = []
         generations, cached, _ = generator.prefill(pb.Batch(id=rid, requests=[pb.Request(
@@ -113,6 +113,7 @@ def run_rank(rank: int, world_size: int, port: int, model_dir: str, out_dir: str
         "warm": run(warm, 21, shared + [9, 10, 11]),
         "cold": run(Generator(model, dist, block_size=4), 21, shared + [9, 10, 11]),
         "chunked": run(Generator(model, dist, block_size=4), 21, shared + [9, 10, 11], chunk=5),
+        "speculative": run(Generator(model, dist, block_size=4, speculate=3), 21, shared + [9, 10, 11]),
     }
     dist.barrier()
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")

@@ -82,11 +82,11 @@ def test_all_blocks_are_free_once_every_request_finished_or_was_dropped(ranks):
         assert set(r["reasons"]) == {1, 2, 3}  # 4 was dropped by FilterBatch
 
 
-def test_a_cached_prefix_and_a_chunked_prefill_give_a_cold_whole_prefills_answer_on_every_rank(ranks):
+def test_a_cached_prefix_a_chunked_prefill_and_speculation_give_a_cold_greedy_answer_on_every_rank(ranks):
     for r in ranks:
         prefix = r["prefix"]
         assert prefix["warm"][0][2] == 20 and prefix["cold"][0][2] == 0  # 5 of the 21 shared tokens' blocks
-        for name in ("warm", "chunked"):
+        for name in ("warm", "chunked", "speculative"):
             assert [t for t, _, _ in prefix[name]] == [t for t, _, _ in prefix["cold"]], name
             assert [lp for _, lp, _ in prefix[name]] == pytest.approx([lp for _, lp, _ in prefix["cold"]], abs=1e-4)
     assert ranks[0]["prefix"]["warm"] == ranks[1]["prefix"]["warm"]

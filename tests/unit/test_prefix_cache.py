@@ -291,3 +291,33 @@ def test_a_chunk_that_needs_more_blocks_than_are_free_fails_the_step_and_changes
     with pytest.raises(CacheFullError):
         gen.prefill(pb.Batch(id=1, requests=[request(1, list(range(1, 40)))]), 8)
     assert gen.batches == {} and gen.allocator.num_free == 8
+
+
+# ---- KV cache dtype -------------------------------------------------------------------------
+
+
+def test_a_bfloat16_kv_cache_holds_twice_the_tokens_and_answers_close_to_float32(model, dist):
+    from text_generation_server.engine.kv_cache import blocks_for_memory
+    from text_generation_server.execution import ModulePlan
+
+    sizes = {dtype: blocks_for_memory(num_layers=4, num_kv_heads=2, head_dim=64, dtype=dtype, device=torch.device("cpu"),
+                                      max_batch_total_tokens=0, available_bytes=2**24, block_size=16)
+             for dtype in (torch.float32, torch.bfloat16)}  # fmt: skip
+    assert sizes[torch.bfloat16] - 1 >= 2 * (sizes[torch.float32] - 1) - 1
+    fp32 = make(model, dist, prefix_caching=False)
+    bf16 = Generator(model, dist, block_size=4, kv_dtype=torch.bfloat16)
+    assert bf16.cache.layers[0][0].dtype == torch.bfloat16 and 2 * bf16.cache.nbytes == fp32.cache.nbytes
+    reqs = [request(1, SYSTEM[:23], n=10), request(2, SYSTEM[3:9], n=10)]
+    a, b = generate(bf16, 1, reqs), generate(fp32, 1, reqs)
+    for rid in a:
+        # The first token's logits come from the prefill (float32 keys); later ones read bf16 keys.
+        assert a[rid][0].token.logprob == pytest.approx(b[rid][0].token.logprob, abs=1e-5)
+        for x, y in zip(a[rid], b[rid], strict=False):
+            if x.token.id != y.token.id:
+                break
+            assert x.token.logprob == pytest.approx(y.token.logprob, abs=0.05)
+    # The native kernels read the bfloat16 cache as the modules do.
+    modules = Generator(model, dist, block_size=4, kv_dtype=torch.bfloat16)
+    modules.plan = ModulePlan(model)
+    for rid, gens in generate(modules, 1, reqs).items():
+        assert_same(gens, a[rid])

@@ -67,10 +67,13 @@ class Generator:
         logits_chunk_rows: int = 512,
         prefix_caching: bool = False,
         speculate: int = 0,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.model = model
+        # The KV cache's element type: the compute dtype unless --kv-cache-dtype says otherwise.
+        self.kv_dtype = kv_dtype or model.dtype
         # The execution plan load_model chose; a model built without it runs on its modules.
         self.plan = getattr(model, "plan", None) or ModulePlan(model)
         self.dist = dist
@@ -110,12 +113,12 @@ class Generator:
             self.block_size,
             m.num_kv_heads,
             m.head_dim,
-            m.dtype,
+            self.kv_dtype,
             self.device,
         )
         self.allocator = BlockAllocator(num_blocks)
         logger.info(
-            f"KV cache: {num_blocks - 1} blocks of {self.block_size} tokens "
+            f"KV cache: {num_blocks - 1} blocks of {self.block_size} tokens in {str(self.kv_dtype).removeprefix('torch.')} "
             f"({self.cache.capacity_tokens} tokens, {self.cache.nbytes / 2**20:.1f} MiB) on {self.device}"
         )
 
@@ -284,7 +287,7 @@ class Generator:
                     num_layers=m.num_layers,
                     num_kv_heads=m.num_kv_heads,
                     head_dim=m.head_dim,
-                    dtype=m.dtype,
+                    dtype=self.kv_dtype,
                     device=self.device,
                     block_size=bs,
                     max_batch_total_tokens=int(request.max_batch_total_tokens),
@@ -325,7 +328,7 @@ class Generator:
         """A GPU shard's cache size, after the warm-up batch has run on a cache just big enough
         for it: the memory the activations of a maximal prefill peaked at stays free."""
         bs, m, device = self.block_size, self.model, self.device
-        per_block = bytes_per_block(m.num_layers, bs, m.num_kv_heads, m.head_dim, m.dtype)
+        per_block = bytes_per_block(m.num_layers, bs, m.num_kv_heads, m.head_dim, self.kv_dtype)
         probe = blocks_for_tokens(min_tokens, bs) + 1
         self._allocate_cache(probe)
         torch.cuda.synchronize(device)

@@ -319,10 +319,14 @@ class TorchSDPABackend(AttentionBackend):
         return out.squeeze(2)
 
 
+# Cache element types the native kernels read (keys and values are computed in float32 either way).
+NATIVE_CACHE_DTYPES = (torch.float32, torch.bfloat16)
+
+
 class CpuPagedDecodeBackend(TorchSDPABackend):
     """Decode steps in one native operator per layer, reading keys/values in place.
 
-    When every sequence adds one token and the tensors are float32, the new
+    When every sequence adds one token, the tensors are float32 and the cache float32 or bfloat16, the new
     keys/values are stored with ``tgs_cpu.write_kv_`` and each sequence's query
     attends to its context straight from its cache blocks with
     ``tgs_cpu.paged_attention_decode`` (no gathered copy of the context).
@@ -343,8 +347,8 @@ class CpuPagedDecodeBackend(TorchSDPABackend):
         window: int | None = None,
         softcap: float | None = None,
     ) -> torch.Tensor:
-        ops = native_ops(q, k, v, k_cache, v_cache) if attn.is_decode else None
-        if ops is None or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        ops = native_ops(q, k, v) if attn.is_decode and k_cache.dtype in NATIVE_CACHE_DTYPES else None
+        if ops is None or k_cache.dtype != v_cache.dtype or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
             return super().forward(q, k, v, k_cache, v_cache, attn, scale, window, softcap)
         ops.write_kv_(k, v, k_cache, v_cache, attn.slot_mapping)
         return ops.paged_attention_decode(

@@ -5,13 +5,34 @@
 
 namespace tgs {
 
+// A cache is float32 or bfloat16 (--kv-cache-dtype bfloat16: half the memory per token); keys and
+// values are computed in float32 either way, rounded to nearest even when stored in bfloat16.
+inline void check_cache(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), what, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, what,
+              " must be float32 or bfloat16, got ", t.scalar_type());
+}
+
+inline void store_row(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void store_row(c10::BFloat16* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]);
+}
+
+// Eight cache values as float32.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 // k, v [T, kv_heads, D] (rows any stride) stored at cache rows `slots`.
 void write_kv_(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
                const at::Tensor& slots) {
   check_cpu_float(k, "k");
   check_cpu_float(v, "v");
-  check_cpu_float(k_cache, "k_cache");
-  check_cpu_float(v_cache, "v_cache");
+  check_cache(k_cache, "k_cache");
+  check_cache(v_cache, "v_cache");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k and v caches differ in dtype");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous(), "slots must be contiguous int64");
   const int64_t T = k.size(0), row = k.size(1) * k.size(2);
@@ -20,14 +41,19 @@ void write_kv_(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at
   TORCH_CHECK(k_cache.numel() % row == 0 && slots.numel() == T, "cache rows do not match k");
   const int64_t rows = k_cache.numel() / row;
   const int64_t* sp = slots.data_ptr<int64_t>();
-  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
   const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t s = sp[t];
-    TORCH_CHECK(s >= 0 && s < rows, "slot ", s, " outside the cache of ", rows, " rows");
-    std::memcpy(kc + s * row, kp + t * k.stride(0), row * sizeof(float));
-    std::memcpy(vc + s * row, vp + t * v.stride(0), row * sizeof(float));
-  }
+  auto store = [&](auto* kc, auto* vc) {
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t s = sp[t];
+      TORCH_CHECK(s >= 0 && s < rows, "slot ", s, " outside the cache of ", rows, " rows");
+      store_row(kc + s * row, kp + t * k.stride(0), row);
+      store_row(vc + s * row, vp + t * v.stride(0), row);
+    }
+  };
+  if (k_cache.scalar_type() == at::kFloat)
+    store(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
+  else
+    store(k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>());
 }
 
 // One query per sequence: q [B, H, D] (packed heads, any row stride) attends
@@ -35,12 +61,18 @@ void write_kv_(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at
 // [num_blocks, block_size, KVH, D] (with window > 0, to the last `window` of
 // them only: a sliding window); query heads h*G..h*G+G-1 share KV head h.
 // With softcap > 0 the scores are capped first: softcap * tanh(score / softcap).
+template <typename C>
+static void paged_attention_impl(const at::Tensor& q, const C* kc, const C* vc, at::Tensor& out,
+                                 const int64_t* lens, const int64_t* tables, int64_t MAXB, int64_t BS, int64_t KVH,
+                                 double scale, int64_t window, float cap);
+
 at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                                   int64_t window, double softcap) {
   check_cpu_float(q, "q");
-  check_cpu_float(k_cache, "k_cache");
-  check_cpu_float(v_cache, "v_cache");
+  check_cache(k_cache, "k_cache");
+  check_cache(v_cache, "v_cache");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k and v caches differ in dtype");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q must be [B, H, D] with packed heads");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(),
               "k/v caches must be contiguous [blocks, block_size, kv_heads, D]");
@@ -65,7 +97,21 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
       TORCH_CHECK(tables[b * MAXB + j] >= 0 && tables[b * MAXB + j] < NB, "block id outside the cache");
   }
   at::Tensor out = at::empty({B, H, D}, q.options());
-  const float *qp = q.data_ptr<float>(), *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  if (k_cache.scalar_type() == at::kFloat)
+    paged_attention_impl(q, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), out, lens, tables, MAXB, BS, KVH,
+                         scale, window, cap);
+  else
+    paged_attention_impl(q, k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(), out, lens, tables,
+                         MAXB, BS, KVH, scale, window, cap);
+  return out;
+}
+
+template <typename C>
+static void paged_attention_impl(const at::Tensor& q, const C* kc, const C* vc, at::Tensor& out,
+                                 const int64_t* lens, const int64_t* tables, int64_t MAXB, int64_t BS, int64_t KVH,
+                                 double scale, int64_t window, float cap) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), GQ = H / KVH;
+  const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t ldq = q.stride(0), tok = KVH * D;
   const float sc = static_cast<float>(scale);
@@ -84,9 +130,9 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
         float mx = -INFINITY;
         for (int64_t t = 0; t < L; ++t) {
           const int64_t pos = t0 + t;
-          const float* kt = kc + (table[pos / BS] * BS + pos % BS) * tok + h * D;
+          const C* kt = kc + (table[pos / BS] * BS + pos % BS) * tok + h * D;
           __m256 acc = _mm256_setzero_ps();
-          for (int64_t i = 0; i < nv; ++i) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * i), _mm256_loadu_ps(kt + 8 * i), acc);
+          for (int64_t i = 0; i < nv; ++i) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * i), load8(kt + 8 * i), acc);
           const float s = hsum(acc) * sc;
           srow[t] = s;
           mx = std::max(mx, s);
@@ -123,15 +169,15 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
         for (int64_t i = 0; i < GQ * nv; ++i) acc[i] = _mm256_setzero_ps();
       for (int64_t t = 0; t < L; ++t) {
         const int64_t pos = t0 + t;
-        const float* vt = vc + (table[pos / BS] * BS + pos % BS) * tok + h * D;
+        const C* vt = vc + (table[pos / BS] * BS + pos % BS) * tok + h * D;
         for (int64_t g = 0; g < GQ; ++g) {
           const __m256 p = _mm256_set1_ps(scores[g * L + t]);
           if (local) {
-            for (int64_t i = 0; i < nv; ++i) acc[g * nv + i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8 * i), acc[g * nv + i]);
+            for (int64_t i = 0; i < nv; ++i) acc[g * nv + i] = _mm256_fmadd_ps(p, load8(vt + 8 * i), acc[g * nv + i]);
           } else {
             float* w = wide.data() + g * D;
             for (int64_t i = 0; i < nv; ++i)
-              _mm256_storeu_ps(w + 8 * i, _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8 * i), _mm256_loadu_ps(w + 8 * i)));
+              _mm256_storeu_ps(w + 8 * i, _mm256_fmadd_ps(p, load8(vt + 8 * i), _mm256_loadu_ps(w + 8 * i)));
           }
         }
       }
@@ -142,7 +188,6 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
       }
     }
   });
-  return out;
 }
 
 }  // namespace tgs

@@ -1,0 +1,69 @@
+"""Perplexity of the default model served with its KV cache in float32 and in bfloat16 (--kv-cache-dtype).
+
+Each held-out window is prefilled through the engine in chunks (``--chunk`` tokens), so every token's
+attention reads its context's keys and values back from the cache in the dtype under test, and the
+perplexity comes from the prompt logprobs the server returns. Same windows, same engine, one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--windows", type=int, default=32, help="held-out windows (default 32)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--chunk", type=int, default=32, help="prefill chunk in tokens (default 32)")
+    p.add_argument("--threads", type=int, default=2)
+    opts = p.parse_args(argv)
+
+    from loguru import logger
+    from text_generation_server.distributed import init_distributed
+    from text_generation_server.engine import Generator
+    from text_generation_server.model_source import resolve_model
+    from text_generation_server.models import load_model
+    from text_generation_server.pb.generate.v1 import generate_pb2 as pb
+    from text_generation_server.quantize.data import load_text
+    from transformers import AutoTokenizer
+
+    logger.remove()
+    torch.set_num_threads(opts.threads)
+    checkpoint = resolve_model(None, None)
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
+    ids = tokenizer(load_text("python-docs", "eval").text)["input_ids"]
+    stride = len(ids) // opts.windows
+    windows = [ids[i * stride : i * stride + opts.seqlen] for i in range(opts.windows)]
+    dist = init_distributed(0, 1)
+    model = load_model(checkpoint, dtype=torch.float32, device=torch.device("cpu"), dist=dist)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        gen = Generator(model, dist, kv_dtype=dtype, num_blocks=opts.seqlen // 16 + 4)
+        nll, count, start = 0.0, 0, time.perf_counter()
+        for w, window in enumerate(windows):
+            request = pb.Request(id=w + 1, input_ids=window, prefill_logprobs=True,
+                                 stopping=pb.StoppingParameters(max_new_tokens=1))
+            generations, cached, _ = gen.prefill(pb.Batch(id=w + 1, requests=[request]), opts.chunk)
+            while not generations:
+                generations, cached, _ = gen.decode([cached], opts.chunk)
+            lps = [t.logprob for t in generations[0].prefill_tokens[1:]]
+            nll -= sum(lps)
+            count += len(lps)
+            gen.clear_cache(None)
+        results[dtype] = (math.exp(nll / count), time.perf_counter() - start, gen.cache.nbytes)
+    base = results[torch.float32][0]
+    print(f"Default model fp32, KV cache dtype, {opts.windows} windows x {opts.seqlen} tokens of python-docs "
+          f"(held out), prefill chunks of {opts.chunk}:")
+    for dtype, (ppl, seconds, nbytes) in results.items():
+        print(f"  {str(dtype).removeprefix('torch.'):9s} perplexity {ppl:.4f} ({100 * (ppl / base - 1):+.3f}%), "
+              f"{nbytes / (opts.seqlen // 16 + 3) / 16 / 1024:.1f} KiB per token, {seconds:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
