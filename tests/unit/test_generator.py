@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from text_generation_server.distributed import init_distributed
 from text_generation_server.engine import BatchNotFoundError, CacheFullError, Generator
 from text_generation_server.engine.kv_cache import CPU_MAX_CACHE_TOKENS
 from text_generation_server.models import load_model
@@ -17,16 +16,6 @@ PROMPTS = {
     2: [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17],
     3: [44],
 }
-
-
-@pytest.fixture(scope="module")
-def dist():
-    return init_distributed(0, 1)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_llama, dist):
-    return load_model(tiny_llama, dtype=torch.float32, device=torch.device("cpu"), dist=dist)
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,8 @@ import random
 
 import pytest
 import torch
-from text_generation_server.distributed import init_distributed
 from text_generation_server.engine import BlockAllocator, CacheFullError, Generator
 from text_generation_server.engine.kv_cache import prefix_keys
-from text_generation_server.models import load_model
 from text_generation_server.pb.generate.v1 import generate_pb2 as pb
 
 # Logprob differences between a cached-prefix and a cold prefill: float32 rounding of the same
@@ -23,16 +21,6 @@ from text_generation_server.pb.generate.v1 import generate_pb2 as pb
 LOGPROB_TOL = 1e-4
 
 SYSTEM = [(7 * i + 3) % 200 + 1 for i in range(37)]  # a shared "system prompt" of 37 tokens
-
-
-@pytest.fixture(scope="module")
-def dist():
-    return init_distributed(0, 1)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_llama, dist):
-    return load_model(tiny_llama, dtype=torch.float32, device=torch.device("cpu"), dist=dist)
 
 
 def make(model, dist, *, prefix_caching: bool = True, num_blocks: int | None = None) -> Generator:

@@ -5,26 +5,13 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
-from text_generation_server.distributed import init_distributed
 from text_generation_server.engine import Generator
 from text_generation_server.engine.speculation import NgramIndex, ngram_draft
-from text_generation_server.models import load_model
 from text_generation_server.pb.generate.v1 import generate_pb2 as pb
 
 # Logprobs of a token chosen in a speculative step (module path, several query tokens) against a
 # one-token step: the same arithmetic in another order.
 LOGPROB_TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def dist():
-    return init_distributed(0, 1)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_llama, dist):
-    return load_model(tiny_llama, dtype=torch.float32, device=torch.device("cpu"), dist=dist)
 
 
 def run(gen: Generator, reqs: list[pb.Request]) -> dict[int, list[pb.Generation]]:
