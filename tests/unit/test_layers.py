@@ -444,11 +444,13 @@ def run_paged(seqs, block_size, heads=6, kv_heads=3, hd=8, seed=0):
         [(0, 5), (0, 1), (0, 9)],  # prefill only
         [(4, 1), (9, 1), (1, 1), (16, 1)],  # decode only, different context lengths
         [(7, 1), (5, 3), (0, 6), (12, 1), (3, 4)],  # mixed: decode, chunk with context, prefill
+        [(40, 23), (17, 9)],  # long chunks after context: the unmasked pass and the causal one, merged
     ],
-    ids=["prefill", "decode", "mixed"],
+    ids=["prefill", "decode", "mixed", "chunks"],
 )
-def test_paged_attention_equals_dense_causal_attention(seqs, block_size):
-    out, expected, _, _, _ = run_paged(seqs, block_size)
+@pytest.mark.parametrize("group", [1, 3])
+def test_paged_attention_equals_dense_causal_attention(seqs, block_size, group):
+    out, expected, _, _, _ = run_paged(seqs, block_size, heads=3 * group)
     torch.testing.assert_close(out, torch.cat(expected), atol=1e-5, rtol=1e-5)
 
 

@@ -196,7 +196,11 @@ class TorchSDPABackend(AttentionBackend):
             if ctx == n and (window is None or n <= window):
                 out[s:e] = self._causal(q[s:e], k[s:e], v[s:e], scale, softcap)
             else:
-                out[s:e] = self._with_context(q[s:e], k_cache, v_cache, attn, b, ctx, scale, window, softcap)
+                if window is None and not softcap and q.device.type == "cpu" and ctx > n:
+                    out[s:e] = self._context_then_causal(q[s:e], k[s:e], v[s:e], k_cache, v_cache, attn, b, ctx,
+                                                         scale)
+                else:
+                    out[s:e] = self._with_context(q[s:e], k_cache, v_cache, attn, b, ctx, scale, window, softcap)
         return out
 
     @staticmethod
@@ -275,6 +279,46 @@ class TorchSDPABackend(AttentionBackend):
             softcap=softcap,
         )
         return out.squeeze(0).transpose(0, 1)
+
+    def _context_then_causal(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        b: int,
+        ctx: int,
+        scale: float,
+    ) -> torch.Tensor:
+        """A chunk of ``n`` new tokens after ``ctx - n`` cached ones, without a mask: every query sees
+        all the earlier tokens (one unmasked pass, each KV head's query heads stacked as rows) and
+        the chunk's own keys causally (a second pass), the two merged by their log-sum-exps."""
+        n, heads, head_dim = q.shape
+        block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+        group = heads // kv_heads
+        slots = attn.memo(("context-before", b, block_size),
+                          lambda: _context_slots(attn.block_tables[b : b + 1], block_size, ctx - n)[0])
+        keys = k_cache.view(-1, kv_heads, head_dim).index_select(0, slots).to(q.dtype).transpose(0, 1).unsqueeze(0)
+        values = v_cache.view(-1, kv_heads, head_dim).index_select(0, slots).to(q.dtype).transpose(0, 1).unsqueeze(0)
+        # [n, heads, D] -> [1, kv_heads, group * n, D]: rows of one KV head's query heads, token-major.
+        grouped = q.view(n, kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(1, kv_heads, group * n, head_dim)
+        before, lse_before = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            grouped, keys, values, 0.0, False, scale=scale)
+        before = before.view(kv_heads, group, n, head_dim).permute(2, 0, 1, 3).reshape(n, heads, head_dim)
+        lse_before = lse_before.view(kv_heads, group, n).permute(2, 0, 1).reshape(n, heads)
+        own_k, own_v = k.to(q.dtype), v.to(q.dtype)
+        if group > 1:
+            own_k, own_v = own_k.repeat_interleave(group, dim=1), own_v.repeat_interleave(group, dim=1)
+        own, lse_own = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.transpose(0, 1).unsqueeze(0), own_k.transpose(0, 1).unsqueeze(0), own_v.transpose(0, 1).unsqueeze(0),
+            0.0, True, scale=scale)
+        own, lse_own = own.squeeze(0).transpose(0, 1), lse_own.squeeze(0).transpose(0, 1)
+        top = torch.maximum(lse_before, lse_own)
+        w_before, w_own = torch.exp(lse_before - top), torch.exp(lse_own - top)
+        total = (w_before + w_own).unsqueeze(-1)
+        return ((before.float() * w_before.unsqueeze(-1) + own.float() * w_own.unsqueeze(-1)) / total).to(q.dtype)
 
     def _decode(
         self,
