@@ -101,16 +101,19 @@ def prefix_round(port: int, long: Prompts, other: Prompts, shared: int) -> dict:
             "cold_cached_tokens": cold_usage["prompt_tokens_details"]["cached_tokens"]}
 
 
-async def stream_times(stub, pb, text: str, n: int) -> list[float]:
-    request = pb.SingleGenerationRequest(
-        model_id="bench", request=pb.GenerationRequest(text=text),
-        params=pb.Parameters(method=pb.GREEDY, stopping=pb.StoppingCriteria(max_new_tokens=n, min_new_tokens=n)))
-    times, seen = [], 0
+async def stream(stub, pb, text: str, n: int, *, exactly: bool = True) -> tuple[list[float], str]:
+    """A greedy GenerateStream of ``n`` tokens (``exactly``: no earlier stop): each token's arrival
+    time (a message carrying k tokens counts k times) and the text."""
+    stopping = pb.StoppingCriteria(max_new_tokens=n, min_new_tokens=n if exactly else 0)
+    request = pb.SingleGenerationRequest(model_id="bench", request=pb.GenerationRequest(text=text),
+                                         params=pb.Parameters(method=pb.GREEDY, stopping=stopping))
+    times, pieces, seen = [], [], 0
     async for message in stub.GenerateStream(request, timeout=900):
         now = time.perf_counter()
         times.extend([now] * (message.generated_token_count - seen))
         seen = message.generated_token_count
-    return times
+        pieces.append(message.text)
+    return times, "".join(pieces)
 
 
 def gaps(streams: list[list[float]]) -> list[float]:
@@ -128,7 +131,7 @@ async def latency_round(address: str, texts: list[str], n: int, arrivals: Prompt
 
     async with grpc.aio.insecure_channel(address) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
-        streams = asyncio.gather(*(stream_times(stub, pb, t, n) for t in texts))
+        streams = asyncio.gather(*(stream(stub, pb, t, n) for t in texts))
         arrived: list[float] = []
         if arrivals is not None:
             await asyncio.sleep(0.5)  # the streams are decoding
@@ -143,7 +146,7 @@ async def latency_round(address: str, texts: list[str], n: int, arrivals: Prompt
             result = await task
         else:
             result = await streams
-    g = gaps(result)
+    g = gaps([times for times, _ in result])
     return {"p99_s": p99(g), "median_s": statistics.median(g), "arrived": len(arrived),
             "arrival_ttft_s": statistics.median(arrived) if arrived else None}
 
@@ -167,17 +170,9 @@ async def edit_round(plain: str, spec: str, text: str, n: int) -> dict:
     out = {}
     for name, address in (("plain", plain), ("speculative", spec)):
         async with grpc.aio.insecure_channel(address) as channel:
-            stub = generation_pb2_grpc.GenerationServiceStub(channel)
-            request = pb.SingleGenerationRequest(model_id="bench", request=pb.GenerationRequest(text=text),
-                                                 params=pb.Parameters(method=pb.GREEDY, stopping=pb.StoppingCriteria(
-                                                     max_new_tokens=n)))
-            times, pieces, seen = [], [], 0
-            async for message in stub.GenerateStream(request, timeout=900):
-                now = time.perf_counter()
-                times.extend([now] * (message.generated_token_count - seen))
-                seen = message.generated_token_count
-                pieces.append(message.text)
-        out[name] = {"tokens": seen, "tok_s": (len(times) - 1) / (times[-1] - times[0]), "text": "".join(pieces)}
+            times, text_out = await stream(generation_pb2_grpc.GenerationServiceStub(channel), pb, text, n,
+                                           exactly=False)
+        out[name] = {"tokens": len(times), "tok_s": (len(times) - 1) / (times[-1] - times[0]), "text": text_out}
     return {"plain_tok_s": out["plain"]["tok_s"], "speculative_tok_s": out["speculative"]["tok_s"],
             "ratio": out["speculative"]["tok_s"] / out["plain"]["tok_s"], "tokens": out["plain"]["tokens"],
             "identical": out["plain"]["text"] == out["speculative"]["text"]}

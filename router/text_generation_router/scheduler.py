@@ -448,13 +448,12 @@ class Scheduler:
         entry.cached_tokens = cached_tokens
         metrics = self._metrics
         metrics.prefix_cache_prompt_tokens.inc(entry.request.input_length)
-        if cached_tokens:
-            metrics.prefix_cache_hits.inc()
-            metrics.prefix_cache_reused_tokens.inc(cached_tokens)
         self._prompt_tokens += entry.request.input_length
         self._reused_tokens += cached_tokens
         metrics.prefix_cache_hit_ratio.set(self._reused_tokens / max(1, self._prompt_tokens))
         if cached_tokens:
+            metrics.prefix_cache_hits.inc()
+            metrics.prefix_cache_reused_tokens.inc(cached_tokens)
             entry.log.debug(f"{entry.label} reused {cached_tokens} of {entry.request.input_length} prompt tokens "
                             f"from the prefix cache")
 

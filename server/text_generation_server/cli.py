@@ -79,13 +79,16 @@ class ShardEnv:
 def prefix_caching_enabled(environ: Mapping[str, str] | None = None) -> bool:
     """``PREFIX_CACHING`` (TGI's name; the launcher's --prefix-caching sets it): on unless it is
     0/false/off/no."""
+    from text_generation_server.utils.argtypes import parse_bool
+
     environ = os.environ if environ is None else environ
-    raw = environ.get("PREFIX_CACHING", "").strip().lower()
-    if raw in ("", "1", "true", "on", "yes"):
+    raw = environ.get("PREFIX_CACHING", "")
+    if not raw.strip():
         return True
-    if raw in ("0", "false", "off", "no"):
-        return False
-    raise ShardStartError(f"PREFIX_CACHING={raw!r} must be true or false (1/0, on/off)")
+    try:
+        return parse_bool(raw)
+    except argparse.ArgumentTypeError:
+        raise ShardStartError(f"PREFIX_CACHING={raw.strip()!r} must be true or false (1/0, on/off)") from None
 
 
 def speculate_tokens(environ: Mapping[str, str] | None = None) -> int:

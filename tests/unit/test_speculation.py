@@ -6,7 +6,7 @@ import random
 
 import pytest
 from text_generation_server.engine import Generator
-from text_generation_server.engine.speculation import NgramIndex, ngram_draft
+from text_generation_server.engine.speculation import MAX_NGRAM, NgramIndex
 from text_generation_server.pb.generate.v1 import generate_pb2 as pb
 
 # Logprobs of a token chosen in a speculative step (module path, several query tokens) against a
@@ -35,6 +35,19 @@ def repeating(seed: int) -> list[int]:
     rng = random.Random(seed)
     phrase = [rng.randrange(3, 250) for _ in range(rng.randrange(3, 9))]
     return (phrase * 4)[: rng.randrange(10, 30)]
+
+
+def ngram_draft(tokens: list[int], n: int, max_ngram: int = MAX_NGRAM) -> list[int]:
+    """The definition the index keeps up to date: a search of the whole text, latest match first."""
+    if n <= 0 or len(tokens) < 2:
+        return []
+    for size in range(min(max_ngram, len(tokens) - 1), 0, -1):
+        suffix = tokens[-size:]
+        # The latest occurrence that ends before the suffix itself and has a token after it.
+        for i in range(len(tokens) - size - 1, -1, -1):
+            if tokens[i : i + size] == suffix:
+                return tokens[i + size : i + size + n]
+    return []
 
 
 def assert_identical(a: list[pb.Generation], b: list[pb.Generation]) -> None:

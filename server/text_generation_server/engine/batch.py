@@ -54,11 +54,6 @@ class RequestState:
         return not self.sampling.do_sample and self.sampling.repetition_penalty == 1.0
 
     @property
-    def prefilling(self) -> bool:
-        """Part of the prompt is not in the cache yet (chunked prefill)."""
-        return not self.generated
-
-    @property
     def prompt_left(self) -> int:
         return len(self.input_ids) - self.kv_len if not self.generated else 0
 
@@ -199,7 +194,7 @@ class Batch:
         new_tokens: list[int],
         what: str,
     ) -> None:
-        """Give every row blocks for ``new_tokens`` more tokens, all or none."""
+        """Give each of ``rows`` blocks for its ``new_tokens`` more tokens, all or none."""
         needs = [
             max(0, blocks_for_tokens(r.kv_len + n, block_size) - len(r.blocks))
             for r, n in zip(rows, new_tokens, strict=True)
@@ -276,10 +271,11 @@ class Batch:
         if not rows:
             raise ValueError(f"batch {self.id} has nothing to run in this step (chunk of {chunk_tokens} tokens)")
         what = "decode step" if all(r.generated for r in rows) else "prefill"
-        # A prompt's blocks are reserved whole with the batch's first step (even when this step
-        # has no room for it), so later chunks never run short.
-        holders = [r for r in self.requests if r.prompt_left or any(r is x for x in rows)]
-        self._reserve(allocator, block_size, holders, [r.prompt_left or 1 + len(r.draft) for r in holders], what)
+        # Every request's blocks: a generating one's for this step's tokens, a prompt's whole with
+        # the batch's first step (even when this step has no room for it), so later chunks never
+        # run short.
+        reserve = [r.prompt_left or 1 + len(r.draft) for r in self.requests]
+        self._reserve(allocator, block_size, self.requests, reserve, what)
         ids, positions, slots = [], [], []
         for r, n in zip(rows, counts, strict=True):
             tokens = r.input_ids[r.kv_len : r.kv_len + n] if not r.generated else r.generated[-1:] + r.draft

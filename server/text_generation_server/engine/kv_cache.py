@@ -45,7 +45,7 @@ class BlockAllocator:
     """Hands out block ids ``1 .. num_blocks - 1``; block 0 is the padding block.
 
     Blocks are reference-counted: a block holding a prompt prefix that another
-    request shares (:meth:`share`) is in use until every holder freed it. A
+    request shares (:meth:`match`) is in use until every holder freed it. A
     full block whose keys and values were registered under a prefix key
     (:meth:`register`) stays in the cache when its last holder frees it, so a
     later request with the same prefix can :meth:`match` it; such unheld

@@ -14,25 +14,12 @@ from __future__ import annotations
 MAX_NGRAM = 3  # the longest suffix looked up first; shorter ones when it does not occur
 
 
-def ngram_draft(tokens: list[int], n: int, max_ngram: int = MAX_NGRAM, window: int = 4096) -> list[int]:
-    """Up to ``n`` tokens that followed the latest earlier occurrence of the longest suffix of
-    ``tokens`` (``max_ngram`` down to 1 tokens) within the last ``window`` tokens; [] if none."""
-    if n <= 0 or len(tokens) < 2:
-        return []
-    start = max(0, len(tokens) - window)
-    for size in range(min(max_ngram, len(tokens) - 1), 0, -1):
-        suffix = tokens[-size:]
-        first = suffix[0]
-        # The latest occurrence that ends before the suffix itself and has a token after it.
-        for i in range(len(tokens) - size - 1, start - 1, -1):
-            if tokens[i] == first and tokens[i : i + size] == suffix:
-                return tokens[i + size : i + size + n]
-    return []
-
-
 class NgramIndex:
-    """:func:`ngram_draft` kept up to date as tokens are appended: per suffix of 1 to ``max_ngram``
-    tokens, where the token after its latest occurrence sits. O(``max_ngram``) per token."""
+    """A request's tokens, indexed as they are appended: per suffix of 1 to ``max_ngram`` tokens,
+    where the token after its latest occurrence sits. O(``max_ngram``) per token.
+
+    :meth:`draft` gives up to ``n`` tokens that followed the latest earlier occurrence of the
+    longest suffix of the tokens (``max_ngram`` down to 1 tokens) that occurred before; [] if none."""
 
     def __init__(self, max_ngram: int = MAX_NGRAM) -> None:
         self.max_ngram = max_ngram

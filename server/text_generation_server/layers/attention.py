@@ -102,6 +102,12 @@ def _context_slots(block_tables: torch.Tensor, block_size: int, length: int) -> 
     return slots.reshape(table.shape[0], blocks * block_size)[:, :length]
 
 
+def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[len(slots), kv_heads, head_dim]`` cache rows at ``slots`` (flat), as ``dtype``.
+    index_select: a plain row gather, several times cheaper than advanced indexing."""
+    return cache.view(-1, *cache.shape[2:]).index_select(0, slots).to(dtype)
+
+
 def _capped_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -253,7 +259,7 @@ class TorchSDPABackend(AttentionBackend):
         softcap: float | None = None,
     ) -> torch.Tensor:
         n = q.shape[0]
-        block_size, kv_heads, head_dim = k_cache.shape[1:]
+        block_size = k_cache.shape[1]
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
             slots = _context_slots(attn.block_tables[b : b + 1], block_size, ctx)[0]
@@ -267,9 +273,7 @@ class TorchSDPABackend(AttentionBackend):
             return slots, mask
 
         slots, mask = attn.memo(("context", b, block_size, window), build)
-        # index_select: a plain row gather, several times cheaper than advanced indexing.
-        keys = k_cache.view(-1, kv_heads, head_dim).index_select(0, slots).to(q.dtype)
-        values = v_cache.view(-1, kv_heads, head_dim).index_select(0, slots).to(q.dtype)
+        keys, values = _gather(k_cache, slots, q.dtype), _gather(v_cache, slots, q.dtype)
         out = self._sdpa(
             q.transpose(0, 1).unsqueeze(0),
             keys.transpose(0, 1).unsqueeze(0),
@@ -300,8 +304,8 @@ class TorchSDPABackend(AttentionBackend):
         group = heads // kv_heads
         slots = attn.memo(("context-before", b, block_size),
                           lambda: _context_slots(attn.block_tables[b : b + 1], block_size, ctx - n)[0])
-        keys = k_cache.view(-1, kv_heads, head_dim).index_select(0, slots).to(q.dtype).transpose(0, 1).unsqueeze(0)
-        values = v_cache.view(-1, kv_heads, head_dim).index_select(0, slots).to(q.dtype).transpose(0, 1).unsqueeze(0)
+        keys = _gather(k_cache, slots, q.dtype).transpose(0, 1).unsqueeze(0)
+        values = _gather(v_cache, slots, q.dtype).transpose(0, 1).unsqueeze(0)
         # [n, heads, D] -> [1, kv_heads, group * n, D]: rows of one KV head's query heads, token-major.
         grouped = q.view(n, kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(1, kv_heads, group * n, head_dim)
         before, lse_before = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -350,12 +354,12 @@ class TorchSDPABackend(AttentionBackend):
         slots, mask = attn.memo(("decode", rows is None, block_size, window), build)
         batch, length = slots.shape
         flat = slots.reshape(-1)
-        keys = k_cache.view(-1, kv_heads, head_dim).index_select(0, flat).view(batch, length, kv_heads, head_dim)
-        values = v_cache.view(-1, kv_heads, head_dim).index_select(0, flat).view(batch, length, kv_heads, head_dim)
+        keys = _gather(k_cache, flat, q.dtype).view(batch, length, kv_heads, head_dim)
+        values = _gather(v_cache, flat, q.dtype).view(batch, length, kv_heads, head_dim)
         out = self._sdpa(
             q.unsqueeze(2),
-            keys.transpose(1, 2).to(q.dtype),
-            values.transpose(1, 2).to(q.dtype),
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
             scale,
             mask=mask,
             softcap=softcap,
