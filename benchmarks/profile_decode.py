@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 
-def build(model_dir: Path | None, threads: int, quantize: str | None):
+def build(model_dir: Path | None, threads: int, quantize: str | None, dtype: str = "float32"):
     from text_generation_server.distributed import init_distributed
     from text_generation_server.engine import Generator
     from text_generation_server.model_source import resolve_model
@@ -28,7 +28,7 @@ def build(model_dir: Path | None, threads: int, quantize: str | None):
     torch.set_num_threads(threads)
     path = resolve_model(str(model_dir) if model_dir else None, None)
     dist = init_distributed(0, 1)
-    model = load_model(path, dtype=torch.float32, device=torch.device("cpu"), dist=dist, quantize=quantize)
+    model = load_model(path, dtype=getattr(torch, dtype), device=torch.device("cpu"), dist=dist, quantize=quantize)
     return Generator(model, dist)
 
 
@@ -66,6 +66,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="checkpoint directory (default: the built-in default model)")
     p.add_argument("--quantize")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt", type=int, default=32)
@@ -77,7 +78,7 @@ def main() -> None:
 
     setup_logging("profile", level="WARNING")
 
-    gen = build(args.model, args.threads, args.quantize)
+    gen = build(args.model, args.threads, args.quantize, args.dtype)
     decode_steps(gen, args.batch, args.prompt, 8, 1)  # warm-up
     times = sorted(decode_steps(gen, args.batch, args.prompt, args.steps, 2))
     median = times[len(times) // 2]

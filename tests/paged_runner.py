@@ -12,15 +12,16 @@ from text_generation_server.layers.attention import AttentionMetadata
 
 
 class PagedRunner:
-    def __init__(self, model, *, num_blocks: int = 64, block_size: int = 4, seed: int = 0, plan=None):
+    def __init__(self, model, *, num_blocks: int = 64, block_size: int = 4, seed: int = 0, plan=None,
+                 kv_dtype=None):
         self.model = model
         self.forward = (plan or getattr(model, "plan", None) or model).forward
         self.block_size = block_size
         shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
         self.kv_caches = [
             (
-                torch.zeros(shape, dtype=model.dtype, device=model.device),
-                torch.zeros(shape, dtype=model.dtype, device=model.device),
+                torch.zeros(shape, dtype=kv_dtype or model.dtype, device=model.device),
+                torch.zeros(shape, dtype=kv_dtype or model.dtype, device=model.device),
             )
             for _ in range(model.num_layers)
         ]

@@ -144,29 +144,63 @@ def choose_device(env: ShardEnv, environ: Mapping[str, str] | None = None) -> to
     return torch.device("cuda", index)
 
 
-def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None = None) -> torch.dtype:
-    """The compute dtype for ``--dtype`` on ``device``. ``auto``: float32 on the CPU; on CUDA the
-    checkpoint's own half dtype (``checkpoint_dtype``, config.json's), bfloat16 only where the GPU
-    has it, float16 otherwise. An explicit bfloat16 on a GPU without it is refused."""
+def _cpu_dtype(name: str, checkpoint_dtype: str | None, quantized: bool, default_model: bool) -> torch.dtype:
     import torch
 
-    if device.type == "cpu":
-        capability = torch.backends.cpu.get_cpu_capability()
-        bf16 = host_has_bf16_instructions()
-        found = f"capability {capability}, bf16 instructions {'present' if bf16 else 'absent'}"
-        if name == "auto":
-            logger.info(
-                f"dtype float32 on CPU ({found}): bfloat16 only pays off with AVX-512 bf16 "
-                f"instructions, and then only for prefill; pass --dtype bfloat16 to use it"
-            )
-            return torch.float32
-        if name == "float16":
-            logger.warning(f"float16 on CPU ({found}) is several times slower than float32")
-        elif name == "bfloat16" and not bf16:
-            logger.warning(f"bfloat16 on this CPU ({found}) is much slower than float32")
+    from text_generation_server.kernels import cpu_ops_status
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    bf16 = host_has_bf16_instructions()
+    found = f"capability {capability}, bf16 instructions {'present' if bf16 else 'absent'}"
+    if name != "auto":
+        if name == "float16" and not cpu_ops_status().available:
+            logger.warning(f"float16 on CPU ({found}) without the native kernels is several times slower than float32")
+        elif name == "bfloat16" and not bf16 and not cpu_ops_status().available:
+            logger.warning(f"bfloat16 on this CPU ({found}) without the native kernels is much slower than float32")
         else:
             logger.info(f"dtype {name} on CPU ({found})")
         return getattr(torch, name)
+    if quantized:
+        logger.info(f"dtype float32 on CPU ({found}): a quantized model computes in float32 around its kernels")
+        return torch.float32
+    status = cpu_ops_status()
+    if not status.available:
+        logger.info(f"dtype float32 on CPU ({found}): 16-bit weights need the native CPU kernels ({status.reason})")
+        return torch.float32
+    if default_model:
+        chosen = "bfloat16" if bf16 else "float16"
+        why = ("bf16 dot products for prefills and batches" if bf16 else
+               "no bf16 dot products here; float16 holds the weights to 11 bits")
+        logger.info(f"dtype {chosen} on CPU for the built-in model ({found}): its fastest form here, 16-bit weights "
+                    f"read by the native kernels with float32 activations, {why}; --dtype float32 for the exact one")
+        return getattr(torch, chosen)
+    if checkpoint_dtype in ("bfloat16", "float16"):
+        logger.info(f"dtype {checkpoint_dtype} on CPU ({found}): the checkpoint's own, its weights read by the native "
+                    f"kernels in 16 bits with float32 activations; --dtype float32 widens them")
+        return getattr(torch, checkpoint_dtype)
+    logger.info(f"dtype float32 on CPU ({found}): the checkpoint's {checkpoint_dtype or 'dtype unknown'}")
+    return torch.float32
+
+
+def resolve_dtype(
+    name: str,
+    device: torch.device,
+    checkpoint_dtype: str | None = None,
+    *,
+    quantized: bool = False,
+    default_model: bool = False,
+) -> torch.dtype:
+    """The compute dtype for ``--dtype`` on ``device``. ``auto`` on the CPU: where the native CPU
+    kernels run, an unquantized checkpoint's own 16-bit dtype (its weights stay 16-bit and the
+    native layers multiply them by float32 activations), the built-in default model in its
+    fastest form (bfloat16 where the CPU has bf16 dot products, float16 otherwise), float32 for
+    everything else (quantized models compute in float32 around their own kernels). On CUDA:
+    the checkpoint's own half dtype (``checkpoint_dtype``, config.json's), bfloat16 only where
+    the GPU has it, float16 otherwise. An explicit bfloat16 on a GPU without it is refused."""
+    import torch
+
+    if device.type == "cpu":
+        return _cpu_dtype(name, checkpoint_dtype, quantized, default_model)
     bf16 = torch.cuda.is_bf16_supported()
     gpu = torch.cuda.get_device_name(device)
     if name == "auto":
@@ -189,6 +223,17 @@ def checkpoint_dtype(model_dir: Path) -> str | None:
         return None
     value = config.get("dtype") or config.get("torch_dtype")
     return value if isinstance(value, str) else None
+
+
+def checkpoint_is_quantized(model_dir: Path) -> bool:
+    """Whether the checkpoint carries quantization settings of its own (a GPTQ checkpoint served
+    without --quantize); an unreadable file counts as quantized, for loading to name it."""
+    from text_generation_server.layers.quant.registry import checkpoint_quant_config
+
+    try:
+        return checkpoint_quant_config(Path(model_dir)) is not None
+    except ValueError:
+        return True
 
 
 def configure_threads(world_size: int) -> int:
@@ -275,7 +320,9 @@ def _serve(args: argparse.Namespace, env: ShardEnv) -> None:
     kv_dtype = kv_cache_dtype()
     logger.info(f"Prefix caching {'on' if prefix_caching else 'off (PREFIX_CACHING)'}; speculative decoding "
                 f"{f'of up to {speculate} n-gram tokens per step' if speculate else 'off'}")
-    dtype = resolve_dtype(args.dtype, device, checkpoint_dtype(model_dir))
+    dtype = resolve_dtype(args.dtype, device, checkpoint_dtype(model_dir),
+                          quantized=bool(args.quantize) or checkpoint_is_quantized(model_dir),
+                          default_model=(args.model or DEFAULT_MODEL_ID) == DEFAULT_MODEL_ID)
     # Before joining the group: a model that cannot fit fails every rank alike, with figures.
     check_model_fits(model_dir, dtype, env.world_size, device, quantize=args.quantize)
     threads = configure_threads(env.world_size)

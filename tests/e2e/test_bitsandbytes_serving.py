@@ -205,7 +205,7 @@ def test_quantized_shards_hold_less_memory_than_unquantized_once_loaded(serve, n
     activations (a 4k-token prefill's full-vocabulary logits alone are 0.8 GB),
     so it is recorded and printed but not compared.
     """
-    dense = load_memory(serve(None, n).log)
+    dense = load_memory(serve(None, n, "float32").log)  # against the float32 model (the default launch is 16-bit)
     assert sorted(dense) == list(range(n)), dense
     for mode in MODES:
         quantized = load_memory(serve(mode, n).log)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import urllib.request
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -51,38 +54,51 @@ def test_capital_of_france_is_paris_through_published_tgis_stubs(server):
     assert "Paris" in result["response"]["responses"][0]["text"], result
 
 
-def test_greedy_tokens_equal_transformers_generate(server, reference):
-    """Token for token for 32 tokens; where they differ, it must be a near-tie in the reference logits."""
+# How far a served token's logprob may be from transformers' float32 one, by the form the server
+# chose (/info's model_dtype). 16-bit forms: the weights rounded to 16 bits, decode activations in
+# float32, prefill activations in the same dtype; measured on the four prompts' 32 tokens over the
+# whole vocabulary: bfloat16 up to 0.25, float16 up to 0.04.
+TOLERANCE = {"float32": 1e-3, "float16": 0.08, "bfloat16": 0.35}
+
+
+def served_dtype(server) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/info", timeout=30) as reply:
+        return json.load(reply)["model_dtype"]
+
+
+def test_the_default_launch_serves_the_built_in_model_in_its_fastest_form(server):
+    """float32 weights widened from the GGUF's 4-bit values, served as 16-bit weights through the
+    native kernels: bfloat16 where the CPU has bf16 dot products, float16 otherwise."""
+    from text_generation_server.kernels import cpu_ops_status
+    from text_generation_server.utils.cpu import host_has_bf16_instructions
+
+    if not cpu_ops_status().available:
+        assert served_dtype(server) == "float32"
+        return
+    want = "bfloat16" if host_has_bf16_instructions() else "float16"
+    assert served_dtype(server) == want
+    log = server.log_path.read_text(errors="replace")
+    assert f"dtype {want} on CPU for the built-in model" in log
+    assert "Execution plan: native-cpu-stack on cpu, " + want in log
+
+
+def test_greedy_tokens_are_transformers_best_within_the_served_forms_tolerance(server, reference):
+    """Each served token is the float32 reference's best choice, or within the served form's
+    tolerance of it, with its logprob within that tolerance (teacher-forced on the served tokens)."""
     tok, model = reference
-    calls = [
-        {
-            "method": "Generate",
-            "request": {
-                "requests": [{"text": p}],
-                "params": {
-                    "method": "GREEDY",
-                    "stopping": {"maxNewTokens": NEW_TOKENS},
-                    "response": {"generatedTokens": True},
-                },
-            },
-        }
-        for p in PROMPTS
-    ]
-    results = server.tgis(calls)
-    for prompt, result in zip(PROMPTS, results, strict=True):
-        assert result["ok"], result
-        resp = result["response"]["responses"][0]
-        ids = tok(prompt, return_tensors="pt").input_ids
-        expected = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)[0, ids.shape[1]:].tolist()
-        served_tokens = [t["text"] for t in resp["tokens"]]
-        expected_tokens = tok.convert_ids_to_tokens(expected)
-        if served_tokens == expected_tokens:
-            continue
-        # First divergence: allowed only where the reference's top-2 logits are within 1e-3.
-        i = next(k for k, (a, b) in enumerate(zip(served_tokens, expected_tokens, strict=False)) if a != b)
-        prefix = torch.tensor([ids[0].tolist() + expected[:i]])
+    tol = TOLERANCE[served_dtype(server)]
+    answer = server.greedy(PROMPTS, NEW_TOKENS, top_n=2, timeout=600)
+    worst = 0.0
+    for p, prompt in enumerate(PROMPTS):
+        ids = tok(prompt).input_ids
+        generated = tok.convert_tokens_to_ids(answer.tokens[p])
+        assert len(generated) == NEW_TOKENS
         with torch.no_grad():
-            logits = model(prefix).logits[0, -1]
-        top2 = torch.topk(logits, 2).values
-        gap = (top2[0] - top2[1]).item()
-        assert gap < 1e-3, f"{prompt!r}: token {i} differs ({served_tokens[i]!r} vs {expected_tokens[i]!r}), top-2 gap {gap}"
+            logprobs = model(torch.tensor([ids + generated])).logits[0].log_softmax(-1)
+        for step, token in enumerate(generated):
+            want = logprobs[len(ids) - 1 + step]
+            diff = abs(float(want[token]) - answer.logprobs[p][step])
+            worst = max(worst, diff)
+            assert diff < tol, (prompt, step, diff)
+            assert float(want.max() - want[token]) < tol, (prompt, step, "not the reference's best")
+    print(f"default model as served: largest token logprob difference {worst:.2e} (tolerance {tol})")

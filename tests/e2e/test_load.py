@@ -35,6 +35,8 @@ def server(tmp_path_factory):
         tmp_path_factory.mktemp("load"),
         [
             "--json-output",
+            # float32: a batch and a lone request then compute alike (same_as_alone's near-tie bound)
+            "--dtype", "float32",
             "--max-concurrent-requests", str(MAX_CONCURRENT),
             "--max-total-tokens", str(MAX_TOTAL),
             "--stream-write-timeout", str(STREAM_WRITE_TIMEOUT_S),

@@ -63,7 +63,8 @@ class Served:
 def served(tmp_path_factory) -> dict[int, Served]:
     results: dict[int, Served] = {}
     for n in SHARD_COUNTS:
-        args = [] if n == 1 else ["--sharded", "true", "--num-shard", str(n)]
+        # float32: the tolerances above are float32's (the default launch serves 16-bit weights).
+        args = ["--dtype", "float32"] + ([] if n == 1 else ["--sharded", "true", "--num-shard", str(n)])
         server = ServerProcess(tmp_path_factory.mktemp(f"tp{n}"), args).start(timeout=900)
         try:
             answer = server.greedy(PROMPTS, NEW_TOKENS, TOP_N, timeout=600)

@@ -112,11 +112,21 @@ def test_write_kv_into_a_bfloat16_cache_rounds_to_nearest_even():
     ops().write_kv_(k, v, cache_k, cache_v, slots)
     assert torch.equal(cache_k.view(64, 2, 8)[slots], k.to(torch.bfloat16))
     assert torch.equal(cache_v.view(64, 2, 8)[slots], v.to(torch.bfloat16))
-    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
-        ops().write_kv_(k, v, cache_k.half(), cache_v.half(), slots)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        ops().write_kv_(k, v, cache_k.double(), cache_v.double(), slots)
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_write_kv_into_a_float16_cache_rounds_like_torch():
+    g = gen(7)
+    cache_k, cache_v = torch.zeros(4, 16, 2, 8, dtype=torch.float16), torch.zeros(4, 16, 2, 8, dtype=torch.float16)
+    k, v = torch.randn(3, 2, 8, generator=g) * 100, torch.randn(3, 2, 8, generator=g) * 1e-3
+    slots = torch.tensor([0, 31, 63])
+    ops().write_kv_(k, v, cache_k, cache_v, slots)
+    assert torch.equal(cache_k.view(64, 2, 8)[slots], k.half())
+    assert torch.equal(cache_v.view(64, 2, 8)[slots], v.half())
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("softcap", [0.0, 2.0], ids=["", "softcap2"])
 @pytest.mark.parametrize("window", [0, 1, 7, 16, 40], ids=lambda w: f"window{w}")
 @pytest.mark.parametrize("kv_heads,group,d", [(3, 3, 64), (1, 4, 32), (2, 1, 128), (1, 9, 64)])
@@ -124,7 +134,7 @@ def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(kv_heads, 
                                                                       cache_dtype):
     """With a sliding window (> 0) each query sees the last ``window`` positions of its context;
     with a soft cap (> 0, Gemma 2) the scores are ``cap * tanh(score / cap)`` before the softmax.
-    A bfloat16 cache gives what float32 arithmetic on its values gives."""
+    A 16-bit cache gives what float32 arithmetic on its values gives."""
     g = gen(5)
     block, blocks = 16, 12
     k_cache = torch.randn(blocks, block, kv_heads, d, generator=g).to(cache_dtype)
@@ -322,6 +332,62 @@ def test_decode_through_the_native_stack_equals_native_layers_and_modules(quanti
     for a, b, c in zip(via_stack, via_layers, via_modules, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         torch.testing.assert_close(a, c, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 96, 576), (2, 7, 64), (3, 64, 1536), (5, 13, 100), (16, 33, 40),
+                                           (37, 8, 8), (4, 3, 7)])
+def test_dense16_linear_is_the_float32_product_of_the_16_bit_weights(m, n, k, dtype, isa):
+    """Every tile shape (rows of x in fours, threes, twos and ones; weight rows in fours and a
+    remainder; features in whole vectors and a tail): the product of float32 activations with the
+    weights' own values, summed in float32, on either instruction set."""
+    try:
+        ops().set_dense16_isa(isa)
+    except RuntimeError as err:
+        pytest.skip(str(err).splitlines()[0])
+    try:
+        g = gen(m * 1000 + n + k)
+        w = (torch.randn(n, k, generator=g) * 0.1).to(dtype)
+        rows = torch.randn(m, k + 5, generator=g)
+        x = rows[:, 2 : k + 2]  # rows with a stride, as a slice of a fused output is
+        got = ops().dense16_linear(x, w)
+    finally:
+        ops().set_dense16_isa("auto")
+    ref = x.double() @ w.double().t()
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * math.sqrt(k))
+
+
+def test_dense16_linear_names_what_is_wrong():
+    x = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match="weight must be bfloat16 or float16, got Float"):
+        ops().dense16_linear(x, torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match="x has 8 features, the weight 16"):
+        ops().dense16_linear(x, torch.randn(4, 16).half())
+    with pytest.raises(RuntimeError, match="dense16 ISA must be auto, avx2 or avx512"):
+        ops().set_dense16_isa("sse2")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("m", [1, 15, 16, 40])
+def test_a_16_bit_dense_linear_of_the_native_layers_is_close_to_its_float32_product(dtype, m):
+    """Below 16 rows the widening kernel (exact products); from 16 rows on, bfloat16 weights take
+    ATen's bf16 product where the CPU has bf16 dot products (activations rounded to bf16)."""
+    from text_generation_server.utils.cpu import host_has_bf16_instructions
+
+    g = gen(m)
+    w = (torch.randn(48, 64, generator=g) * 0.1).to(dtype)
+    bias = torch.randn(48, generator=g)
+    lin = torch.classes.tgs_cpu.Linear()
+    lin.set_dense(w)
+    lin.set_bias(bias)
+    assert lin.describe() == f"dense {'bf16' if dtype == torch.bfloat16 else 'fp16'} 48x64"
+    x = torch.randn(m, 64, generator=g)
+    ref = x @ w.float().t() + bias
+    rounded = dtype == torch.bfloat16 and m >= 16 and host_has_bf16_instructions()
+    tol = 2e-2 if rounded else 1e-5
+    torch.testing.assert_close(lin.apply(x), ref, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize(("k", "n", "group"), [(576, 96, 64), (1536, 64, 64), (512, 32, 128), (1024, 16, 256)])

@@ -146,21 +146,51 @@ def test_bfloat16_model_stays_close_to_float32(tiny_llama):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("kind", ["qwen3", "granite", "phi3", "gemma2", "gemma3", "mixtral", "falcon-7b", "falcon-40b",
                                   "mistral-window"])
-def test_family_members_in_half_dtypes_stay_close_to_float32(tmp_path, kind, dtype):
-    """Served in bf16 / fp16 (the module path), prefill and decode stay within the dtype's rounding
-    of transformers in float32: the logits within 8% (bf16) / 1% (fp16) of their norm, the greedy
-    choice mostly the same. Measured: bf16 0.6-4.2% (Gemma 2 the most; transformers' own bf16 is
-    at 3.4% there), fp16 0.1-0.4%."""
+def test_family_members_in_half_dtypes_stay_close_to_float32(tmp_path, kind, dtype, cpu_kernels):
+    """Served in bf16 / fp16 (prefill through the modules in that dtype, decode through the native
+    layers with float32 activations where the kernels run), prefill and decode stay within the
+    dtype's rounding of transformers in float32: the logits within 8% (bf16) / 1% (fp16) of their
+    norm, the greedy choice mostly the same. Measured on the modules: bf16 0.6-4.2% (Gemma 2 the
+    most; transformers' own bf16 is at 3.4% there), fp16 0.1-0.4%; native decode: bf16 0.5-1.5%,
+    fp16 0.07-0.2%."""
     path = family_checkpoint(tmp_path, kind)
     ids = random_ids(24, 384, seed=12)
     expected = reference_logits(path, ids)
     model = load_model(path, dtype=dtype, device=CPU, dist=init_distributed(0, 1))
+    assert model.plan.name == ("native-cpu-stack" if cpu_kernels == "native" else "modules"), model.plan.describe()
     runner = PagedRunner(model, block_size=4)
     logits = torch.cat([runner.step([("a", ids[:16])])[0]] + [runner.step([("a", [t])])[0] for t in ids[16:]])
     assert torch.isfinite(logits).all()
     rel = float((logits - expected).norm() / expected.norm())
     assert rel < (8e-2 if dtype == torch.bfloat16 else 1e-2), rel
     assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16_bit_weights_decode_natively_as_float32_arithmetic_on_their_values(tmp_path, tiny_llama, dtype):
+    """A 16-bit model's native steps multiply its weights as they are by float32 activations: a
+    short prompt and the decode steps after it (all native) with a float32 KV cache give
+    transformers' float32 logits on the same rounded weights (measured 1.4e-6 of the logits'
+    scale); with the model's own 16-bit cache, but for that cache's rounding (measured: bf16
+    9e-3, fp16 1.2e-3)."""
+    from text_generation_server.kernels import cpu_ops_status
+
+    if not cpu_ops_status().available:
+        pytest.skip(f"native CPU kernels unavailable: {cpu_ops_status().reason}")
+    rounded = tmp_path / "rounded"
+    shutil.copytree(tiny_llama, rounded)
+    weights = rounded / "model.safetensors"
+    save_file({k: v.to(dtype).float() for k, v in load_file(str(weights)).items()}, str(weights))
+    ids = random_ids(16, 384, seed=13)
+    expected = reference_logits(rounded, ids)
+    scale = float(expected.abs().max())
+    model = load_model(rounded, dtype=dtype, device=CPU, dist=init_distributed(0, 1))
+    assert model.plan.name == "native-cpu-stack", model.plan.describe()
+    assert model.kernel == ("dense-bf16" if dtype == torch.bfloat16 else "dense-fp16")
+    for kv_dtype, tol in ((torch.float32, 1e-5), (dtype, 2e-2 if dtype == torch.bfloat16 else 3e-3)):
+        runner = PagedRunner(model, block_size=4, kv_dtype=kv_dtype)
+        logits = torch.cat([runner.step([("a", ids[:10])])[0]] + [runner.step([("a", [t])])[0] for t in ids[10:]])
+        torch.testing.assert_close(logits, expected, rtol=0, atol=tol * scale)
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3", "granite", "phi3", "gemma2", "gemma3", "mixtral", "falcon-7b", "falcon-40b", "falcon-seq", "mistral", "mistral-window", "qwen2-window", "llama-biases", "llama3-rope", "linear-rope"])

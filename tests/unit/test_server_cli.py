@@ -121,10 +121,35 @@ def test_download_weights_converts_pickle_weights_only_with_trust_remote_code(ti
     assert converted.keys() == state.keys()
 
 
-def test_auto_dtype_is_float32_on_cpu_and_explicit_choices_are_kept():
+@pytest.mark.parametrize("kernels_run", [True, False], ids=["native", "no-kernels"])
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16-cpu", "avx2-cpu"])
+def test_auto_dtype_on_cpu_keeps_16_bit_checkpoints_where_the_native_kernels_run(monkeypatch, kernels_run, bf16):
+    """A dense 16-bit checkpoint keeps its dtype (the native layers read its weights as they are);
+    the built-in model takes its fastest form; quantized and float32 checkpoints, and every model
+    where the kernels do not run, compute in float32; explicit choices are kept."""
+    from text_generation_server import kernels
+
+    monkeypatch.setattr(cli, "host_has_bf16_instructions", lambda: bf16)
+    monkeypatch.setattr(kernels, "cpu_ops_status", lambda: kernels.KernelStatus(kernels_run, "test"))
     cpu = torch.device("cpu")
+    half = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+    for checkpoint in ("bfloat16", "float16"):
+        want = half[checkpoint] if kernels_run else torch.float32
+        assert cli.resolve_dtype("auto", cpu, checkpoint) == want
+        assert cli.resolve_dtype("auto", cpu, checkpoint, quantized=True) == torch.float32
+    assert cli.resolve_dtype("auto", cpu, "float32") == torch.float32
     assert cli.resolve_dtype("auto", cpu) == torch.float32
-    assert cli.resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    fastest = (torch.bfloat16 if bf16 else torch.float16) if kernels_run else torch.float32
+    assert cli.resolve_dtype("auto", cpu, "float32", default_model=True) == fastest
+    assert cli.resolve_dtype("bfloat16", cpu, "float32") == torch.bfloat16
+    assert cli.resolve_dtype("float32", cpu, "bfloat16", default_model=True) == torch.float32
+
+
+def test_a_checkpoint_with_its_own_quantization_settings_counts_as_quantized(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    assert cli.checkpoint_is_quantized(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    assert not cli.checkpoint_is_quantized(tmp_path)
 
 
 @pytest.fixture

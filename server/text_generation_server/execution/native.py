@@ -2,7 +2,7 @@
 
 Each decoder layer of the model's spec becomes one ``tgs_cpu.DecoderLayer``,
 built once at load from typed parts: every linear as a ``tgs_cpu.Linear``
-(dense float32 or the native 4-bit kernel's packing, from the quantization
+(dense in 32 or 16 bits, or the native 4-bit kernel's packing, from the quantization
 method's :meth:`~text_generation_server.layers.quant.base.QuantMethod.native_linear`),
 its norms by slot, its heads, rotary and activation. Decode steps then run
 
@@ -14,7 +14,13 @@ The arithmetic is the modules' own (the same kernels: fused norm, 4-bit or
 dense products, rotary in place, paged attention in place, the MLP activations) minus
 the Python calls between them. Steps where a sequence adds a few tokens
 (speculative checks, short prompts) run the same way, each token a decode row
-of its own; longer prefills and other dtypes run through the modules.
+of its own; longer prefills run through the modules.
+
+The layers compute in float32 whatever the model's dtype: a bfloat16 or
+float16 model keeps its linear weights (and its KV cache) in 16 bits, read
+by the kernels as they are, and hands the layers float32 copies of its norms,
+biases and router (a few vectors); a step's hidden states are float32 inside
+the stack, and the final norm and the LM head take them as they are.
 
 A layer is taken when :func:`native_layer_unsupported` has nothing against
 it; what it refuses is logged with the plan line.
@@ -45,9 +51,13 @@ if TYPE_CHECKING:
     from text_generation_server.models.base import CausalLM
 
 
+# Model dtypes the native layers run (computing in float32, the weights in the model's dtype).
+NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _linear_unsupported(name: str, layer: ParallelLinear) -> str | None:
-    if layer.bias is not None and (layer.bias.dtype != torch.float32 or layer.bias.device.type != "cpu"):
-        return f"{name}'s bias is {layer.bias.dtype} on {layer.bias.device}, not float32 on the CPU"
+    if layer.bias is not None and layer.bias.device.type != "cpu":
+        return f"{name}'s bias is on {layer.bias.device}, not on the CPU"
     if layer.native_linear() is None:
         return f"{name}'s kernel ({layer.quant_method.kernel_name(layer)}) has no native form"
     return None
@@ -69,8 +79,8 @@ def _mlp_unsupported(m: MLPSpec, who: str = "") -> str | None:
 
 
 def _moe_unsupported(m: MoESpec) -> str | None:
-    if m.router.dtype != torch.float32 or m.router.device.type != "cpu":
-        return f"the router is {m.router.dtype} on {m.router.device}, not float32 on the CPU"
+    if m.router.device.type != "cpu":
+        return f"the router is on {m.router.device}, not on the CPU"
     for i, expert in enumerate(m.experts):
         if expert.activation != "silu":
             return f"expert {i}'s activation '{expert.activation}' is not built natively (silu)"
@@ -101,8 +111,8 @@ def native_layer_unsupported(layer: DecoderLayerSpec) -> str | None:
     if (a.q_norm is None) != (a.k_norm is None):
         return "only one of the query and key heads has a norm"
     for slot, norm in _norm_slots(layer).items():
-        if norm.weight.dtype != torch.float32 or norm.weight.device.type != "cpu":
-            return f"the {slot} norm is {norm.weight.dtype} on {norm.weight.device}, not float32 on the CPU"
+        if norm.weight.device.type != "cpu":
+            return f"the {slot} norm is on {norm.weight.device}, not on the CPU"
         if slot.endswith("_heads") and not isinstance(norm, RMSNorm):
             return f"the {slot} norm is a {type(norm).__name__}, not an RMSNorm"
     return None
@@ -129,8 +139,9 @@ def model_unsupported(spec: ModelSpec | None) -> str | None:
         return "the model declares no spec"
     if spec.device.type != "cpu":
         return f"the native layers run on the CPU, not {spec.device.type}"
-    if spec.dtype != torch.float32:
-        return f"the native layers run float32, not {str(spec.dtype).removeprefix('torch.')}"
+    if spec.dtype not in NATIVE_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in NATIVE_DTYPES)
+        return f"the native layers run {names} models, not {str(spec.dtype).removeprefix('torch.')}"
     status = cpu_ops_status()
     if not status.available:
         return f"the native CPU kernels do not run here ({status.reason})"
@@ -139,6 +150,11 @@ def model_unsupported(spec: ModelSpec | None) -> str | None:
         if why is not None:
             return f"layer {i}: {why}"
     return None
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s data as float32: itself when it is, else a copy the native layer keeps."""
+    return t.data.float().contiguous()
 
 
 def build_linear(native: NativeLinear, bias: torch.Tensor | None) -> Any:
@@ -157,7 +173,7 @@ def build_linear(native: NativeLinear, bias: torch.Tensor | None) -> Any:
     else:
         raise ValueError(f"unknown native linear kind {native.kind!r}")
     if bias is not None:
-        lin.set_bias(bias.data)
+        lin.set_bias(_f32(bias))
     return lin
 
 
@@ -173,22 +189,22 @@ def build_layer(layer: DecoderLayerSpec) -> Any:
     out = torch.classes.tgs_cpu.DecoderLayer()
     for slot, norm in _norm_slots(layer).items():
         if isinstance(norm, LayerNorm):
-            out.set_layer_norm(slot, norm.weight.data, norm.bias.data, float(norm.eps))
+            out.set_layer_norm(slot, _f32(norm.weight), _f32(norm.bias), float(norm.eps))
         else:
-            out.set_norm(slot, norm.weight.data, float(norm.eps))
+            out.set_norm(slot, _f32(norm.weight), float(norm.eps))
     if layer.parallel:
         out.set_parallel(True)
     # A row-parallel layer's bias is added once, after the all-reduce: the layer holds it apart.
     out.set_attention(linear(a.qkv), linear(a.o, False), a.num_heads, a.num_kv_heads, a.head_dim, float(a.scale))
     if isinstance(m, MoESpec):
-        out.set_router(m.router.data, int(m.top_k))
+        out.set_router(_f32(m.router), int(m.top_k))
         for expert in m.experts:
             out.add_expert(linear(expert.gate_up), linear(expert.down, False))
     else:
         out.set_mlp(linear(m.gate_up), linear(m.down, False), m.activation)
     for block, bias in (("attention", a.o.bias), ("mlp", _mlp_bias(layer))):
         if bias is not None:
-            out.set_output_bias(block, bias.data)
+            out.set_output_bias(block, _f32(bias))
     if layer.output_scale != 1.0:
         out.set_output_scale(float(layer.output_scale))
     if a.sliding_window:
@@ -269,9 +285,13 @@ class _NativeCpuPlan(ExecutionPlan):
             raise ValueError(f"expected {len(self.layers)} KV cache layers, got {len(kv_caches)}")
         hidden, residual, cos, sin = self.model.prepare(input_ids, positions)
         t = hidden.shape[0]
+        if cos.dtype != torch.float32:  # a 16-bit model's tables, rounded: the float32 ones instead
+            cos, sin = self.model.rotary.cos_sin(positions, torch.float32)
         # [tables, T, D]: one table unless layers rotate by different ones (Gemma 3).
         cos, sin = cos.reshape(-1, t, self.head_dim), sin.reshape(-1, t, self.head_dim)
-        hidden = self.decode(hidden, residual, cos, sin, kv_caches, attn)
+        residual = residual.float()
+        hidden = self.decode(hidden.float(), residual, cos, sin, kv_caches, attn)
+        # The final norm in float32 too: every LM head kernel takes float32 activations.
         return self.model.finish(hidden, residual)
 
     def decode(

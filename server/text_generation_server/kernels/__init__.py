@@ -23,7 +23,8 @@ makes a failure to build them an error instead of a fallback.
 The 4-bit kernel has an AVX-512 VNNI form, used where the CPU has AVX-512
 BW, VL and VNNI (same integer arithmetic, fewer instructions);
 ``CPU_KERNELS_ISA`` (auto, avx2, avx512-vnni) pins the choice, which the
-status reports.
+status reports. The 16-bit dense kernel (``dense16.cpp``) uses AVX-512 where
+the CPU has AVX-512 BW and VL, unless ``CPU_KERNELS_ISA=avx2``.
 """
 
 from __future__ import annotations
@@ -221,7 +222,10 @@ def cpu_ops_status() -> KernelStatus:
                     chosen = torch.ops.tgs_cpu.set_int4_isa(isa)
                 except RuntimeError as err:
                     raise ValueError(f"{ISA_ENV}={isa}: {str(err).splitlines()[0]}") from None
-                _status = KernelStatus(True, f"loaded from {path.parent}; 4-bit kernel {chosen}")
+                # The 16-bit dense kernel follows: AVX-512 wherever the 4-bit kernel may use it.
+                dense16 = torch.ops.tgs_cpu.set_dense16_isa("avx2" if isa == "avx2" else "auto")
+                _status = KernelStatus(True, f"loaded from {path.parent}; 4-bit kernel {chosen}, "
+                                             f"16-bit dense kernel {dense16}")
         if why is not None:
             if mode == "on":
                 raise RuntimeError(f"{ENV}=on but the CPU kernels cannot run: {why}")

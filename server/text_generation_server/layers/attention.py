@@ -368,13 +368,13 @@ class TorchSDPABackend(AttentionBackend):
 
 
 # Cache element types the native kernels read (keys and values are computed in float32 either way).
-NATIVE_CACHE_DTYPES = (torch.float32, torch.bfloat16)
+NATIVE_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class CpuPagedDecodeBackend(TorchSDPABackend):
     """Decode steps in one native operator per layer, reading keys/values in place.
 
-    When every sequence adds one token, the tensors are float32 and the cache float32 or bfloat16, the new
+    When every sequence adds one token, the tensors are float32 and the cache float32, bfloat16 or float16, the new
     keys/values are stored with ``tgs_cpu.write_kv_`` and each sequence's query
     attends to its context straight from its cache blocks with
     ``tgs_cpu.paged_attention_decode`` (no gathered copy of the context).

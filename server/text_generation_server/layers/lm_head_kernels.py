@@ -6,7 +6,11 @@ is built once from this rank's loaded weight rows and then only multiplies;
 whether it can run is its own :meth:`LMHeadKernel.unsupported`, as for the
 GPTQ kernels.
 
-- ``dense``: ``F.linear`` on the serving dtype's weight (exact; the default);
+- ``dense``: the serving dtype's weight as it is (exact; the default): ``F.linear``,
+  or for a 16-bit weight on the CPU where the native kernels run, their
+  ``dense16_linear`` (the weight widened in registers, float32 activations and
+  logits; ATen's bf16 product from ``DENSE16_MATMUL_ROWS`` rows on where the
+  CPU has bf16 dot products);
 - ``half``: CPU only, for quantized models whose other layers already run in
   16 bits. Up to :data:`HALF_GEMV_MAX_ROWS` rows go through an fp16 copy of
   the weight (ATen's fp16 matrix-vector kernel accumulates in fp32 and reads
@@ -46,11 +50,16 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from text_generation_server.utils.cpu import host_has_bf16_instructions
+
 # fp16 matrix-vector products win while the head is memory-bound; beyond this
 # many rows bf16 matrix products do.
 HALF_GEMV_MAX_ROWS = 4
 # Up to this many rows the 8-bit kernel beats bf16 matrix products (int8-bf16 head).
 INT8_MAX_ROWS = 4
+# From this many rows a bfloat16 head multiplies through ATen's bf16 product (activations in
+# bf16) where the CPU has bf16 dot products; kDense16MatmulRows in kernels/csrc/ops.h.
+DENSE16_MATMUL_ROWS = 16
 # Each row's best scores of the 8-bit head that are recomputed exactly (top tokens' logprobs).
 RESCORED_TOP = 8
 
@@ -146,11 +155,26 @@ class DenseHead(LMHeadKernel):
     def unsupported(cls, weight: torch.Tensor) -> str | None:
         return None
 
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__(weight)
+        self.native = None
+        if weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16):
+            from text_generation_server.kernels import cpu_ops
+
+            self.native = cpu_ops()
+        self.bf16_rows = DENSE16_MATMUL_ROWS if weight.dtype == torch.bfloat16 and host_has_bf16_instructions() else 0
+
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight).float()
+        if self.native is None or 0 < self.bf16_rows <= hidden.shape[0]:
+            return F.linear(hidden.to(self.weight.dtype), self.weight).float()
+        return self.native.dense16_linear(hidden.float().contiguous(), self.weight)
 
     def describe(self) -> str:
-        return str(self.weight.dtype).removeprefix("torch.")
+        dtype = str(self.weight.dtype).removeprefix("torch.")
+        if self.native is None:
+            return dtype
+        many = f", bf16 products from {self.bf16_rows} rows" if self.bf16_rows else ""
+        return f"{dtype} weights times float32 activations (native){many}"
 
 
 class HalfHead(LMHeadKernel):

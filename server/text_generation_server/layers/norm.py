@@ -9,6 +9,12 @@ from text_generation_server.layers.fused import add_rms_norm_, rms_norm
 from text_generation_server.layers.loading import replicated_weight_loader, set_weight_attrs
 
 
+def _as(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``weight`` in ``x``'s dtype: a 16-bit model's final norm also takes the native layers'
+    float32 output (a copy of one vector per call)."""
+    return weight if weight.dtype == x.dtype else weight.to(x.dtype)
+
+
 class RMSNorm(torch.nn.Module):
     """``weight * x / sqrt(mean(x^2) + eps)``, replicated on every rank."""
 
@@ -23,9 +29,10 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The norm of ``x``; with ``residual``, first ``residual += x`` (in place) and the norm of that."""
+        w = _as(self.weight, x)
         if residual is None:
-            return rms_norm(x, self.weight, self.eps)
-        return add_rms_norm_(x, residual, self.weight, self.eps)
+            return rms_norm(x, w, self.eps)
+        return add_rms_norm_(x, residual, w, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -50,7 +57,7 @@ class LayerNorm(torch.nn.Module):
         if residual is not None:
             residual.add_(x)
             x = residual
-        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        return F.layer_norm(x, (x.shape[-1],), _as(self.weight, x), _as(self.bias, x), self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -5,17 +5,21 @@
 
 namespace tgs {
 
-// A cache is float32 or bfloat16 (--kv-cache-dtype bfloat16: half the memory per token); keys and
-// values are computed in float32 either way, rounded to nearest even when stored in bfloat16.
+// A cache is float32, bfloat16 (--kv-cache-dtype bfloat16, or a bfloat16 model's) or float16 (a
+// float16 model's); keys and values are computed in float32 either way, rounded to nearest even
+// when stored in 16 bits.
 inline void check_cache(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu(), what, " must be on the CPU");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, what,
-              " must be float32 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
+              what, " must be float32, bfloat16 or float16, got ", t.scalar_type());
 }
 
 inline void store_row(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
 inline void store_row(c10::BFloat16* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]);
+}
+inline void store_row(c10::Half* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(src[i]);
 }
 
 // Eight cache values as float32.
@@ -24,6 +28,7 @@ inline __m256 load8(const c10::BFloat16* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
 // k, v [T, kv_heads, D] (rows any stride) stored at cache rows `slots`.
 void write_kv_(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
@@ -52,8 +57,10 @@ void write_kv_(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at
   };
   if (k_cache.scalar_type() == at::kFloat)
     store(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
-  else
+  else if (k_cache.scalar_type() == at::kBFloat16)
     store(k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>());
+  else
+    store(k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>());
 }
 
 // One query per sequence: q [B, H, D] (packed heads, any row stride) attends
@@ -100,9 +107,12 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
   if (k_cache.scalar_type() == at::kFloat)
     paged_attention_impl(q, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), out, lens, tables, MAXB, BS, KVH,
                          scale, window, cap);
-  else
+  else if (k_cache.scalar_type() == at::kBFloat16)
     paged_attention_impl(q, k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(), out, lens, tables,
                          MAXB, BS, KVH, scale, window, cap);
+  else
+    paged_attention_impl(q, k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>(), out, lens, tables, MAXB,
+                         BS, KVH, scale, window, cap);
   return out;
 }
 

@@ -6,7 +6,9 @@
 namespace tgs {
 
 void Linear::set_dense(const at::Tensor& w) {
-  check_cpu_float(w, "dense weight");
+  TORCH_CHECK(w.device().is_cpu(), "a dense weight must be on the CPU");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf,
+              "a dense weight must be float32, bfloat16 or float16, got ", w.scalar_type());
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "a dense weight must be contiguous [out, in]");
   kind = Kind::kDense;
   weight = w;
@@ -73,7 +75,12 @@ at::Tensor Linear::apply(const at::Tensor& x) const {
   at::Tensor y;
   switch (kind) {
     case Kind::kDense:
-      y = at::mm(x, weight.t());
+      if (weight.scalar_type() == at::kFloat)
+        y = at::mm(x, weight.t());
+      else if (weight.scalar_type() == at::kBFloat16 && x.size(0) >= kDense16MatmulRows && cpu_has_bf16_dot())
+        y = at::mm(x.to(at::kBFloat16), weight.t()).to(at::kFloat);  // many rows: bf16 dot products
+      else
+        y = dense16_linear(x, weight);
       break;
     case Kind::kInt4: {
       at::Tensor xk = x;
@@ -107,7 +114,11 @@ at::Tensor Linear::apply(const at::Tensor& x) const {
 
 std::string Linear::describe() const {
   const std::string shape = std::to_string(out_features) + "x" + std::to_string(in_features);
-  if (kind == Kind::kDense) return "dense " + shape;
+  if (kind == Kind::kDense)
+    return std::string(weight.scalar_type() == at::kFloat      ? "dense "
+                       : weight.scalar_type() == at::kBFloat16 ? "dense bf16 "
+                                                               : "dense fp16 ") +
+           shape;
   if (kind == Kind::kConcat) {
     std::string out = "concat(";
     for (size_t i = 0; i < parts.size(); ++i) out += (i ? ", " : "") + parts[i]->describe();

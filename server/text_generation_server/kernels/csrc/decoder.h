@@ -19,7 +19,10 @@ struct Linear : torch::CustomClassHolder {
   // kConcat: parts side by side (a fused layer whose parts carry different act-order orders).
   enum class Kind { kUnset, kDense, kInt4, kConcat };
   Kind kind = Kind::kUnset;
-  at::Tensor weight;         // dense: float32 [N, K]
+  // dense: [N, K] float32, or bfloat16 / float16 (dense16.cpp: widened in registers; from
+  // kDense16MatmulRows rows on, bfloat16 weights go through ATen's bf16 matrix product where the
+  // CPU has bf16 dot products, the activations rounded to bfloat16)
+  at::Tensor weight;
   at::Tensor qweight, meta;  // 4-bit: see int4.cpp
   int64_t group_size = 0;
   int64_t dense_from_rows = 0;  // 4-bit: calls of this many rows unpack the weights for a float product

@@ -19,6 +19,15 @@ std::string set_int4_isa(const std::string& name);
 // int8.cpp: symmetric 8-bit weights, per-group scales in four-row tiles.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t group_size);
 
+// dense16.cpp: dense bfloat16 or float16 weights [N, K] times float32 x [M, K], in float32.
+at::Tensor dense16_linear(const at::Tensor& x, const at::Tensor& weight);
+// Rows from which bfloat16 weights multiply through ATen's bf16 matrix product instead
+// (where the CPU has bf16 dot products: AVX-512 BF16 or AMX).
+constexpr int64_t kDense16MatmulRows = 16;
+bool cpu_has_bf16_dot();
+// "auto", "avx2" or "avx512"; returns the form in use.
+std::string set_dense16_isa(const std::string& name);
+
 // norm_rotary.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor add_rms_norm_(const at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps);

@@ -95,7 +95,8 @@ class NativeLinear:
     """A linear layer's weights in a form the native CPU decoder layers multiply
     (``tgs_cpu.Linear``, ``kernels/csrc/decoder.h``); the execution plan builds that from this.
 
-    ``dense``: ``weight`` float32 ``[N, K]``. ``int4``: ``qweight`` / ``meta`` as the native
+    ``dense``: ``weight`` ``[N, K]``, float32, bfloat16 or float16 (16-bit weights are widened
+    in registers and multiplied by float32 activations). ``int4``: ``qweight`` / ``meta`` as the native
     4-bit kernel packs them, its ``group_size``, ``in_features`` and the dtype of its
     products of many rows (``prefill_dtype``); where the kernel's columns are the input
     reordered (act-order) or padded, ``kernel_in`` columns, column j fed by input feature

@@ -1,4 +1,10 @@
-"""Dense weights in the serving dtype, multiplied with ``F.linear``."""
+"""Dense weights in the serving dtype, multiplied with ``F.linear``.
+
+On the CPU, 16-bit weights whose products ATen would compute slowly (float16
+everywhere; bfloat16 where the CPU has no bf16 dot products) go through the
+native kernel ``tgs_cpu.dense16_linear`` instead: the weights widened in
+registers, the activations and sums in float32.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from text_generation_server.kernels import cpu_ops
 from text_generation_server.kernels.config import KernelConfig
 from text_generation_server.layers.quant.base import (
     LinearSpec,
@@ -15,6 +22,7 @@ from text_generation_server.layers.quant.base import (
     QuantMethod,
     linear_param,
 )
+from text_generation_server.utils.cpu import host_has_bf16_instructions
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -36,16 +44,29 @@ class UnquantizedLinearMethod(QuantMethod):
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return F.linear(x, layer.weight, bias)
+        w = layer.weight
+        if w.device.type == "cpu" and _native_dense16(w.dtype):
+            ops = cpu_ops()
+            if ops is not None:
+                y = ops.dense16_linear(x.reshape(-1, x.shape[-1]).float().contiguous(), w)
+                if bias is not None:
+                    y.add_(bias)
+                return y.to(x.dtype).view(*x.shape[:-1], w.shape[0])
+        return F.linear(x, w, bias)
 
     def kernel_name(self, layer: torch.nn.Module) -> str:
         return f"dense-{dtype_name(layer.weight.dtype)}"
 
     def native_linear(self, layer: torch.nn.Module) -> NativeLinear | None:
         w = layer.weight
-        if w.dtype != torch.float32 or w.device.type != "cpu":
+        if w.dtype not in _DTYPE_NAMES or w.device.type != "cpu":
             return None
         return NativeLinear.dense(w.data)
+
+
+def _native_dense16(dtype: torch.dtype) -> bool:
+    """Whether a CPU product with ``dtype`` weights goes through ``tgs_cpu.dense16_linear``."""
+    return dtype == torch.float16 or (dtype == torch.bfloat16 and not host_has_bf16_instructions())
 
 
 class UnquantizedConfig(QuantConfig):

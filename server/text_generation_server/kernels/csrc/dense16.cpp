@@ -1,0 +1,186 @@
+// Dense weights kept in 16 bits (bfloat16 or float16, a checkpoint's own dtype) multiplied by
+// float32 activations: y [M, N] = x [M, K] @ W [N, K].T, every product and sum in float32.
+//
+// Decode steps are memory-bound: the weights are read once per step and 16-bit weights are
+// half the bytes of float32 ones. Each weight vector is widened in registers (bfloat16: a
+// shift; float16: F16C's vcvtph2ps) and multiplied into every row of x, so the only rounding
+// is the weights' own. A tile is four weight rows by up to MT rows of x; the four rows' weights
+// (4 * K * 2 bytes) stay in L1 while further rows of x pass over them, so the weights leave
+// memory once per call whatever M is. AVX-512 where the CPU has it (16 lanes, 32 registers:
+// four by four tiles), AVX2 otherwise (four by two).
+#include "common.h"
+#include "ops.h"
+
+namespace tgs {
+
+namespace {
+
+#define TGS_AVX512F __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+inline __m256 widen8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 widen8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+TGS_AVX512F inline __m512 widen16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+TGS_AVX512F inline __m512 widen16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+struct Args {
+  const float* x;
+  int64_t ldx, M, K, N;
+  float* y;
+};
+
+// Rows n..n+NT-1 of W against rows m..m+MT-1 of x, features [0, K8) with 8-lane vectors and the
+// rest one by one.
+template <int NT, int MT, typename W>
+void tile_avx2(const Args& a, const W* w, int64_t n, int64_t m) {
+  __m256 acc[NT][MT];
+  for (int i = 0; i < NT; ++i)
+    for (int j = 0; j < MT; ++j) acc[i][j] = _mm256_setzero_ps();
+  const int64_t K = a.K, K8 = K & ~int64_t{7};
+  const W* wr[NT];
+  for (int i = 0; i < NT; ++i) wr[i] = w + (n + i) * K;
+  const float* xr[MT];
+  for (int j = 0; j < MT; ++j) xr[j] = a.x + (m + j) * a.ldx;
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m256 wv[NT];
+    for (int i = 0; i < NT; ++i) wv[i] = widen8(wr[i] + k);
+    for (int j = 0; j < MT; ++j) {
+      const __m256 xv = _mm256_loadu_ps(xr[j] + k);
+      for (int i = 0; i < NT; ++i) acc[i][j] = _mm256_fmadd_ps(wv[i], xv, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < NT; ++i)
+    for (int j = 0; j < MT; ++j) {
+      float s = hsum(acc[i][j]);
+      for (int64_t k = K8; k < K; ++k) s += static_cast<float>(wr[i][k]) * xr[j][k];
+      a.y[(m + j) * a.N + n + i] = s;
+    }
+}
+
+template <int NT, int MT, typename W>
+TGS_AVX512F void tile_avx512(const Args& a, const W* w, int64_t n, int64_t m) {
+  __m512 acc[NT][MT];
+  for (int i = 0; i < NT; ++i)
+    for (int j = 0; j < MT; ++j) acc[i][j] = _mm512_setzero_ps();
+  const int64_t K = a.K, K16 = K & ~int64_t{15};
+  const W* wr[NT];
+  for (int i = 0; i < NT; ++i) wr[i] = w + (n + i) * K;
+  const float* xr[MT];
+  for (int j = 0; j < MT; ++j) xr[j] = a.x + (m + j) * a.ldx;
+  for (int64_t k = 0; k < K16; k += 16) {
+    __m512 wv[NT];
+    for (int i = 0; i < NT; ++i) wv[i] = widen16(wr[i] + k);
+    for (int j = 0; j < MT; ++j) {
+      const __m512 xv = _mm512_loadu_ps(xr[j] + k);
+      for (int i = 0; i < NT; ++i) acc[i][j] = _mm512_fmadd_ps(wv[i], xv, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < NT; ++i)
+    for (int j = 0; j < MT; ++j) {
+      float s = _mm512_reduce_add_ps(acc[i][j]);
+      for (int64_t k = K16; k < K; ++k) s += static_cast<float>(wr[i][k]) * xr[j][k];
+      a.y[(m + j) * a.N + n + i] = s;
+    }
+}
+
+// Every row of x against weight rows n..n+NT-1 (NT = 4, or 1 for the last N % 4 rows).
+template <int NT, typename W>
+void rows_avx2(const Args& a, const W* w, int64_t n) {
+  int64_t m = 0;
+  for (; m + 2 <= a.M; m += 2) tile_avx2<NT, 2>(a, w, n, m);
+  for (; m < a.M; ++m) tile_avx2<NT, 1>(a, w, n, m);
+}
+
+template <int NT, typename W>
+TGS_AVX512F void rows_avx512(const Args& a, const W* w, int64_t n) {
+  int64_t m = 0;
+  for (; m + 4 <= a.M; m += 4) tile_avx512<NT, 4>(a, w, n, m);
+  switch (a.M - m) {
+    case 3: tile_avx512<NT, 3>(a, w, n, m); break;
+    case 2: tile_avx512<NT, 2>(a, w, n, m); break;
+    case 1: tile_avx512<NT, 1>(a, w, n, m); break;
+    default: break;
+  }
+}
+
+int g_dense16_isa = -1;  // 0: AVX2; 1: AVX-512 (set_dense16_isa)
+
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+}
+
+template <typename W>
+void run(const Args& a, const W* w) {
+  if (g_dense16_isa < 0) g_dense16_isa = cpu_has_avx512() ? 1 : 0;
+  const bool wide = g_dense16_isa == 1;
+  const int64_t tiles = a.N / 4;
+  // A few tiles per task: enough work to hide the pool's overhead, enough tasks to share out.
+  at::parallel_for(0, tiles, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (wide)
+        rows_avx512<4>(a, w, t * 4);
+      else
+        rows_avx2<4>(a, w, t * 4);
+    }
+  });
+  for (int64_t n = tiles * 4; n < a.N; ++n) {
+    if (wide)
+      rows_avx512<1>(a, w, n);
+    else
+      rows_avx2<1>(a, w, n);
+  }
+}
+
+}  // namespace
+
+bool cpu_has_bf16_dot() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16");  // every CPU with AMX has it too
+  }();
+  return has;
+}
+
+std::string set_dense16_isa(const std::string& name) {
+  TORCH_CHECK(name == "auto" || name == "avx2" || name == "avx512", "dense16 ISA must be auto, avx2 or avx512, got ",
+              name);
+  const bool can = cpu_has_avx512();
+  TORCH_CHECK(name != "avx512" || can, "this CPU has no AVX-512 (needs avx512f, bw and vl)");
+  g_dense16_isa = (name == "avx2" || !can) ? 0 : 1;
+  return g_dense16_isa == 1 ? "avx512" : "avx2";
+}
+
+void check_dense16(const at::Tensor& w, const char* what) {
+  TORCH_CHECK(w.device().is_cpu(), what, " must be on the CPU");
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf, what,
+              " must be bfloat16 or float16, got ", w.scalar_type());
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), what, " must be contiguous [out, in]");
+}
+
+at::Tensor dense16_linear(const at::Tensor& x, const at::Tensor& weight) {
+  check_cpu_float(x, "x");
+  check_dense16(weight, "weight");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [M, K] with unit feature stride");
+  TORCH_CHECK(x.size(1) == weight.size(1), "x has ", x.size(1), " features, the weight ", weight.size(1));
+  const int64_t M = x.size(0), N = weight.size(0), K = weight.size(1);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const Args a{x.data_ptr<float>(), x.stride(0), M, K, N, y.data_ptr<float>()};
+  if (weight.scalar_type() == at::kBFloat16)
+    run(a, weight.data_ptr<c10::BFloat16>());
+  else
+    run(a, weight.data_ptr<c10::Half>());
+  return y;
+}
+
+}  // namespace tgs
