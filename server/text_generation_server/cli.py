@@ -300,6 +300,7 @@ def resolve_model_dir(model: str | None, revision: str | None) -> Path:
 def _serve(args: argparse.Namespace, env: ShardEnv) -> None:
     import torch
 
+    from text_generation_server.default_model import is_default_checkpoint
     from text_generation_server.distributed import init_distributed
     from text_generation_server.engine import Generator
     from text_generation_server.engine.stopping import eos_token_ids
@@ -322,7 +323,7 @@ def _serve(args: argparse.Namespace, env: ShardEnv) -> None:
                 f"{f'of up to {speculate} n-gram tokens per step' if speculate else 'off'}")
     dtype = resolve_dtype(args.dtype, device, checkpoint_dtype(model_dir),
                           quantized=bool(args.quantize) or checkpoint_is_quantized(model_dir),
-                          default_model=(args.model or DEFAULT_MODEL_ID) == DEFAULT_MODEL_ID)
+                          default_model=is_default_checkpoint(model_dir))
     # Before joining the group: a model that cannot fit fails every rank alike, with figures.
     check_model_fits(model_dir, dtype, env.world_size, device, quantize=args.quantize)
     threads = configure_threads(env.world_size)

@@ -84,6 +84,16 @@ def is_current(checkpoint: Path, record: dict[str, object]) -> bool:
     return (checkpoint / "config.json").is_file() and any(checkpoint.glob("*.safetensors"))
 
 
+def is_default_checkpoint(checkpoint: Path) -> bool:
+    """True when ``checkpoint`` is the built-in model converted from its GGUF (whatever path or
+    model id it was reached by)."""
+    try:
+        written = json.loads((Path(checkpoint) / CONVERSION_RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(written, dict) and written.get("model_id") == DEFAULT_MODEL_ID
+
+
 def ensure_default_model(cache_dir: Path) -> Path:
     """The converted default checkpoint under ``cache_dir``, converting it first if needed.
 

@@ -73,3 +73,18 @@ def test_json_carries_every_contestant_ratio_and_the_load(tmp_path):
     assert doc["contestants"]["ours_gptq"]["median"]["single_stream_tok_s"] == 90
     assert doc["load_average"]["end"] == [2.0, 2.0, 2.0]
     assert all({"name", "value", "per_round", "target", "met"} <= set(r) for r in doc["ratios"])
+
+
+def test_each_row_is_held_against_the_llama_cpp_peer_of_its_weight_format():
+    """4-bit rows against llama.cpp's 4-bit GGUF, dense rows (float32, 16-bit) against its F16 one."""
+    gptq = Contestant("ours_gptq", "ours GPTQ", True, "4bit", single_stream_tok_s=[100], batched_tok_s=[300])
+    bf16 = Contestant("ours_bf16", "ours bf16", True, "16bit", single_stream_tok_s=[60], batched_tok_s=[400])
+    q4 = Contestant("llama_cpp", "llama.cpp Q4_1", False, "4bit", single_stream_tok_s=[50], batched_tok_s=[200])
+    f16 = Contestant("llama_cpp_f16", "llama.cpp F16", False, "16bit", single_stream_tok_s=[40],
+                     batched_tok_s=[200])
+    by_name = {r.name: r for r in ratios([gptq, bf16, q4, f16], 16, 512)}
+    assert by_name["single-stream decode: ours GPTQ / llama.cpp Q4_1"].value == 2.0
+    assert by_name["single-stream decode: ours bf16 / llama.cpp F16"].value == 1.5
+    assert by_name["16 streams total tok/s: ours bf16 / llama.cpp F16 batched"].value == 2.0
+    assert not any("ours bf16 / llama.cpp Q4_1" in n or "GPTQ / llama.cpp F16" in n for n in by_name)
+    assert {f["name"]: f["floor_tok_s"] for f in floors([bf16])} == {"ours bf16": 160}

