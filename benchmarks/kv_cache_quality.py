@@ -15,6 +15,36 @@ import time
 import torch
 
 
+def held_out_windows(checkpoint, count: int, seqlen: int) -> list[list[int]]:
+    """``count`` windows of ``seqlen`` tokens spread over python-docs' held-out text."""
+    from text_generation_server.quantize.data import load_text
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
+    ids = tokenizer(load_text("python-docs", "eval").text)["input_ids"]
+    stride = len(ids) // count
+    return [ids[i * stride : i * stride + seqlen] for i in range(count)]
+
+
+def window_perplexity(gen, windows: list[list[int]], chunk: int) -> float:
+    """Perplexity of ``windows`` from the prompt logprobs the engine returns, each prefilled in
+    chunks of ``chunk`` tokens (so every token attends to its context through the cache)."""
+    from text_generation_server.pb.generate.v1 import generate_pb2 as pb
+
+    nll, count = 0.0, 0
+    for w, window in enumerate(windows):
+        request = pb.Request(id=w + 1, input_ids=window, prefill_logprobs=True,
+                             stopping=pb.StoppingParameters(max_new_tokens=1))
+        generations, cached, _ = gen.prefill(pb.Batch(id=w + 1, requests=[request]), chunk)
+        while not generations:
+            generations, cached, _ = gen.decode([cached], chunk)
+        lps = [t.logprob for t in generations[0].prefill_tokens[1:]]
+        nll -= sum(lps)
+        count += len(lps)
+        gen.clear_cache(None)
+    return math.exp(nll / count)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--windows", type=int, default=32, help="held-out windows (default 32)")
@@ -28,34 +58,19 @@ def main(argv: list[str] | None = None) -> int:
     from text_generation_server.engine import Generator
     from text_generation_server.model_source import resolve_model
     from text_generation_server.models import load_model
-    from text_generation_server.pb.generate.v1 import generate_pb2 as pb
-    from text_generation_server.quantize.data import load_text
-    from transformers import AutoTokenizer
 
     logger.remove()
     torch.set_num_threads(opts.threads)
     checkpoint = resolve_model(None, None)
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
-    ids = tokenizer(load_text("python-docs", "eval").text)["input_ids"]
-    stride = len(ids) // opts.windows
-    windows = [ids[i * stride : i * stride + opts.seqlen] for i in range(opts.windows)]
+    windows = held_out_windows(checkpoint, opts.windows, opts.seqlen)
     dist = init_distributed(0, 1)
     model = load_model(checkpoint, dtype=torch.float32, device=torch.device("cpu"), dist=dist)
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
         gen = Generator(model, dist, kv_dtype=dtype, num_blocks=opts.seqlen // 16 + 4)
-        nll, count, start = 0.0, 0, time.perf_counter()
-        for w, window in enumerate(windows):
-            request = pb.Request(id=w + 1, input_ids=window, prefill_logprobs=True,
-                                 stopping=pb.StoppingParameters(max_new_tokens=1))
-            generations, cached, _ = gen.prefill(pb.Batch(id=w + 1, requests=[request]), opts.chunk)
-            while not generations:
-                generations, cached, _ = gen.decode([cached], opts.chunk)
-            lps = [t.logprob for t in generations[0].prefill_tokens[1:]]
-            nll -= sum(lps)
-            count += len(lps)
-            gen.clear_cache(None)
-        results[dtype] = (math.exp(nll / count), time.perf_counter() - start, gen.cache.nbytes)
+        start = time.perf_counter()
+        ppl = window_perplexity(gen, windows, opts.chunk)
+        results[dtype] = (ppl, time.perf_counter() - start, gen.cache.nbytes)
     base = results[torch.float32][0]
     print(f"Default model fp32, KV cache dtype, {opts.windows} windows x {opts.seqlen} tokens of python-docs "
           f"(held out), prefill chunks of {opts.chunk}:")

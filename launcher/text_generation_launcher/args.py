@@ -198,7 +198,9 @@ _FLAGS: list[_Flag] = [
           shown="the checkpoint's own quantization_config, else none"),
     _Flag(("--dtype",), ("DTYPE", "DTYPE_STR"), choice(DTYPE_CHOICES),
           f"Compute dtype: {'|'.join(DTYPE_CHOICES)}. Not allowed with --quantize gptq.", metavar="DTYPE",
-          shown="float32 on CPU; on CUDA the checkpoint's float16/bfloat16 (float16 where the GPU has no bfloat16)"),
+          shown="on CPU the checkpoint's float16/bfloat16 where the native kernels run (the built-in model: "
+                "bfloat16 with bf16 dot products, else float16), else float32, and float32 for quantized models; "
+                "on CUDA the checkpoint's float16/bfloat16 (float16 where the GPU has no bfloat16)"),
     _Flag(("--cuda-memory-fraction",), ("CUDA_MEMORY_FRACTION",), fraction,
           "Share of each GPU's memory a shard may use: weights, a maximal prefill's activations (measured at "
           "warm-up) and the KV cache, which takes the rest.", default=1.0),

@@ -360,6 +360,24 @@ def test_each_architecture_equals_transformers_on_2_and_3_shards_through_the_nat
                     f"{results[0]['plan']}, largest token logprob difference {float(lp):.1e}")
 
 
+@pytest.mark.parametrize("dtype", tp_worker.HALF_DTYPES, ids=["bf16", "fp16"])
+def test_16_bit_weights_on_2_and_3_shards_stay_within_their_rounding_of_transformers(run, dtype):
+    """The first model served in bf16 / fp16 (the native layers on each rank multiply the 16-bit
+    weights by float32 activations, all-reduced in float32): every rank's logits within the
+    dtype's rounding of transformers in float32 (the single-shard bound of the family test)."""
+    model = run["models"][0]
+    results = [r[f"model:{model}:{dtype}"] for r in run["ranks"]]
+    if tp_worker_native():
+        assert {r["plan"] for r in results} == {"native-cpu-layers"}
+    ids = tp_worker.PROMPT + tp_worker.DECODE
+    want = reference(model, ids)[:-1]
+    for r in results:
+        got = torch.cat([r["prefill"], r["decode"]])[:-1]
+        rel = float((got - want).norm() / want.norm())
+        assert rel < (8e-2 if dtype == torch.bfloat16 else 1e-2), rel
+        torch.testing.assert_close(r["decode"], results[0]["decode"], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("world", ["world2", "world3"])
 @pytest.mark.parametrize("arch", ["mixtral", "phi3", "falcon-40b"])
 def test_gptq_checkpoints_of_fused_and_expert_layouts_split_in_whole_groups(request, world, arch, gptq_models):

@@ -15,6 +15,9 @@ import torch
 CPU = torch.device("cpu")
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def _ids(n: int, seed: int) -> list[int]:
     return torch.randint(0, 384, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -80,12 +83,12 @@ def _layers(dist, layer_file: Path) -> dict[str, torch.Tensor]:
     }
 
 
-def _model(dist, model_dir: Path) -> dict[str, object]:
+def _model(dist, model_dir: Path, dtype: torch.dtype = torch.float32) -> dict[str, object]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from paged_runner import PagedRunner
     from text_generation_server.models import load_model
 
-    model = load_model(model_dir, dtype=torch.float32, device=CPU, dist=dist)
+    model = load_model(model_dir, dtype=dtype, device=CPU, dist=dist)
     runner = PagedRunner(model, block_size=4, seed=dist.world_size)
     prefill = runner.step([("a", PROMPT)])[0]
     decode = [runner.step([("a", [t])])[0][0] for t in DECODE]
@@ -115,6 +118,9 @@ def run_rank(
         results["layers"] = _layers(dist, Path(layer_file))
         for model_dir in models:
             results[f"model:{model_dir}"] = _model(dist, Path(model_dir))
+        # The first model again with 16-bit weights (the native layers' float32 activations).
+        for dtype in HALF_DTYPES:
+            results[f"model:{models[0]}:{dtype}"] = _model(dist, Path(models[0]), dtype)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.shutdown()

@@ -34,6 +34,7 @@ from text_generation_server.models.llama import (
 )
 from text_generation_server.models.loader import load_weights
 from text_generation_server.models.mixtral import MixtralForCausalLM
+from text_generation_server.utils.hugepages import move_to_huge_pages
 from text_generation_server.weights import CheckpointError, Weights, checkpoint_files
 
 __all__ = [
@@ -172,11 +173,13 @@ def load_model(
     model.eval()
     # The method in use, also when the checkpoint chose it (a GPTQ checkpoint without --quantize).
     model.quantize = "" if quant.name == "unquantized" else quant.name
+    # Dense weights on the CPU stream faster from huge pages (quantized kernels keep their own copies).
+    pages = move_to_huge_pages(model) if device.type == "cpu" and quant.name == "unquantized" else ""
     count = sum(p.numel() for p in model.parameters())
     logger.info(
         f"Loaded {model_dir.name} ({cls.__name__}, {model.num_layers} layers, "
         f"{count / 1e6:.1f}M parameters on this rank) in {time.perf_counter() - started:.1f}s; "
-        f"kernel {model.kernel}; tp plan: {model.tp_plan}"
+        f"kernel {model.kernel}; tp plan: {model.tp_plan}" + (f"; {pages}" if pages else "")
     )
     model.plan = choose_plan(model, kernels, prefer=plan)
     return model
