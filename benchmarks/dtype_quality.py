@@ -9,36 +9,24 @@ it) and in one whole prefill (as a long prompt is computed).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import torch
-from kv_cache_quality import held_out_windows, window_perplexity
+from kv_cache_quality import default_model_windows, window_parser, window_perplexity
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--windows", type=int, default=16, help="held-out windows (default 16)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--threads", type=int, default=2)
-    opts = p.parse_args(argv)
+    opts = window_parser(__doc__.splitlines()[0], 16).parse_args(argv)
 
-    from loguru import logger
-    from text_generation_server.distributed import init_distributed
     from text_generation_server.engine import Generator
-    from text_generation_server.model_source import resolve_model
     from text_generation_server.models import load_model
 
-    logger.remove()
-    torch.set_num_threads(opts.threads)
-    checkpoint = resolve_model(None, None)
-    windows = held_out_windows(checkpoint, opts.windows, opts.seqlen)
-    dist = init_distributed(0, 1)
+    checkpoint, windows, dist = default_model_windows(opts)
     print(f"Default model, {opts.windows} windows x {opts.seqlen} tokens of python-docs (held out):")
-    base = None
+    base: dict[str, float] = {}  # float32's perplexity per measurement
     for name, dtype in DTYPES.items():
         model = load_model(checkpoint, dtype=dtype, device=torch.device("cpu"), dist=dist)
         gen = Generator(model, dist, num_blocks=opts.seqlen // 16 + 4)
@@ -46,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
         for label, chunk in (("decode path (chunks of 16)", 16), ("whole prefill", opts.seqlen)):
             start = time.perf_counter()
             ppl = window_perplexity(gen, windows, chunk)
-            base = base or {}
             base.setdefault(label, ppl)
             figures.append(f"{label} {ppl:.4f} ({100 * (ppl / base[label] - 1):+.2f}%, "
                            f"{time.perf_counter() - start:.0f} s)")

@@ -45,25 +45,36 @@ def window_perplexity(gen, windows: list[list[int]], chunk: int) -> float:
     return math.exp(nll / count)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--windows", type=int, default=32, help="held-out windows (default 32)")
+def window_parser(description: str, windows: int) -> argparse.ArgumentParser:
+    """The options every held-out-window measurement takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--windows", type=int, default=windows, help=f"held-out windows (default {windows})")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--chunk", type=int, default=32, help="prefill chunk in tokens (default 32)")
     p.add_argument("--threads", type=int, default=2)
-    opts = p.parse_args(argv)
+    return p
 
+
+def default_model_windows(opts: argparse.Namespace):
+    """Quiet logs, the threads, the default model's checkpoint, its held-out windows and one rank."""
     from loguru import logger
     from text_generation_server.distributed import init_distributed
-    from text_generation_server.engine import Generator
     from text_generation_server.model_source import resolve_model
-    from text_generation_server.models import load_model
 
     logger.remove()
     torch.set_num_threads(opts.threads)
     checkpoint = resolve_model(None, None)
-    windows = held_out_windows(checkpoint, opts.windows, opts.seqlen)
-    dist = init_distributed(0, 1)
+    return checkpoint, held_out_windows(checkpoint, opts.windows, opts.seqlen), init_distributed(0, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = window_parser(__doc__.splitlines()[0], 32)
+    p.add_argument("--chunk", type=int, default=32, help="prefill chunk in tokens (default 32)")
+    opts = p.parse_args(argv)
+
+    from text_generation_server.engine import Generator
+    from text_generation_server.models import load_model
+
+    checkpoint, windows, dist = default_model_windows(opts)
     model = load_model(checkpoint, dtype=torch.float32, device=torch.device("cpu"), dist=dist)
     results = {}
     for dtype in (torch.float32, torch.bfloat16):

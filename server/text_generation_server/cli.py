@@ -480,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=DTYPES,
         default="auto",
-        help="compute dtype (default auto: float16 on CUDA, float32 on CPU)",
+        help="compute dtype (default auto: on CUDA the checkpoint's float16/bfloat16; on CPU the checkpoint's "
+             "16-bit dtype where the native kernels run, the built-in model's fastest form, float32 otherwise)",
     )
     serve.add_argument(
         "--quantize",
