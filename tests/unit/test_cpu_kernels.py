@@ -126,15 +126,29 @@ def test_write_kv_into_a_float16_cache_rounds_like_torch():
     assert torch.equal(cache_v.view(64, 2, 8)[slots], v.half())
 
 
+@pytest.fixture(params=["avx2", "avx512"])
+def dense16_isa(request):
+    """The instruction set of the dense kernels and decode attention, pinned for one test."""
+    try:
+        ops().set_dense16_isa(request.param)
+    except RuntimeError as err:
+        pytest.skip(str(err).splitlines()[0])
+    yield request.param
+    ops().set_dense16_isa("auto")
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("softcap", [0.0, 2.0], ids=["", "softcap2"])
 @pytest.mark.parametrize("window", [0, 1, 7, 16, 40], ids=lambda w: f"window{w}")
-@pytest.mark.parametrize("kv_heads,group,d", [(3, 3, 64), (1, 4, 32), (2, 1, 128), (1, 9, 64)])
+@pytest.mark.parametrize("kv_heads,group,d", [(3, 3, 64), (1, 4, 32), (2, 1, 128), (1, 9, 64), (1, 5, 128),
+                                              (2, 2, 80)])
 def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(kv_heads, group, d, window, softcap,
-                                                                      cache_dtype):
+                                                                      cache_dtype, dense16_isa):
     """With a sliding window (> 0) each query sees the last ``window`` positions of its context;
     with a soft cap (> 0, Gemma 2) the scores are ``cap * tanh(score / cap)`` before the softmax.
-    A 16-bit cache gives what float32 arithmetic on its values gives."""
+    A 16-bit cache gives what float32 arithmetic on its values gives. On AVX-512, head sizes 32,
+    64 and 128 take register-resident kernels over as many query heads per pass as fit (9 heads of
+    64: passes of 6 and 3; 5 heads of 128: 2, 2 and 1); other sizes the eight-lane kernel."""
     g = gen(5)
     block, blocks = 16, 12
     k_cache = torch.randn(blocks, block, kv_heads, d, generator=g).to(cache_dtype)
@@ -334,26 +348,18 @@ def test_decode_through_the_native_stack_equals_native_layers_and_modules(quanti
         torch.testing.assert_close(a, c, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("isa", ["avx2", "avx512"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 96, 576), (2, 7, 64), (3, 64, 1536), (5, 13, 100), (16, 33, 40),
                                            (37, 8, 8), (4, 3, 7)])
-def test_dense16_linear_is_the_float32_product_of_the_16_bit_weights(m, n, k, dtype, isa):
+def test_dense16_linear_is_the_float32_product_of_the_16_bit_weights(m, n, k, dtype, dense16_isa):
     """Every tile shape (rows of x in fours, threes, twos and ones; weight rows in fours and a
     remainder; features in whole vectors and a tail): the product of float32 activations with the
     weights' own values, summed in float32, on either instruction set."""
-    try:
-        ops().set_dense16_isa(isa)
-    except RuntimeError as err:
-        pytest.skip(str(err).splitlines()[0])
-    try:
-        g = gen(m * 1000 + n + k)
-        w = (torch.randn(n, k, generator=g) * 0.1).to(dtype)
-        rows = torch.randn(m, k + 5, generator=g)
-        x = rows[:, 2 : k + 2]  # rows with a stride, as a slice of a fused output is
-        got = ops().dense16_linear(x, w)
-    finally:
-        ops().set_dense16_isa("auto")
+    g = gen(m * 1000 + n + k)
+    w = (torch.randn(n, k, generator=g) * 0.1).to(dtype)
+    rows = torch.randn(m, k + 5, generator=g)
+    x = rows[:, 2 : k + 2]  # rows with a stride, as a slice of a fused output is
+    got = ops().dense16_linear(x, w)
     ref = x.double() @ w.double().t()
     assert got.dtype == torch.float32 and got.shape == (m, n)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * math.sqrt(k))
@@ -369,13 +375,58 @@ def test_dense16_linear_names_what_is_wrong():
         ops().set_dense16_isa("sse2")
 
 
+def _has_bf16_dot() -> bool:
+    return ops().dense16_dot_rows() > 0
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 8, 576), (3, 7, 64), (4, 64, 1536), (5, 13, 100), (16, 33, 40),
+                                           (17, 4, 31), (70, 9, 96), (130, 5, 33)])
+def test_dense_bf16_dot_is_the_float32_sum_of_the_bf16_rounded_products(m, n, k):
+    """Tiles of four weight rows and a remainder, rows of x in fours and a tail, blocks of 64 rows
+    of x, features in 32s and a masked tail: x rounded to bfloat16 (nearest even), every product
+    of two bf16 values exact in float32, summed in float32."""
+    if not _has_bf16_dot():
+        pytest.skip("this CPU has no bf16 dot products (AVX-512 BF16)")
+    g = gen(m * 1000 + n + k)
+    w = (torch.randn(n, k, generator=g) * 0.1).bfloat16()
+    rows = torch.randn(m, k + 5, generator=g)
+    x = rows[:, 2 : k + 2]  # rows with a stride
+    got = ops().dense_bf16_dot(x, w)
+    ref = x.bfloat16().double() @ w.double().t()
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * math.sqrt(k))
+
+
+def test_dense_bf16_dot_names_what_is_wrong():
+    if not _has_bf16_dot():
+        with pytest.raises(RuntimeError, match="no bf16 dot products"):
+            ops().dense_bf16_dot(torch.randn(2, 8), torch.randn(4, 8).bfloat16())
+        return
+    with pytest.raises(RuntimeError, match="bf16 dot products take bfloat16 weights, got Half"):
+        ops().dense_bf16_dot(torch.randn(2, 8), torch.randn(4, 8).half())
+    with pytest.raises(RuntimeError, match="x has 8 features, the weight 16"):
+        ops().dense_bf16_dot(torch.randn(2, 8), torch.randn(4, 16).bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("m", [1, 15, 16, 40])
+def test_dense16_product_takes_bf16_dot_products_from_16_rows_where_the_cpu_has_them(dtype, m):
+    """The one policy the native layers and the dense head share: the exact widening kernel,
+    except bfloat16 weights times 16 rows or more on a CPU with bf16 dot products."""
+    g = gen(m + 7)
+    w = (torch.randn(24, 48, generator=g) * 0.1).to(dtype)
+    x = torch.randn(m, 48, generator=g)
+    dot = dtype == torch.bfloat16 and _has_bf16_dot() and m >= 16
+    assert ops().dense16_dot_rows() in (0, 16)
+    want = ops().dense_bf16_dot(x, w) if dot else ops().dense16_linear(x, w)
+    torch.testing.assert_close(ops().dense16_product(x, w), want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("m", [1, 15, 16, 40])
 def test_a_16_bit_dense_linear_of_the_native_layers_is_close_to_its_float32_product(dtype, m):
     """Below 16 rows the widening kernel (exact products); from 16 rows on, bfloat16 weights take
-    ATen's bf16 product where the CPU has bf16 dot products (activations rounded to bf16)."""
-    from text_generation_server.utils.cpu import host_has_bf16_instructions
-
+    the CPU's bf16 dot products where it has them (activations rounded to bf16)."""
     g = gen(m)
     w = (torch.randn(48, 64, generator=g) * 0.1).to(dtype)
     bias = torch.randn(48, generator=g)
@@ -385,7 +436,7 @@ def test_a_16_bit_dense_linear_of_the_native_layers_is_close_to_its_float32_prod
     assert lin.describe() == f"dense {'bf16' if dtype == torch.bfloat16 else 'fp16'} 48x64"
     x = torch.randn(m, 64, generator=g)
     ref = x @ w.float().t() + bias
-    rounded = dtype == torch.bfloat16 and m >= 16 and host_has_bf16_instructions()
+    rounded = dtype == torch.bfloat16 and m >= 16 and _has_bf16_dot()
     tol = 2e-2 if rounded else 1e-5
     torch.testing.assert_close(lin.apply(x), ref, rtol=tol, atol=tol)
 

@@ -8,9 +8,9 @@ GPTQ kernels.
 
 - ``dense``: the serving dtype's weight as it is (exact; the default): ``F.linear``,
   or for a 16-bit weight on the CPU where the native kernels run, their
-  ``dense16_linear`` (the weight widened in registers, float32 activations and
-  logits; ATen's bf16 product from ``DENSE16_MATMUL_ROWS`` rows on where the
-  CPU has bf16 dot products);
+  ``dense16_product`` (the weight widened in registers, float32 activations and
+  logits; from ``dense16_dot_rows()`` rows on, bfloat16 weights through the CPU's
+  bf16 dot products where it has them), the product the native layers take;
 - ``half``: CPU only, for quantized models whose other layers already run in
   16 bits. Up to :data:`HALF_GEMV_MAX_ROWS` rows go through an fp16 copy of
   the weight (ATen's fp16 matrix-vector kernel accumulates in fp32 and reads
@@ -50,16 +50,11 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from text_generation_server.utils.cpu import host_has_bf16_instructions
-
 # fp16 matrix-vector products win while the head is memory-bound; beyond this
 # many rows bf16 matrix products do.
 HALF_GEMV_MAX_ROWS = 4
 # Up to this many rows the 8-bit kernel beats bf16 matrix products (int8-bf16 head).
 INT8_MAX_ROWS = 4
-# From this many rows a bfloat16 head multiplies through ATen's bf16 product (activations in
-# bf16) where the CPU has bf16 dot products; kDense16MatmulRows in kernels/csrc/ops.h.
-DENSE16_MATMUL_ROWS = 16
 # Each row's best scores of the 8-bit head that are recomputed exactly (top tokens' logprobs).
 RESCORED_TOP = 8
 
@@ -162,18 +157,18 @@ class DenseHead(LMHeadKernel):
             from text_generation_server.kernels import cpu_ops
 
             self.native = cpu_ops()
-        self.bf16_rows = DENSE16_MATMUL_ROWS if weight.dtype == torch.bfloat16 and host_has_bf16_instructions() else 0
+        self.dot_rows = int(self.native.dense16_dot_rows()) if self.native and weight.dtype == torch.bfloat16 else 0
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.native is None or 0 < self.bf16_rows <= hidden.shape[0]:
+        if self.native is None:
             return F.linear(hidden.to(self.weight.dtype), self.weight).float()
-        return self.native.dense16_linear(hidden.float().contiguous(), self.weight)
+        return self.native.dense16_product(hidden.float().contiguous(), self.weight)
 
     def describe(self) -> str:
         dtype = str(self.weight.dtype).removeprefix("torch.")
         if self.native is None:
             return dtype
-        many = f", bf16 products from {self.bf16_rows} rows" if self.bf16_rows else ""
+        many = f", bf16 dot products from {self.dot_rows} rows" if self.dot_rows else ""
         return f"{dtype} weights times float32 activations (native){many}"
 
 

@@ -116,6 +116,174 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
   return out;
 }
 
+namespace {
+
+#define TGS_AVX512F __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+TGS_AVX512F inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+TGS_AVX512F inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+TGS_AVX512F inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// One (sequence, KV head) task: its queries, its L attended positions from t0, and where they live.
+template <typename C>
+struct Task {
+  const float* q;  // the group's first query head; heads D apart
+  const C* kc;
+  const C* vc;
+  const int64_t* table;
+  int64_t t0, L, BS, tok, hD;  // hD: the KV head's offset within a cache row
+  float scale, cap;
+  float* out;  // the group's first output head; heads D apart
+  const C* row(const C* cache, int64_t t) const {
+    const int64_t pos = t0 + t;
+    return cache + (table[pos / BS] * BS + pos % BS) * tok + hD;
+  }
+};
+
+// Scores to probabilities in place: capped first where the model caps them (Gemma 2), then
+// exp(s - max) / sum.
+void softmax_row(float* srow, int64_t L, float cap) {
+  if (cap > 0)
+    for (int64_t t = 0; t < L; ++t) srow[t] = cap * std::tanh(srow[t] / cap);
+  float mx = -INFINITY;
+  for (int64_t t = 0; t < L; ++t) mx = std::max(mx, srow[t]);
+  const __m256 mv = _mm256_set1_ps(mx);
+  __m256 sum = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= L; t += 8) {
+    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(srow + t), mv));
+    _mm256_storeu_ps(srow + t, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  float total = hsum(sum);
+  for (; t < L; ++t) {
+    srow[t] = exp_scalar(srow[t] - mx);
+    total += srow[t];
+  }
+  const float inv = 1.f / total;
+  for (t = 0; t < L; ++t) srow[t] *= inv;
+}
+
+// G query heads of one KV head with D = 16 * NV, the queries and the outputs in registers: each
+// key and value row is read and widened once for the G heads.
+template <int NV, int G, typename C>
+TGS_AVX512F void attend_avx512(const Task<C>& k, float* scores) {
+  constexpr int64_t D = 16 * NV;
+  const int64_t L = k.L;
+  __m512 qv[G][NV];
+#pragma GCC unroll 16
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; ++i) qv[g][i] = _mm512_loadu_ps(k.q + g * D + 16 * i);
+  for (int64_t t = 0; t < L; ++t) {
+    const C* kt = k.row(k.kc, t);
+    __m512 kv[NV];
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; ++i) kv[i] = load16(kt + 16 * i);
+#pragma GCC unroll 16
+    for (int g = 0; g < G; ++g) {
+      __m512 a = _mm512_mul_ps(qv[g][0], kv[0]);
+#pragma GCC unroll 16
+      for (int i = 1; i < NV; ++i) a = _mm512_fmadd_ps(qv[g][i], kv[i], a);
+      scores[g * L + t] = _mm512_reduce_add_ps(a) * k.scale;
+    }
+  }
+  for (int g = 0; g < G; ++g) softmax_row(scores + g * L, L, k.cap);
+  __m512 acc[G][NV];
+#pragma GCC unroll 16
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < L; ++t) {
+    const C* vt = k.row(k.vc, t);
+    __m512 vv[NV];
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; ++i) vv[i] = load16(vt + 16 * i);
+#pragma GCC unroll 16
+    for (int g = 0; g < G; ++g) {
+      const __m512 p = _mm512_set1_ps(scores[g * L + t]);
+#pragma GCC unroll 16
+      for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_fmadd_ps(p, vv[i], acc[g][i]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(k.out + g * D + 16 * i, acc[g][i]);
+}
+
+// Query heads per pass for D = 16 * NV: queries (or outputs), a row and a broadcast in 32 registers.
+template <int NV>
+constexpr int kGroupHeads = std::min(8, (28 - NV) / NV);
+
+// The task's GQ heads in passes of at most kGroupHeads<NV>.
+template <int NV, typename C>
+TGS_AVX512F void attend_heads_avx512(Task<C> k, int64_t GQ, float* scores) {
+  constexpr int64_t D = 16 * NV;
+  constexpr int GC = kGroupHeads<NV>;
+  for (int64_t g0 = 0; g0 < GQ; g0 += GC) {
+    Task<C> part = k;
+    part.q = k.q + g0 * D;
+    part.out = k.out + g0 * D;
+    switch (std::min<int64_t>(GC, GQ - g0)) {
+#define TGS_HEADS(n)                                 \
+  case n:                                            \
+    if constexpr (n <= GC) attend_avx512<NV, n, C>(part, scores); \
+    break;
+      TGS_HEADS(1) TGS_HEADS(2) TGS_HEADS(3) TGS_HEADS(4) TGS_HEADS(5) TGS_HEADS(6) TGS_HEADS(7) TGS_HEADS(8)
+#undef TGS_HEADS
+      default: break;
+    }
+  }
+}
+
+// Any D that is a multiple of 8, eight lanes at a time.
+template <typename C>
+void attend_avx2(const Task<C>& k, int64_t GQ, int64_t D, float* scores) {
+  const int64_t L = k.L, nv = D / 8;
+  for (int64_t g = 0; g < GQ; ++g) {
+    const float* qh = k.q + g * D;
+    float* srow = scores + g * L;
+    for (int64_t t = 0; t < L; ++t) {
+      const C* kt = k.row(k.kc, t);
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t i = 0; i < nv; ++i) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * i), load8(kt + 8 * i), acc);
+      srow[t] = hsum(acc) * k.scale;
+    }
+    softmax_row(srow, L, k.cap);
+  }
+  // out[g] = sum_t p[g, t] v_t, value rows read once for the whole group.
+  __m256 acc[64];  // the group's outputs while GQ * D <= 512 floats
+  const bool local = GQ * nv <= 64;
+  std::vector<float> wide;
+  if (!local) wide.assign(static_cast<size_t>(GQ * D), 0.f);
+  if (local)
+    for (int64_t i = 0; i < GQ * nv; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < L; ++t) {
+    const C* vt = k.row(k.vc, t);
+    for (int64_t g = 0; g < GQ; ++g) {
+      const __m256 p = _mm256_set1_ps(scores[g * L + t]);
+      if (local) {
+        for (int64_t i = 0; i < nv; ++i) acc[g * nv + i] = _mm256_fmadd_ps(p, load8(vt + 8 * i), acc[g * nv + i]);
+      } else {
+        float* w = wide.data() + g * D;
+        for (int64_t i = 0; i < nv; ++i)
+          _mm256_storeu_ps(w + 8 * i, _mm256_fmadd_ps(p, load8(vt + 8 * i), _mm256_loadu_ps(w + 8 * i)));
+      }
+    }
+  }
+  for (int64_t g = 0; g < GQ; ++g)
+    for (int64_t i = 0; i < nv; ++i)
+      _mm256_storeu_ps(k.out + g * D + 8 * i, local ? acc[g * nv + i] : _mm256_loadu_ps(wide.data() + g * D + 8 * i));
+}
+
+}  // namespace
+
 template <typename C>
 static void paged_attention_impl(const at::Tensor& q, const C* kc, const C* vc, at::Tensor& out,
                                  const int64_t* lens, const int64_t* tables, int64_t MAXB, int64_t BS, int64_t KVH,
@@ -124,8 +292,8 @@ static void paged_attention_impl(const at::Tensor& q, const C* kc, const C* vc, 
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t ldq = q.stride(0), tok = KVH * D;
-  const float sc = static_cast<float>(scale);
-  const int64_t nv = D / 8;
+  // AVX-512 (as the dense kernels: CPU_KERNELS_ISA=avx2 pins AVX2) for head sizes 32, 64, 128.
+  const int64_t nv16 = dense16_wide() && D % 16 == 0 ? D / 16 : 0;
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
@@ -133,68 +301,13 @@ static void paged_attention_impl(const at::Tensor& q, const C* kc, const C* vc, 
       // Positions t0 .. lens[b] - 1 are attended; L of them.
       const int64_t t0 = (window > 0 && lens[b] > window) ? lens[b] - window : 0, L = lens[b] - t0;
       scores.resize(static_cast<size_t>(GQ * L));
-      const int64_t* table = tables + b * MAXB;
-      for (int64_t g = 0; g < GQ; ++g) {
-        const float* qh = qp + b * ldq + (h * GQ + g) * D;
-        float* srow = scores.data() + g * L;
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < L; ++t) {
-          const int64_t pos = t0 + t;
-          const C* kt = kc + (table[pos / BS] * BS + pos % BS) * tok + h * D;
-          __m256 acc = _mm256_setzero_ps();
-          for (int64_t i = 0; i < nv; ++i) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * i), load8(kt + 8 * i), acc);
-          const float s = hsum(acc) * sc;
-          srow[t] = s;
-          mx = std::max(mx, s);
-        }
-        if (cap > 0) {  // Gemma 2: capped in a pass of its own, the loop above stays as it is
-          mx = -INFINITY;
-          for (int64_t t = 0; t < L; ++t) {
-            srow[t] = cap * std::tanh(srow[t] / cap);
-            mx = std::max(mx, srow[t]);
-          }
-        }
-        const __m256 mv = _mm256_set1_ps(mx);
-        __m256 sum = _mm256_setzero_ps();
-        int64_t t = 0;
-        for (; t + 8 <= L; t += 8) {
-          const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(srow + t), mv));
-          _mm256_storeu_ps(srow + t, e);
-          sum = _mm256_add_ps(sum, e);
-        }
-        float total = hsum(sum);
-        for (; t < L; ++t) {
-          srow[t] = exp_scalar(srow[t] - mx);
-          total += srow[t];
-        }
-        const float inv = 1.f / total;
-        for (t = 0; t < L; ++t) srow[t] *= inv;
-      }
-      // out[g] = sum_t p[g, t] v_t, value rows read once for the whole group.
-      __m256 acc[64];  // the group's outputs while GQ * D <= 512 floats
-      const bool local = GQ * nv <= 64;
-      std::vector<float> wide;
-      if (!local) wide.assign(static_cast<size_t>(GQ * D), 0.f);
-      if (local)
-        for (int64_t i = 0; i < GQ * nv; ++i) acc[i] = _mm256_setzero_ps();
-      for (int64_t t = 0; t < L; ++t) {
-        const int64_t pos = t0 + t;
-        const C* vt = vc + (table[pos / BS] * BS + pos % BS) * tok + h * D;
-        for (int64_t g = 0; g < GQ; ++g) {
-          const __m256 p = _mm256_set1_ps(scores[g * L + t]);
-          if (local) {
-            for (int64_t i = 0; i < nv; ++i) acc[g * nv + i] = _mm256_fmadd_ps(p, load8(vt + 8 * i), acc[g * nv + i]);
-          } else {
-            float* w = wide.data() + g * D;
-            for (int64_t i = 0; i < nv; ++i)
-              _mm256_storeu_ps(w + 8 * i, _mm256_fmadd_ps(p, load8(vt + 8 * i), _mm256_loadu_ps(w + 8 * i)));
-          }
-        }
-      }
-      for (int64_t g = 0; g < GQ; ++g) {
-        float* o = op + (b * H + h * GQ + g) * D;
-        for (int64_t i = 0; i < nv; ++i)
-          _mm256_storeu_ps(o + 8 * i, local ? acc[g * nv + i] : _mm256_loadu_ps(wide.data() + g * D + 8 * i));
+      const Task<C> k{qp + b * ldq + h * GQ * D, kc, vc, tables + b * MAXB, t0, L, BS, tok, h * D,
+                      static_cast<float>(scale), cap, op + (b * H + h * GQ) * D};
+      switch (nv16) {
+        case 2: attend_heads_avx512<2>(k, GQ, scores.data()); break;
+        case 4: attend_heads_avx512<4>(k, GQ, scores.data()); break;
+        case 8: attend_heads_avx512<8>(k, GQ, scores.data()); break;
+        default: attend_avx2(k, GQ, D, scores.data()); break;
       }
     }
   });

@@ -18,6 +18,9 @@ TORCH_LIBRARY(tgs_cpu, m) {
   m.def("int4_dequantize_bf16(Tensor qweight, Tensor meta, int group_size) -> Tensor", &tgs::int4_dequantize_bf16);
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales, int group_size) -> Tensor", &tgs::int8_linear);
   m.def("dense16_linear(Tensor x, Tensor weight) -> Tensor", &tgs::dense16_linear);
+  m.def("dense_bf16_dot(Tensor x, Tensor weight) -> Tensor", &tgs::dense_bf16_dot);
+  m.def("dense16_product(Tensor x, Tensor weight) -> Tensor", &tgs::dense16_product);
+  m.def("dense16_dot_rows() -> int", &tgs::dense16_dot_rows);
   m.def("set_dense16_isa(str name) -> str", &tgs::set_dense16_isa);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &tgs::rms_norm);
   m.def("add_rms_norm_(Tensor x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor", &tgs::add_rms_norm_);

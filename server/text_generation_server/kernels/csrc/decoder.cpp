@@ -75,12 +75,7 @@ at::Tensor Linear::apply(const at::Tensor& x) const {
   at::Tensor y;
   switch (kind) {
     case Kind::kDense:
-      if (weight.scalar_type() == at::kFloat)
-        y = at::mm(x, weight.t());
-      else if (weight.scalar_type() == at::kBFloat16 && x.size(0) >= kDense16MatmulRows && cpu_has_bf16_dot())
-        y = at::mm(x.to(at::kBFloat16), weight.t()).to(at::kFloat);  // many rows: bf16 dot products
-      else
-        y = dense16_linear(x, weight);
+      y = weight.scalar_type() == at::kFloat ? at::mm(x, weight.t()) : dense16_product(x, weight);
       break;
     case Kind::kInt4: {
       at::Tensor xk = x;

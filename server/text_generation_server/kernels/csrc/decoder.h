@@ -19,9 +19,9 @@ struct Linear : torch::CustomClassHolder {
   // kConcat: parts side by side (a fused layer whose parts carry different act-order orders).
   enum class Kind { kUnset, kDense, kInt4, kConcat };
   Kind kind = Kind::kUnset;
-  // dense: [N, K] float32, or bfloat16 / float16 (dense16.cpp: widened in registers; from
-  // kDense16MatmulRows rows on, bfloat16 weights go through ATen's bf16 matrix product where the
-  // CPU has bf16 dot products, the activations rounded to bfloat16)
+  // dense: [N, K] float32, or bfloat16 / float16 (dense16_product: widened in registers; from
+  // kDense16DotRows rows on, bfloat16 weights go through the CPU's bf16 dot products where it has
+  // them, the activations rounded to bfloat16)
   at::Tensor weight;
   at::Tensor qweight, meta;  // 4-bit: see int4.cpp
   int64_t group_size = 0;

@@ -21,10 +21,18 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 
 // dense16.cpp: dense bfloat16 or float16 weights [N, K] times float32 x [M, K], in float32.
 at::Tensor dense16_linear(const at::Tensor& x, const at::Tensor& weight);
-// Rows from which bfloat16 weights multiply through ATen's bf16 matrix product instead
-// (where the CPU has bf16 dot products: AVX-512 BF16 or AMX).
-constexpr int64_t kDense16MatmulRows = 16;
+// The same product with the CPU's bf16 dot products (AVX-512 BF16): x rounded to bfloat16,
+// products summed in float32. Refused on a CPU without them.
+at::Tensor dense_bf16_dot(const at::Tensor& x, const at::Tensor& weight);
+// The product the native layers and the dense LM head take: dense16_linear, except that from
+// kDense16DotRows rows of x on (compute-bound), bfloat16 weights go through dense_bf16_dot
+// where the CPU has bf16 dot products. dense16_dot_rows() is that row count, or 0 without them.
+constexpr int64_t kDense16DotRows = 16;
+at::Tensor dense16_product(const at::Tensor& x, const at::Tensor& weight);
+int64_t dense16_dot_rows();
 bool cpu_has_bf16_dot();
+// Whether the dense kernels (and decode attention) run AVX-512 (set_dense16_isa, the CPU).
+bool dense16_wide();
 // "auto", "avx2" or "avx512"; returns the form in use.
 std::string set_dense16_isa(const std::string& name);
 
