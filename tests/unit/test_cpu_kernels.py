@@ -350,11 +350,11 @@ def test_decode_through_the_native_stack_equals_native_layers_and_modules(quanti
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 96, 576), (2, 7, 64), (3, 64, 1536), (5, 13, 100), (16, 33, 40),
-                                           (37, 8, 8), (4, 3, 7)])
+                                           (37, 8, 8), (4, 3, 7), (70, 9, 96), (130, 5, 33)])
 def test_dense16_linear_is_the_float32_product_of_the_16_bit_weights(m, n, k, dtype, dense16_isa):
     """Every tile shape (rows of x in fours, threes, twos and ones; weight rows in fours and a
-    remainder; features in whole vectors and a tail): the product of float32 activations with the
-    weights' own values, summed in float32, on either instruction set."""
+    remainder; features in whole vectors and a tail; blocks of 64 rows of x): the product of
+    float32 activations with the weights' own values, summed in float32, on either instruction set."""
     g = gen(m * 1000 + n + k)
     w = (torch.randn(n, k, generator=g) * 0.1).to(dtype)
     rows = torch.randn(m, k + 5, generator=g)

@@ -40,6 +40,8 @@ TGS_AVX512F inline __m512 widen16(const c10::Half* p) {
 // Up to this many rows of x, weight rows are read one at a time (memory-bound); more rows take
 // four-row tiles, whose widened vectors each feed four rows of x (compute-bound).
 constexpr int64_t kRowAtATimeRows = 4;
+// Rows of x per block of the compute-bound products.
+constexpr int64_t kBlockRows = 64;
 
 struct Args {
   const float* x;
@@ -133,7 +135,7 @@ void tile_avx2(const Args& a, const W* w, int64_t n, int64_t m) {
     }
 }
 
-template <int NT, int MT, typename W>
+template <int NT, int MT, typename W, bool Prefetch = false>
 TGS_AVX512F void tile_avx512(const Args& a, const W* w, int64_t n, int64_t m) {
   __m512 acc[NT][MT];
   for (int i = 0; i < NT; ++i)
@@ -146,6 +148,10 @@ TGS_AVX512F void tile_avx512(const Args& a, const W* w, int64_t n, int64_t m) {
   for (int64_t k = 0; k < K16; k += 16) {
     __m512 wv[NT];
     for (int i = 0; i < NT; ++i) wv[i] = widen16(wr[i] + k);
+    if constexpr (Prefetch) {  // the next tile's rows, a line per row every other step
+      if ((k & 31) == 0)
+        for (int i = 0; i < NT; ++i) _mm_prefetch(reinterpret_cast<const char*>(wr[i] + NT * K + k), _MM_HINT_T0);
+    }
     for (int j = 0; j < MT; ++j) {
       const __m512 xv = _mm512_loadu_ps(xr[j] + k);
       for (int i = 0; i < NT; ++i) acc[i][j] = _mm512_fmadd_ps(wv[i], xv, acc[i][j]);
@@ -169,7 +175,12 @@ void tiles_avx2(const Args& a, const W* w, int64_t n) {
 
 template <int NT, typename W>
 TGS_AVX512F void tiles_avx512(const Args& a, const W* w, int64_t n) {
+  // The first tile of x rows prefetches the next weight rows (streamed from memory).
   int64_t m = 0;
+  if (a.M >= 4) {
+    tile_avx512<NT, 4, W, true>(a, w, n, 0);
+    m = 4;
+  }
   for (; m + 4 <= a.M; m += 4) tile_avx512<NT, 4>(a, w, n, m);
   switch (a.M - m) {
     case 3: tile_avx512<NT, 3>(a, w, n, m); break;
@@ -216,8 +227,6 @@ struct DotArgs {
   int64_t M, K, N;
   float* y;
 };
-
-constexpr int64_t kDotBlockRows = 64;
 
 template <int NT, int MT, bool Prefetch>
 TGS_AVX512BF16 void dot_tile(const DotArgs& a, int64_t n, int64_t m) {
@@ -316,21 +325,28 @@ void run(const Args& a, const W* w) {
     });
     return;
   }
-  // Compute-bound: four weight rows per tile, each widened vector feeding four rows of x.
+  // Compute-bound: four weight rows per tile, each widened vector feeding four rows of x; blocks
+  // of kBlockRows rows of x (kept in L2 while every weight tile passes over them).
   const int64_t tiles = a.N / 4;
-  at::parallel_for(0, tiles, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
+  for (int64_t m0 = 0; m0 < a.M; m0 += kBlockRows) {
+    Args b = a;
+    b.x = a.x + m0 * a.ldx;
+    b.y = a.y + m0 * a.N;
+    b.M = std::min(kBlockRows, a.M - m0);
+    at::parallel_for(0, tiles, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        if (wide)
+          tiles_avx512<4>(b, w, t * 4);
+        else
+          tiles_avx2<4>(b, w, t * 4);
+      }
+    });
+    for (int64_t n = tiles * 4; n < a.N; ++n) {
       if (wide)
-        tiles_avx512<4>(a, w, t * 4);
+        tiles_avx512<1>(b, w, n);
       else
-        tiles_avx2<4>(a, w, t * 4);
+        tiles_avx2<1>(b, w, n);
     }
-  });
-  for (int64_t n = tiles * 4; n < a.N; ++n) {
-    if (wide)
-      tiles_avx512<1>(a, w, n);
-    else
-      tiles_avx2<1>(a, w, n);
   }
 }
 
@@ -396,14 +412,14 @@ at::Tensor dense_bf16_dot(const at::Tensor& x, const at::Tensor& weight) {
   round_to_bf16(x.data_ptr<float>(), x.stride(0), M, K, xb.data());
   const DotArgs a{xb.data(), reinterpret_cast<const uint16_t*>(weight.data_ptr<c10::BFloat16>()), M, K, N,
                   y.data_ptr<float>()};
-  // Blocks of kDotBlockRows rows of x (their bf16 copy stays in L2 while every weight tile
+  // Blocks of kBlockRows rows of x (their bf16 copy stays in L2 while every weight tile
   // passes over it), each spread over the threads by tiles of four weight rows.
   const int64_t tiles = N / 4;
-  for (int64_t m0 = 0; m0 < M; m0 += kDotBlockRows) {
+  for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
     DotArgs b = a;
     b.x = a.x + m0 * K;
     b.y = a.y + m0 * N;
-    b.M = std::min(kDotBlockRows, M - m0);
+    b.M = std::min(kBlockRows, M - m0);
     at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) dot_tiles<4>(b, t * 4);
     });
