@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from loguru import logger
 from text_generation_server.pb.fmaas import generation_pb2_grpc
 from text_generation_server.pb.generate.v1 import generate_pb2
+from text_generation_server.utils.heap import freeze_startup_objects
 
 from .config import RouterArgs, resolve_limits, resolve_sequence_limits, tokenizer_path
 from .health import GENERATION_SERVICE, HealthState
@@ -196,6 +197,9 @@ class Router:
         self.state.scheduler = self.scheduler
         self.client.step_timeout = args.shard_step_timeout
         self.client.watch(self._on_shard_lost)
+        # Everything built so far lives as long as the router: out of the cyclic collector's way.
+        frozen = freeze_startup_objects()
+        logger.debug(f"{frozen} start-up objects exempt from garbage collection")
         await self.health.set_serving(True)
         logger.info(f"Serving {GENERATION_SERVICE} on {_address(args.hostname, self.grpc_port)}")
 

@@ -28,6 +28,7 @@ from loguru import logger
 from text_generation_server.engine.generator import Generator
 from text_generation_server.interceptor import ExceptionInterceptor
 from text_generation_server.pb.generate.v1 import generate_pb2, generate_pb2_grpc
+from text_generation_server.utils.heap import freeze_startup_objects
 from text_generation_server.utils.sockets import clear_stale_socket, shard_socket, shard_url
 
 T = TypeVar("T")
@@ -139,7 +140,11 @@ class ShardServicer(generate_pb2_grpc.TextGenerationServiceServicer):
         return generate_pb2.FilterBatchResponse(batch=batch, kv_cache=usage)
 
     async def Warmup(self, request, context):
-        return await self.worker.run(self.generator.warmup, request)
+        response = await self.worker.run(self.generator.warmup, request)
+        # Everything built so far lives as long as the shard: out of the cyclic collector's way.
+        frozen = freeze_startup_objects()
+        logger.debug(f"{frozen} start-up objects exempt from garbage collection")
+        return response
 
     async def Prefill(self, request, context):
         (generations, batch, timings), usage = await self._run_with_usage(
