@@ -151,3 +151,37 @@ def test_activations_on_disk_give_the_same_checkpoint_as_in_memory(kind, tmp_pat
     a, b = load_file(str(memory / "model.safetensors")), load_file(str(disk / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_buffers_computed_at_construction_survive_loading_and_release(tmp_path):
+    """The quantizer builds the model with its parameters on the meta device and loads one module
+    at a time. Buffers no checkpoint holds (Gemma's embedding scale, the rotary tables) are
+    computed at construction: they must keep their values through every load and release, not be
+    left as uninitialised memory (a Hessian of NaNs on some runs, depending on the heap)."""
+    import transformers as tf
+    from text_generation_server.quantize.checkpoint import (
+        SafetensorsCheckpoint,
+        decoder_parts,
+        load_module,
+        meta_model,
+        release,
+    )
+    from tiny_model import SMALL, build_random
+
+    config = tf.Gemma3TextConfig(**SMALL, head_dim=32, sliding_window=7,
+                                 layer_types=["sliding_attention", "full_attention"])
+    path = build_random(tmp_path / "gemma3", tf.Gemma3ForCausalLM, config)
+    model = meta_model(config)
+    parts = decoder_parts(model)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    checkpoint = SafetensorsCheckpoint(path)
+    for _ in range(2):  # loaded, released, loaded again
+        load_module(parts.embed, parts.embed_prefix, checkpoint)
+        assert parts.embed.embed_scale.item() == pytest.approx(SMALL["hidden_size"] ** 0.5)
+        ids = torch.tensor([[1, 2, 3]])
+        want = checkpoint.get(parts.embed_prefix + "weight")[ids] * SMALL["hidden_size"] ** 0.5
+        torch.testing.assert_close(parts.embed(ids), want)
+        release(parts.embed)
+        assert parts.embed.weight.device.type == "meta"
+    tables = list(parts.inner.rotary_emb.buffers())
+    assert tables and all(t.device.type == "cpu" and torch.isfinite(t).all() for t in tables)

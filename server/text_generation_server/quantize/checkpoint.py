@@ -9,6 +9,8 @@ layer plus activations whatever the model size.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,20 +102,47 @@ def load_config(path: Path, trust_remote_code: bool = False):
     return config
 
 
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside put their parameters on the meta device as they register them (each
+    made as an untouched ``torch.empty``, no memory written); their buffers stay real. Buffers the
+    checkpoint does not hold are computed at construction (rotary tables, Gemma's embedding scale:
+    non-persistent buffers), and on the meta device they would have no value at all."""
+    register = torch.nn.Module.register_parameter
+
+    def to_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = to_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
 def meta_model(config, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The float32 transformers model for ``config`` with every parameter on the meta device."""
+    """The float32 transformers model for ``config`` with every parameter and every buffer the
+    checkpoint holds on the meta device (buffers computed at construction are real)."""
     from transformers import AutoModelForCausalLM
 
     config = _plain_config(config)
     # SDPA where transformers has it for the architecture; eager where it does not (Gemma 2's
     # soft-capped scores).
     attention = "sdpa" if _supports_sdpa(config, trust_remote_code) else "eager"
-    with torch.device("meta"):
+    with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(
             config, trust_remote_code=trust_remote_code, dtype=torch.float32, attn_implementation=attention
         )
     model.eval()
-    # Rotary tables are computed at construction, not loaded: build them on CPU.
+    # Persistent buffers come from the checkpoint like the parameters.
+    for module in model.modules():
+        for name in list(module._buffers):
+            buf = module._buffers[name]
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                module._buffers[name] = buf.to("meta")
+    # The rotary tables are computed, never loaded, whatever their buffers are declared as.
     inner = decoder_parts(model).inner
     if hasattr(inner, "rotary_emb"):
         inner.rotary_emb = type(inner.rotary_emb)(config=inner.config)
@@ -157,12 +186,12 @@ def _plain_config(config):
 
 
 def materialize(module: torch.nn.Module, prefix: str, state: dict[str, torch.Tensor]) -> None:
-    """Move ``module`` from meta to CPU float32 and fill it from ``state`` (names without ``prefix``).
+    """Give ``module``'s meta parameters and persistent buffers CPU float32 copies of ``state``'s
+    tensors (names without ``prefix``); buffers computed at construction keep their values.
 
     Every parameter and persistent buffer must be present; a missing one raises
     :class:`CheckpointReadError` naming the full tensor name.
     """
-    module.to_empty(device="cpu")
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     if missing:
@@ -176,7 +205,7 @@ def materialize(module: torch.nn.Module, prefix: str, state: dict[str, torch.Ten
             raise CheckpointReadError(
                 f"tensor {prefix + key} has shape {tuple(value.shape)}, the config implies {tuple(target.shape)}"
             )
-    module.load_state_dict({k: state[k].to(torch.float32) for k in expected}, strict=True)
+    module.load_state_dict({k: state[k].to(torch.float32, copy=True) for k in expected}, strict=True, assign=True)
 
 
 def load_module(module: torch.nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint) -> None:
@@ -187,5 +216,12 @@ def load_module(module: torch.nn.Module, prefix: str, checkpoint: SafetensorsChe
 
 
 def release(module: torch.nn.Module) -> None:
-    """Drop a module's weights (back to the meta device)."""
-    module.to("meta")
+    """Drop a module's weights: its parameters and persistent buffers back to the meta device
+    (buffers computed at construction stay, for the next :func:`materialize`)."""
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None:
+                sub._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        for name, buf in list(sub._buffers.items()):
+            if buf is not None and name not in sub._non_persistent_buffers_set:
+                sub._buffers[name] = buf.to("meta")
