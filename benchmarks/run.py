@@ -158,8 +158,10 @@ async def start_ours(name: str, args: list[str], workdir: Path, opts, row: Conte
 # ---- measuring -----------------------------------------------------------------------------
 
 
-async def measure_round(contestants, prompts, long_prompt, opts, warmup: bool) -> None:
-    """Every available contestant, the same three figures (plus the overhead pair for ours).
+async def measure_round(contestants, prompts, long_prompts, opts, warmup: bool) -> None:
+    """Every available contestant, the same three figures (plus the overhead pair for ours), on
+    this round's prompts: ``prompts`` for the streams, ``long_prompts`` (two, each prefilled
+    once: ours by gRPC and by HTTP, the peers the first) for time to first token.
 
     A contestant that fails is reported unavailable with the error and left out of later rounds.
     """
@@ -168,14 +170,14 @@ async def measure_round(contestants, prompts, long_prompt, opts, warmup: bool) -
             continue
         logger.info(f"{'Warming up' if warmup else 'Measuring'} {row.name}")
         try:
-            await measure_one(row, impl, prompts, long_prompt, opts, warmup)
+            await measure_one(row, impl, prompts, long_prompts, opts, warmup)
         except (TargetError, RuntimeError, ValueError) as err:
             logger.error(f"{row.name} failed: {err}")
             row.why_unavailable = f"failed while measuring: {err}"
             contestants[i] = (row, None)
 
 
-async def measure_one(row: Contestant, impl, prompts, long_prompt, opts, warmup: bool) -> None:
+async def measure_one(row: Contestant, impl, prompts, long_prompts, opts, warmup: bool) -> None:
     n = 8 if warmup else opts.new_tokens
     batch = prompts[: opts.streams]
     if isinstance(impl, OurServer):
@@ -183,8 +185,8 @@ async def measure_one(row: Contestant, impl, prompts, long_prompt, opts, warmup:
         http_gaps = await impl.http_single_stream_times(prompts[0], n)
         shard_gaps = await impl.shard_decode_times(prompts[0], n)
         batched = await impl.batched(batch, 4 if warmup else n)
-        ttft = await impl.ttft(long_prompt)
-        http_ttft = await impl.http_ttft(long_prompt)
+        ttft = await impl.ttft(long_prompts[0])
+        http_ttft = await impl.http_ttft(long_prompts[1])
         if warmup:
             return
         grpc_ms = 1e3 * sum(grpc_gaps) / len(grpc_gaps)
@@ -198,7 +200,7 @@ async def measure_one(row: Contestant, impl, prompts, long_prompt, opts, warmup:
     else:
         single = impl.single_stream(prompts[0].ids, n)
         batched = impl.batched([p.ids for p in batch], 4 if warmup else n)
-        ttft = impl.ttft(long_prompt.ids)
+        ttft = impl.ttft(long_prompts[0].ids)
         if warmup:
             return
         row.single_stream_tok_s.append(single)
@@ -235,8 +237,14 @@ async def run(opts) -> int:
     checkpoint = resolve_model(None, None)
     logger.info(f"Default model checkpoint {checkpoint}; logs and sockets under {workdir}")
     book = PromptBook(checkpoint)
-    prompts = book.prompts(opts.streams, opts.prompt_tokens)
-    long_prompt = book.prompts(1, opts.ttft_prompt_tokens)[0]
+    # Every round (the warm-up too) gets prompts of its own, the same for every contestant: our
+    # server's prefix cache would otherwise serve a repeated prompt's prefill from memory, and
+    # time to first token and the 16 streams' prefills are meant cold.
+    rounds = opts.rounds + 1
+    short = book.prompts(opts.streams * rounds, opts.prompt_tokens)
+    prompt_sets = [short[r * opts.streams : (r + 1) * opts.streams] for r in range(rounds)]
+    long = book.prompts(2 * rounds, opts.ttft_prompt_tokens)
+    long_pairs = [(long[2 * r], long[2 * r + 1]) for r in range(rounds)]
 
     rows: list[Contestant] = []
     contestants: list[tuple[Contestant, object]] = []
@@ -303,10 +311,10 @@ async def run(opts) -> int:
         rows.append(f16)
         contestants.append((f16, fpeer))
 
-        await measure_round(contestants, prompts, long_prompt, opts, warmup=True)
+        await measure_round(contestants, prompt_sets[0], long_pairs[0], opts, warmup=True)
         for r in range(opts.rounds):
             logger.info(f"Round {r + 1}/{opts.rounds}; load average {os.getloadavg()[0]:.2f}")
-            await measure_round(contestants, prompts, long_prompt, opts, warmup=False)
+            await measure_round(contestants, prompt_sets[r + 1], long_pairs[r + 1], opts, warmup=False)
     finally:
         for server in servers:
             await server.close()
