@@ -136,12 +136,7 @@ def meta_model(config, trust_remote_code: bool = False) -> torch.nn.Module:
             config, trust_remote_code=trust_remote_code, dtype=torch.float32, attn_implementation=attention
         )
     model.eval()
-    # Persistent buffers come from the checkpoint like the parameters.
-    for module in model.modules():
-        for name in list(module._buffers):
-            buf = module._buffers[name]
-            if buf is not None and name not in module._non_persistent_buffers_set:
-                module._buffers[name] = buf.to("meta")
+    _persistent_buffers_to_meta(model)  # they come from the checkpoint like the parameters
     # The rotary tables are computed, never loaded, whatever their buffers are declared as.
     inner = decoder_parts(model).inner
     if hasattr(inner, "rotary_emb"):
@@ -222,6 +217,13 @@ def release(module: torch.nn.Module) -> None:
         for name, param in list(sub._parameters.items()):
             if param is not None:
                 sub._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    _persistent_buffers_to_meta(module)
+
+
+def _persistent_buffers_to_meta(module: torch.nn.Module) -> None:
+    """Every buffer of ``module`` and its children that a checkpoint holds, on the meta device;
+    non-persistent ones (computed at construction) keep their values."""
+    for sub in module.modules():
         for name, buf in list(sub._buffers.items()):
             if buf is not None and name not in sub._non_persistent_buffers_set:
                 sub._buffers[name] = buf.to("meta")

@@ -14,11 +14,12 @@ parameter at its copy.
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 from pathlib import Path
 
 import torch
+
+from text_generation_server.utils import glibc
 
 HUGE_PAGE = 2 << 20
 ALIGN = 64  # each tensor starts on a cache line
@@ -67,17 +68,8 @@ def move_to_huge_pages(module: torch.nn.Module, mode: str | None = None) -> str:
         view = arena[at : at + nbytes].view(p.dtype).view(p.shape)
         view.copy_(p.data)
         p.data = view  # the old storage is freed here unless something else holds it
-    release_freed_memory()
+    # The copies' old storage would otherwise stay resident in the allocator's free lists (measured
+    # on the default model: 39 MiB in float32, 103 MiB in bfloat16).
+    glibc.trim()
     return f"{total / 2**20:.0f} MiB of weights in transparent huge pages (mode {mode})"
 
-
-def release_freed_memory() -> None:
-    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``): the copies' old
-    storage would otherwise stay resident in the allocator's free lists (measured on the default
-    model: 39 MiB in float32, 103 MiB in bfloat16). A no-op without glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return
-    trim(0)

@@ -313,8 +313,7 @@ bool cpu_has_avx512() {
 
 template <typename W>
 void run(const Args& a, const W* w) {
-  if (g_dense16_isa < 0) g_dense16_isa = cpu_has_avx512() ? 1 : 0;
-  const bool wide = g_dense16_isa == 1;
+  const bool wide = dense16_wide();
   if (a.M <= kRowAtATimeRows) {
     // Memory-bound: contiguous row ranges per thread, each read front to back.
     at::parallel_for(0, a.N, 16, [&](int64_t begin, int64_t end) {
